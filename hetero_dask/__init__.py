@@ -1,0 +1,3 @@
+"""hetero_dask: heterogeneous refinement, reconstruction and regrouping of cryo-EM particles on Dask."""
+
+__version__ = "0.1.0"

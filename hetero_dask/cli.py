@@ -1,0 +1,53 @@
+"""The ``hetero-dask`` command: one sub-command per module (cryoDRGN style).
+
+Each module listed in ``COMMANDS`` defines ``add_arguments(parser)`` and
+``main(args)``, and a one-line module docstring used as the help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module implementing it
+COMMANDS: dict[str, str] = {
+    "info": "hetero_dask.commands.info",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hetero-dask",
+        description="Heterogeneous refinement, heterogeneous reconstruction and regrouping "
+        "of cryo-EM particles on Dask.",
+    )
+    from hetero_dask import __version__
+
+    parser.add_argument("--version", action="version", version=f"hetero-dask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        doc = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
+        p = sub.add_parser(name, help=doc, description=(mod.__doc__ or "").strip())
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        rc = args._module.main(args)
+    except (ValueError, FileNotFoundError, PermissionError, OSError) as exc:
+        print(f"hetero-dask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

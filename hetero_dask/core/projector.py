@@ -1,0 +1,133 @@
+"""Central-slice projection of a 2x-padded Fourier volume by trilinear interpolation.
+
+Convention (DESIGN.md): the 2D frequency ``k = (kx, ky)`` of the image of a
+volume at rotation ``R`` samples the volume's Fourier transform at
+``R @ (kx, ky, 0)``; the real-space image is the projection along z of
+``V(R r)``. Frequencies are in cycles per (unpadded) box ``n``; a point
+``q`` in those units sits at ``pad * q`` on the padded grid.
+
+Trilinear interpolation on the padded grid multiplies the real-space volume
+by ``prod_axis sinc^2(x / (pad * n))``: :func:`prepare_fourier_map` divides
+it out beforehand (gridding pre-correction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backend import xp_of
+from .fourier import fft3c, freq_1d
+
+
+@dataclass
+class FourierMap:
+    """A centred, padded Fourier volume cropped to the radius it will be sampled at.
+
+    ``data`` is complex64 ``(D, D, D)`` indexed [z, y, x] with frequency 0 at
+    ``D // 2``; its voxel spacing is ``1 / pad`` cycles per original box ``n``.
+    Frequencies beyond ``r_max`` (cycles per box) read as zero.
+    """
+
+    data: object
+    pad: int
+    n: int
+    r_max: float
+
+    @property
+    def center(self) -> int:
+        return self.data.shape[-1] // 2
+
+
+def gridding_correction(n: int, pad: int, xp):
+    """Real-space ``(n, n, n)`` factor prod_axis sinc^2(x / (pad n)) of trilinear interpolation."""
+    x = freq_1d(n, xp) / float(pad * n)
+    s = xp.sinc(x) ** 2
+    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).astype(xp.float32)
+
+
+def prepare_fourier_map(volume, pad: int = 2, r_max: float | None = None) -> FourierMap:
+    """Pre-correct, zero-pad by ``pad``, Fourier transform and crop a real volume ``(n, n, n)``.
+
+    ``r_max`` (cycles per box, default Nyquist ``n / 2``) bounds the
+    frequencies kept; a small ``r_max`` makes the map small (the E-step only
+    needs the alignment band).
+    """
+    xp = xp_of(volume)
+    n = volume.shape[-1]
+    if volume.shape != (n, n, n):
+        raise ValueError(f"volume must be cubic (n, n, n), got {volume.shape}")
+    r_max = n / 2 if r_max is None else min(float(r_max), n / 2 * 3 ** 0.5)
+    v = volume.astype(xp.float32) / gridding_correction(n, pad, xp)
+    big = pad * n
+    padded = xp.zeros((big, big, big), dtype=xp.float32)
+    o = big // 2 - n // 2
+    padded[o : o + n, o : o + n, o : o + n] = v
+    F = fft3c(padded).astype(xp.complex64)
+    half = min(int(xp.ceil(pad * r_max)) + 2, big // 2 - 1)
+    c = big // 2
+    data = F[c - half : c + half + 1, c - half : c + half + 1, c - half : c + half + 1]
+    return FourierMap(data=xp.ascontiguousarray(data), pad=pad, n=n, r_max=r_max)
+
+
+def trilinear_corners(points, size: int, center: int):
+    """The 8 corner linear indices and weights of ``points`` ``(..., 3)`` (x, y, z) on a cube.
+
+    ``points`` are in grid units relative to ``center``. Corners outside the
+    cube get weight 0 (and a valid index). Returns ``(idx, w)`` each
+    ``(8, ...)``; ``idx`` int64 into the cube flattened in [z, y, x] order.
+    """
+    xp = xp_of(points)
+    p = points + center
+    f = xp.floor(p)
+    t = (p - f).astype(xp.float32)
+    i0 = f.astype(xp.int64)
+    idx = []
+    wts = []
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                ix, iy, iz = i0[..., 0] + dx, i0[..., 1] + dy, i0[..., 2] + dz
+                w = (
+                    (t[..., 0] if dx else 1 - t[..., 0])
+                    * (t[..., 1] if dy else 1 - t[..., 1])
+                    * (t[..., 2] if dz else 1 - t[..., 2])
+                )
+                inside = (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size) & (iz >= 0) & (iz < size)
+                w = xp.where(inside, w, 0)
+                lin = (xp.clip(iz, 0, size - 1) * size + xp.clip(iy, 0, size - 1)) * size + xp.clip(ix, 0, size - 1)
+                idx.append(lin)
+                wts.append(w)
+    return xp.stack(idx), xp.stack(wts)
+
+
+def slice_points(rotations, kx, ky):
+    """3D points ``(R, M, 3)`` (x, y, z) = ``R @ (kx, ky, 0)`` for rotations ``(R, 3, 3)`` and ``(M,)`` frequencies."""
+    xp = xp_of(rotations, kx)
+    Rf = xp.asarray(rotations, dtype=xp.float32)
+    kx = xp.asarray(kx, dtype=xp.float32)
+    ky = xp.asarray(ky, dtype=xp.float32)
+    return Rf[:, None, :, 0] * kx[None, :, None] + Rf[:, None, :, 1] * ky[None, :, None]
+
+
+def project(fmap: FourierMap, rotations, kx, ky):
+    """Central slices ``(R, M)`` complex64 at frequencies ``(kx, ky)`` ``(M,)`` (cycles per box).
+
+    Frequencies with ``|k| > r_max`` give 0.
+    """
+    xp = xp_of(fmap.data)
+    pts = slice_points(rotations, kx, ky) * fmap.pad
+    idx, w = trilinear_corners(pts, fmap.data.shape[-1], fmap.center)
+    flat = fmap.data.reshape(-1)
+    out = xp.sum(flat[idx] * w, axis=0)
+    inside = (xp.asarray(kx) ** 2 + xp.asarray(ky) ** 2) <= fmap.r_max**2
+    return (out * inside[None, :]).astype(xp.complex64)
+
+
+def project_images(fmap: FourierMap, rotations):
+    """Full centred image spectra ``(R, n, n)`` of the volume at ``rotations``."""
+    xp = xp_of(fmap.data)
+    n = fmap.n
+    k = freq_1d(n, xp)
+    ky, kx = xp.meshgrid(k, k, indexing="ij")
+    out = project(fmap, rotations, kx.ravel(), ky.ravel())
+    return out.reshape(-1, n, n)
