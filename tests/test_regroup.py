@@ -1,0 +1,170 @@
+"""Regroup 3D Classes: alignment, spectral clustering, the job and its command.
+
+Oracles: known shifts and hand flips of synthetic maps; class volumes built from
+known structures, so the right superclass partition is known exactly; particle
+counts that must add up to the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hetero_dask.core.align3d import align_pairs, apply_alignment, flip_hand, shift_volume
+from hetero_dask.core.fourier import lowpass
+from hetero_dask.core.spectral import (
+    correlation_distance,
+    kmeans,
+    normalized_laplacian,
+    self_tuning_affinity,
+    spectral_cluster,
+)
+
+BOX = 32
+PSIZE_A = 3.0
+
+
+def blob_structure(seed: int, n: int = BOX, n_blobs: int = 12) -> np.ndarray:
+    """An asymmetric (chiral) structure: Gaussian blobs at random places inside a sphere of radius n/4."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.arange(n) - n // 2,) * 3, indexing="ij")
+    vol = np.zeros((n, n, n), dtype=np.float32)
+    for _ in range(n_blobs):
+        c = rng.uniform(-n / 4, n / 4, size=3)
+        s = rng.uniform(1.5, 3.0)
+        vol += np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * s * s)).astype(
+            np.float32
+        )
+    return vol
+
+
+def class_volumes(n_per_group: int = 4, shift_px: float = 0.7, seed: int = 1):
+    """12 class volumes from 3 structures: noise, small random shifts, low-pass 8-14 A.
+
+    Returns (vols (3*n, N, N, N) float32, truth labels (3*n,)).
+    """
+    rng = np.random.default_rng(seed)
+    structures = [blob_structure(s) for s in (10, 20, 30)]
+    vols, truth = [], []
+    for g, st in enumerate(structures):
+        for _ in range(n_per_group):
+            v = shift_volume(st, rng.uniform(-shift_px, shift_px, size=3))
+            v = lowpass(v, rng.uniform(8.0, 14.0), PSIZE_A, ndim=3)
+            v = v + 0.05 * st.max() * rng.standard_normal(v.shape).astype(np.float32)
+            vols.append(v.astype(np.float32))
+            truth.append(g)
+    order = rng.permutation(len(vols))
+    return np.stack(vols)[order], np.asarray(truth)[order]
+
+
+def same_partition(a, b) -> bool:
+    """True when two labelings define the same partition (labels may be renamed)."""
+    a, b = np.asarray(a), np.asarray(b)
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+# --- core/align3d ---------------------------------------------------------------------------
+
+
+def test_shift_volume_integer_is_roll_and_composes():
+    v = blob_structure(3)
+    moved = shift_volume(v, [2, -1, 3])
+    np.testing.assert_allclose(moved, np.roll(v, (3, -1, 2), axis=(0, 1, 2)), atol=1e-5)
+    back = shift_volume(shift_volume(v, [1.3, -0.4, 2.2]), [-1.3, 0.4, -2.2])
+    np.testing.assert_allclose(back, v, atol=1e-4)
+
+
+def test_flip_hand_fixes_origin_and_is_involution():
+    v = blob_structure(4)
+    f = flip_hand(v)
+    np.testing.assert_array_equal(flip_hand(f), v)
+    c = BOX // 2
+    np.testing.assert_array_equal(f[c], v[c])  # the z = 0 plane stays
+    np.testing.assert_array_equal(f[c + 3], v[c - 3])
+    assert not np.allclose(f, v)  # the structure is chiral
+
+
+def test_align_pairs_recovers_subvoxel_shift_and_flip():
+    v = blob_structure(5)
+    true_shift = np.array([1.3, -2.6, 0.7])
+    moved = shift_volume(v, -true_shift)  # shifting moved by +true_shift gives v back
+    flipped = flip_hand(shift_volume(v, [2.0, 1.0, -1.0]))
+    other = blob_structure(6)
+    vols = np.stack([v, moved, flipped, other])
+    res = align_pairs(vols, [(0, 1), (0, 2), (0, 3)], max_shift_px=5.0, try_flip=True)
+    np.testing.assert_allclose(res.shift_px[0], true_shift, atol=0.1)
+    assert not res.flipped[0] and res.correlation[0] > 0.99
+    assert res.flipped[1] and res.correlation[1] > 0.999
+    np.testing.assert_allclose(apply_alignment(flipped, res.shift_px[1], True), v, atol=1e-4)
+    assert res.correlation[2] < 0.9
+
+
+def test_align_pairs_respects_max_shift():
+    v = blob_structure(7)
+    far = shift_volume(v, [6.0, 0.0, 0.0])
+    res = align_pairs(np.stack([v, far]), [(0, 1)], max_shift_px=3.0, try_flip=False)
+    assert np.linalg.norm(res.shift_px[0]) <= 3.0 + 0.5 * np.sqrt(3.0)  # window + sub-voxel
+    assert res.correlation[0] < 0.99
+    res = align_pairs(np.stack([v, far]), [(0, 1)], max_shift_px=7.0, try_flip=False)
+    np.testing.assert_allclose(res.shift_px[0], [-6.0, 0.0, 0.0], atol=0.05)
+    assert res.correlation[0] > 0.999
+
+
+# --- core/spectral --------------------------------------------------------------------------
+
+
+def test_affinity_and_laplacian_of_two_disconnected_groups():
+    # two tight groups far apart: the Laplacian has two zero eigenvalues
+    d = np.full((6, 6), 100.0)
+    for g in (range(3), range(3, 6)):
+        for i in g:
+            for j in g:
+                d[i, j] = 0.0 if i == j else 1.0
+    a = self_tuning_affinity(d, n_neighbors=2)
+    np.testing.assert_allclose(np.diag(a), 0.0)
+    np.testing.assert_allclose(a, a.T)
+    np.testing.assert_allclose(a[0, 1], np.exp(-1.0))
+    assert a[0, 4] < 1e-100
+    evals = np.linalg.eigvalsh(normalized_laplacian(a))
+    np.testing.assert_allclose(evals[:2], 0.0, atol=1e-10)
+    assert evals[2] > 0.5
+    res = spectral_cluster(d, 2, n_neighbors=2)
+    np.testing.assert_array_equal(res.labels, [0, 0, 0, 1, 1, 1])
+
+
+def test_kmeans_is_deterministic_and_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = np.repeat(np.arange(3), 20)
+    pts = centers[truth] + rng.standard_normal((60, 2))
+    labels, _, inertia = kmeans(pts, 3, n_init=10, seed=4)
+    labels2, _, inertia2 = kmeans(pts, 3, n_init=10, seed=4)
+    np.testing.assert_array_equal(labels, labels2)
+    assert inertia == inertia2
+    assert same_partition(labels, truth)
+
+
+def test_correlation_distance_matches_euclidean_of_unit_vectors():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 40))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    d = correlation_distance(x @ x.T)
+    ref = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    np.testing.assert_allclose(d, ref, atol=1e-7)
+
+
+def test_spectral_cluster_recovers_three_structures_from_correlations():
+    vols, truth = class_volumes()
+    flat = vols.reshape(len(vols), -1) - vols.reshape(len(vols), -1).mean(1, keepdims=True)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    res = spectral_cluster(correlation_distance(flat @ flat.T), 3)
+    assert same_partition(res.labels, truth)
+    # the eigengap suggests M = 3: the largest step among the first eigenvalues is after the third
+    assert int(np.argmax(np.diff(res.eigenvalues[:6]))) == 2
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_kmeans_rejects_bad_cluster_count(n):
+    with pytest.raises(ValueError, match="n_clusters"):
+        kmeans(np.zeros((n, 2)), n + 1)
