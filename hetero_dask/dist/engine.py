@@ -1,0 +1,269 @@
+"""The generic map / tree-reduce engine every job runs on (LiberTEM UDF style).
+
+A job supplies three pure functions that know nothing about Dask:
+
+``process(partition) -> partial``
+    Work on one contiguous particle range (a :class:`Partition`), streaming
+    it from the store and accumulating into ONE partial (grids, statistics).
+    Bind static arguments with ``functools.partial``; big static inputs
+    (class volumes) are read on the worker through :func:`worker_cached`,
+    never put in the graph.
+``merge(a, b) -> partial``
+    Combine two partials. It may update ``a`` in place and return it: the
+    engine always passes a private copy as ``a``, so task inputs are never
+    modified and a re-run gives the same result.
+``finish[key](merged) -> summary``
+    Optional per-key finishing tasks (e.g. one M-step per class and half
+    set), each a separate task; ``select(merged, key)`` optionally cuts the
+    merged partial down to what that task needs, in a small task next to
+    the data, so only that piece travels.
+
+:func:`map_reduce` builds ONE graph per call: P process tasks, a tree of
+combine tasks with at most ``fan_in`` inputs each, and the finishing tasks;
+only the finishing results (the summaries) come back to the driver. Keys are
+deterministic (prefix, stage, token, index), so the same call gives the same
+graph and a task lost with its worker is recomputed to the same value.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import dask
+import numpy as np
+from dask import delayed
+from dask.base import tokenize
+
+from hetero_dask.dist.progress import StageProgress, wait_with_progress
+
+
+class Partition(NamedTuple):
+    """A contiguous range ``[start, stop)`` of particles; ``index`` orders partitions."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def partition_ranges(n: int, n_parts: int, align: int = 1) -> list[Partition]:
+    """Split ``range(n)`` into at most ``n_parts`` contiguous, nearly equal partitions.
+
+    Every boundary except the final ``n`` is a multiple of ``align`` (the
+    store's shard length), so a partition streams whole shards and
+    per-particle outputs land in disjoint shards. Fewer partitions are
+    returned when ``n`` has fewer than ``n_parts`` shards; none when n == 0.
+    """
+    if n < 0 or n_parts < 1 or align < 1:
+        raise ValueError(
+            f"partition_ranges needs n >= 0, n_parts >= 1, align >= 1; got {n}, {n_parts}, {align}"
+        )
+    n_blocks = math.ceil(n / align)
+    k = min(n_parts, n_blocks)
+    if k == 0:
+        return []
+    edges = [min(n, (i * n_blocks // k) * align) for i in range(k + 1)]
+    edges[-1] = n
+    return [Partition(i, edges[i], edges[i + 1]) for i in range(k)]
+
+
+def n_task_slots(client=None) -> int:
+    """Task threads in the cluster (1 without a client): size partitions from this."""
+    if client is None:
+        return 1
+    return max(1, sum(client.nthreads().values()))
+
+
+def default_partitions(client, n: int, per_slot: int = 3, align: int = 1) -> list[Partition]:
+    """``partition_ranges`` with a few partitions per task thread (load balance, retries)."""
+    return partition_ranges(n, per_slot * n_task_slots(client), align)
+
+
+def task_rng(seed: int, iteration: int, partition: int | Sequence[int]) -> np.random.Generator:
+    """A generator that depends only on (seed, iteration, partition).
+
+    ``partition`` is an int or tuple of ints: use the partition index for
+    randomness private to a task, or a shard index / particle offset where
+    the draws must not depend on how the particles were partitioned.
+    """
+    parts = tuple(partition) if isinstance(partition, Sequence) else (partition,)
+    entropy = (seed, iteration, *parts)
+    if any(int(e) < 0 for e in entropy):
+        raise ValueError(f"task_rng needs non-negative integers, got {entropy}")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(e) for e in entropy])))
+
+
+_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_LOAD_LOCKS: dict[Hashable, threading.Lock] = {}
+CACHE_ENTRIES = 4
+
+
+def worker_cached(key: Hashable, loader: Callable[[], Any], max_entries: int | None = None) -> Any:
+    """Return ``loader()``, computed once per worker process for ``key``.
+
+    For static inputs tasks read from the run directory: use
+    ``key=(path, iteration)`` so a new iteration's volumes replace the old
+    ones. Entries are kept least-recently-used, at most ``max_entries``
+    (default ``CACHE_ENTRIES``); concurrent tasks asking for the same key
+    wait for one load. The value is shared: treat it as read-only.
+    """
+    limit = CACHE_ENTRIES if max_entries is None else max_entries
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        load_lock = _LOAD_LOCKS.setdefault(key, threading.Lock())
+    with load_lock:
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+        value = loader()
+        with _CACHE_LOCK:
+            _CACHE[key] = value
+            while len(_CACHE) > limit:
+                old, _ = _CACHE.popitem(last=False)
+                _LOAD_LOCKS.pop(old, None)
+    return value
+
+
+def clear_worker_cache() -> None:
+    """Drop every :func:`worker_cached` entry in this process."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _LOAD_LOCKS.clear()
+
+
+def _combine(merge: Callable, *partials):
+    acc = copy.deepcopy(partials[0])
+    for p in partials[1:]:
+        acc = merge(acc, p)
+    return acc
+
+
+def _tree_groups(n: int, fan_in: int) -> list[range]:
+    """Split ``n`` inputs into ceil(n / fan_in) consecutive groups of nearly equal size."""
+    k = math.ceil(n / fan_in)
+    edges = [i * n // k for i in range(k + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def build_graph(
+    process: Callable,
+    partitions: Sequence,
+    merge: Callable,
+    fan_in: int = 8,
+    finish: Callable | Mapping[Hashable, Callable] | None = None,
+    select: Callable | None = None,
+    key_prefix: str = "map_reduce",
+    token: str | None = None,
+) -> tuple[list, Any]:
+    """The delayed nodes of a :func:`map_reduce` graph.
+
+    Returns ``(nodes, outputs)``: every node in dependency order (process,
+    combine levels, select/finish), and the outputs (the merged partial, one
+    finish node, or a dict key -> finish node).
+    Keys: ``(f"{key_prefix}-process-{token}", i)``,
+    ``(f"{key_prefix}-merge-{token}", level, j)``,
+    ``(f"{key_prefix}-finish-{token}", j)``.
+    """
+    if not partitions:
+        raise ValueError("map_reduce needs at least one partition (no particles to process?)")
+    if fan_in < 2:
+        raise ValueError(f"fan_in must be >= 2, got {fan_in}")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z_]*(-[A-Za-z]+)*", key_prefix):
+        # dask.utils.key_split must recover "<prefix>-<stage>" from keys for progress bars
+        raise ValueError(f"key_prefix must be words of letters joined by '-', got {key_prefix!r}")
+    finish_keys = list(finish) if isinstance(finish, Mapping) else None
+    if token is None:
+        token = tokenize(process, list(partitions), merge, fan_in, finish, select)
+    level = [
+        delayed(process, pure=True)(p, dask_key_name=(f"{key_prefix}-process-{token}", i))
+        for i, p in enumerate(partitions)
+    ]
+    nodes = list(level)
+    depth = 0
+    while len(level) > 1:
+        level = [
+            delayed(_combine, pure=True)(
+                merge,
+                *(level[i] for i in group),
+                dask_key_name=(f"{key_prefix}-merge-{token}", depth, j),
+            )
+            for j, group in enumerate(_tree_groups(len(level), fan_in))
+        ]
+        nodes += level
+        depth += 1
+    merged = level[0]
+    if finish is None:
+        return nodes, merged
+    fin_name = f"{key_prefix}-finish-{token}"
+    if finish_keys is None:
+        out = delayed(finish, pure=True)(merged, dask_key_name=(fin_name, 0))
+        return nodes + [out], out
+    outputs = {}
+    for j, k in enumerate(finish_keys):
+        arg = merged
+        if select is not None:
+            arg = delayed(select, pure=True)(
+                merged, k, dask_key_name=(f"{key_prefix}-select-{token}", j)
+            )
+            nodes.append(arg)
+        outputs[k] = delayed(finish[k], pure=True)(arg, dask_key_name=(fin_name, j))
+        nodes.append(outputs[k])
+    return nodes, outputs
+
+
+def map_reduce(
+    client,
+    process: Callable,
+    partitions: Sequence,
+    merge: Callable,
+    fan_in: int = 8,
+    finish: Callable | Mapping[Hashable, Callable] | None = None,
+    select: Callable | None = None,
+    key_prefix: str = "map_reduce",
+    token: str | None = None,
+    progress: bool | None = False,
+):
+    """Run process -> tree merge -> finish as one graph; return the finished results.
+
+    ``client``: a ``distributed.Client``, or None for Dask's synchronous
+    scheduler in this process (same results, for tests and debugging).
+    ``finish``: None (return the merged partial), a callable (one task,
+    return its result) or a dict key -> callable (one task each; return a
+    dict key -> result). ``select(merged, key)`` feeds each keyed finishing
+    task only its part. ``token`` names the graph (default: a hash of the
+    arguments); pass e.g. ``f"it{iteration}"`` to make keys readable.
+    ``progress``: one bar per stage (None: only when stderr is a terminal).
+    """
+    nodes, outputs = build_graph(
+        process, partitions, merge, fan_in, finish, select, key_prefix, token
+    )
+    finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
+    if client is None:
+        with StageProgress(enabled=progress):
+            results = dask.compute(*finals, scheduler="sync", optimize_graph=False)
+    elif progress is False:
+        results = client.gather(client.compute(finals, optimize_graph=False))
+    else:
+        # Futures for every task, so the bars can count each stage; the wait
+        # releases each as it completes so partials are not pinned in memory.
+        futures = client.compute(nodes, optimize_graph=False)
+        by_key = {f.key: f for f in futures}
+        final_futures = [by_key[d.key] for d in finals]
+        del by_key
+        wait_with_progress(futures, enabled=progress)
+        results = client.gather(final_futures)
+    if isinstance(outputs, dict):
+        return dict(zip(outputs, results, strict=True))
+    return results[0]
