@@ -190,3 +190,33 @@ def align_pairs(vols, pairs, max_shift_px: float, try_flip: bool = True, chunk: 
 def apply_alignment(vol, shift_px, flipped: bool):
     """Bring ``vol`` onto its reference: flip the hand when ``flipped``, then move by ``shift_px``."""
     return shift_volume(flip_hand(vol) if flipped else vol, shift_px)
+
+
+def invert_alignment(shift_px, flipped: bool):
+    """The alignment of ``ref`` onto ``mov`` from that of ``mov`` onto ``ref`` (shift (3,) x, y, z)."""
+    back = -np.asarray(shift_px, dtype=np.float64)
+    if flipped:
+        back[2] = -back[2]  # flip_hand(shift(v, s)) == shift(flip_hand(v), (sx, sy, -sz))
+    return back, bool(flipped)
+
+
+def poses_after_alignment(rotations, shifts_px, move_px, flipped: bool):
+    """Particle poses for a volume after :func:`apply_alignment` (flip, then move by ``move_px``).
+
+    rotations: (N, 3, 3) particle rotations R (image frequency k samples the volume at R k);
+    shifts_px: (N, 2) image shifts (x, y) in the image model ``Y = C V^(R k) e^{+2 pi i k.s/N}``;
+    move_px: (3,) (x, y, z) translation of the volume, in the same pixel size as the shifts.
+
+    The hand flip F = diag(1, 1, -1) turns R into F R F (a rotation; F k = k in the
+    image plane), and moving the volume by t adds the in-plane part of R^T t to the
+    shifts. Returns (rotations (N, 3, 3), shifts (N, 2)); a particle image is then
+    explained by the aligned volume exactly as it was by the original.
+    """
+    xp = xp_of(rotations)
+    R = rotations
+    if flipped:
+        f = xp.asarray([1.0, 1.0, -1.0], dtype=R.dtype)
+        R = f[:, None] * R * f[None, :]
+    t = xp.asarray(move_px, dtype=R.dtype)
+    in_plane = xp.einsum("nji,j->ni", R, t)[:, :2]
+    return R, (shifts_px + in_plane).astype(shifts_px.dtype, copy=False)
