@@ -70,7 +70,9 @@ def test_fft_round_trips(n):
     np.testing.assert_allclose(ifft3c(fft3c(v)).real, v, atol=1e-12)
 
 
-@pytest.mark.parametrize("n, small, ndim", [(64, 32, 2), (64, 40, 2), (65, 33, 2), (64, 33, 2), (33, 20, 2), (32, 20, 3)])
+@pytest.mark.parametrize(
+    "n, small, ndim", [(64, 32, 2), (64, 40, 2), (65, 33, 2), (64, 33, 2), (33, 20, 2), (32, 20, 3)]
+)
 def test_band_limited_map_survives_crop_then_pad(n, small, ndim):
     x = _band_limited(n, r_max=small / 2 - 1, ndim=ndim)
     down = fourier_resize(x, small, ndim)
