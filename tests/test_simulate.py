@@ -107,3 +107,22 @@ def test_rotations_uniform_on_so3():
     # Haar measure: E[R] = 0 and E[R_ij^2] = 1/3
     assert np.abs(R.mean(axis=0)).max() < 0.02
     assert np.abs((R**2).mean(axis=0) - 1 / 3).max() < 0.02
+
+
+def test_particles_reconstruct_to_the_input_volume_with_true_poses(vols):
+    """Backprojecting the simulated particles with the true poses gives the phantom back."""
+    from hetero_dask.core.backprojector import backproject, half_plane_freqs, new_grids
+    from hetero_dask.core.ctf import ctf_image
+    from hetero_dask.core.fourier import translate_ft
+    from hetero_dask.core.fsc import fsc
+    from hetero_dask.core.reconstruction import reconstruct
+    from hetero_dask.core.rotations import pose_to_matrix
+
+    sim = simulate(vols[1:2], PSIZE, 3000, snr=20.0, seed=4, shift_range_px=3)
+    kx, ky, flat = half_plane_freqs(BOX)
+    Yc = translate_ft(fft2c(sim.images), sim.shifts_px).reshape(sim.n, -1)[:, flat]
+    C = ctf_image(sim.ctf, BOX, PSIZE).reshape(sim.n, -1)[:, flat]
+    grids = new_grids(BOX)
+    backproject(grids, pose_to_matrix(sim.poses), C * Yc, C * C, kx, ky)
+    curve = fsc(reconstruct(grids), vols[1])
+    assert curve[1 : BOX // 4 + 1].min() > 0.9
