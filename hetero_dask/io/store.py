@@ -1,0 +1,524 @@
+"""The Zarr v3 particle store: images in a seeded random order, metadata as columns.
+
+Layout of ``S.zarr`` (one Zarr v3 group)::
+
+    zarr.json                 attributes["hetero_dask_store"]: format_version, n, box,
+                              psize_A, seed, source_files, fingerprint, chunk_rows,
+                              shard_rows, crop_boxes, fields, complete
+    images                    (N, box, box) float32, chunks (chunk_rows, box, box),
+                              shards (shard_rows, box, box), uncompressed
+    images_<b>                (N, b, b) float32 Fourier-cropped copies (optional),
+                              same chunk/shard rows, pixel size psize_A * box / b
+    original_index            (N,) int64: store row i holds input particle original_index[i]
+    meta/<field>              one array per field of the CryoSPARC-style table (e.g.
+                              meta/ctf/df1_A, meta/alignments3D/pose (N, 3)); fixed-width
+                              bytes fields are stored as uint8 (N, width)
+    import_done               (n_shards,) uint8, one chunk per shard: per-shard done markers
+
+Order: rows are a seeded random permutation of the input (``perm =
+default_rng(seed).permutation(N)``), so an online-EM batch is a contiguous
+range and a full pass streams the store; results go back to the input order
+with :meth:`ParticleStore.to_input_order`.
+
+Sizes (the rule): an image is ``4 box^2`` bytes; ``chunk_rows`` holds about
+``chunk_mb`` (default 2 MiB, at least one image) and ``shard_rows`` is a
+multiple of it holding about ``shard_mb`` (default 128 MiB), capped at what N
+needs. At box 128: 32 images per chunk, 2048 per shard. Shards are the unit
+of import tasks, of resumption and of Dask partitions
+(:meth:`ParticleStore.shard_ranges`). Images are stored uncompressed (noisy
+float32 pixels gain only a few percent from compression and cost CPU on
+every read); metadata columns use Zarr's default compressor.
+
+Import safety: the store is built in ``<out>.partial`` and marked complete
+(attribute written last) only after every shard's done marker is set; then
+it is renamed to ``<out>``. An existing store at ``<out>`` stays untouched
+until that final swap (``<out>`` -> ``<out>.old-<pid>``, partial -> ``<out>``,
+old removed), so an interrupted import never damages it. Re-running the
+same import resumes the partial store, skipping shards already done; a
+partial store built from different input (other fingerprint, seed or
+sizes) is discarded and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import fields as dc_fields
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..core.ctf import CTFParams
+from ..core.fourier import fourier_resize
+
+FORMAT_VERSION = 1
+ATTR = "hetero_dask_store"
+CHUNK_MB = 2.0
+SHARD_MB = 128.0
+_META_SHARD_ROWS = 1 << 20  # metadata columns: one Zarr shard per ~1M rows
+_CTF_OPTIONAL = {"phase_shift_rad": 0.0, "bfactor": 0.0, "scale": 1.0}
+
+
+def store_layout(
+    n: int, box: int, chunk_mb: float = CHUNK_MB, shard_mb: float = SHARD_MB
+) -> tuple[int, int]:
+    """``(chunk_rows, shard_rows)`` along N for ``n`` images of ``box^2`` float32 (see module doc)."""
+    if n < 1:
+        raise ValueError("cannot build a particle store from 0 particles")
+    image_bytes = 4 * box * box
+    chunk = int(min(max(1, round(chunk_mb * 2**20 / image_bytes)), n))
+    per_shard = max(1, round(shard_mb * 2**20 / image_bytes / chunk))
+    per_shard = min(per_shard, -(-n // chunk))
+    return chunk, chunk * per_shard
+
+
+def is_store(path) -> bool:
+    """Whether ``path`` is a (complete or not) hetero_dask particle store."""
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        return False
+    try:
+        return ATTR in zarr.open_group(str(p), mode="r").attrs
+    except Exception:
+        return False
+
+
+def _field_specs(dtype: np.dtype) -> list[list]:
+    """``[[name, dtype.str, shape], ...]`` of a structured dtype, in field order."""
+    out = []
+    for name in dtype.names:
+        sub = dtype.fields[name][0]
+        base, shape = sub.subdtype if sub.subdtype else (sub, ())
+        out.append([name, base.str, list(shape)])
+    return out
+
+
+def _table_dtype(specs) -> np.dtype:
+    return np.dtype([(name, np.dtype(s), tuple(shape)) for name, s, shape in specs])
+
+
+def fingerprint(table: np.ndarray, box: int, psize_A: float) -> str:
+    """SHA-256 of the table's dtype and bytes, box and pixel size (identifies an import's input)."""
+    h = hashlib.sha256()
+    h.update(repr((table.dtype.descr, int(box), float(psize_A))).encode())
+    flat = np.ascontiguousarray(table)
+    step = max(1, (64 << 20) // max(flat.dtype.itemsize, 1))
+    for i in range(0, flat.size, step):
+        h.update(flat[i : i + step].tobytes())
+    return h.hexdigest()
+
+
+class ParticleStore:
+    """Read access to a complete particle store (see the module docstring).
+
+    Open with :meth:`ParticleStore.open`; row ranges ``[start, stop)`` are in
+    store order.
+    """
+
+    def __init__(self, path, group: zarr.Group):
+        self.path = Path(path)
+        self._group = group
+        self.attrs: dict = dict(group.attrs[ATTR])
+        self._orig: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path) -> ParticleStore:
+        """Open a complete store read-only; refuse a missing or incomplete one clearly."""
+        p = Path(path)
+        if not (p / "zarr.json").is_file():
+            partial = _partial_path(p)
+            if (partial / "zarr.json").is_file():
+                raise ValueError(
+                    f"particle store {p} does not exist, but an interrupted import left {partial}: "
+                    "re-run `hetero-dask import` with the same arguments to finish it"
+                )
+            raise FileNotFoundError(f"particle store {p} not found (no zarr.json)")
+        group = zarr.open_group(str(p), mode="r")
+        if ATTR not in group.attrs:
+            raise ValueError(
+                f"{p} is a Zarr group but not a hetero_dask particle store (no '{ATTR}' attribute)"
+            )
+        attrs = group.attrs[ATTR]
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"particle store {p} has format_version {attrs.get('format_version')}, "
+                f"this hetero_dask reads {FORMAT_VERSION}: re-run `hetero-dask import`"
+            )
+        if not attrs.get("complete", False):
+            raise ValueError(
+                f"particle store {p} is incomplete (its import was interrupted): "
+                "re-run `hetero-dask import` with the same arguments to finish it"
+            )
+        return cls(p, group)
+
+    # -- dataset attributes -------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.attrs["n"])
+
+    @property
+    def box(self) -> int:
+        return int(self.attrs["box"])
+
+    @property
+    def psize_A(self) -> float:
+        return float(self.attrs["psize_A"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.attrs["seed"])
+
+    @property
+    def source_files(self) -> list[str]:
+        return list(self.attrs["source_files"])
+
+    @property
+    def crop_boxes(self) -> list[int]:
+        return [int(b) for b in self.attrs["crop_boxes"]]
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.attrs["shard_rows"])
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the per-particle metadata fields, in the input table's order."""
+        return [f[0] for f in self.attrs["fields"]]
+
+    def psize_at_box(self, box: int) -> float:
+        """Pixel size in A of the images at ``box`` (the full box or a stored crop)."""
+        return self.psize_A * self.box / int(box)
+
+    # -- images -------------------------------------------------------------
+    def images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Images ``(stop - start, box, box)`` float32 of rows ``[start, stop)``."""
+        return self._group["images"][start:stop]
+
+    def images_at_box(self, box: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Images at ``box``: the full box, a stored crop, or Fourier-resized on the fly."""
+        box = int(box)
+        if box == self.box:
+            return self.images(start, stop)
+        if box in self.crop_boxes:
+            return self._group[f"images_{box}"][start:stop]
+        return fourier_resize(self.images(start, stop), box, ndim=2)
+
+    # -- metadata -----------------------------------------------------------
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Values of field ``name`` (e.g. ``"ctf/df1_A"``) for rows ``[start, stop)``, input dtype."""
+        spec = {f[0]: f for f in self.attrs["fields"]}.get(name)
+        if spec is None:
+            raise KeyError(
+                f"particle store {self.path} has no field '{name}' (fields: {', '.join(self.fields)})"
+            )
+        raw = self._group[f"meta/{name}"][start:stop]
+        dt = np.dtype(spec[1])
+        if dt.kind == "S":
+            return np.ascontiguousarray(raw).view(dt).reshape(raw.shape[:1] + tuple(spec[2]))
+        return raw.astype(dt, copy=False)
+
+    def has_field(self, name: str) -> bool:
+        return name in self.fields
+
+    def table(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """The CryoSPARC-style structured array of rows ``[start, stop)``, store order."""
+        start = 0 if start is None else start
+        stop = self.n if stop is None else min(stop, self.n)
+        out = np.empty(max(stop - start, 0), dtype=_table_dtype(self.attrs["fields"]))
+        for name in out.dtype.names:
+            out[name] = self.column(name, start, stop)
+        return out
+
+    def ctf(self, start: int = 0, stop: int | None = None) -> CTFParams:
+        """Per-particle CTF parameters (``(B,)`` arrays) of rows ``[start, stop)``."""
+        values = {}
+        for f in dc_fields(CTFParams):
+            name = f"ctf/{f.name}"
+            if self.has_field(name):
+                values[f.name] = self.column(name, start, stop).astype(np.float32)
+            elif f.name in _CTF_OPTIONAL:
+                m = len(range(*slice(start, stop).indices(self.n)))
+                values[f.name] = np.full(m, _CTF_OPTIONAL[f.name], np.float32)
+            else:
+                raise ValueError(
+                    f"particle store {self.path} lacks CTF field '{name}' (needed for the CTF)"
+                )
+        return CTFParams(**values)
+
+    # -- order --------------------------------------------------------------
+    @property
+    def original_index(self) -> np.ndarray:
+        """``(N,)`` int64: store row ``i`` holds input particle ``original_index[i]``."""
+        if self._orig is None:
+            self._orig = self._group["original_index"][:]
+        return self._orig
+
+    def to_input_order(self, values) -> np.ndarray:
+        """Per-particle ``values`` ``(N, ...)`` in store order -> the user's input order."""
+        values = np.asarray(values)
+        if values.shape[0] != self.n:
+            raise ValueError(f"expected {self.n} per-particle values, got {values.shape[0]}")
+        out = np.empty_like(values)
+        out[self.original_index] = values
+        return out
+
+    def to_store_order(self, values) -> np.ndarray:
+        """Per-particle ``values`` ``(N, ...)`` in input order -> store order."""
+        values = np.asarray(values)
+        if values.shape[0] != self.n:
+            raise ValueError(f"expected {self.n} per-particle values, got {values.shape[0]}")
+        return values[self.original_index]
+
+    def shard_ranges(self, min_rows: int = 0) -> list[tuple[int, int]]:
+        """Contiguous ``(start, stop)`` row ranges aligned to shards, covering all rows.
+
+        Each range is a whole number of shards holding at least ``min_rows``
+        rows (except possibly the last): Dask partitions that never split a shard.
+        """
+        step = self.shard_rows * max(1, -(-int(min_rows) // self.shard_rows))
+        return [(s, min(s + step, self.n)) for s in range(0, self.n, step)]
+
+
+# --------------------------------------------------------------------------
+# Import
+# --------------------------------------------------------------------------
+
+
+def _partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _create_layout(
+    path: Path,
+    table: np.ndarray,
+    box: int,
+    psize_A: float,
+    seed: int,
+    sources: list[str],
+    fp: str,
+    crop_boxes: Sequence[int],
+    chunk_mb: float,
+    shard_mb: float,
+) -> zarr.Group:
+    """Create the empty store (arrays, order, metadata columns) at ``path``; not yet complete."""
+    n = len(table)
+    chunk, shard = store_layout(n, box, chunk_mb, shard_mb)
+    n_shards = -(-n // shard)
+    specs = _field_specs(table.dtype)
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "n": n,
+        "box": int(box),
+        "psize_A": float(psize_A),
+        "seed": int(seed),
+        "source_files": sources,
+        "fingerprint": fp,
+        "chunk_rows": chunk,
+        "shard_rows": shard,
+        "crop_boxes": [int(b) for b in crop_boxes],
+        "fields": specs,
+        "complete": False,
+        "meta_written": False,
+    }
+    g = zarr.open_group(str(path), mode="w", attributes={ATTR: attrs})
+    for b in [box, *crop_boxes]:
+        g.create_array(
+            "images" if b == box else f"images_{b}",
+            shape=(n, b, b),
+            dtype="float32",
+            chunks=(chunk, b, b),
+            shards=(shard, b, b),
+            compressors=None,
+        )
+    g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    mrows = shard * max(1, _META_SHARD_ROWS // shard)
+    g.create_array("original_index", data=perm, chunks=(shard,), shards=(mrows,))
+    for name, dstr, shape in specs:
+        dt = np.dtype(dstr)
+        col = table[name][perm]
+        if dt.kind == "S":  # fixed-width bytes as uint8 (N, ..., width): a stable Zarr v3 type
+            col = np.ascontiguousarray(col).view(np.uint8).reshape((n, *shape, dt.itemsize))
+        else:
+            col = col.astype(dt.newbyteorder("="), copy=False)
+        tail = col.shape[1:]
+        g.create_array(f"meta/{name}", data=col, chunks=(shard, *tail), shards=(mrows, *tail))
+    attrs["meta_written"] = True
+    g.attrs[ATTR] = attrs
+    return g
+
+
+def _shard_task(path: str, shard: int, particles, crop_boxes: Sequence[int]) -> int:
+    """Read the images of one shard from the stacks and write it (and its crops); mark it done."""
+    g = zarr.open_group(path, mode="r+")
+    a = g.attrs[ATTR]
+    rows = int(a["shard_rows"])
+    start, stop = shard * rows, min((shard + 1) * rows, int(a["n"]))
+    idx = g["original_index"][start:stop]
+    order = np.argsort(idx, kind="stable")  # read the stacks in input order (sequential files)
+    imgs = np.empty((stop - start, a["box"], a["box"]), dtype=np.float32)
+    imgs[order] = particles.read_images(idx[order])
+    bad = ~np.isfinite(imgs).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(
+            f"particle {int(idx[np.argmax(bad)])} (0-based, input order) has NaN or inf pixels; "
+            f"{int(bad.sum())} such particle(s) in store rows {start}-{stop - 1}"
+        )
+    g["images"][start:stop] = imgs
+    chunk = int(a["chunk_rows"])
+    for b in crop_boxes:
+        g[f"images_{b}"][start:stop] = np.concatenate(
+            [
+                fourier_resize(imgs[i : i + chunk], int(b), ndim=2)
+                for i in range(0, len(imgs), chunk)
+            ]
+        )
+    g["import_done"][shard] = 1
+    return stop - start
+
+
+def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=not progress)
+    try:
+        if client is None:
+            for s in todo:
+                _shard_task(str(path), s, particles, crop_boxes)
+                bar.update(1)
+            return
+        from distributed import as_completed
+
+        remote = client.scatter(particles, broadcast=True)
+        futures = [
+            client.submit(
+                _shard_task,
+                str(path),
+                s,
+                remote,
+                list(crop_boxes),
+                key=f"import-shard-{path.name}-{s}",
+                pure=False,
+            )
+            for s in todo
+        ]
+        try:
+            for fut in as_completed(futures):
+                fut.result()  # re-raise a worker's error here
+                bar.update(1)
+        finally:
+            client.cancel(futures)
+    finally:
+        bar.close()
+
+
+def import_particles(
+    source,
+    out_path,
+    client=None,
+    seed: int = 0,
+    stack_dir=None,
+    crop_boxes: Sequence[int] = (),
+    progress: bool = True,
+    chunk_mb: float = CHUNK_MB,
+    shard_mb: float = SHARD_MB,
+) -> ParticleStore:
+    """Copy particles into a Zarr store at ``out_path`` and return it opened.
+
+    ``source``: a ``.cs``/``.star`` path (read with
+    :func:`hetero_dask.io.particles.load_particles`, stacks resolved with
+    ``stack_dir``) or a ParticleSet (``.table``, ``.box``, ``.psize_A``,
+    ``.read_images(indices)``). With a Dask ``client`` one task per shard
+    runs on the cluster (the ParticleSet is broadcast once); without, shards
+    are written in this process. Memory per task is one shard of images.
+    Resumable and safe against interruption (see the module docstring).
+    """
+    out = Path(out_path)
+    if isinstance(source, (str, os.PathLike)):
+        from .particles import load_particles
+
+        particles = load_particles(source, stack_dir=stack_dir)
+        sources = [str(Path(source).resolve())]
+    else:
+        particles = source
+        sources = [str(s) for s in getattr(particles, "source_files", [])]
+    crop_boxes = sorted({int(b) for b in crop_boxes} - {int(particles.box)})
+    for b in crop_boxes:
+        if not 2 <= b < particles.box:
+            raise ValueError(
+                f"crop box {b} must be between 2 and the particle box {particles.box} (exclusive)"
+            )
+    if out.exists() and not is_store(out):
+        raise ValueError(
+            f"{out} exists and is not a hetero_dask particle store; choose another --out"
+        )
+    table = particles.table
+    fp = fingerprint(table, particles.box, particles.psize_A)
+    partial = _partial_path(out)
+    expected = {
+        "fingerprint": fp,
+        "seed": int(seed),
+        "crop_boxes": crop_boxes,
+        "chunk_rows": store_layout(len(table), particles.box, chunk_mb, shard_mb)[0],
+        "shard_rows": store_layout(len(table), particles.box, chunk_mb, shard_mb)[1],
+    }
+    g = None
+    if is_store(partial):
+        a = zarr.open_group(str(partial), mode="r").attrs[ATTR]
+        if a.get("meta_written") and all(a.get(k) == v for k, v in expected.items()):
+            g = zarr.open_group(str(partial), mode="r+")
+    if g is None:
+        if partial.exists():
+            shutil.rmtree(partial)
+        g = _create_layout(
+            partial,
+            table,
+            particles.box,
+            particles.psize_A,
+            seed,
+            sources,
+            fp,
+            crop_boxes,
+            chunk_mb,
+            shard_mb,
+        )
+    todo = [int(s) for s in np.flatnonzero(g["import_done"][:] == 0)]
+    _run_shards(partial, todo, particles, crop_boxes, client, progress)
+    if not (g["import_done"][:] == 1).all():
+        raise RuntimeError(f"import into {partial} left shards unfinished; re-run to finish")
+    attrs = dict(g.attrs[ATTR])
+    attrs["complete"] = True
+    g.attrs[ATTR] = attrs  # written last: the store is complete from here on
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return ParticleStore.open(out)
+
+
+def ensure_store(
+    source,
+    work_dir,
+    client=None,
+    seed: int = 0,
+    stack_dir=None,
+    crop_boxes: Sequence[int] = (),
+    progress: bool = True,
+) -> ParticleStore:
+    """A job's particles: open ``source`` if it is a store, else import it into ``work_dir/particles.zarr``."""
+    if is_store(source):
+        return ParticleStore.open(source)
+    return import_particles(
+        source,
+        Path(work_dir) / "particles.zarr",
+        client=client,
+        seed=seed,
+        stack_dir=stack_dir,
+        crop_boxes=crop_boxes,
+        progress=progress,
+    )

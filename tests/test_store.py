@@ -1,0 +1,174 @@
+"""Zarr particle store: round trips, order, crops, resumable and interruption-safe import."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hetero_dask.core.fourier import fourier_resize
+from hetero_dask.io.store import ParticleStore, import_particles, is_store, store_layout
+from hetero_dask.phantoms import moving_domain_phantoms
+from hetero_dask.simulate import simulate, simulation_table
+
+BOX, PSIZE = 32, 4.0
+# tiny chunks/shards so a few hundred particles span several shards
+SMALL = {"chunk_mb": 8 * 4 * BOX * BOX / 2**20, "shard_mb": 40 * 4 * BOX * BOX / 2**20}
+
+
+class MemoryParticles:
+    """A ParticleSet held in memory (``.table``, ``.box``, ``.psize_A``, ``.read_images``)."""
+
+    def __init__(self, images, table, psize_A, fail_on=None):
+        self.images, self.table, self.psize_A = images, table, psize_A
+        self.n, self.box = len(table), images.shape[-1]
+        self.fail_on = fail_on  # raise when asked for this input index (a simulated crash)
+        self.calls = 0
+
+    def read_images(self, indices):
+        self.calls += 1
+        if self.fail_on is not None and self.fail_on in set(np.asarray(indices).tolist()):
+            raise RuntimeError("simulated crash while reading a shard")
+        return self.images[np.asarray(indices)]
+
+
+@pytest.fixture(scope="module")
+def particles():
+    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
+    sim = simulate(vols, PSIZE, 150, snr=1.0, seed=1, shift_range_px=2)
+    table = simulation_table(sim)
+    # a multi-dimensional bytes field and a big-endian field exercise the column encoding
+    extra = np.zeros(sim.n, dtype=table.dtype.descr + [("x/tags", "S3", (2,)), ("x/be", ">f8")])
+    for name in table.dtype.names:
+        extra[name] = table[name]
+    extra["x/tags"] = [[b"a%d" % (i % 10), b"bcd"] for i in range(sim.n)]
+    extra["x/be"] = np.linspace(-1, 1, sim.n)
+    return MemoryParticles(sim.images, extra, PSIZE)
+
+
+def test_layout_rule():
+    # box 128: 64 KiB images, 2 MiB chunks -> 32 images, 128 MiB shards -> 2048 images
+    assert store_layout(100_000, 128) == (32, 2048)
+    assert store_layout(100, 128) == (32, 128)  # capped at what N needs
+    assert store_layout(5, 512) == (2, 6)  # 1 MiB images: 2 per chunk
+    with pytest.raises(ValueError, match="0 particles"):
+        store_layout(0, 64)
+
+
+def test_round_trip_values_images_and_order(particles, tmp_path):
+    st = import_particles(
+        particles, tmp_path / "s.zarr", seed=5, crop_boxes=[16], progress=False, **SMALL
+    )
+    assert (st.n, st.box, st.psize_A, st.seed) == (300, BOX, PSIZE, 5)
+    assert st.shard_rows == 40 and len(st.shard_ranges()) == 8
+    orig = st.original_index
+    assert sorted(orig.tolist()) == list(range(300)) and not np.array_equal(orig, np.arange(300))
+    assert np.array_equal(orig, np.random.default_rng(5).permutation(300))
+    # every field keeps its dtype and every value, in input order
+    t = st.table()
+    assert t.dtype == particles.table.dtype
+    back = st.to_input_order(t)
+    assert back.tobytes() == particles.table.tobytes()
+    # images: store row i is input particle orig[i]; bit-exact
+    assert np.array_equal(st.images(), particles.images[orig])
+    assert np.array_equal(st.to_input_order(st.images()), particles.images)
+    assert np.array_equal(st.to_store_order(particles.images), st.images())
+    # a range read equals the same rows of the table
+    assert st.table(50, 90).tobytes() == t[50:90].tobytes()
+    assert np.array_equal(st.column("ctf/df1_A", 10, 20), particles.table["ctf/df1_A"][orig[10:20]])
+    ctf = st.ctf(3, 9)
+    assert np.array_equal(ctf.df2_A, particles.table["ctf/df2_A"][orig[3:9]])
+    assert ctf.df1_A.shape == (6,)
+    # crops: Fourier-cropped copies at the stored box, on-the-fly for others
+    crop = st.images_at_box(16, 0, 40)
+    assert np.allclose(crop, fourier_resize(particles.images[orig[:40]], 16, ndim=2), atol=1e-5)
+    assert st.images_at_box(24, 0, 3).shape == (3, 24, 24)
+    assert st.psize_at_box(16) == pytest.approx(2 * PSIZE)
+
+
+def test_shard_ranges_cover_and_align(particles, tmp_path):
+    st = import_particles(particles, tmp_path / "s.zarr", progress=False, **SMALL)
+    r = st.shard_ranges(min_rows=100)  # 3 shards of 40 per range
+    assert r == [(0, 120), (120, 240), (240, 300)]
+    assert all(a % st.shard_rows == 0 for a, _ in r)
+
+
+def test_dask_import_equals_serial_import(particles, tmp_path):
+    from distributed import Client, LocalCluster
+
+    serial = import_particles(
+        particles, tmp_path / "a.zarr", seed=2, crop_boxes=[16], progress=False, **SMALL
+    )
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as lc:
+        with Client(lc) as client:
+            par = import_particles(
+                particles,
+                tmp_path / "b.zarr",
+                client=client,
+                seed=2,
+                crop_boxes=[16],
+                progress=False,
+                **SMALL,
+            )
+    assert np.array_equal(par.images(), serial.images())
+    assert np.array_equal(par.images_at_box(16), serial.images_at_box(16))
+    assert par.table().tobytes() == serial.table().tobytes()
+
+
+def test_resume_after_crash_and_completion_marker(particles, tmp_path):
+    out = tmp_path / "s.zarr"
+    clean = import_particles(particles, tmp_path / "clean.zarr", seed=9, progress=False, **SMALL)
+    crash_row = 4 * clean.shard_rows + 3  # in the 5th shard (serial import runs shards in order)
+    bad = MemoryParticles(
+        particles.images, particles.table, PSIZE, fail_on=int(clean.original_index[crash_row])
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        import_particles(bad, out, seed=9, progress=False, **SMALL)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="re-run `hetero-dask import`"):
+        ParticleStore.open(out)
+    partial = tmp_path / "s.zarr.partial"
+    assert is_store(partial)
+    with pytest.raises(ValueError, match="incomplete"):
+        ParticleStore.open(partial)
+    # re-run: only the 4 unfinished shards are read again, and the result equals a clean import
+    good = MemoryParticles(particles.images, particles.table, PSIZE)
+    st = import_particles(good, out, seed=9, progress=False, **SMALL)
+    assert good.calls == len(clean.shard_ranges()) - 4
+    assert not partial.exists()
+    assert np.array_equal(st.images(), clean.images())
+    assert st.table().tobytes() == clean.table().tobytes()
+    assert np.array_equal(st.original_index, clean.original_index)
+
+
+def test_interrupted_reimport_keeps_previous_store(particles, tmp_path):
+    out = tmp_path / "s.zarr"
+    first = import_particles(particles, out, seed=1, progress=False, **SMALL)
+    before = first.images()
+    bad = MemoryParticles(
+        particles.images, particles.table, PSIZE, fail_on=int(first.original_index[0])
+    )
+    with pytest.raises(RuntimeError):
+        import_particles(bad, out, seed=3, progress=False, **SMALL)
+    again = ParticleStore.open(out)  # still the complete first store
+    assert again.seed == 1 and np.array_equal(again.images(), before)
+    # a different seed rebuilds (the stale partial from seed 3 is discarded) and replaces it
+    st = import_particles(particles, out, seed=3, progress=False, **SMALL)
+    assert st.seed == 3 and np.array_equal(st.to_input_order(st.images()), particles.images)
+
+
+def test_refuses_bad_input(particles, tmp_path):
+    imgs = particles.images.copy()
+    imgs[7, 3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"particle 7 .*NaN or inf"):
+        import_particles(
+            MemoryParticles(imgs, particles.table, PSIZE), tmp_path / "n.zarr", progress=False
+        )
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="not a hetero_dask particle store"):
+        import_particles(particles, tmp_path / "other", progress=False)
+    with pytest.raises(ValueError, match="crop box 64"):
+        import_particles(particles, tmp_path / "c.zarr", crop_boxes=[64], progress=False)
+    with pytest.raises(FileNotFoundError):
+        ParticleStore.open(tmp_path / "missing.zarr")
