@@ -13,6 +13,8 @@ import sys
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "info": "hetero_dask.commands.info",
+    "cluster": "hetero_dask.commands.cluster",
+    "status": "hetero_dask.commands.status",
 }
 
 
