@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "info": "hetero_dask.commands.info",
     "cluster": "hetero_dask.commands.cluster",
     "status": "hetero_dask.commands.status",
+    "import": "hetero_dask.commands.import_",
+    "simulate": "hetero_dask.commands.simulate",
 }
 
 

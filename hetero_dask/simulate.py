@@ -261,7 +261,7 @@ def write_simulation(
     ``truth.npz`` (no pickle) holds ``class`` (N,), ``pose`` (N, 3) axis-angle,
     ``shift_px`` (N, 2), the CTF fields, ``psize_A``, ``snr`` and ``noise_sigma``.
     """
-    from .io.convert import table_to_star
+    from .io.convert import cs_to_star
     from .io.cs import write_cs
     from .io.mrc import write_map, write_stack
     from .io.star import write_star
@@ -277,7 +277,7 @@ def write_simulation(
     write_stack(paths["stack"], sim.images, sim.psize_A)
     table = simulation_table(sim, stack_name, seed)
     write_cs(paths["cs"], table)
-    write_star(paths["star"], table_to_star(table))
+    write_star(paths["star"], cs_to_star(table, keep_cs_fields=False))  # a plain RELION file
     truth = {
         "class": sim.classes,
         "pose": sim.poses,
