@@ -308,7 +308,8 @@ def resolve_blob_path(
 
     * ``>J1/imported/x.mrcs``: project-relative, needs ``project_dir``.
     * relative paths: tried, in order, relative to the working directory (as RELION
-      does), to the folder of ``source`` (the .cs/.star file), and to ``stack_dir``.
+      does), to the folder of ``source`` (the .cs/.star file), to ``stack_dir`` and
+      to ``project_dir``.
 
     For safety a path that leaves its base folder (``../``, or an absolute path
     outside every base) is refused unless ``allow_outside=True``; containment is
@@ -334,6 +335,8 @@ def resolve_blob_path(
             bases.append(Path(source).parent)
         if stack_dir is not None:
             bases.append(Path(stack_dir))
+        if project_dir is not None:  # CryoSPARC paths such as J19/extract/x.mrc
+            bases.append(Path(project_dir))
         rel = p
     tried = []
     for base in bases:

@@ -10,9 +10,11 @@ Writes are atomic: a temporary file in the same folder, then a rename.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 
 from .errors import InputError, atomic_output
@@ -128,14 +130,36 @@ def write_map(path, vol, psize_A: float, origin=None) -> None:
 
 
 def stack_info(path):
-    """``(n_images, ny, nx, header_psize_A)`` of an MRC/MRCS stack (header only; psize 0 if unset)."""
-    with _open(path, mmap=True) as mrc:
-        _check_data(path, mrc)
-        shape = mrc.data.shape
-        psize = _header_psize_A(mrc)
-    if len(shape) == 2:
-        shape = (1, *shape)
-    return int(shape[0]), int(shape[1]), int(shape[2]), psize
+    """``(n_images, ny, nx, header_psize_A)`` of an MRC/MRCS stack from its header alone.
+
+    ``header_psize_A`` is 0 when unset. A file shorter than its header promises
+    (truncated copy) raises :class:`InputError`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+                h = mrc.header
+                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+                try:
+                    itemsize = mrcfile.utils.dtype_from_mode(h.mode).itemsize
+                except ValueError:
+                    raise InputError(path, f"unknown MRC mode {int(h.mode)}", field="mode") from None
+                data_start = 1024 + int(h.nsymbt)
+                psize = _header_psize_A(mrc)
+    except FileNotFoundError:
+        raise InputError(path, "stack file not found") from None
+    except (ValueError, OSError) as err:
+        raise InputError(path, f"not a readable MRC file ({err})") from None
+    need = data_start + nx * ny * nz * itemsize
+    size = os.path.getsize(path)
+    if size < need:
+        raise InputError(
+            path,
+            f"file is {size} bytes but its header ({nz} images of {ny}x{nx}) needs {need}",
+            expected="a complete stack (truncated copy?)",
+        )
+    return nz, ny, nx, psize
 
 
 def read_stack(path, indices=None):
