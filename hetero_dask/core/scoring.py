@@ -1,0 +1,353 @@
+"""The E-step: particle images scored against class projections as real matrix products.
+
+Model (DESIGN.md): ``Y(k) = CTF(k) V^(R k) exp(+2 pi i k.s / n) + noise``, noise of
+``E|n(k)|^2 = sigma2(shell)`` per complex coefficient. Over the independent
+half-plane band ``1 <= |k| <= r`` (Friedel symmetry) the log-likelihood is
+
+    LL = -sum_k |Y - C P e^{..}|^2 / sigma2
+       = -sum |Y|^2/sigma2 + 2 sum Re(Y_s conj(P)) C/sigma2 - sum C^2 |P|^2/sigma2,
+
+with ``Y_s = Y exp(-2 pi i k.s / n)`` (the image centred by the trial shift).
+The cross term is ONE real product ``(B*T, 2M) @ (2M, R)`` on stacked real and
+imaginary parts (shift ramps, CTF and 1/sigma2 on the image side), the norm
+term ``(B, M) @ (M, R)``. Scores are reduced tile by tile (max and
+log-sum-exp over shifts, then over rotations and classes) so that the full
+score tensor never exists. All LL values are divided by ``sigma2_scale``
+(annealing temperature; CryoSPARC's "sigma scale" s is ``sigma2_scale = s**2``).
+
+Band coefficients are ordered by radius, so the band at any radius is a prefix:
+images are prepared once at the largest radius and every stage of the
+coarse-to-fine search (:mod:`hetero_dask.core.search`) takes a prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import xp_of
+from .ctf import CTFParams, ctf_values
+from .fourier import fft2c, radius_2d, soft_edge
+from .projector import FourierMap, slice_points
+
+
+@dataclass
+class Band:
+    """Half-plane Fourier coefficients ``1 <= |k| <= r_max`` of an ``n`` box, sorted by radius.
+
+    ``kx``, ``ky`` (M,) float32 in cycles per box; ``radius`` (M,) float32;
+    ``shell`` (M,) int64 (rounded radius); ``flat`` (M,) int64 index into a
+    centred ``(n, n)`` spectrum raveled [y, x].
+    """
+
+    n: int
+    r_max: float
+    kx: object
+    ky: object
+    radius: object
+    shell: object
+    flat: object
+
+    def size_at(self, radius: float) -> int:
+        """Number of band coefficients with ``|k| <= radius`` (a prefix length)."""
+        return int(np.searchsorted(np.asarray(_host(self.radius)), radius + 1e-6, side="right"))
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+def alignment_band(n: int, r_max: float, xp=np) -> Band:
+    """The half-plane band (ky > 0, or ky = 0 and kx > 0) with ``1 <= |k| <= r_max`` (cycles per box)."""
+    k = np.arange(n) - n // 2
+    ky, kx = np.meshgrid(k, k, indexing="ij")
+    r = np.sqrt(kx**2 + ky**2)
+    keep = (r >= 1) & (r <= r_max + 1e-6) & ((ky > 0) | ((ky == 0) & (kx > 0)))
+    flat = np.flatnonzero(keep.ravel())
+    order = np.argsort(r.ravel()[flat], kind="stable")
+    flat = flat[order]
+    rr = r.ravel()[flat]
+    return Band(
+        n=n,
+        r_max=float(r_max),
+        kx=xp.asarray(kx.ravel()[flat], dtype=xp.float32),
+        ky=xp.asarray(ky.ravel()[flat], dtype=xp.float32),
+        radius=xp.asarray(rr, dtype=xp.float32),
+        shell=xp.asarray(np.rint(rr).astype(np.int64)),
+        flat=xp.asarray(flat),
+    )
+
+
+@dataclass
+class PreparedParticles:
+    """Particle spectra on a band: ``y`` (B, M) complex64, ``ctf`` (B, M) float32.
+
+    ``center_px`` (B, 2) float32: shifts already removed from ``y`` (trial
+    shifts are relative to it; the absolute CryoSPARC shift is center + trial).
+    """
+
+    band: Band
+    y: object
+    ctf: object
+    center_px: object
+
+    @property
+    def n_particles(self) -> int:
+        return self.y.shape[0]
+
+
+def circular_mask(n: int, radius_px: float, width_px: float, xp=np):
+    """Soft circular real-space mask ``(n, n)``: 1 inside ``radius_px``, cosine edge of ``width_px``."""
+    return soft_edge(radius_2d(n, xp), radius_px, width_px)
+
+
+def prepare_particles(
+    images,
+    ctf_params: CTFParams | None,
+    psize_A: float,
+    band: Band,
+    mask_radius_px: float | None = None,
+    mask_width_px: float = 4.0,
+    normalize: bool = True,
+    center_px=None,
+) -> PreparedParticles:
+    """Images ``(B, n, n)`` real -> band spectra (done once per task).
+
+    Background normalisation (``normalize``): subtract the mean and divide by the
+    standard deviation of the pixels outside ``mask_radius_px`` (default
+    ``0.85 * n / 2``); then a soft circular mask, centred FFT, band gather, and
+    removal of ``center_px`` (B, 2) (the image model's shift, e.g. the previous
+    iteration's). ``ctf_params=None`` means no CTF (all ones).
+    """
+    xp = xp_of(images)
+    B, n = images.shape[0], images.shape[-1]
+    if images.shape[1:] != (n, n) or n != band.n:
+        raise ValueError(f"images must be (B, {band.n}, {band.n}), got {images.shape}")
+    radius_px = 0.85 * n / 2 if mask_radius_px is None else float(mask_radius_px)
+    x = images.astype(xp.float32)
+    if normalize:
+        outside = (radius_2d(n, xp) > radius_px).ravel()
+        bg = x.reshape(B, -1)[:, outside]
+        x = (x - bg.mean(axis=1)[:, None, None]) / xp.maximum(bg.std(axis=1), 1e-12)[:, None, None]
+    x = x * circular_mask(n, radius_px, mask_width_px, xp)
+    y = fft2c(x).reshape(B, -1)[:, band.flat].astype(xp.complex64)
+    center = xp.zeros((B, 2), dtype=xp.float32) if center_px is None else xp.asarray(center_px, dtype=xp.float32)
+    y = y * phase_ramp(band.kx, band.ky, center[:, None, :], n)[:, 0]
+    if ctf_params is None:
+        c = xp.ones((B, band.kx.shape[0]), dtype=xp.float32)
+    else:
+        inv_box_A = 1.0 / (n * psize_A)
+        c = ctf_values(ctf_params.to(xp), band.kx * inv_box_A, band.ky * inv_box_A)
+        c = xp.broadcast_to(c, (B, band.kx.shape[0])).astype(xp.float32)
+    return PreparedParticles(band=band, y=y, ctf=c, center_px=center)
+
+
+def phase_ramp(kx, ky, shifts_px, n: int):
+    """``exp(-2 pi i k.s / n)`` for shifts ``(..., T, 2)`` and band ``(M,)``: ``(..., T, M)`` complex64.
+
+    Multiplying an image spectrum by it centres content shifted by ``s``
+    (the model's ``exp(+2 pi i k.s/n)`` undone).
+    """
+    xp = xp_of(kx)
+    s = xp.asarray(shifts_px, dtype=xp.float32)
+    ph = (-2.0 * np.pi / n) * (s[..., 0:1] * kx + s[..., 1:2] * ky)
+    return (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
+
+
+def project_band(fmap: FourierMap, rotations, kx, ky):
+    """Central slices ``(R, M)`` complex64 at band frequencies, by trilinear interpolation.
+
+    Same values as :func:`hetero_dask.core.projector.project` for ``|k| <= r_max``,
+    organised for speed: one flat base index and 8 ``take`` gathers at constant
+    offsets, float32 weights, no per-corner bounds checks (the map is cropped
+    with a margin, so every corner of a point within ``r_max`` lies inside).
+    """
+    xp = xp_of(fmap.data)
+    kx = xp.asarray(kx, dtype=xp.float32)
+    ky = xp.asarray(ky, dtype=xp.float32)
+    if kx.size and float(xp.max(kx**2 + ky**2)) > fmap.r_max**2 + 1e-3:
+        raise ValueError(f"band radius exceeds the Fourier map's r_max={fmap.r_max}; prepare it larger")
+    S = fmap.data.shape[-1]
+    pts = slice_points(xp.asarray(rotations, dtype=xp.float32), kx, ky)
+    pts *= fmap.pad
+    pts += fmap.center
+    f = xp.floor(pts)
+    t = pts - f
+    i = f.astype(xp.int64)
+    base = (i[..., 2] * S + i[..., 1]) * S + i[..., 0]
+    flat = fmap.data.reshape(-1)
+    tx, ty, tz = t[..., 0], t[..., 1], t[..., 2]
+    ux, uy, uz = 1 - tx, 1 - ty, 1 - tz
+    out = None
+    for dz, wz in ((0, uz), (1, tz)):
+        for dy, wy in ((0, uy), (1, ty)):
+            wzy = wz * wy
+            for dx, wx in ((0, ux), (1, tx)):
+                term = xp.take(flat, base + ((dz * S + dy) * S + dx)) * (wzy * wx)
+                out = term if out is None else out + term
+    return out.astype(xp.complex64)
+
+
+def stack_ri(z):
+    """Complex ``(..., M)`` -> real ``(..., 2M)`` float32: [real parts, imaginary parts]."""
+    xp = xp_of(z)
+    return xp.concatenate([z.real, z.imag], axis=-1).astype(xp.float32)
+
+
+@dataclass
+class ClassProjections:
+    """Projections of one class for a rotation set, in the layout the products need.
+
+    ``p_ri`` (R, 2M) float32 stacked real/imag, ``p_pow`` (R, M) float32 ``|P|^2``.
+    """
+
+    p_ri: object
+    p_pow: object
+
+
+def class_projections(fmap: FourierMap, rotations, band: Band, m: int) -> ClassProjections:
+    """Project a class at ``rotations`` (R, 3, 3) on the first ``m`` band coefficients."""
+    P = project_band(fmap, rotations, band.kx[:m], band.ky[:m])
+    return ClassProjections(p_ri=stack_ri(P), p_pow=(P.real**2 + P.imag**2).astype(P.real.dtype))
+
+
+def weighted_terms(prep: PreparedParticles, sigma2, m: int, sigma2_scale: float = 1.0):
+    """Image-side factors on the first ``m`` coefficients, temperature folded in.
+
+    Returns ``(xc, cc, yy)``: ``xc`` (B, M) complex64 = 2 Y C / (s sigma2),
+    ``cc`` (B, M) float32 = C^2 / (s sigma2), ``yy`` (B,) float64 = sum |Y|^2 / (s sigma2)
+    with ``s = sigma2_scale``, so that LL = -yy + Re(xc_s . conj P) - cc . |P|^2.
+    """
+    xp = xp_of(prep.y)
+    sigma2 = xp.asarray(sigma2, dtype=xp.float32)
+    shell = prep.band.shell[:m]
+    if int(shell.max()) >= sigma2.shape[0]:
+        raise ValueError(f"sigma2 has {sigma2.shape[0]} shells; the band needs {int(shell.max()) + 1}")
+    inv = (1.0 / (sigma2[shell] * sigma2_scale)).astype(xp.float32)
+    y, c = prep.y[:, :m], prep.ctf[:, :m]
+    xc = (y * (2.0 * c * inv)).astype(xp.complex64)
+    cc = (c * c * inv).astype(xp.float32)
+    yy = ((y.real.astype(xp.float64) ** 2 + y.imag.astype(xp.float64) ** 2) * inv).sum(axis=1)
+    return xc, cc, yy
+
+
+@dataclass
+class TopPoses:
+    """Per particle and class, the best rotations of a stage (shift-marginalised).
+
+    ``rot`` (B, K, C) int64 index into the stage's rotation list (-1: none),
+    ``logw`` (B, K, C) float32 log-sum-exp over shifts of the score,
+    ``shift_idx`` (B, K, C) int64 best shift of that rotation,
+    ``class_lse`` (B, K) float64 log-sum-exp over all scored poses of the class,
+    ``class_lse2`` (B, K) float64 log-sum-exp of twice the rotation log-weights
+    (for the pose ESS).
+    """
+
+    rot: object
+    logw: object
+    shift_idx: object
+    class_lse: object
+    class_lse2: object
+
+
+def _lse_merge(a, b, xp):
+    m = xp.maximum(a, b)
+    m_safe = xp.where(xp.isfinite(m), m, 0.0)
+    return m_safe + xp.log(xp.exp(a - m_safe) + xp.exp(b - m_safe))
+
+
+def _reduce_shifts(S, xp):
+    """Scores ``(B, T, R)`` -> (log-sum-exp over T (B, R), argmax over T (B, R)); S is overwritten."""
+    best_t = xp.argmax(S, axis=1)
+    mx = xp.take_along_axis(S, best_t[:, None, :], axis=1)
+    S -= mx
+    xp.exp(S, out=S)
+    return mx[:, 0, :] + xp.log(S.sum(axis=1)), best_t
+
+
+def _merge_top(rot, logw, sidx, new_rot, new_logw, new_sidx, keep: int, xp):
+    """Keep the ``keep`` largest log-weights of the concatenation, per row (B, ...)."""
+    r = xp.concatenate([rot, new_rot], axis=-1)
+    w = xp.concatenate([logw, new_logw], axis=-1)
+    s = xp.concatenate([sidx, new_sidx], axis=-1)
+    if w.shape[-1] > keep:
+        sel = xp.argpartition(-w, keep - 1, axis=-1)[..., :keep]
+        r, w, s = (xp.take_along_axis(a, sel, axis=-1) for a in (r, w, s))
+    return r, w, s
+
+
+def score_dense(
+    xc,
+    cc,
+    band: Band,
+    projections: list[ClassProjections],
+    shifts_px,
+    keep: int = 8,
+    max_tile_bytes: int = 64 * 2**20,
+) -> TopPoses:
+    """Exhaustive scoring of every particle against shared rotations x shifts, per class.
+
+    ``xc``, ``cc`` from :func:`weighted_terms` (B, M); ``projections`` one per
+    class for the same R rotations on the same M coefficients; ``shifts_px``
+    (T, 2) trial shifts. The score ``Re(xc_s conj P) - cc |P|^2`` (LL + yy)
+    is reduced tile by tile: log-sum-exp and argmax over shifts, a running top
+    ``keep`` over rotations, and a running log-sum-exp per class. Tiles of
+    particles x rotations are sized to ``max_tile_bytes`` of scores.
+    """
+    xp = xp_of(xc)
+    B, m = xc.shape
+    T = shifts_px.shape[0]
+    K = len(projections)
+    R = projections[0].p_ri.shape[0]
+    keep = min(keep, R)
+    ramps = phase_ramp(band.kx[:m], band.ky[:m], xp.asarray(shifts_px), band.n)  # (T, M)
+    r_chunk = int(min(R, max(64, max_tile_bytes // (4 * T * min(B, 64)))))
+    b_chunk = int(max(1, min(B, max_tile_bytes // (4 * T * r_chunk))))
+    out_rot = xp.full((B, K, keep), -1, dtype=xp.int64)
+    out_w = xp.full((B, K, keep), -np.inf, dtype=xp.float32)
+    out_s = xp.zeros((B, K, keep), dtype=xp.int64)
+    lse = xp.full((B, K), -np.inf, dtype=xp.float64)
+    lse2 = xp.full((B, K), -np.inf, dtype=xp.float64)
+    for b0 in range(0, B, b_chunk):
+        b1 = min(B, b0 + b_chunk)
+        nb = b1 - b0
+        x_ri = stack_ri(xc[b0:b1, None, :] * ramps[None]).reshape(nb * T, 2 * m)
+        for k, proj in enumerate(projections):
+            rot = out_rot[b0:b1, k]
+            w = out_w[b0:b1, k]
+            s = out_s[b0:b1, k]
+            for r0 in range(0, R, r_chunk):
+                r1 = min(R, r0 + r_chunk)
+                S = (x_ri @ proj.p_ri[r0:r1].T).reshape(nb, T, r1 - r0)
+                S -= (cc[b0:b1] @ proj.p_pow[r0:r1].T)[:, None, :]
+                L, best_t = _reduce_shifts(S, xp)
+                mx = L.max(axis=1)
+                lse[b0:b1, k] = _lse_merge(
+                    lse[b0:b1, k], mx + xp.log(xp.exp(L - mx[:, None]).sum(axis=1)), xp
+                )
+                lse2[b0:b1, k] = _lse_merge(
+                    lse2[b0:b1, k], 2 * mx + xp.log(xp.exp(2 * (L - mx[:, None])).sum(axis=1)), xp
+                )
+                ids = xp.broadcast_to(xp.arange(r0, r1, dtype=xp.int64), L.shape)
+                rot, w, s = _merge_top(rot, w, s, ids, L, best_t, keep, xp)
+            out_rot[b0:b1, k], out_w[b0:b1, k], out_s[b0:b1, k] = rot, w, s
+    return TopPoses(rot=out_rot, logw=out_w, shift_idx=out_s, class_lse=lse, class_lse2=lse2)
+
+
+def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, shifts_px) -> tuple:
+    """Scores of per-particle candidate rotations with per-particle shifts (batched products).
+
+    ``cand_proj_ri`` (B, C, 2M) and ``cand_pow`` (B, C, M): the projections of
+    each particle's C candidates (one class); ``valid`` (B, C) bool;
+    ``shifts_px`` (B, T, 2). Returns (log-sum-exp over shifts (B, C) float32,
+    with -inf for invalid candidates, best shift index (B, C)).
+    """
+    xp = xp_of(xc)
+    m = xc.shape[1]
+    ramps = phase_ramp(band.kx[:m], band.ky[:m], shifts_px, band.n)  # (B, T, M)
+    x_ri = stack_ri(xc[:, None, :] * ramps)  # (B, T, 2M)
+    S = xp.matmul(x_ri, cand_proj_ri.transpose(0, 2, 1))  # (B, T, C)
+    S -= xp.einsum("bm,bcm->bc", cc, cand_pow)[:, None, :]
+    L, best_t = _reduce_shifts(S, xp)
+    return xp.where(valid, L, -np.inf).astype(xp.float32), best_t

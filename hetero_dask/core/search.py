@@ -1,0 +1,298 @@
+"""Coarse-to-fine pose and class search built on the products of :mod:`.scoring`.
+
+Stage 0 scores every particle against the whole HEALPix grid of
+``order_coarse`` x the shift grid at a low radius (one shared set of class
+projections, dense products). Each later stage keeps, per particle, the poses
+holding ``keep_mass`` of the posterior mass (at most ``max_poses`` per class,
+always the best of each class), evaluates their 8 children at the next order
+with shifts refined around the class's best shift (3 x 3 at half the previous
+step), at a higher radius. Candidate rotations are projected once per
+particle chunk (the unique set over the chunk) and scored with batched
+products; no Python loop runs per particle.
+
+Pose priors are uniform within a stage, so posteriors compare scores of the
+same stage. Class posteriors and pose weights come from the final stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import grids
+from .backend import to_host, xp_of
+from .projector import FourierMap
+from .scoring import (
+    PreparedParticles,
+    TopPoses,
+    class_projections,
+    phase_ramp,
+    project_band,
+    score_dense,
+    score_local,
+    stack_ri,
+    weighted_terms,
+)
+
+
+@dataclass
+class SearchParams:
+    """Sampling of the E-step. Radii in cycles per box (``radius_coarse`` None: = final)."""
+
+    radius_final: float
+    radius_coarse: float | None = None
+    order_coarse: int = 2
+    order_final: int = 3
+    shift_range_px: float = 5.0
+    shift_step_px: float = 2.0
+    max_poses: int = 8
+    keep_mass: float = 0.999
+    n_out_poses: int = 8
+    sigma2_scale: float = 1.0
+    hard: bool = False
+    max_tile_bytes: int = 64 * 2**20
+    particle_chunk: int = 256
+
+    def radius_at(self, stage: int) -> float:
+        n_stages = self.order_final - self.order_coarse
+        r0 = self.radius_final if self.radius_coarse is None else self.radius_coarse
+        return r0 if n_stages == 0 else r0 + (self.radius_final - r0) * stage / n_stages
+
+
+@dataclass
+class EStepResult:
+    """Per-particle E-step outputs (arrays of the input namespace), B particles, K classes, P poses.
+
+    ``class_posterior`` (B, K); ``best_class`` (B,); ``ll_best`` (B, K) log-likelihood
+    at the class's best pose (band at the final radius, ``sigma2_scale`` applied);
+    ``error`` (B,) = -ll_best of the best class; ``log_evidence`` (B,) log sum over
+    classes and evaluated poses of prior x likelihood (up to a constant);
+    ``rot_id`` (B, K) grid id at ``order``; ``rotation`` (B, K, 3, 3); ``shift_px``
+    (B, K, 2) absolute shifts (center + trial); ``alpha`` (B, K) least-squares scale
+    of the best projection to the image; ``pose_ids``/``pose_shift_px``/``pose_weight``
+    (B, K, P) the class's most probable poses with weights summing to 1 per class
+    (-1 ids and weight 0 pad); ``pose_ess`` (B, K) = 1 / sum w^2 over the class's
+    rotations; ``class_ess`` (B,) = 1 / sum p^2; ``n_poses_evaluated`` (B,)
+    (class, rotation, shift) triples scored.
+    """
+
+    class_posterior: object
+    best_class: object
+    ll_best: object
+    error: object
+    log_evidence: object
+    rot_id: object
+    rotation: object
+    shift_px: object
+    alpha: object
+    pose_ids: object
+    pose_shift_px: object
+    pose_weight: object
+    pose_ess: object
+    class_ess: object
+    n_poses_evaluated: object
+    order: int
+
+
+@dataclass
+class _Stage:
+    ids: object  # (B, K, Q) grid ids at order, -1 none
+    logw: object  # (B, K, Q) float32
+    shift: object  # (B, K, Q, 2) trial shifts (relative to prep.center_px)
+    class_lse: object  # (B, K)
+    class_lse2: object  # (B, K)
+    order: int
+
+
+def _significant(stage: _Stage, log_prior, keep_mass: float, xp):
+    """Mask (B, K, Q): poses holding ``keep_mass`` of the particle's mass, plus each class's best."""
+    B, K, Q = stage.logw.shape
+    lw = stage.logw.astype(xp.float64) + log_prior[None, :, None]
+    tot = _logsumexp(stage.class_lse + log_prior[None, :], xp, axis=1)
+    flat = lw.reshape(B, K * Q)
+    order = xp.argsort(-flat, axis=1)
+    srt = xp.take_along_axis(flat, order, axis=1)
+    mass = xp.cumsum(xp.exp(srt - tot[:, None]), axis=1)
+    n_keep = xp.minimum(xp.sum(mass < keep_mass, axis=1) + 1, K * Q)
+    thresh = xp.take_along_axis(srt, (n_keep - 1)[:, None], axis=1)
+    keep = (flat >= thresh) & xp.isfinite(flat)
+    best = stage.logw == stage.logw.max(axis=2, keepdims=True)
+    return keep.reshape(B, K, Q) | (best & (stage.ids >= 0))
+
+
+def _logsumexp(a, xp, axis):
+    m = a.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _dedupe(ids, xp):
+    """Mask (..., Q) True at the first occurrence of each id >= 0 along the last axis."""
+    order = xp.argsort(ids, axis=-1, kind="stable")
+    srt = xp.take_along_axis(ids, order, axis=-1)
+    first = xp.ones(srt.shape, dtype=bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    out = xp.empty_like(first)
+    xp.put_along_axis(out, order, first, axis=-1)
+    return out & (ids >= 0)
+
+
+def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage, int]:
+    band = prep.band
+    m = band.size_at(params.radius_at(0))
+    xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
+    grid = grids.so3_grid(params.order_coarse)
+    rots = xp.asarray(grid.matrices)
+    projs = [class_projections(f, rots, band, m) for f in fmaps]
+    shifts = xp.asarray(grids.shift_grid(params.shift_range_px, params.shift_step_px))
+    top: TopPoses = score_dense(xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes)
+    stage = _Stage(
+        ids=top.rot,
+        logw=top.logw,
+        shift=shifts[top.shift_idx],
+        class_lse=top.class_lse,
+        class_lse2=top.class_lse2,
+        order=params.order_coarse,
+    )
+    return stage, len(fmaps) * rots.shape[0] * shifts.shape[0]
+
+
+def _project_candidates(fmap: FourierMap, order: int, ids, band, m: int, xp):
+    """Projections of per-particle candidate ids (b, C) (-1 allowed): (b, C, 2M) and (b, C, M)."""
+    ids_h = to_host(ids)
+    uniq, inv = np.unique(np.where(ids_h >= 0, ids_h, ids_h[ids_h >= 0].min(initial=0)), return_inverse=True)
+    rots = xp.asarray(grids.matrices_for(order, uniq))
+    P = project_band(fmap, rots, band.kx[:m], band.ky[:m])
+    inv = xp.asarray(inv.reshape(ids_h.shape))
+    P = P[inv]
+    return stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32)
+
+
+def _local_stage(prep, fmaps, sigma2, prev: _Stage, log_prior, stage_no: int, params: SearchParams, xp):
+    band = prep.band
+    B, K, _ = prev.ids.shape
+    sig = _significant(prev, log_prior, params.keep_mass, xp)
+    # Parents: at most max_poses per class, the significant ones with the largest weights.
+    lw = xp.where(sig, prev.logw, -np.inf)
+    C = min(params.max_poses, lw.shape[2])
+    sel = xp.argsort(-lw, axis=2)[..., :C]
+    par_ids = xp.where(xp.take_along_axis(sig, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1)
+    order = prev.order + 1
+    ch = xp.asarray(grids.children(prev.order, np.maximum(to_host(par_ids), 0)))
+    ch = xp.where(par_ids[..., None] >= 0, ch, -1).reshape(B, K, C * 8)
+    valid = _dedupe(ch, xp)
+    ch = xp.where(valid, ch, -1)
+    # Shifts: 3 x 3 at half the previous step around the class's best trial shift.
+    step = params.shift_step_px / 2**stage_no
+    best_q = xp.argmax(prev.logw, axis=2)
+    center = xp.take_along_axis(prev.shift, best_q[..., None, None], axis=2)[:, :, 0]  # (B, K, 2)
+    o = xp.asarray([-1.0, 0.0, 1.0], dtype=xp.float32) * step
+    oy, ox = xp.meshgrid(o, o, indexing="ij")
+    offsets = xp.stack([ox.ravel(), oy.ravel()], axis=-1)  # (9, 2)
+    shifts = center[:, :, None, :] + offsets  # (B, K, 9, 2)
+    m = band.size_at(params.radius_at(stage_no))
+    xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
+    Q = C * 8
+    logw = xp.full((B, K, Q), -np.inf, dtype=xp.float32)
+    tidx = xp.zeros((B, K, Q), dtype=xp.int64)
+    for k, fmap in enumerate(fmaps):
+        for b0 in range(0, B, params.particle_chunk):
+            b1 = min(B, b0 + params.particle_chunk)
+            p_ri, p_pow = _project_candidates(fmap, order, ch[b0:b1, k], band, m, xp)
+            L, t = score_local(xc[b0:b1], cc[b0:b1], band, p_ri, p_pow, valid[b0:b1, k], shifts[b0:b1, k])
+            logw[b0:b1, k], tidx[b0:b1, k] = L, t
+    stage = _Stage(
+        ids=ch,
+        logw=logw,
+        shift=xp.take_along_axis(shifts, tidx[..., None], axis=2),
+        class_lse=_logsumexp(logw.astype(xp.float64), xp, axis=2),
+        class_lse2=_logsumexp(2.0 * logw.astype(xp.float64), xp, axis=2),
+        order=order,
+    )
+    return stage, valid.sum(axis=(1, 2)) * offsets.shape[0]
+
+
+def estep(
+    prep: PreparedParticles,
+    fmaps: list[FourierMap],
+    sigma2,
+    params: SearchParams,
+    class_prior=None,
+) -> EStepResult:
+    """Score particles against K classes coarse to fine and return posteriors and poses.
+
+    ``fmaps``: one :class:`FourierMap` per class with ``r_max >= params.radius_final``;
+    ``sigma2`` (n_shells,) per-shell noise power of a complex coefficient (shells cover
+    the band); ``class_prior`` (K,) pi_k (default uniform).
+    """
+    xp = xp_of(prep.y)
+    K = len(fmaps)
+    B = prep.n_particles
+    if params.order_final < params.order_coarse:
+        raise ValueError(f"order_final {params.order_final} < order_coarse {params.order_coarse}")
+    prior = xp.full(K, 1.0 / K) if class_prior is None else xp.asarray(class_prior, dtype=xp.float64)
+    if prior.shape != (K,):
+        raise ValueError(f"class_prior must have shape ({K},), got {prior.shape}")
+    log_prior = xp.log(xp.maximum(prior, 1e-30))
+    stage, n_eval = _dense_stage(prep, fmaps, sigma2, params, xp)
+    n_eval = xp.full(B, n_eval, dtype=xp.int64)
+    for s in range(1, params.order_final - params.order_coarse + 1):
+        stage, n = _local_stage(prep, fmaps, sigma2, stage, log_prior, s, params, xp)
+        n_eval = n_eval + n
+    return _finish(prep, fmaps, sigma2, stage, log_prior, n_eval, params, xp)
+
+
+def _finish(prep, fmaps, sigma2, stage: _Stage, log_prior, n_eval, params: SearchParams, xp) -> EStepResult:
+    B, K, Q = stage.ids.shape
+    band = prep.band
+    m = band.size_at(params.radius_at(params.order_final - params.order_coarse))
+    xc, cc, yy = weighted_terms(prep, sigma2, m, params.sigma2_scale)
+    a = stage.class_lse + log_prior[None, :]
+    log_evidence = _logsumexp(a, xp, axis=1)
+    post = xp.exp(a - log_evidence[:, None])
+    best_class = xp.argmax(post, axis=1)
+    if params.hard:
+        post = (xp.arange(K)[None, :] == best_class[:, None]).astype(xp.float64)
+    # Best pose per class: its exact log-likelihood and least-squares scale alpha.
+    q = xp.argmax(stage.logw, axis=2)
+    rot_id = xp.take_along_axis(stage.ids, q[..., None], axis=2)[..., 0]
+    shift = xp.take_along_axis(stage.shift, q[..., None, None], axis=2)[:, :, 0]
+    rotation = xp.asarray(grids.matrices_for(stage.order, to_host(rot_id).ravel())).reshape(B, K, 3, 3)
+    cross = xp.zeros((B, K), dtype=xp.float64)
+    norm = xp.zeros((B, K), dtype=xp.float64)
+    for k, fmap in enumerate(fmaps):
+        P = project_band(fmap, rotation[:, k], band.kx[:m], band.ky[:m])  # (B, M)
+        ys = xc * phase_ramp(band.kx[:m], band.ky[:m], shift[:, k][:, None, :], band.n)[:, 0]
+        cross[:, k] = (ys.real * P.real + ys.imag * P.imag).sum(axis=1)
+        norm[:, k] = (cc * (P.real**2 + P.imag**2)).sum(axis=1)
+    ll_best = -yy[:, None] + cross - norm
+    alpha = cross / xp.maximum(2.0 * norm, 1e-30)
+    # Significant poses per class, weights normalised within the class.
+    P_out = min(params.n_out_poses, Q)
+    sel = xp.argsort(-stage.logw, axis=2)[..., :P_out]
+    lw = xp.take_along_axis(stage.logw, sel, axis=2).astype(xp.float64)
+    w = xp.exp(lw - stage.class_lse[..., None])
+    if params.hard:
+        w = (xp.arange(P_out)[None, None, :] == 0).astype(xp.float64) * xp.ones_like(w)
+    w = w / xp.maximum(w.sum(axis=2, keepdims=True), 1e-300)
+    pose_ids = xp.where(w > 0, xp.take_along_axis(stage.ids, sel, axis=2), -1)
+    pose_shift = xp.take_along_axis(stage.shift, sel[..., None], axis=2) + prep.center_px[:, None, None, :]
+    return EStepResult(
+        class_posterior=post.astype(xp.float32),
+        best_class=best_class,
+        ll_best=ll_best,
+        error=-xp.take_along_axis(ll_best, best_class[:, None], axis=1)[:, 0],
+        log_evidence=log_evidence - yy,
+        rot_id=rot_id,
+        rotation=rotation,
+        shift_px=shift + prep.center_px[:, None, :],
+        alpha=alpha.astype(xp.float32),
+        pose_ids=pose_ids,
+        pose_shift_px=pose_shift.astype(xp.float32),
+        pose_weight=w.astype(xp.float32),
+        pose_ess=xp.exp(2 * stage.class_lse - stage.class_lse2).astype(xp.float32),
+        class_ess=(1.0 / (post**2).sum(axis=1)).astype(xp.float32),
+        n_poses_evaluated=n_eval,
+        order=stage.order,
+    )
