@@ -211,3 +211,114 @@ def test_poses_after_alignment_keep_the_particle_images():
         assert np.abs(before - images(aligned, R3, s3)).max() > 0.3 * scale
     # without the pose change the flipped map does not explain the images
     assert np.abs(before - images(flip_hand(vol), R, shifts)).max() > 0.3 * scale
+
+
+# --- jobs/regroup ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+    ) as lc:
+        with Client(lc) as c:
+            yield c
+
+
+def particle_table(sizes, layout: str = "alignments_class", seed: int = 0) -> np.ndarray:
+    """Fake particles with soft posteriors whose argmax gives ``sizes[k]`` particles in class k."""
+    from hetero_dask.io.cs import empty_table, multi_class_fields, slot_fields, with_fields
+
+    rng = np.random.default_rng(seed)
+    k = len(sizes)
+    labels = rng.permutation(np.repeat(np.arange(k), sizes))
+    n = len(labels)
+    post = rng.uniform(0.0, 0.5, size=(n, k)).astype(np.float32)
+    post[np.arange(n), labels] = 1.0
+    post /= post.sum(1, keepdims=True)
+    pose = rng.normal(size=(n, k, 3)).astype(np.float32)
+    shift = rng.uniform(-2, 2, size=(n, k, 2)).astype(np.float32)
+    fields = slot_fields("alignments3D/", n, pose=pose[np.arange(n), labels], psize_A=PSIZE_A)
+    fields["alignments3D/class"] = labels.astype(np.uint32)
+    if layout == "alignments3D_multi":
+        fields.update(multi_class_fields(pose, shift, post, split=rng.integers(0, 2, n)))
+    elif layout != "class":
+        for c in range(k):
+            fields.update(
+                slot_fields(
+                    f"{layout}_{c}/",
+                    n,
+                    pose=pose[:, c],
+                    shift=shift[:, c],
+                    psize_A=PSIZE_A,
+                    class_posterior=post[:, c],
+                    class_=c,
+                )
+            )
+    return with_fields(empty_table(n), fields)
+
+
+def class_partition(result, classes):
+    return result.superclass[np.asarray(classes)]
+
+
+def check_counts(result, table):
+    from hetero_dask.io.cs import read_cs
+
+    out = result.out_dir
+    regrouped = read_cs(out / "particles.cs")
+    remaining = read_cs(out / "remaining_particles.cs")
+    assert len(regrouped) + len(remaining) == len(table)
+    assert sorted(np.concatenate([regrouped["uid"], remaining["uid"]]).tolist()) == sorted(
+        table["uid"].tolist()
+    )
+    per_super = [len(read_cs(out / f"superclass_{m}" / "particles.cs")) for m in range(3)]
+    assert sum(per_super) == len(regrouped)
+    sizes = result.class_sizes
+    for m in range(3):
+        assert per_super[m] == sizes[result.superclass == m].sum()
+    assert per_super == sorted(per_super, reverse=True)  # superclass 0 is the largest
+    return regrouped, remaining
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_regroup_recovers_three_structures(tmp_path, client, align):
+    from hetero_dask.io.cs import class_posteriors
+    from hetero_dask.jobs.regroup import regroup
+
+    vols, truth = class_volumes()
+    sizes = np.arange(20, 20 + 5 * len(vols), 5)
+    table = particle_table(sizes)
+    res = regroup(
+        table,
+        vols,
+        tmp_path,
+        volumes_psize_A=PSIZE_A,
+        client=client,
+        num_superclasses=3,
+        align_pairs=align,
+        mask_radius=0.9,
+    )
+    assert same_partition(res.superclass, truth)
+    assert (res.superclass >= 0).all() and res.flipped_pairs == []
+    regrouped, remaining = check_counts(res, table)
+    assert len(remaining) == 0
+    post = class_posteriors(regrouped, "alignments_class")
+    assert post.shape == (len(regrouped), 3)
+    np.testing.assert_array_equal(post.sum(1), 1.0)
+    by_uid = dict(zip(table["uid"].tolist(), table["alignments3D/class"].tolist(), strict=True))
+    upstream = np.array([by_uid[u] for u in regrouped["uid"].tolist()])
+    np.testing.assert_array_equal(np.argmax(post, 1), res.superclass[upstream])
+    np.testing.assert_array_equal(regrouped["alignments3D/class"], res.superclass[upstream])
+    for name in (
+        "report.json",
+        "volumes.zip",
+        "affinity.png",
+        "eigenvalues.png",
+        "classes.png",
+        "particles.csg",
+        "superclass_2/map.mrc",
+    ):
+        assert (tmp_path / name).is_file(), name

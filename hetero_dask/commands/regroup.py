@@ -1,0 +1,146 @@
+"""Regroup 3D classes into superclasses by spectral clustering of their volumes.
+
+Example:
+  hetero-dask regroup --particles J42_particles.cs --volumes J42_volumes.zip \\
+      --superclasses 3 --exclude 0,7 --min-class-size 500 --align-pairs --max-shift 10 \\
+      --mask-radius 0.9 --out regrouped/
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.jobs.regroup import RegroupParams, regroup
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--exclude {text!r}: expected comma-separated zero-based class indices, e.g. 0,3"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = RegroupParams(num_superclasses=1)
+    parser.add_argument(
+        "--particles",
+        required=True,
+        help="particles with per-class posteriors or class numbers (.cs or .star)",
+    )
+    parser.add_argument(
+        "--volumes",
+        required=True,
+        nargs="+",
+        help="class volumes: a folder, a volume-series .zip, or one .mrc per class in class order",
+    )
+    parser.add_argument(
+        "--superclasses",
+        type=int,
+        required=True,
+        metavar="M",
+        help="number of superclasses, 1 <= M <= included classes - 1",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--min-class-size",
+        type=int,
+        default=d.min_class_size,
+        help="classes with fewer particles go to the remaining particles "
+        f"(default {d.min_class_size})",
+    )
+    parser.add_argument(
+        "--exclude",
+        type=_index_list,
+        default=(),
+        help="comma-separated zero-based classes to leave out, e.g. 0,3",
+    )
+    parser.add_argument(
+        "--align-pairs",
+        action="store_true",
+        help="align every pair of volumes (translation and hand flip) first",
+    )
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        default=None,
+        metavar="A",
+        help="largest alignment shift in A (default 10%% of the box)",
+    )
+    parser.add_argument(
+        "--mask-radius",
+        type=float,
+        default=None,
+        metavar="F",
+        help="soft spherical mask, fraction of half the box (1.0 = box diameter); "
+        "no mask when absent",
+    )
+    parser.add_argument(
+        "--mask", default=None, help="mask .mrc at the volumes' box (overrides --mask-radius)"
+    )
+    parser.add_argument(
+        "--crop-box",
+        type=int,
+        default=d.crop_box,
+        help=f"box the volumes are compared at (default {d.crop_box})",
+    )
+    parser.add_argument(
+        "--lowpass",
+        type=float,
+        default=None,
+        metavar="A",
+        help="common resolution for the comparison (default 4 x cropped pixel size)",
+    )
+    parser.add_argument(
+        "--psize",
+        type=float,
+        default=None,
+        metavar="A",
+        help="voxel size of the volumes when their headers say 0",
+    )
+    parser.add_argument("--seed", type=int, default=d.random_seed, help="k-means seed")
+    parser.add_argument("--prefix", default="", help="prefix of the output particle file names")
+    add_cluster_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = RegroupParams(
+        num_superclasses=args.superclasses,
+        exclude_classes=args.exclude,
+        min_class_size=args.min_class_size,
+        align_pairs=args.align_pairs,
+        max_shift_A=args.max_shift,
+        mask_radius=args.mask_radius,
+        crop_box=args.crop_box,
+        lowpass_res_A=args.lowpass,
+        random_seed=args.seed,
+        prefix=args.prefix,
+    )
+    volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
+    if params.align_pairs:
+        with client_from_args(args) as client:
+            result = regroup(
+                args.particles,
+                volumes,
+                args.out,
+                params,
+                mask=args.mask,
+                volumes_psize_A=args.psize,
+                client=client,
+            )
+    else:
+        result = regroup(
+            args.particles, volumes, args.out, params, mask=args.mask, volumes_psize_A=args.psize
+        )
+    for m in range(params.num_superclasses):
+        members = [int(c) for c in (result.superclass == m).nonzero()[0]]
+        n = int(result.class_sizes[members].sum())
+        print(f"superclass {m}: classes {members}, {n} particles")
+    aside = [int(c) for c in (result.superclass < 0).nonzero()[0]]
+    print(f"remaining: classes {aside}, {int(result.class_sizes[aside].sum())} particles")
+    if result.flipped_pairs:
+        print(f"hand-flipped pairs: {result.flipped_pairs}")
+    print(f"outputs in {result.out_dir}")
+    return 0
