@@ -59,10 +59,8 @@ def main(args: argparse.Namespace) -> int:
         if args.scheduler_file:
             args.scheduler_file.write_text(json.dumps({"address": address}))
         n = len(cluster.workers)
-        print(
-            f"Scheduler {address} with {n} worker(s); dashboard: {cluster.dashboard_link or 'off'}",
-            flush=True,
-        )
+        link = "off" if args.no_dashboard else cluster.dashboard_link
+        print(f"Scheduler {address} with {n} worker(s); dashboard: {link}", flush=True)
         print(
             f"Use it with: hetero-dask <job> ... --scheduler {address}  (Ctrl-C stops it)",
             flush=True,

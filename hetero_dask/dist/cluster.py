@@ -221,7 +221,7 @@ def open_client(
     ``scheduler``: an existing ``Client`` (yielded as is and left open), a
     scheduler address (``tcp://`` or ``tls://``) or the path of a scheduler
     JSON file; None starts a local cluster of ``workers`` workers, closed on
-    exit. The dashboard address is printed unless ``quiet``.
+    exit. The dashboard address is printed unless ``quiet`` (or no dashboard).
     """
     if isinstance(scheduler, Client):
         yield scheduler
@@ -244,7 +244,7 @@ def open_client(
         processes=processes,
     )
     with cluster, Client(cluster, security=security) as client:
-        _announce(client, quiet)
+        _announce(client, quiet or not dashboard)
         yield client
 
 

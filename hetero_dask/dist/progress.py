@@ -17,14 +17,16 @@ from tqdm.auto import tqdm
 
 def print_dashboard(client, file=None) -> str | None:
     """Print the scheduler address and dashboard link of ``client``; return the link."""
-    file = file or sys.stdout
-    link = None
     try:
         link = client.dashboard_link
-    except Exception:  # no dashboard (bokeh missing or disabled)
+    except Exception:  # no dashboard service known: say so rather than fail a job
         link = None
     address = getattr(client.scheduler, "address", None)
-    print(f"Dask scheduler {address}; dashboard: {link or 'not running'}", file=file, flush=True)
+    print(
+        f"Dask scheduler {address}; dashboard: {link or 'not running'}",
+        file=file or sys.stdout,
+        flush=True,
+    )
     return link
 
 
