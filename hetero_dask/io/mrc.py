@@ -42,8 +42,8 @@ def _check_data(path, mrc):
 
 
 def _header_psize_A(mrc) -> float:
-    """Header voxel size along x, as the shortest decimal of its float32 (4.4, not 4.4000001)."""
-    return float(str(np.float32(mrc.voxel_size.x)))
+    """Header voxel size along x to 6 significant digits (cella/mx in float32: 4.4, not 4.4000001)."""
+    return float(f"{float(mrc.voxel_size.x):.6g}")
 
 
 def _voxel_size_A(path, header_psize: float, psize_A: float | None) -> float:
@@ -144,7 +144,9 @@ def stack_info(path):
                 try:
                     itemsize = mrcfile.utils.dtype_from_mode(h.mode).itemsize
                 except ValueError:
-                    raise InputError(path, f"unknown MRC mode {int(h.mode)}", field="mode") from None
+                    raise InputError(
+                        path, f"unknown MRC mode {int(h.mode)}", field="mode"
+                    ) from None
                 data_start = 1024 + int(h.nsymbt)
                 psize = _header_psize_A(mrc)
     except FileNotFoundError:
