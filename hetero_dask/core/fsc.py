@@ -1,0 +1,153 @@
+"""Fourier shell correlation, resolution, phase randomisation and CryoSPARC's FSC curve set.
+
+Shells: shell ``s`` holds the Fourier voxels whose radius (cycles per box)
+rounds to ``s``; curves have ``n // 2 + 1`` entries, shells ``0 .. n // 2``
+(the last one is Nyquist; corner voxels beyond it are ignored). Shell 0 is
+the DC term.
+
+The corrected FSC is Chen et al. (2013) noise substitution as CryoSPARC
+computes it: both half-maps get random phases beyond the shell where the
+unmasked FSC first drops below 0.143, the tight mask is applied, and
+``FSC_true = (FSC_t - FSC_n) / (1 - FSC_n)`` beyond that shell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import to_host, xp_of
+from .masks import loose_mask, spherical_window, tight_mask
+
+
+def _radius_fft(n: int, xp):
+    """Frequency radius of an uncentred ``(n, n, n)`` FFT grid (cycles per box)."""
+    k = xp.fft.fftfreq(n, d=1.0 / n)
+    kz, ky, kx = xp.meshgrid(k, k, k, indexing="ij")
+    return xp.sqrt(kx**2 + ky**2 + kz**2)
+
+
+def _shells(n: int, xp):
+    """Shell index (rounded radius) of each voxel of an uncentred FFT grid; ``n//2 + 1`` = outside."""
+    n_shells = n // 2 + 1
+    return xp.minimum(xp.rint(_radius_fft(n, xp)).astype(xp.int64), n_shells).ravel(), n_shells
+
+
+def fsc(v1, v2, mask=None):
+    """FSC curve ``(n // 2 + 1,)`` float64 of two volumes ``(n, n, n)`` (optionally both masked)."""
+    xp = xp_of(v1, v2)
+    if v1.shape != v2.shape or v1.ndim != 3:
+        raise ValueError(f"fsc needs two volumes of one shape, got {v1.shape} and {v2.shape}")
+    if mask is not None:
+        v1, v2 = v1 * mask, v2 * mask
+    F1 = xp.fft.fftn(xp.asarray(v1, dtype=xp.float64))
+    F2 = xp.fft.fftn(xp.asarray(v2, dtype=xp.float64))
+    idx, n_shells = _shells(v1.shape[-1], xp)
+    m = n_shells + 1
+
+    def shell_sum(x):
+        return xp.bincount(idx, weights=x.ravel(), minlength=m)[:n_shells]
+
+    num = shell_sum((F1 * xp.conj(F2)).real)
+    den = xp.sqrt(shell_sum(xp.abs(F1) ** 2) * shell_sum(xp.abs(F2) ** 2))
+    return xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
+
+
+def shell_counts(n: int, xp=np):
+    """Number of Fourier voxels per FSC shell ``(n // 2 + 1,)``: FSC of noise has sd ~ 1/sqrt(count)."""
+    idx, n_shells = _shells(n, xp)
+    return xp.bincount(idx, minlength=n_shells + 1)[:n_shells]
+
+
+def _first_below(curve, threshold: float) -> int | None:
+    """Index of the first shell >= 1 whose value is below ``threshold`` (None if none)."""
+    below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]
+    return int(below[0]) + 1 if below.size else None
+
+
+def resolution_radius(curve, threshold: float = 0.143) -> float:
+    """Radius (cycles per box) where ``curve`` first crosses ``threshold``, linearly interpolated.
+
+    A curve that never drops below the threshold gives its last shell (Nyquist).
+    """
+    c = np.asarray(to_host(curve), dtype=np.float64)
+    i = _first_below(c, threshold)
+    if i is None:
+        return float(len(c) - 1)
+    return (i - 1) + (c[i - 1] - threshold) / (c[i - 1] - c[i])
+
+
+def resolution_A(curve, n: int, psize_A: float, threshold: float = 0.143) -> float:
+    """Resolution in A where ``curve`` crosses ``threshold`` (0.143 gold standard)."""
+    r = resolution_radius(curve, threshold)
+    return n * psize_A / r if r > 0 else float("inf")
+
+
+def full_map_fsc(fsc_half):
+    """FSC expected of the full map from the half-map FSC: ``sqrt(2 FSC / (1 + FSC))`` (RELION)."""
+    xp = xp_of(fsc_half)
+    f = xp.clip(xp.asarray(fsc_half, dtype=xp.float64), 0.0, 1.0)
+    return xp.sqrt(2.0 * f / (1.0 + f))
+
+
+def phase_randomise(vol, from_shell: int, rng: np.random.Generator):
+    """``vol`` with the Fourier phases of shells ``>= from_shell`` replaced by random ones.
+
+    The random phases are those of a real white-noise volume, so the result
+    stays real; amplitudes are kept.
+    """
+    xp = xp_of(vol)
+    n = vol.shape[-1]
+    F = xp.fft.fftn(xp.asarray(vol, dtype=xp.float64))
+    noise = xp.asarray(rng.standard_normal(vol.shape))
+    N = xp.fft.fftn(noise)
+    phase = N / xp.maximum(xp.abs(N), 1e-30)
+    beyond = xp.rint(_radius_fft(n, xp)) >= from_shell
+    F = xp.where(beyond, xp.abs(F) * phase, F)
+    return xp.fft.ifftn(F).real.astype(vol.dtype)
+
+
+def corrected_fsc(v1, v2, mask, from_shell: int | None = None, rng=None, fsc_unmasked=None):
+    """Mask-corrected FSC ``(n // 2 + 1,)`` by high-resolution noise substitution.
+
+    ``from_shell`` defaults to the first shell where the unmasked FSC drops
+    below 0.143 (CryoSPARC); below it the masked FSC is returned unchanged.
+    ``rng`` (default seed 0) draws the random phases.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    xp = xp_of(v1, v2)
+    fsc_t = fsc(v1, v2, mask)
+    if from_shell is None:
+        unmasked = fsc(v1, v2) if fsc_unmasked is None else fsc_unmasked
+        from_shell = _first_below(to_host(unmasked), 0.143)
+    if from_shell is None or from_shell >= len(fsc_t):
+        return fsc_t
+    fsc_n = fsc(phase_randomise(v1, from_shell, rng), phase_randomise(v2, from_shell, rng), mask)
+    shells = xp.arange(len(fsc_t))
+    denom = xp.where(1.0 - fsc_n > 1e-6, 1.0 - fsc_n, 1e-6)
+    return xp.where(shells >= from_shell, (fsc_t - fsc_n) / denom, fsc_t)
+
+
+def fsc_set(v1, v2, psize_A: float, user_mask=None, rng=None) -> dict:
+    """CryoSPARC's FSC curves of two half-maps: each ``(n // 2 + 1,)``.
+
+    Keys: ``no_mask``, ``spherical`` (soft sphere, inner 0.85 of the box
+    half-width, outer the box edge), ``loose``, ``tight`` (masks from the
+    half-map average, see :mod:`.masks`), ``corrected`` (tight mask, noise
+    substitution), and with a user mask ``user`` (masked) and
+    ``user_corrected``.
+    """
+    xp = xp_of(v1, v2)
+    n = v1.shape[-1]
+    avg = 0.5 * (v1 + v2)
+    tight = tight_mask(avg, psize_A)
+    out = {"no_mask": fsc(v1, v2)}
+    out["spherical"] = fsc(v1, v2, spherical_window(n, 0.85, 1.0, xp))
+    out["loose"] = fsc(v1, v2, loose_mask(avg, psize_A))
+    out["tight"] = fsc(v1, v2, tight)
+    out["corrected"] = corrected_fsc(v1, v2, tight, rng=rng, fsc_unmasked=out["no_mask"])
+    if user_mask is not None:
+        out["user"] = fsc(v1, v2, user_mask)
+        out["user_corrected"] = corrected_fsc(
+            v1, v2, user_mask, rng=rng, fsc_unmasked=out["no_mask"]
+        )
+    return out

@@ -1,0 +1,140 @@
+"""Helpers for tests and benchmarks that use RELION as an oracle.
+
+``write_relion_star`` writes a RELION 3.1 particle STAR file (optics +
+particles blocks) from plain arrays; ``relion_project`` and
+``relion_reconstruct`` run the programs in a folder and read back their
+output; ``run`` runs any command and fails with its output on error.
+Conventions: Euler angles in degrees (rot, tilt, psi), origins
+``rlnOriginX/YAngst`` in A (CryoSPARC shift in pixels times the pixel size),
+defocus in A, defocus angle in degrees.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+
+def run(cmd: list[str], cwd: Path | str | None = None, env: dict | None = None) -> float:
+    """Run ``cmd`` (list of strings); raise with its output if it fails. Returns wall seconds."""
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
+    return time.perf_counter() - t0
+
+
+def write_relion_star(
+    path: Path | str,
+    euler_deg,
+    origins_A,
+    psize_A: float,
+    box: int,
+    defocus_A=None,
+    voltage_kv: float = 300.0,
+    cs_mm: float = 2.7,
+    amp_contrast: float = 0.1,
+    image_names=None,
+    extra_columns: dict | None = None,
+) -> Path:
+    """Write a RELION 3.1 particle STAR file and return its path.
+
+    ``euler_deg`` ``(P, 3)`` (rot, tilt, psi); ``origins_A`` ``(P, 2)``;
+    ``defocus_A`` ``(P, 3)`` (defocus U, V in A, angle in degrees) or None
+    for no CTF columns; ``image_names`` ``(P,)`` strings like
+    ``000001@stack.mrcs`` or None; ``extra_columns`` name -> ``(P,)`` values.
+    """
+    euler_deg = np.asarray(euler_deg, dtype=np.float64)
+    origins_A = np.asarray(origins_A, dtype=np.float64)
+    p = len(euler_deg)
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnVoltage": [float(voltage_kv)],
+            "rlnSphericalAberration": [float(cs_mm)],
+            "rlnAmplitudeContrast": [float(amp_contrast)],
+            "rlnImagePixelSize": [float(psize_A)],
+            "rlnImageSize": [int(box)],
+            "rlnImageDimensionality": [2],
+        }
+    )
+    cols = {
+        "rlnAngleRot": euler_deg[:, 0],
+        "rlnAngleTilt": euler_deg[:, 1],
+        "rlnAnglePsi": euler_deg[:, 2],
+        "rlnOriginXAngst": origins_A[:, 0],
+        "rlnOriginYAngst": origins_A[:, 1],
+        "rlnOpticsGroup": np.ones(p, dtype=int),
+    }
+    if defocus_A is not None:
+        d = np.asarray(defocus_A, dtype=np.float64)
+        cols.update(rlnDefocusU=d[:, 0], rlnDefocusV=d[:, 1], rlnDefocusAngle=d[:, 2])
+    if image_names is not None:
+        cols["rlnImageName"] = list(image_names)
+    cols.update(extra_columns or {})
+    path = Path(path)
+    starfile.write({"optics": optics, "particles": pd.DataFrame(cols)}, path, overwrite=True)
+    return path
+
+
+def write_map(path: Path | str, vol, psize_A: float) -> Path:
+    """Write a float32 MRC map with its voxel size."""
+    with mrcfile.new(path, np.asarray(vol, dtype=np.float32), overwrite=True) as m:
+        m.voxel_size = psize_A
+    return Path(path)
+
+
+def read_mrc(path: Path | str) -> np.ndarray:
+    """The data of an MRC file as float32 (stack or volume)."""
+    with mrcfile.open(path, permissive=True) as m:
+        return np.asarray(m.data, dtype=np.float32).copy()
+
+
+def relion_project(
+    workdir: Path | str,
+    vol,
+    psize_A: float,
+    star: Path | str,
+    ctf: bool = True,
+    white_noise: float = 0.0,
+    extra_args: list[str] | None = None,
+) -> tuple[np.ndarray, Path]:
+    """Run ``relion_project`` on ``vol`` at the poses of ``star``; returns (images (P, n, n), output STAR)."""
+    workdir = Path(workdir)
+    map_path = write_map(workdir / "relion_project_input.mrc", vol, psize_A)
+    cmd = ["relion_project", "--i", str(map_path), "--o", str(workdir / "proj"), "--ang", str(star)]
+    cmd += ["--angpix", str(psize_A)]
+    if ctf:
+        cmd.append("--ctf")
+    if white_noise > 0:
+        cmd += ["--add_noise", "--white_noise", str(white_noise)]
+    run(cmd + list(extra_args or []), cwd=workdir)
+    return read_mrc(workdir / "proj.mrcs"), workdir / "proj.star"
+
+
+def relion_reconstruct(
+    workdir: Path | str,
+    star: Path | str,
+    psize_A: float,
+    ctf: bool = True,
+    out_name: str = "relion_rec.mrc",
+    extra_args: list[str] | None = None,
+    env: dict | None = None,
+) -> tuple[np.ndarray, float]:
+    """Run ``relion_reconstruct`` on ``star``; returns (volume (n, n, n), wall seconds)."""
+    workdir = Path(workdir)
+    out = workdir / out_name
+    cmd = ["relion_reconstruct", "--i", str(star), "--o", str(out), "--angpix", str(psize_A)]
+    if ctf:
+        cmd.append("--ctf")
+    seconds = run(cmd + list(extra_args or []), cwd=workdir, env=env)
+    return read_mrc(out), seconds
