@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "status": "hetero_dask.commands.status",
     "import": "hetero_dask.commands.import_",
     "simulate": "hetero_dask.commands.simulate",
+    "regroup": "hetero_dask.commands.regroup",
 }
 
 
