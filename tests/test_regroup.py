@@ -322,3 +322,197 @@ def test_regroup_recovers_three_structures(tmp_path, client, align):
         "superclass_2/map.mrc",
     ):
         assert (tmp_path / name).is_file(), name
+
+
+def test_pair_alignment_is_needed_for_shifted_copies(tmp_path, client):
+    from hetero_dask.jobs.regroup import regroup
+
+    vols, truth = class_volumes(shift_px=3.0, seed=3)  # members shifted up to 3 px per axis
+    table = particle_table(np.full(len(vols), 30))
+    common = dict(volumes_psize_A=PSIZE_A, client=client, num_superclasses=3, mask_radius=0.9)
+    plain = regroup(table, vols, tmp_path / "plain", **common)
+    assert not same_partition(plain.superclass, truth)
+    aligned = regroup(
+        table, vols, tmp_path / "aligned", align_pairs=True, max_shift_A=18.0, **common
+    )
+    assert same_partition(aligned.superclass, truth)
+    assert int(np.argmax(np.diff(aligned.eigenvalues[:6]))) == 2  # eigengap at M = 3
+
+
+def test_hand_flipped_classes_join_and_are_reported(tmp_path, client):
+    from hetero_dask.core.rotations import pose_to_matrix
+    from hetero_dask.io.cs import read_cs
+    from hetero_dask.io.mrc import read_map
+    from hetero_dask.jobs.regroup import regroup
+
+    rng = np.random.default_rng(4)
+    a, b, c = (blob_structure(s) for s in (10, 20, 30))
+    flips = np.array([False, False, True, True, False, False, False, False])
+    sources = [a, a, a, a, b, b, c, c]
+    vols = np.stack(
+        [
+            shift_volume(flip_hand(v) if f else v, rng.uniform(-1, 1, 3))
+            + 0.02 * rng.standard_normal(v.shape).astype(np.float32)
+            for v, f in zip(sources, flips, strict=True)
+        ]
+    ).astype(np.float32)
+    sizes = np.array([60, 30, 30, 30, 30, 30, 30, 30])  # class 0 (unflipped) is the reference
+    table = particle_table(sizes, seed=5)
+    res = regroup(
+        table,
+        vols,
+        tmp_path,
+        volumes_psize_A=PSIZE_A,
+        client=client,
+        num_superclasses=3,
+        align_pairs=True,
+        mask_radius=0.9,
+    )
+    assert same_partition(res.superclass, [0, 0, 0, 0, 1, 1, 2, 2])
+    assert sorted(map(tuple, res.flipped_pairs)) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    # the superclass average is in the hand of its largest member (class 0)
+    avg, _ = read_map(tmp_path / f"superclass_{res.superclass[0]}" / "map.mrc")
+    assert np.corrcoef(avg.ravel(), a.ravel())[0, 1] > 0.95
+    assert np.corrcoef(avg.ravel(), flip_hand(a).ravel())[0, 1] < 0.8
+    # particles of a flipped class get the mirrored pose F R F
+    out = read_cs(tmp_path / "particles.cs")
+    row_in = {u: i for i, u in enumerate(table["uid"].tolist())}
+    k = res.superclass[2]
+    for u, pose in zip(out["uid"], out[f"alignments_class_{k}/pose"], strict=True):
+        i = row_in[int(u)]
+        if table["alignments3D/class"][i] == 2:
+            f = np.diag([1.0, 1.0, -1.0])
+            expect = f @ pose_to_matrix(table["alignments_class_2/pose"][i].astype(np.float64)) @ f
+            np.testing.assert_allclose(pose_to_matrix(pose.astype(np.float64)), expect, atol=1e-5)
+
+
+def test_excluded_and_small_classes_go_to_remaining(tmp_path):
+    import json
+
+    from hetero_dask.jobs.regroup import regroup
+
+    vols, truth = class_volumes()
+    sizes = np.full(len(vols), 25)
+    sizes[4] = 3  # under min_class_size
+    table = particle_table(sizes)
+    res = regroup(
+        table,
+        vols,
+        tmp_path,
+        volumes_psize_A=PSIZE_A,
+        num_superclasses=3,
+        exclude_classes=(0, 7),
+        min_class_size=10,
+        mask_radius=0.9,
+    )
+    aside = [0, 4, 7]
+    np.testing.assert_array_equal(res.superclass[aside], -1)
+    keep = np.setdiff1d(np.arange(len(vols)), aside)
+    assert same_partition(res.superclass[keep], truth[keep])
+    _, remaining = check_counts(res, table)
+    assert len(remaining) == sizes[aside].sum()
+    assert sorted(set(remaining["alignments3D/class"].tolist())) == aside
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n_remaining_particles"] == sizes[aside].sum()
+    status = {c["class"]: c["status"] for c in report["classes"]}
+    assert status[0] == status[7] == "excluded" and status[4] == "too small"
+
+
+def test_multi_layout_gets_one_hot_superclass_posteriors(tmp_path):
+    from hetero_dask.io.cs import class_posteriors, detect_class_layouts, read_cs
+    from hetero_dask.jobs.regroup import regroup
+
+    vols, truth = class_volumes()
+    table = particle_table(np.full(len(vols), 20), layout="alignments3D_multi")
+    res = regroup(
+        table, vols, tmp_path, volumes_psize_A=PSIZE_A, num_superclasses=3, mask_radius=0.9
+    )
+    out = read_cs(tmp_path / "particles.cs")
+    assert detect_class_layouts(out) == {"alignments3D_multi": 3}
+    post = class_posteriors(out)
+    np.testing.assert_array_equal(post.sum(1), 1.0)
+    np.testing.assert_array_equal(
+        np.argmax(post, 1), res.superclass[table["alignments3D/class"].astype(int)]
+    )
+    # every superclass slot carries the particle's own upstream pose
+    own = table["alignments3D_multi/pose"][np.arange(len(table)), table["alignments3D/class"]]
+    np.testing.assert_allclose(out["alignments3D_multi/pose"][:, 1], own)
+
+
+def test_cli_with_map_files_and_bad_input_messages(tmp_path, capsys):
+    import json
+
+    from hetero_dask.cli import main
+    from hetero_dask.io.cs import write_cs
+    from hetero_dask.io.mrc import write_map
+
+    vols, truth = class_volumes()
+    vdir = tmp_path / "vols"
+    for k, v in enumerate(vols):
+        write_map(vdir / f"class_{k:02d}.mrc", v, PSIZE_A)
+    table = particle_table(np.full(len(vols), 15))
+    write_cs(tmp_path / "p.cs", table)
+    base = ["regroup", "--particles", str(tmp_path / "p.cs"), "--volumes", str(vdir)]
+    rc = main(
+        [
+            *base,
+            "--superclasses",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+            "--mask-radius",
+            "0.9",
+            "--exclude",
+            "11",
+            "--prefix",
+            "J9_",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    sc = np.array(
+        [c["superclass"] if c["superclass"] is not None else -1 for c in report["classes"]]
+    )
+    assert same_partition(sc[:11], truth[:11]) and sc[11] == -1
+    assert (tmp_path / "out" / "J9_remaining_particles.cs").is_file()
+    assert (tmp_path / "out" / "superclass_0" / "J9_particles.cs").is_file()
+    capsys.readouterr()
+    # bad input: the error names the value
+    for extra, needle in (
+        (["--superclasses", "12"], "num_superclasses=12"),
+        (["--superclasses", "0"], "num_superclasses=0"),
+        (["--superclasses", "2", "--exclude", "3,12"], "[12]"),
+    ):
+        assert main([*base, *extra, "--out", str(tmp_path / "bad")]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_bad_inputs_are_named(tmp_path):
+    from hetero_dask.io.mrc import write_map
+    from hetero_dask.jobs.regroup import regroup
+
+    vols, _ = class_volumes(n_per_group=1)
+    table = particle_table(np.full(3, 10))
+    kw = dict(volumes_psize_A=PSIZE_A, num_superclasses=1)
+    with pytest.raises(ValueError, match="3 classes .* but 2 volumes"):
+        regroup(table, vols[:2], tmp_path, **kw)
+    with pytest.raises(ValueError, match="every class is set aside"):
+        regroup(table, vols, tmp_path, exclude_classes=(0, 1, 2), **kw)
+    with pytest.raises(ValueError, match="num_superclasses=3 is out of range.*1..2"):
+        regroup(table, vols, tmp_path, volumes_psize_A=PSIZE_A, num_superclasses=3)
+    only_class = particle_table(np.full(3, 10), layout="class")
+    with pytest.raises(ValueError, match="class 2 but only 2 volumes"):
+        regroup(only_class, vols[:2], tmp_path, **kw)
+    write_map(tmp_path / "a.mrc", vols[0], PSIZE_A)
+    write_map(tmp_path / "b.mrc", vols[1], PSIZE_A * 1.1)
+    write_map(tmp_path / "c.mrc", vols[2][:30, :30, :30], PSIZE_A)
+    maps = [tmp_path / n for n in ("a.mrc", "b.mrc")]
+    with pytest.raises(ValueError, match="b.mrc"):
+        regroup(table, [*maps, tmp_path / "a.mrc"], tmp_path, num_superclasses=1)
+    with pytest.raises(ValueError, match="c.mrc"):
+        regroup(
+            table,
+            [tmp_path / "a.mrc", tmp_path / "a.mrc", tmp_path / "c.mrc"],
+            tmp_path,
+            num_superclasses=1,
+        )

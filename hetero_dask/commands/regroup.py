@@ -1,9 +1,8 @@
 """Regroup 3D classes into superclasses by spectral clustering of their volumes.
 
-Example:
-  hetero-dask regroup --particles J42_particles.cs --volumes J42_volumes.zip \\
-      --superclasses 3 --exclude 0,7 --min-class-size 500 --align-pairs --max-shift 10 \\
-      --mask-radius 0.9 --out regrouped/
+Example: hetero-dask regroup --particles J42_particles.cs --volumes J42_volumes.zip
+--superclasses 3 --exclude 0,7 --min-class-size 500 --align-pairs --max-shift 10
+--mask-radius 0.9 --out regrouped/
 """
 
 from __future__ import annotations
