@@ -1,3 +1,5 @@
 """hetero_dask: heterogeneous refinement, reconstruction and regrouping of cryo-EM particles on Dask."""
 
 __version__ = "0.1.0"
+
+from hetero_dask.jobs.regroup import regroup as regroup  # noqa: E402  (imports numpy only)
