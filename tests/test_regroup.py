@@ -516,3 +516,24 @@ def test_bad_inputs_are_named(tmp_path):
             tmp_path,
             num_superclasses=1,
         )
+
+
+def test_star_particles_in_star_out(tmp_path, shared_data):
+    from hetero_dask.io.star import particle_blocks, read_star, write_star
+    from hetero_dask.jobs.regroup import regroup
+
+    blocks = read_star(shared_data / "relion" / "relion31.star")
+    _, parts, name = particle_blocks(blocks)
+    parts = parts.copy()
+    parts["rlnClassNumber"] = [1, 1, 2, 3, 3]  # 1-based
+    write_star(tmp_path / "in.star", {**blocks, name: parts})
+    vols, _ = class_volumes(n_per_group=1)
+    res = regroup(tmp_path / "in.star", vols, tmp_path / "out", volumes_psize_A=PSIZE_A,
+                  num_superclasses=1, exclude_classes=(1,))
+    np.testing.assert_array_equal(res.superclass, [0, -1, 0])
+    _, out, _ = particle_blocks(read_star(tmp_path / "out" / "particles.star"))
+    _, rest, _ = particle_blocks(read_star(tmp_path / "out" / "remaining_particles.star"))
+    assert out["rlnImageName"].tolist() == parts["rlnImageName"][[0, 1, 3, 4]].tolist()
+    assert out["rlnClassNumber"].tolist() == [1, 1, 1, 1]
+    assert rest["rlnImageName"].tolist() == [parts["rlnImageName"][2]]
+    assert (tmp_path / "out" / "superclass_0" / "particles.star").is_file()
