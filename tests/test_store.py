@@ -172,3 +172,123 @@ def test_refuses_bad_input(particles, tmp_path):
         import_particles(particles, tmp_path / "c.zarr", crop_boxes=[64], progress=False)
     with pytest.raises(FileNotFoundError):
         ParticleStore.open(tmp_path / "missing.zarr")
+
+
+# ---------------------------------------------------------------- real and simulated files
+
+
+def _stack_images(path, idx):
+    import warnings
+
+    import mrcfile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # relion31.mrcs lacks the MAP id
+        with mrcfile.mmap(path, mode="r", permissive=True) as m:
+            return np.asarray(m.data[np.asarray(idx)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", ["relion31.star", "sample_particles_relion31.star"])
+def test_star_store_star_keeps_every_value(shared_data, tmp_path, name):
+    from hetero_dask.io.convert import cs_to_star
+    from hetero_dask.io.particles import load_particles
+    from hetero_dask.io.star import read_star, write_star
+
+    src = shared_data / "relion" / name
+    st = import_particles(src, tmp_path / "s.zarr", progress=False)
+    table = st.to_input_order(st.table())
+    assert table.tobytes() == load_particles(src).table.tobytes()
+    write_star(tmp_path / "back.star", cs_to_star(table))
+    a, b = read_star(src), read_star(tmp_path / "back.star")
+    for block in ("optics", "particles"):
+        for col in a[block].columns:
+            x, y = a[block][col].to_numpy(), b[block][col].to_numpy()
+            if x.dtype.kind in "fiu":
+                assert np.allclose(x, y.astype(np.float64), rtol=1e-6, atol=1e-6), col
+            else:
+                assert (x.astype(str) == y.astype(str)).all(), col
+    # images: RELION stacks hold positive density (blob/sign = +1), 1-based rlnImageName
+    names = a["particles"]["rlnImageName"].str.split("@")
+    for i in range(st.n):
+        k, stack = int(names.iloc[i][0]) - 1, names.iloc[i][1]
+        want = _stack_images(src.parent / stack, [k])[0]
+        assert np.array_equal(st.to_input_order(st.images())[i], want)
+
+
+def test_cs_store_cs_keeps_every_value_and_sign(shared_data, tmp_path):
+    from hetero_dask.io.cs import read_cs, write_cs
+
+    src = shared_data / "cryosparc" / "empiar_10076_7.cs"
+    st = import_particles(
+        src, tmp_path / "s.zarr", stack_dir=shared_data / "relion", progress=False
+    )
+    write_cs(tmp_path / "back.cs", st.to_input_order(st.table()))
+    assert read_cs(tmp_path / "back.cs").tobytes() == read_cs(src).tobytes()
+    t = read_cs(src)
+    raw = _stack_images(shared_data / "relion" / "empiar_10076_7.mrc", t["blob/idx"])
+    assert (t["blob/sign"] == -1).all()
+    assert np.array_equal(st.to_input_order(st.images()), -raw)
+
+
+def test_simulated_files_through_the_store(tmp_path):
+    from hetero_dask.io.cs import read_cs, write_cs
+    from hetero_dask.simulate import write_simulation
+
+    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
+    sim = simulate(vols, PSIZE, 40, snr=2.0, seed=3, shift_range_px=2)
+    paths = write_simulation(tmp_path / "sim", sim, vols)
+    for key in ("cs", "star"):
+        st = import_particles(paths[key], tmp_path / f"{key}.zarr", seed=4, progress=False)
+        assert np.array_equal(st.to_input_order(st.images()), sim.images)
+        assert np.array_equal(st.to_input_order(st.column("alignments3D/class")), sim.classes)
+        assert np.allclose(
+            st.to_input_order(st.column("alignments3D/shift")), sim.shifts_px, atol=1e-5
+        )
+        assert np.allclose(st.to_input_order(st.ctf().df1_A), sim.ctf.df1_A, rtol=1e-6)
+    cs_store = ParticleStore.open(tmp_path / "cs.zarr")
+    write_cs(tmp_path / "back.cs", cs_store.to_input_order(cs_store.table()))
+    assert read_cs(tmp_path / "back.cs").tobytes() == read_cs(paths["cs"]).tobytes()
+
+
+def test_cli_simulate_and_import(tmp_path):
+    from hetero_dask.cli import main
+
+    out = tmp_path / "sim"
+    assert (
+        main(["simulate", "--n-per-class", "20", "--snr", "1", "--out", str(out), "--box", "32"])
+        == 0
+    )
+    truth = np.load(out / "truth.npz", allow_pickle=False)
+    assert truth["class"].shape == (60,) and truth["pose"].shape == (60, 3)
+    rc = main(
+        [
+            "import",
+            "--particles",
+            str(out / "particles.star"),
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--serial",
+            "--quiet",
+            "--crop-box",
+            "16",
+            "--seed",
+            "7",
+        ]
+    )
+    assert rc == 0
+    st = ParticleStore.open(tmp_path / "s.zarr")
+    assert (st.n, st.box, st.crop_boxes, st.seed) == (60, 32, [16], 7)
+    assert (
+        main(
+            [
+                "import",
+                "--particles",
+                str(out / "missing.star"),
+                "--out",
+                str(tmp_path / "x.zarr"),
+                "--serial",
+                "--quiet",
+            ]
+        )
+        == 2
+    )

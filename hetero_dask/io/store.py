@@ -444,7 +444,8 @@ def import_particles(
         sources = [str(Path(source).resolve())]
     else:
         particles = source
-        sources = [str(s) for s in getattr(particles, "source_files", [])]
+        src = getattr(particles, "source", None)
+        sources = [str(src)] if src else []
     crop_boxes = sorted({int(b) for b in crop_boxes} - {int(particles.box)})
     for b in crop_boxes:
         if not 2 <= b < particles.box:
