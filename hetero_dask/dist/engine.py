@@ -99,7 +99,9 @@ def task_rng(seed: int, iteration: int, partition: int | Sequence[int]) -> np.ra
     entropy = (seed, iteration, *parts)
     if any(int(e) < 0 for e in entropy):
         raise ValueError(f"task_rng needs non-negative integers, got {entropy}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(e) for e in entropy])))
+    # The length goes in too: SeedSequence treats trailing zeros as absent, (3,) == (3, 0).
+    words = [int(e) for e in (seed, iteration, len(parts), *parts)]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
 _CACHE: OrderedDict[Hashable, Any] = OrderedDict()

@@ -1,0 +1,446 @@
+"""The map/tree-reduce engine, checkpoints, submit-and-walk-away, faults."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import cloudpickle
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+
+from hetero_dask.cli import main as cli_main
+from hetero_dask.dist import checkpoint as ck
+from hetero_dask.dist.cluster import blas_threads_per_worker, make_local_cluster, open_client
+from hetero_dask.dist.engine import (
+    Partition,
+    build_graph,
+    clear_worker_cache,
+    map_reduce,
+    partition_ranges,
+    task_rng,
+    worker_cached,
+)
+from hetero_dask.dist.submit import JobHandle, submit
+
+# Worker processes cannot import this test module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+N_PARTICLES, DIM = 2000, 16
+DATA = np.random.default_rng(7).standard_normal((N_PARTICLES, DIM))
+
+
+def toy_process(p: Partition, sleep_s: float = 0.0) -> dict:
+    """Partial: sum and sum of squares of the partition's rows, and its size."""
+    if sleep_s:
+        time.sleep(sleep_s)
+    x = DATA[p.start : p.stop]
+    return {"sum": x.sum(0), "sq": (x**2).sum(0), "n": p.size}
+
+
+def toy_merge(a: dict, b: dict) -> dict:
+    a["sum"] += b["sum"]  # in place: the engine hands merge a private copy as a
+    a["sq"] += b["sq"]
+    a["n"] += b["n"]
+    return a
+
+
+def expected() -> dict:
+    return {"sum": DATA.sum(0), "sq": (DATA**2).sum(0), "n": N_PARTICLES}
+
+
+def assert_partial_close(got: dict, want: dict) -> None:
+    np.testing.assert_allclose(got["sum"], want["sum"], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(got["sq"], want["sq"], rtol=1e-12)
+    assert got["n"] == want["n"]
+
+
+@pytest.fixture(scope="module")
+def client3():
+    """Three in-process workers: enough for scheduling tests, starts in a fraction of a second."""
+    with LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as c:
+        with Client(c) as client:
+            yield client
+
+
+# ---------------------------------------------------------------- partitions, RNG, cache
+
+
+@pytest.mark.parametrize("n,parts,align", [(2000, 7, 64), (1000, 3, 1), (10, 8, 4), (64, 4, 64)])
+def test_partition_ranges_cover_contiguously_and_align(n, parts, align):
+    ps = partition_ranges(n, parts, align)
+    assert ps[0].start == 0 and ps[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(ps, ps[1:], strict=False))
+    assert all(p.start % align == 0 and p.size > 0 for p in ps)
+    assert [p.index for p in ps] == list(range(len(ps)))
+    assert len(ps) == min(parts, -(-n // align))
+    sizes = [p.size for p in ps]
+    assert max(sizes) - min(sizes) <= align  # balanced to within one shard
+
+
+def test_task_rng_depends_only_on_seed_iteration_partition():
+    a = task_rng(1, 2, 3).random(5)
+    np.testing.assert_array_equal(a, task_rng(1, 2, 3).random(5))
+    for other in (task_rng(1, 2, 4), task_rng(1, 3, 3), task_rng(2, 2, 3), task_rng(1, 2, (3, 0))):
+        assert not np.allclose(a, other.random(5))
+    with pytest.raises(ValueError, match="non-negative"):
+        task_rng(-1, 0, 0)
+
+
+def test_worker_cached_loads_once_per_key_and_evicts_lru():
+    clear_worker_cache()
+    calls = []
+
+    def loader(tag):
+        calls.append(tag)
+        return np.full(3, len(calls))
+
+    first = worker_cached(("vol.zarr", 0), functools.partial(loader, "a"))
+    again = worker_cached(("vol.zarr", 0), functools.partial(loader, "a"))
+    assert again is first and calls == ["a"]
+    for it in range(1, 4):
+        worker_cached(("vol.zarr", it), functools.partial(loader, it), max_entries=2)
+    worker_cached(("vol.zarr", 0), functools.partial(loader, "a2"), max_entries=2)
+    assert calls == ["a", 1, 2, 3, "a2"]  # iteration 0 was evicted, so loaded again
+    clear_worker_cache()
+
+
+# ---------------------------------------------------------------- graph shape and results
+
+
+def _combine_inputs(nodes) -> dict:
+    """Combine-task key -> number of inputs, from the graph's dependencies."""
+    graph = nodes[-1].__dask_graph__()
+    deps = graph.get_all_dependencies()
+    return {k: len(deps[k]) for k in deps if "-merge-" in k[0]}
+
+
+@pytest.mark.parametrize("n_parts,fan_in,levels", [(20, 4, 3), (64, 8, 2), (9, 8, 2), (1, 8, 0)])
+def test_tree_has_requested_fan_in(n_parts, fan_in, levels):
+    parts = partition_ranges(N_PARTICLES, n_parts)
+    nodes, out = build_graph(
+        toy_process, parts, toy_merge, fan_in=fan_in, key_prefix="toy", token="t"
+    )
+    combines = _combine_inputs(nodes)
+    assert all(2 <= c <= fan_in for c in combines.values()) or n_parts == 1
+    assert len({k[1] for k in combines}) == levels
+    # every level but the last uses at least half the fan-in (a balanced tree)
+    assert all(c >= min(fan_in // 2, n_parts) for k, c in combines.items() if k[1] == 0)
+    n_process = sum(1 for n in nodes if "-process-" in n.key[0])
+    assert n_process == n_parts
+    assert out.key == (nodes[-1].key if n_parts > 1 else ("toy-process-t", 0))
+
+
+def test_map_reduce_sync_equals_direct_computation():
+    got = map_reduce(None, toy_process, partition_ranges(N_PARTICLES, 11, 32), toy_merge, fan_in=4)
+    assert_partial_close(got, expected())
+
+
+def test_merge_never_modifies_task_inputs():
+    parts = partition_ranges(N_PARTICLES, 4)
+    nodes, out = build_graph(toy_process, parts, toy_merge, fan_in=4, token="inputs")
+    import dask
+
+    results = dask.compute(*nodes, scheduler="sync")
+    for p, r in zip(parts, results[: len(parts)], strict=True):
+        np.testing.assert_array_equal(r["sum"], toy_process(p)["sum"])
+
+
+def test_keys_are_deterministic():
+    parts = partition_ranges(N_PARTICLES, 5)
+    k1 = [n.key for n in build_graph(toy_process, parts, toy_merge)[0]]
+    k2 = [n.key for n in build_graph(toy_process, parts, toy_merge)[0]]
+    k3 = [n.key for n in build_graph(toy_process, partition_ranges(N_PARTICLES, 6), toy_merge)[0]]
+    assert k1 == k2 and k1 != k3
+
+
+def test_finish_tasks_per_key_with_select(client3):
+    def select(merged, key):
+        name, half = key
+        return merged[name][half::2]
+
+    finish = {(name, h): functools.partial(np.sum) for name in ("sum", "sq") for h in (0, 1)}
+    parts = partition_ranges(N_PARTICLES, 9, 16)
+    got = map_reduce(
+        client3,
+        toy_process,
+        parts,
+        toy_merge,
+        fan_in=4,
+        finish=finish,
+        select=select,
+        key_prefix="toy",
+        progress=True,
+    )
+    want = expected()
+    assert set(got) == set(finish)
+    for (name, h), value in got.items():
+        assert value == pytest.approx(want[name][h::2].sum(), rel=1e-12)
+    one = map_reduce(None, toy_process, parts, toy_merge, finish=lambda m: m["n"])
+    assert one == N_PARTICLES
+
+
+def test_one_worker_and_three_workers_with_different_partitions_agree(client3):
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as c1:
+        with Client(c1) as client1:
+            r1 = map_reduce(client1, toy_process, partition_ranges(N_PARTICLES, 3, 64), toy_merge)
+    r3 = map_reduce(
+        client3, toy_process, partition_ranges(N_PARTICLES, 17, 16), toy_merge, fan_in=5
+    )
+    assert_partial_close(r1, expected())
+    assert_partial_close(r3, r1)
+
+
+def test_worker_cached_inside_tasks_loads_once_per_worker(client3, tmp_path):
+    clear_worker_cache()
+    log = tmp_path / "loads.txt"  # tasks run on copies of this test's objects: count in a file
+
+    def load():
+        with open(log, "a") as f:
+            f.write("load\n")
+        return np.arange(DIM, dtype=float)
+
+    def process(p):
+        vol = worker_cached((str(log), 1), load)
+        return {"sum": DATA[p.start : p.stop].sum(0) + vol, "sq": np.zeros(DIM), "n": p.size}
+
+    parts = partition_ranges(N_PARTICLES, 12)
+    got = map_reduce(client3, process, parts, toy_merge)
+    np.testing.assert_allclose(got["sum"], DATA.sum(0) + len(parts) * np.arange(DIM))
+    # the three in-process workers share one cache; a process cluster loads once per worker
+    assert log.read_text().count("load") == 1
+
+
+def test_task_errors_reach_the_driver(client3):
+    def bad(p):
+        raise ValueError(f"partition {p.index} is broken")
+
+    with pytest.raises(ValueError, match="is broken"):
+        map_reduce(client3, bad, partition_ranges(100, 3), toy_merge, progress=True)
+
+
+# ---------------------------------------------------------------- faults: a worker killed
+
+
+def test_worker_killed_during_map_gives_same_result():
+    """Three worker processes; one is SIGKILLed while process tasks run."""
+    cluster = make_local_cluster(workers=3, dashboard=False)
+    with cluster, Client(cluster) as client:
+        # project configuration reached the scheduler, BLAS threads the workers
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 3
+        blas = client.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS"))
+        assert set(blas.values()) == {str(blas_threads_per_worker(3))}
+
+        pids = list(client.run(os.getpid).values())
+        killed = []
+
+        def kill_one():
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+        timer = threading.Timer(1.0, kill_one)
+        timer.start()
+        parts = partition_ranges(N_PARTICLES, 24, 16)
+        t0 = time.monotonic()
+        got = map_reduce(
+            client, functools.partial(toy_process, sleep_s=0.25), parts, toy_merge, fan_in=4
+        )
+        timer.join()
+        assert killed and time.monotonic() - t0 > 1.0  # the kill happened mid-run
+        assert_partial_close(got, expected())
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _arrays(it: int) -> dict:
+    return {
+        "volumes": np.full((2, 8, 8, 8), it, np.float32),
+        "posterior": np.full((50, 2), it / 10),
+    }
+
+
+def test_checkpoint_round_trip_and_resume_reads_last_complete(tmp_path):
+    rng = np.random.default_rng(5)
+    for it in range(3):
+        ck.write_iteration(
+            tmp_path, it, _arrays(it), {"iteration": it, "rng": ck.rng_state(rng)}, keep=None
+        )
+        rng.random(10)
+    latest = ck.load_latest(tmp_path)
+    assert latest.iteration == 2 and latest.meta["iteration"] == 2
+    np.testing.assert_array_equal(latest.array("volumes"), _arrays(2)["volumes"])
+    np.testing.assert_array_equal(
+        latest.array("posterior", slice(10, 20)), _arrays(2)["posterior"][10:20]
+    )
+    restored = ck.rng_from_state(latest.meta["rng"])
+    np.testing.assert_array_equal(restored.random(10), np.random.default_rng(5).random(30)[20:])
+    with pytest.raises(ValueError, match="iterations must increase"):
+        ck.write_iteration(tmp_path, 2, _arrays(2))
+    assert ck.load_latest(tmp_path / "fresh") is None
+
+
+def test_marker_is_written_last_and_a_crash_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ck.write_iteration(tmp_path, 0, _arrays(0))
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        ck.os, "replace", lambda a, b: (replaced.append(str(b)), real_replace(a, b))[1]
+    )
+    ck.write_iteration(tmp_path, 1, _arrays(1))
+    assert replaced[-1].endswith(ck.MARKER) and replaced[-2].endswith("iter_0001.zarr")
+
+    # the process dies while writing iteration 2's arrays: marker still says 1
+    real_create = zarr.Group.create_array
+
+    def dying(self, name, **kw):
+        if name == "posterior":
+            raise KeyboardInterrupt("driver killed")
+        return real_create(self, name, **kw)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ck.write_iteration(tmp_path, 2, _arrays(2))
+    monkeypatch.setattr(zarr.Group, "create_array", real_create)
+    latest = ck.load_latest(tmp_path)
+    assert latest.iteration == 1
+    np.testing.assert_array_equal(latest.array("volumes"), _arrays(1)["volumes"])
+    # resuming rewrites iteration 2 over the leftover temporary folder
+    assert ck.write_iteration(tmp_path, 2, _arrays(2)).iteration == 2
+    assert ck.load_latest(tmp_path).iteration == 2
+    assert sorted(p.name for p in (tmp_path / ck.ITERATIONS).iterdir()) == [
+        "iter_0001.zarr",
+        "iter_0002.zarr",
+    ]
+
+
+def test_disk_full_gives_clear_error_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    ck.write_iteration(tmp_path, 4, _arrays(4))
+
+    def full(self, name, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Group, "create_array", full)
+    with pytest.raises(ck.CheckpointWriteError, match="No space left.*iteration 4 is intact"):
+        ck.write_iteration(tmp_path, 5, _arrays(5))
+    monkeypatch.undo()
+    assert ck.load_latest(tmp_path).iteration == 4
+    assert [p.name for p in (tmp_path / ck.ITERATIONS).iterdir()] == [
+        "iter_0004.zarr"
+    ]  # no temp left
+
+
+def test_run_dir_that_cannot_exist_gives_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ck.CheckpointWriteError, match="cannot write the checkpoint of iteration 0"):
+        ck.write_iteration(blocker / "run", 0, _arrays(0))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_run_dir_gives_clear_error(tmp_path):
+    ck.write_iteration(tmp_path, 0, _arrays(0))
+    os.chmod(tmp_path, 0o500)
+    os.chmod(tmp_path / ck.ITERATIONS, 0o500)
+    try:
+        with pytest.raises(ck.CheckpointWriteError, match="iteration 0 is intact"):
+            ck.write_iteration(tmp_path, 1, _arrays(1))
+    finally:
+        os.chmod(tmp_path, 0o700)
+        os.chmod(tmp_path / ck.ITERATIONS, 0o700)
+    assert ck.load_latest(tmp_path).iteration == 0
+
+
+# ---------------------------------------------------------------- submit, status
+
+
+def toy_job(params: dict, client) -> dict:
+    """A driver: a few map_reduce iterations, a checkpoint and a status update each."""
+    run_dir = params["run_dir"]
+    latest = ck.load_latest(run_dir)
+    start = 0 if latest is None else latest.iteration + 1
+    for it in range(start, params["n_iterations"]):
+        r = map_reduce(
+            client, toy_process, partition_ranges(N_PARTICLES, 6), toy_merge, token=f"it{it}"
+        )
+        ck.write_iteration(run_dir, it, {"sum": r["sum"]})
+        ck.write_status(
+            run_dir, job="toy", state="running", iteration=it, n_iterations=params["n_iterations"]
+        )
+        time.sleep(params.get("pause_s", 0.0))
+    ck.write_status(run_dir, state="done", results={"sum": str(ck.load_latest(run_dir).path)})
+    return {"n": int(r["n"]), "last": it}
+
+
+def test_submitted_job_survives_client_disconnect(tmp_path):
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as c:
+        first = Client(c, set_as_default=False)
+        params = {"run_dir": str(tmp_path), "n_iterations": 6, "pause_s": 0.2}
+        handle = submit(toy_job, params, first, run_dir=tmp_path)
+        deadline = time.monotonic() + 20
+        while handle.progress()[0] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.status()["state"] == "running"
+        job_id = handle.job_id
+        first.close()  # the submitting client goes away mid-run
+        with Client(c, set_as_default=False) as second:
+            again = JobHandle.attach(job_id, second, tmp_path)
+            assert again.result(timeout=30) == {"n": N_PARTICLES, "last": 5}
+            assert again.status()["state"] == "done" and again.progress() == (5, 6)
+    np.testing.assert_allclose(ck.load_latest(tmp_path).array("sum"), DATA.sum(0))
+
+
+def test_failed_job_reports_failure(client3, tmp_path):
+    handle = submit(toy_job, {"run_dir": str(tmp_path)}, client3)  # no n_iterations
+    with pytest.raises(KeyError):
+        handle.result(timeout=20)
+    assert handle.status()["state"] == "failed"
+    assert "KeyError" in handle.status()["error"]
+
+
+def test_status_command(tmp_path, capsys):
+    ck.write_iteration(tmp_path, 3, _arrays(3))
+    ck.write_status(
+        tmp_path,
+        job="reconstruct",
+        state="running",
+        iteration=4,
+        n_iterations=9,
+        results={"map": "class_0/map.mrc"},
+    )
+    assert cli_main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "reconstruct running iteration 4 of 9" in out and "last complete iteration: 3" in out
+    assert cli_main(["status", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (
+        info["last_complete_iteration"] == 3
+        and info["status"]["results"]["map"] == "class_0/map.mrc"
+    )
+    assert cli_main(["status", str(tmp_path / "nope")]) == 2
+
+
+def test_open_client_passes_an_existing_client_through(client3):
+    with open_client(client3) as c:
+        assert c is client3
+    assert client3.status == "running"
+
+
+def test_blas_threads_share_the_cores():
+    assert blas_threads_per_worker(2, 1, cores=16) == 8
+    assert blas_threads_per_worker(3, 1, cores=2) == 1
+    assert blas_threads_per_worker(1, 2, cores=8) == 4
