@@ -99,7 +99,7 @@ def _to_real_space(V_half, n: int, pad: int):
         h - he : h + he + 1, h - he : h + he + 1, : he + 1
     ]
     spec = xp.fft.ifftshift(spec, axes=(0, 1))
-    vol = xp.fft.fftshift(xp.fft.irfftn(spec, s=(D, D, D)))
+    vol = xp.fft.fftshift(xp.fft.irfftn(spec, s=(D, D, D), axes=(0, 1, 2)))
     o = c - n // 2
     vol = vol[o : o + n, o : o + n, o : o + n]
     return (vol / gridding_correction(n, pad, xp)).astype(xp.float32)
