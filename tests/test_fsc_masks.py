@@ -1,0 +1,135 @@
+"""FSC, resolution, phase randomisation, corrected FSC and soft masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hetero_dask.core.fourier import fft3c, lowpass, radius_3d
+from hetero_dask.core.fsc import (
+    corrected_fsc,
+    fsc,
+    fsc_set,
+    full_map_fsc,
+    phase_randomise,
+    resolution_A,
+    shell_counts,
+)
+from hetero_dask.core.masks import (
+    loose_mask,
+    mask_from_map,
+    soft_circular_mask_2d,
+    spherical_window,
+    tight_mask,
+)
+
+N = 32
+
+
+def blob_map(n=N, seed=0):
+    """A compact random 'particle': low-passed noise inside a sphere of radius n/4."""
+    rng = np.random.default_rng(seed)
+    v = lowpass(rng.standard_normal((n, n, n)).astype(np.float32), 4.0, 1.0, 3)
+    return v * spherical_window(n, 0.4, 0.5) + 2.0 * spherical_window(n, 0.3, 0.4)
+
+
+def test_fsc_self_is_one_and_noise_is_zero():
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((N, N, N)).astype(np.float32) for _ in range(2))
+    assert np.allclose(fsc(a, a), 1.0)
+    curve = fsc(a, b)
+    counts = shell_counts(N)
+    assert curve.shape == counts.shape == (N // 2 + 1,)
+    assert np.all(np.abs(curve[1:]) < 3 / np.sqrt(counts[1:]))
+    # Scale does not matter; sign does.
+    assert np.allclose(fsc(a, 3 * a), 1.0) and np.allclose(fsc(a, -a)[1:], -1.0)
+
+
+def test_resolution_interpolates_the_crossing():
+    curve = np.array([1.0, 0.9, 0.5, 0.2, 0.1, 0.05, 0.3])
+    # Between shell 3 (0.2) and 4 (0.1): 3 + (0.2 - 0.143) / 0.1 = 3.57; the later rise is ignored.
+    r = 3 + (0.2 - 0.143) / 0.1
+    assert resolution_A(curve, 12, 1.5) == pytest.approx(12 * 1.5 / r)
+    assert resolution_A(curve, 12, 1.5, threshold=0.5) == pytest.approx(12 * 1.5 / 2)
+    assert resolution_A(np.ones(7), 12, 1.5) == pytest.approx(3.0)  # Nyquist
+
+
+def test_full_map_fsc():
+    assert np.allclose(full_map_fsc(np.array([1.0, 0.143, 0.0])), [1.0, 0.5, 0.0], atol=1e-3)
+
+
+def test_phase_randomise_keeps_amplitudes_and_low_shells():
+    v = blob_map()
+    rng = np.random.default_rng(2)
+    pr = phase_randomise(v, 8, rng)
+    assert pr.dtype == v.dtype and pr.shape == v.shape
+    assert np.allclose(np.abs(fft3c(pr)), np.abs(fft3c(v)), rtol=1e-3, atol=1e-3)
+    curve = fsc(v, pr)
+    counts = shell_counts(N)
+    assert np.all(curve[:8] > 0.999)
+    assert np.all(np.abs(curve[9:]) < 4 / np.sqrt(counts[9:]))
+
+
+def test_corrected_fsc_removes_mask_correlation():
+    """Half-maps share signal only to shell ~8; a hard mask fakes correlation beyond it."""
+    rng = np.random.default_rng(3)
+    signal = lowpass(blob_map(seed=3), 4.0, 1.0, 3)
+    v1, v2 = (signal + 0.3 * rng.standard_normal((N, N, N)).astype(np.float32) for _ in range(2))
+    hard = (radius_3d(N, np) < N / 5).astype(np.float32)
+    masked = fsc(v1, v2, hard)
+    corrected = corrected_fsc(v1, v2, hard, rng=np.random.default_rng(4))
+    high = slice(11, N // 2)
+    assert masked[high].mean() > 0.2  # the mask-induced correlation
+    # Left: noise of an FSC over the few voxels inside the mask (sd ~ 0.1 per shell here).
+    assert abs(corrected[high].mean()) < 0.1
+    assert np.allclose(corrected[:5], masked[:5])
+
+
+def test_fsc_set_curves():
+    v = blob_map(seed=5)
+    rng = np.random.default_rng(6)
+    v1, v2 = (v + 0.2 * rng.standard_normal(v.shape).astype(np.float32) for _ in range(2))
+    user = spherical_window(N, 0.5, 0.6)
+    curves = fsc_set(v1, v2, psize_A=2.0, user_mask=user)
+    keys = {"no_mask", "spherical", "loose", "tight", "corrected", "user", "user_corrected"}
+    assert set(curves) == keys
+    assert all(c.shape == (N // 2 + 1,) for c in curves.values())
+    # Masks remove solvent noise: masked curves sit above the unmasked one at mid resolution.
+    mid = slice(4, 10)
+    assert (
+        curves["tight"][mid].mean()
+        > curves["spherical"][mid].mean()
+        > curves["no_mask"][mid].mean()
+    )
+    assert np.allclose(curves["user"], fsc(v1, v2, user))
+
+
+def test_spherical_window_and_circular_mask():
+    m = spherical_window(N, 0.5, 0.75)
+    c = N // 2
+    assert m.dtype == np.float32 and m[c, c, c] == 1.0 and m[0, 0, 0] == 0.0
+    assert m[c, c, c + 8] == 1.0 and m[c, c, c + 12] == 0.0  # inner 8 px, outer 12 px
+    assert m[c, c, c + 10] == pytest.approx(0.5)
+    d = soft_circular_mask_2d(N, 6.0, 4.0)
+    assert d.shape == (N, N) and d[c, c + 6] == 1.0 and d[c, c + 10] == 0.0
+    assert d[c, c + 8] == pytest.approx(0.5)
+
+
+def test_mask_from_map_dilation_and_edge():
+    v = np.zeros((N, N, N), np.float32)
+    c = N // 2
+    v[c, c, c] = 1.0
+    m = mask_from_map(v, 0.5, dilate_px=3, soft_px=4)
+    assert m[c, c, c + 3] == 1.0 and m[c, c, c + 5] == pytest.approx(0.5) and m[c, c, c + 7] == 0.0
+    profile = m[c, c, c:]
+    assert np.all(np.diff(profile) <= 0)
+    with pytest.raises(ValueError, match="threshold"):
+        mask_from_map(v, 2.0)
+
+
+def test_loose_contains_tight():
+    v = blob_map(seed=7)
+    loose, tight = loose_mask(v, 2.0), tight_mask(v, 2.0)
+    assert np.all(loose >= tight - 1e-6)
+    assert loose.sum() > tight.sum() > 0
+    assert np.all(tight[v > 0.5 * v.max()] == 1.0)
