@@ -528,8 +528,14 @@ def test_star_particles_in_star_out(tmp_path, shared_data):
     parts["rlnClassNumber"] = [1, 1, 2, 3, 3]  # 1-based
     write_star(tmp_path / "in.star", {**blocks, name: parts})
     vols, _ = class_volumes(n_per_group=1)
-    res = regroup(tmp_path / "in.star", vols, tmp_path / "out", volumes_psize_A=PSIZE_A,
-                  num_superclasses=1, exclude_classes=(1,))
+    res = regroup(
+        tmp_path / "in.star",
+        vols,
+        tmp_path / "out",
+        volumes_psize_A=PSIZE_A,
+        num_superclasses=1,
+        exclude_classes=(1,),
+    )
     np.testing.assert_array_equal(res.superclass, [0, -1, 0])
     _, out, _ = particle_blocks(read_star(tmp_path / "out" / "particles.star"))
     _, rest, _ = particle_blocks(read_star(tmp_path / "out" / "remaining_particles.star"))
@@ -537,3 +543,14 @@ def test_star_particles_in_star_out(tmp_path, shared_data):
     assert out["rlnClassNumber"].tolist() == [1, 1, 1, 1]
     assert rest["rlnImageName"].tolist() == [parts["rlnImageName"][2]]
     assert (tmp_path / "out" / "superclass_0" / "particles.star").is_file()
+
+
+@pytest.mark.parametrize("k, n_tasks", [(2, 8), (5, 1), (12, 8), (50, 8)])
+def test_pair_blocks_cover_every_pair_once(k, n_tasks):
+    from hetero_dask.jobs.regroup import pair_blocks
+
+    batches = pair_blocks(k, n_tasks)
+    pairs = np.concatenate(batches)
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert sorted(map(tuple, pairs.tolist())) == sorted(zip(*np.triu_indices(k, 1), strict=True))
+    assert len(batches) >= min(n_tasks, k * (k - 1) // 2) or len(batches) == k * (k - 1) // 2

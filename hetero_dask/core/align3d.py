@@ -157,9 +157,12 @@ def align_pairs(vols, pairs, max_shift_px: float, try_flip: bool = True, chunk: 
     spectra = xp.fft.rfftn(sub.astype(xp.float32), axes=(-3, -2, -1)).astype(xp.complex64)
     norms = xp.sqrt(xp.sum(sub.astype(xp.float64) ** 2, axis=(-3, -2, -1)))
     flipped_spectra = None
-    if try_flip:
-        flipped_spectra = xp.fft.rfftn(flip_hand(sub).astype(xp.float32), axes=(-3, -2, -1))
-        flipped_spectra = flipped_spectra.astype(xp.complex64)
+    if try_flip:  # only moving volumes are flipped
+        movers = np.unique(pairs[:, 1])
+        flip_row = np.zeros(len(needed), dtype=np.int64)
+        flip_row[[local[int(j)] for j in movers]] = np.arange(len(movers))
+        flipped = flip_hand(vols[xp.asarray(movers)]).astype(xp.float32)
+        flipped_spectra = xp.fft.rfftn(flipped, axes=(-3, -2, -1)).astype(xp.complex64)
     window = shift_window(n, max_shift_px, xp)
 
     p = len(pairs)
@@ -176,7 +179,9 @@ def align_pairs(vols, pairs, max_shift_px: float, try_flip: bool = True, chunk: 
         value, shift = _peaks(correlation_maps(spectra[ri], spectra[rj], n), window)
         value = value / scale
         if try_flip:
-            v_f, s_f = _peaks(correlation_maps(spectra[ri], flipped_spectra[rj], n), window)
+            v_f, s_f = _peaks(
+                correlation_maps(spectra[ri], flipped_spectra[flip_row[rj]], n), window
+            )
             v_f = v_f / scale
             use = v_f > value
             value = xp.where(use, v_f, value)

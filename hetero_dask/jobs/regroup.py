@@ -263,6 +263,26 @@ def _align_task(prepared, pairs, max_shift_px: float):
     return align_volume_pairs(to_device(prepared, worker_xp()), pairs, max_shift_px, try_flip=True)
 
 
+def pair_blocks(k: int, n_tasks: int) -> list[np.ndarray]:
+    """All pairs (i < j) of k items as about ``n_tasks`` batches of (P, 2) pairs, tiled in blocks.
+
+    The items are cut into b blocks and a batch holds the pairs between two blocks
+    (or within one), so a task transforms only ~2k/b volumes instead of all k.
+    """
+    b = 1
+    while b * (b + 1) // 2 < n_tasks and b < k:
+        b += 1
+    blocks = np.array_split(np.arange(k), b)
+    batches = []
+    for bi in range(b):
+        for bj in range(bi, b):
+            i, j = np.meshgrid(blocks[bi], blocks[bj], indexing="ij")
+            sel = i < j
+            if sel.any():
+                batches.append(np.stack([i[sel], j[sel]], axis=1))
+    return batches
+
+
 def aligned_correlations(prepared, max_shift_px: float, client, tasks_per_worker: int = 4):
     """Best correlation of every pair over shifts (and the hand flip), computed as Dask tasks.
 
@@ -270,16 +290,13 @@ def aligned_correlations(prepared, max_shift_px: float, client, tasks_per_worker
     is the alignment of volume j onto volume i (``apply_alignment(v_j, shift, flip) ~ v_i``).
     """
     k = len(prepared)
-    ii, jj = np.triu_indices(k, 1)
-    pairs = np.stack([ii, jj], axis=1)
     corr = np.eye(k)
     shift = np.zeros((k, k, 3))
     flipped = np.zeros((k, k), dtype=bool)
-    if len(pairs) == 0:
+    if k < 2:
         return corr, shift, flipped
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-    n_tasks = min(len(pairs), tasks_per_worker * n_workers)
-    batches = np.array_split(pairs, n_tasks)
+    batches = pair_blocks(k, tasks_per_worker * n_workers)
     vols = client.scatter(prepared, broadcast=True)
     futures = [
         client.submit(_align_task, vols, b, max_shift_px, key=f"regroup-align-{i}")
