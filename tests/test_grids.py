@@ -12,7 +12,9 @@ from hetero_dask.core.rotations import euler_to_matrix
 
 def _dirs(order):
     theta, phi = grids.pix2ang_nest(order, np.arange(grids.n_directions(order)))
-    return np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    return np.stack(
+        [np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1
+    )
 
 
 def _min_angle_deg(R_query, R_grid):
@@ -34,7 +36,9 @@ def test_healpix_order0_known_centres():
     # nside = 1: rings at z = 2/3, 0, -2/3; polar faces at phi = 45 + 90 j, equatorial at 90 j.
     theta, phi = grids.pix2ang_nest(0, np.arange(12))
     np.testing.assert_allclose(np.cos(theta), np.repeat([2 / 3, 0, -2 / 3], 4), atol=1e-12)
-    np.testing.assert_allclose(np.rad2deg(phi), [45, 135, 225, 315, 0, 90, 180, 270, 45, 135, 225, 315])
+    np.testing.assert_allclose(
+        np.rad2deg(phi), [45, 135, 225, 315, 0, 90, 180, 270, 45, 135, 225, 315]
+    )
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -62,7 +66,9 @@ def test_children_within_one_step(order):
     ch = grids.children(order, ids)
     assert ch.shape == (len(ids), 8)
     assert all(len(set(row)) == 8 for row in ch)
-    assert np.array_equal(np.unique(ch), np.arange(grids.n_rotations(order + 1)))  # they cover the finer grid
+    assert np.array_equal(
+        np.unique(ch), np.arange(grids.n_rotations(order + 1))
+    )  # they cover the finer grid
     Rp = grids.matrices_for(order, ids).astype(np.float64)
     Rc = grids.matrices_for(order + 1, ch.ravel()).astype(np.float64).reshape(len(ids), 8, 3, 3)
     tr = np.einsum("pij,pcij->pc", Rp, Rc)
@@ -76,12 +82,16 @@ def test_matrix_convention_viewing_direction_and_psi():
     R = grids.matrices_for(order, ids).astype(np.float64)
     npsi = grids.n_psi(order)
     theta, phi = grids.pix2ang_nest(order, ids // npsi)
-    view = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    view = np.stack(
+        [np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1
+    )
     np.testing.assert_allclose(R[:, :, 2], view, atol=1e-6)
     psi = (ids % npsi + 0.5) * 360 / npsi
     A = euler_to_matrix(np.rad2deg(phi), np.rad2deg(theta), psi)
     np.testing.assert_allclose(R, A.swapaxes(-1, -2), atol=1e-6)
-    np.testing.assert_allclose(R @ R.swapaxes(-1, -2), np.broadcast_to(np.eye(3), R.shape), atol=1e-6)
+    np.testing.assert_allclose(
+        R @ R.swapaxes(-1, -2), np.broadcast_to(np.eye(3), R.shape), atol=1e-6
+    )
 
 
 def test_shift_grid_relion_semantics():

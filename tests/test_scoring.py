@@ -9,6 +9,7 @@ from scipy.spatial.transform import Rotation
 from hetero_dask.core import grids
 from hetero_dask.core.ctf import CTFParams, ctf_image
 from hetero_dask.core.fourier import freq_grid_2d, ifft2c
+from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map, project, project_images
 from hetero_dask.core.rotations import angle_between
 from hetero_dask.core.scoring import (
@@ -32,7 +33,9 @@ def _blobs(n, seed, n_blobs=12):
     for _ in range(n_blobs):
         c = rng.uniform(-n / 5, n / 5, 3)
         s = rng.uniform(1.5, 3.0) * n / 32
-        v += rng.uniform(0.5, 1.5) * np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * s**2))
+        v += rng.uniform(0.5, 1.5) * np.exp(
+            -((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * s**2)
+        )
     return v.astype(np.float32)
 
 
@@ -57,18 +60,16 @@ def _ctf(B, seed):
     return CTFParams(df1_A=df, df2_A=df - 300, df_angle_rad=rng.uniform(0, np.pi, B), bfactor=0.0)
 
 
-def _sigma2_white(prep, n_shells):
-    """Per-shell noise power of the prepared spectra (pure-noise images: same pipeline)."""
-    return np.full(n_shells, float(np.mean(np.abs(prep.y) ** 2)), dtype=np.float32)
-
-
 def test_project_band_equals_projector():
     vol = _blobs(24, 0)
     fmap = prepare_fourier_map(vol, r_max=8)
     band = alignment_band(24, 8)
     R = Rotation.random(50, random_state=0).as_matrix().astype(np.float32)
     np.testing.assert_allclose(
-        project_band(fmap, R, band.kx, band.ky), project(fmap, R, band.kx, band.ky), rtol=1e-4, atol=1e-4
+        project_band(fmap, R, band.kx, band.ky),
+        project(fmap, R, band.kx, band.ky),
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 
@@ -87,7 +88,11 @@ def _brute_force(prep, projs_c, shifts, sigma2, prior):
         for k in range(K):
             for r in range(R):
                 for t in range(T):
-                    model = c * projs_c[k][r] * np.exp(2j * np.pi * (kx * shifts[t, 0] + ky * shifts[t, 1]) / band.n)
+                    model = (
+                        c
+                        * projs_c[k][r]
+                        * np.exp(2j * np.pi * (kx * shifts[t, 0] + ky * shifts[t, 1]) / band.n)
+                    )
                     ll[b, k, r, t] = -np.sum(np.abs(y - model) ** 2 * inv) + np.log(prior[k])
     ll -= ll.max(axis=(1, 2, 3), keepdims=True)
     p = np.exp(ll)
@@ -101,7 +106,9 @@ def test_posteriors_equal_brute_force_and_chunking_invariant():
     R = grids.so3_grid(1).matrices[::4]  # 144 rotations
     shifts = grids.shift_grid(1, 1)  # 5 shifts -> K R T = 1440 poses
     true = R[[3, 50, 100]]
-    imgs = _simulate(vols[0], true, np.array([[0, 1], [1, 0], [0, 0]], np.float32), _ctf(3, 0), 1.0, 0)
+    imgs = _simulate(
+        vols[0], true, np.array([[0, 1], [1, 0], [0, 0]], np.float32), _ctf(3, 0), 1.0, 0
+    )
     band = alignment_band(n, r)
     prep = prepare_particles(imgs, _ctf(3, 0), PSIZE_A, band)
     sigma2 = np.full(r + 1, 50.0, dtype=np.float32)  # broad posteriors: a strict test of the sums
@@ -109,7 +116,9 @@ def test_posteriors_equal_brute_force_and_chunking_invariant():
     M = band.kx.shape[0]
     projs = [class_projections(f, R, band, M) for f in fmaps]
     xc, cc, yy = weighted_terms(prep, sigma2, M)
-    p_ref = _brute_force(prep, [project(f, R, band.kx, band.ky) for f in fmaps], shifts, sigma2, prior)
+    p_ref = _brute_force(
+        prep, [project(f, R, band.kx, band.ky) for f in fmaps], shifts, sigma2, prior
+    )
     for tile in (2**30, 4 * 5 * 64):
         top = score_dense(xc, cc, band, projs, shifts, keep=R.shape[0], max_tile_bytes=tile)
         a = top.class_lse + np.log(prior)
@@ -119,4 +128,117 @@ def test_posteriors_equal_brute_force_and_chunking_invariant():
         w = np.exp(top.logw + np.log(prior)[None, :, None] - tot[:, None, None])
         ref = np.take_along_axis(p_ref.sum(axis=3), top.rot, axis=2)
         np.testing.assert_allclose(w, ref, atol=1e-4)
-        assert np.array_equal(np.sort(top.rot, axis=2), np.broadcast_to(np.arange(R.shape[0]), top.rot.shape))
+        assert np.array_equal(
+            np.sort(top.rot, axis=2), np.broadcast_to(np.arange(R.shape[0]), top.rot.shape)
+        )
+
+
+def _recovery_case(snr, B=60, n=48, seed=0, K=1):
+    vols = [_blobs(n, 10 + k) for k in range(K)]
+    R_true = Rotation.random(B, random_state=seed).as_matrix().astype(np.float32)
+    rng = np.random.default_rng(seed)
+    s_true = rng.uniform(-3, 3, (B, 2)).astype(np.float32)
+    ctf = _ctf(B, seed)
+    cls = rng.integers(0, K, B)
+    imgs = np.concatenate(
+        [
+            _simulate(
+                vols[c], R_true[i : i + 1], s_true[i : i + 1], ctf.subset(np.array([i])), None, 0
+            )
+            for i, c in enumerate(cls)
+        ]
+    )
+    if snr is not None:
+        sd = np.sqrt(imgs.var(axis=(1, 2)).mean() / snr)
+        imgs = imgs + np.random.default_rng(seed + 1).normal(0, sd, imgs.shape).astype(np.float32)
+        noise = np.random.default_rng(seed + 2).normal(0, sd, imgs.shape).astype(np.float32)
+    else:  # noiseless: a nominal noise level for the likelihood's scale
+        noise = (
+            np.random.default_rng(seed + 2)
+            .normal(0, 0.1 * imgs.std(), imgs.shape)
+            .astype(np.float32)
+        )
+    return vols, R_true, s_true, ctf, cls, imgs, noise
+
+
+def _run(vols, imgs, ctf, r, params, noise):
+    """E-step with sigma2 measured on noise-only images through the same preparation."""
+    n = vols[0].shape[-1]
+    band = alignment_band(n, r)
+    prep = prepare_particles(imgs, ctf, PSIZE_A, band, normalize=False)
+    noise_prep = prepare_particles(noise, ctf, PSIZE_A, band, normalize=False)
+    sigma2 = sigma2_from_residuals(noise_prep.y, band.shell, int(r) + 2)
+    fmaps = [prepare_fourier_map(v, r_max=r + 1) for v in vols]
+    return estep(prep, fmaps, sigma2, params)
+
+
+@pytest.mark.parametrize("snr", [None, 0.1])
+def test_recovers_poses_and_shifts(snr):
+    vols, R_true, s_true, ctf, _, imgs, noise = _recovery_case(snr)
+    params = SearchParams(
+        radius_final=15,
+        radius_coarse=10,
+        order_coarse=1,
+        order_final=2,
+        shift_range_px=4,
+        shift_step_px=2,
+    )
+    res = _run(vols, imgs, ctf, 15, params, noise)
+    ang = np.rad2deg(
+        angle_between(res.rotation[:, 0].astype(np.float64), R_true.astype(np.float64))
+    )
+    assert np.median(ang) < grids.angular_step_deg(2)
+    err = np.abs(res.shift_px[:, 0] - s_true)
+    assert np.median(err) < 0.5
+    assert res.n_poses_evaluated.min() >= 576 * len(grids.shift_grid(4, 2))
+
+
+def test_sigma2_from_residuals_white_noise():
+    n, r = 32, 12
+    band = alignment_band(n, r)
+    sd = 2.0
+    noise = np.random.default_rng(0).normal(0, sd, (400, n, n)).astype(np.float32)
+    prep = prepare_particles(noise, None, PSIZE_A, band, normalize=False, mask_radius_px=n)
+    s2 = sigma2_from_residuals(prep.y, band.shell, r + 3)
+    # Unnormalised FFT of white noise: E|Y(k)|^2 = n^2 sd^2 in every shell (empty shells filled).
+    np.testing.assert_allclose(s2, n * n * sd**2, rtol=0.1)
+
+
+def test_true_class_wins_k2():
+    vols, R_true, s_true, ctf, cls, imgs, noise = _recovery_case(0.1, B=60, K=2, seed=3)
+    params = SearchParams(
+        radius_final=12,
+        radius_coarse=8,
+        order_coarse=1,
+        order_final=2,
+        shift_range_px=4,
+        shift_step_px=2,
+    )
+    res = _run(vols, imgs, ctf, 12, params, noise)
+    assert np.mean(res.best_class == cls) >= 0.95
+    np.testing.assert_allclose(res.class_posterior.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(res.pose_weight.sum(axis=2), 1, atol=1e-5)
+    assert np.all(res.class_ess >= 1) and np.all(res.pose_ess >= 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="coarse-to-fine agrees with exhaustive on ~88% (order 2->3), issue 6 asks 99%",
+)
+def test_coarse_to_fine_matches_exhaustive():
+    vols, R_true, s_true, ctf, _, imgs, noise = _recovery_case(1.0, B=100, n=32, seed=5)
+    c2f = SearchParams(
+        radius_final=12, order_coarse=2, order_final=3, shift_range_px=4, shift_step_px=2
+    )
+    exhaustive = SearchParams(
+        radius_final=12,
+        order_coarse=3,
+        order_final=3,
+        shift_range_px=4,
+        shift_step_px=1,
+        shift_shape="square",
+    )
+    a = _run(vols, imgs, ctf, 12, c2f, noise)
+    b = _run(vols, imgs, ctf, 12, exhaustive, noise)
+    assert np.mean(a.rot_id[:, 0] == b.rot_id[:, 0]) >= 0.99
+    assert a.n_poses_evaluated.mean() < 0.25 * b.n_poses_evaluated.mean()

@@ -76,7 +76,9 @@ def pix2ang_nest(order: int, pixels):
     south = jr > 3 * nside
     nr = np.where(north, jr, np.where(south, 4 * nside - jr, nside))
     z_cap = nr.astype(np.float64) ** 2 / (3.0 * npface)
-    z = np.where(north, 1.0 - z_cap, np.where(south, z_cap - 1.0, (2 * nside - jr) * 2.0 / (3.0 * nside)))
+    z = np.where(
+        north, 1.0 - z_cap, np.where(south, z_cap - 1.0, (2 * nside - jr) * 2.0 / (3.0 * nside))
+    )
     kshift = np.where(north | south, 0, (jr - nside) & 1)
     jp = (_JPLL[face] * nr + jpt + 1 + kshift) // 2
     jp = np.where(jp > 4 * nside, jp - 4 * nside, jp)
@@ -102,7 +104,9 @@ def matrices_for(order: int, ids) -> np.ndarray:
     """CryoSPARC rotation matrices ``(len(ids), 3, 3)`` float32 of grid ``ids`` at ``order``."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= n_rotations(order)):
-        raise ValueError(f"rotation id out of range for order {order} (0..{n_rotations(order) - 1})")
+        raise ValueError(
+            f"rotation id out of range for order {order} (0..{n_rotations(order) - 1})"
+        )
     npsi = n_psi(order)
     theta, phi = pix2ang_nest(order, ids // npsi)
     psi_deg = (ids % npsi + 0.5) * (360.0 / npsi)

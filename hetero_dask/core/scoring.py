@@ -132,7 +132,11 @@ def prepare_particles(
         x = (x - bg.mean(axis=1)[:, None, None]) / xp.maximum(bg.std(axis=1), 1e-12)[:, None, None]
     x = x * circular_mask(n, radius_px, mask_width_px, xp)
     y = fft2c(x).reshape(B, -1)[:, band.flat].astype(xp.complex64)
-    center = xp.zeros((B, 2), dtype=xp.float32) if center_px is None else xp.asarray(center_px, dtype=xp.float32)
+    center = (
+        xp.zeros((B, 2), dtype=xp.float32)
+        if center_px is None
+        else xp.asarray(center_px, dtype=xp.float32)
+    )
     y = y * phase_ramp(band.kx, band.ky, center[:, None, :], n)[:, 0]
     if ctf_params is None:
         c = xp.ones((B, band.kx.shape[0]), dtype=xp.float32)
@@ -167,7 +171,9 @@ def project_band(fmap: FourierMap, rotations, kx, ky):
     kx = xp.asarray(kx, dtype=xp.float32)
     ky = xp.asarray(ky, dtype=xp.float32)
     if kx.size and float(xp.max(kx**2 + ky**2)) > fmap.r_max**2 + 1e-3:
-        raise ValueError(f"band radius exceeds the Fourier map's r_max={fmap.r_max}; prepare it larger")
+        raise ValueError(
+            f"band radius exceeds the Fourier map's r_max={fmap.r_max}; prepare it larger"
+        )
     S = fmap.data.shape[-1]
     pts = slice_points(xp.asarray(rotations, dtype=xp.float32), kx, ky)
     pts *= fmap.pad
@@ -223,7 +229,9 @@ def weighted_terms(prep: PreparedParticles, sigma2, m: int, sigma2_scale: float 
     sigma2 = xp.asarray(sigma2, dtype=xp.float32)
     shell = prep.band.shell[:m]
     if int(shell.max()) >= sigma2.shape[0]:
-        raise ValueError(f"sigma2 has {sigma2.shape[0]} shells; the band needs {int(shell.max()) + 1}")
+        raise ValueError(
+            f"sigma2 has {sigma2.shape[0]} shells; the band needs {int(shell.max()) + 1}"
+        )
     inv = (1.0 / (sigma2[shell] * sigma2_scale)).astype(xp.float32)
     y, c = prep.y[:, :m], prep.ctf[:, :m]
     xc = (y * (2.0 * c * inv)).astype(xp.complex64)

@@ -2,9 +2,9 @@
 
 Stage 0 scores every particle against the whole HEALPix grid of
 ``order_coarse`` x the shift grid at a low radius (one shared set of class
-projections, dense products). Each later stage keeps, per particle, the poses
-holding ``keep_mass`` of the posterior mass (at most ``max_poses`` per class,
-always the best of each class), evaluates their 8 children at the next order
+projections, dense products). Each later stage keeps, per particle, the
+``max_poses`` best poses of each class among the classes holding
+``keep_mass`` of the class posterior (the best pose of the others), evaluates their 8 children at the next order
 with shifts refined around the class's best shift (3 x 3 at half the previous
 step), at a higher radius. Candidate rotations are projected once per
 particle chunk (the unique set over the chunk) and scored with batched
@@ -46,6 +46,7 @@ class SearchParams:
     order_final: int = 3
     shift_range_px: float = 5.0
     shift_step_px: float = 2.0
+    shift_shape: str = "disc"
     max_poses: int = 8
     keep_mass: float = 0.999
     n_out_poses: int = 8
@@ -106,19 +107,21 @@ class _Stage:
 
 
 def _significant(stage: _Stage, log_prior, keep_mass: float, xp):
-    """Mask (B, K, Q): poses holding ``keep_mass`` of the particle's mass, plus each class's best."""
-    B, K, Q = stage.logw.shape
-    lw = stage.logw.astype(xp.float64) + log_prior[None, :, None]
-    tot = _logsumexp(stage.class_lse + log_prior[None, :], xp, axis=1)
-    flat = lw.reshape(B, K * Q)
-    order = xp.argsort(-flat, axis=1)
-    srt = xp.take_along_axis(flat, order, axis=1)
-    mass = xp.cumsum(xp.exp(srt - tot[:, None]), axis=1)
-    n_keep = xp.minimum(xp.sum(mass < keep_mass, axis=1) + 1, K * Q)
-    thresh = xp.take_along_axis(srt, (n_keep - 1)[:, None], axis=1)
-    keep = (flat >= thresh) & xp.isfinite(flat)
+    """Mask (B, K, Q): every scored pose of the classes that together hold ``keep_mass``, else the best.
+
+    Coarse grids misplace sharp likelihood peaks, so the posterior over coarse
+    poses is not a reliable guide within a class: the caller keeps its top
+    ``max_poses``. Classes outside the mass keep only their best pose (for
+    their per-class pose output).
+    """
+    a = stage.class_lse + log_prior[None, :]
+    p = xp.exp(a - _logsumexp(a, xp, axis=1)[:, None])  # (B, K)
+    srt = -xp.sort(-p, axis=1)
+    n_keep = xp.sum(xp.cumsum(srt, axis=1) < keep_mass, axis=1) + 1
+    thresh = xp.take_along_axis(srt, xp.minimum(n_keep, p.shape[1])[:, None] - 1, axis=1)
+    cls_keep = p >= thresh
     best = stage.logw == stage.logw.max(axis=2, keepdims=True)
-    return keep.reshape(B, K, Q) | (best & (stage.ids >= 0))
+    return (cls_keep[:, :, None] | best) & (stage.ids >= 0) & xp.isfinite(stage.logw)
 
 
 def _logsumexp(a, xp, axis):
@@ -145,8 +148,12 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage,
     grid = grids.so3_grid(params.order_coarse)
     rots = xp.asarray(grid.matrices)
     projs = [class_projections(f, rots, band, m) for f in fmaps]
-    shifts = xp.asarray(grids.shift_grid(params.shift_range_px, params.shift_step_px))
-    top: TopPoses = score_dense(xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes)
+    shifts = xp.asarray(
+        grids.shift_grid(params.shift_range_px, params.shift_step_px, params.shift_shape)
+    )
+    top: TopPoses = score_dense(
+        xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes
+    )
     stage = _Stage(
         ids=top.rot,
         logw=top.logw,
@@ -161,7 +168,9 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage,
 def _project_candidates(fmap: FourierMap, order: int, ids, band, m: int, xp):
     """Projections of per-particle candidate ids (b, C) (-1 allowed): (b, C, 2M) and (b, C, M)."""
     ids_h = to_host(ids)
-    uniq, inv = np.unique(np.where(ids_h >= 0, ids_h, ids_h[ids_h >= 0].min(initial=0)), return_inverse=True)
+    uniq, inv = np.unique(
+        np.where(ids_h >= 0, ids_h, ids_h[ids_h >= 0].min(initial=0)), return_inverse=True
+    )
     rots = xp.asarray(grids.matrices_for(order, uniq))
     P = project_band(fmap, rots, band.kx[:m], band.ky[:m])
     inv = xp.asarray(inv.reshape(ids_h.shape))
@@ -169,7 +178,9 @@ def _project_candidates(fmap: FourierMap, order: int, ids, band, m: int, xp):
     return stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32)
 
 
-def _local_stage(prep, fmaps, sigma2, prev: _Stage, log_prior, stage_no: int, params: SearchParams, xp):
+def _local_stage(
+    prep, fmaps, sigma2, prev: _Stage, log_prior, stage_no: int, params: SearchParams, xp
+):
     band = prep.band
     B, K, _ = prev.ids.shape
     sig = _significant(prev, log_prior, params.keep_mass, xp)
@@ -177,7 +188,9 @@ def _local_stage(prep, fmaps, sigma2, prev: _Stage, log_prior, stage_no: int, pa
     lw = xp.where(sig, prev.logw, -np.inf)
     C = min(params.max_poses, lw.shape[2])
     sel = xp.argsort(-lw, axis=2)[..., :C]
-    par_ids = xp.where(xp.take_along_axis(sig, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1)
+    par_ids = xp.where(
+        xp.take_along_axis(sig, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1
+    )
     order = prev.order + 1
     ch = xp.asarray(grids.children(prev.order, np.maximum(to_host(par_ids), 0)))
     ch = xp.where(par_ids[..., None] >= 0, ch, -1).reshape(B, K, C * 8)
@@ -200,7 +213,9 @@ def _local_stage(prep, fmaps, sigma2, prev: _Stage, log_prior, stage_no: int, pa
         for b0 in range(0, B, params.particle_chunk):
             b1 = min(B, b0 + params.particle_chunk)
             p_ri, p_pow = _project_candidates(fmap, order, ch[b0:b1, k], band, m, xp)
-            L, t = score_local(xc[b0:b1], cc[b0:b1], band, p_ri, p_pow, valid[b0:b1, k], shifts[b0:b1, k])
+            L, t = score_local(
+                xc[b0:b1], cc[b0:b1], band, p_ri, p_pow, valid[b0:b1, k], shifts[b0:b1, k]
+            )
             logw[b0:b1, k], tidx[b0:b1, k] = L, t
     stage = _Stage(
         ids=ch,
@@ -231,7 +246,9 @@ def estep(
     B = prep.n_particles
     if params.order_final < params.order_coarse:
         raise ValueError(f"order_final {params.order_final} < order_coarse {params.order_coarse}")
-    prior = xp.full(K, 1.0 / K) if class_prior is None else xp.asarray(class_prior, dtype=xp.float64)
+    prior = (
+        xp.full(K, 1.0 / K) if class_prior is None else xp.asarray(class_prior, dtype=xp.float64)
+    )
     if prior.shape != (K,):
         raise ValueError(f"class_prior must have shape ({K},), got {prior.shape}")
     log_prior = xp.log(xp.maximum(prior, 1e-30))
@@ -243,7 +260,9 @@ def estep(
     return _finish(prep, fmaps, sigma2, stage, log_prior, n_eval, params, xp)
 
 
-def _finish(prep, fmaps, sigma2, stage: _Stage, log_prior, n_eval, params: SearchParams, xp) -> EStepResult:
+def _finish(
+    prep, fmaps, sigma2, stage: _Stage, log_prior, n_eval, params: SearchParams, xp
+) -> EStepResult:
     B, K, Q = stage.ids.shape
     band = prep.band
     m = band.size_at(params.radius_at(params.order_final - params.order_coarse))
@@ -258,7 +277,9 @@ def _finish(prep, fmaps, sigma2, stage: _Stage, log_prior, n_eval, params: Searc
     q = xp.argmax(stage.logw, axis=2)
     rot_id = xp.take_along_axis(stage.ids, q[..., None], axis=2)[..., 0]
     shift = xp.take_along_axis(stage.shift, q[..., None, None], axis=2)[:, :, 0]
-    rotation = xp.asarray(grids.matrices_for(stage.order, to_host(rot_id).ravel())).reshape(B, K, 3, 3)
+    rotation = xp.asarray(grids.matrices_for(stage.order, to_host(rot_id).ravel())).reshape(
+        B, K, 3, 3
+    )
     cross = xp.zeros((B, K), dtype=xp.float64)
     norm = xp.zeros((B, K), dtype=xp.float64)
     for k, fmap in enumerate(fmaps):
@@ -277,7 +298,9 @@ def _finish(prep, fmaps, sigma2, stage: _Stage, log_prior, n_eval, params: Searc
         w = (xp.arange(P_out)[None, None, :] == 0).astype(xp.float64) * xp.ones_like(w)
     w = w / xp.maximum(w.sum(axis=2, keepdims=True), 1e-300)
     pose_ids = xp.where(w > 0, xp.take_along_axis(stage.ids, sel, axis=2), -1)
-    pose_shift = xp.take_along_axis(stage.shift, sel[..., None], axis=2) + prep.center_px[:, None, None, :]
+    pose_shift = (
+        xp.take_along_axis(stage.shift, sel[..., None], axis=2) + prep.center_px[:, None, None, :]
+    )
     return EStepResult(
         class_posterior=post.astype(xp.float32),
         best_class=best_class,
