@@ -1,0 +1,69 @@
+"""What every job does first: open the particle store, and draw the half-set split.
+
+A job accepts a particle store (``*.zarr`` made by ``hetero-dask import``) or
+a ``.cs``/``.star`` file. A file is imported on the fly into
+``OUT/particles.zarr``; a complete store already there that was imported
+from the same table, box, pixel size and seed is reused as it is (a re-run
+of a job does not copy the images again).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hetero_dask.io.store import ParticleStore, ensure_store, fingerprint, is_store
+
+SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
+
+
+def open_particle_store(
+    particles, out_dir, client=None, stack_dir=None, seed: int = 0, progress: bool = True
+) -> ParticleStore:
+    """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
+
+    A file is imported into ``out_dir/particles.zarr`` (on ``client``'s
+    workers when given), unless a complete store imported from the same
+    input (same fingerprint and ``seed``) is already there.
+    """
+    if is_store(particles):
+        return ParticleStore.open(particles)
+    from hetero_dask.io.particles import load_particles
+
+    path = Path(particles)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"particles {path} not found (expected a .cs, .star or .zarr store)"
+        )
+    pset = load_particles(path, stack_dir=stack_dir)
+    target = Path(out_dir) / "particles.zarr"
+    if is_store(target):
+        try:
+            existing = ParticleStore.open(target)
+        except ValueError:  # incomplete: let the import resume it
+            existing = None
+        if (
+            existing is not None
+            and existing.seed == int(seed)
+            and existing.attrs.get("fingerprint") == fingerprint(pset.table, pset.box, pset.psize_A)
+        ):
+            return existing
+    return ensure_store(pset, out_dir, client=client, seed=seed, progress=progress)
+
+
+def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:
+    """Half-set (0/1) of every particle ``(N,)`` int64, in store order.
+
+    From ``alignments3D/split`` (or ``alignments3D_multi/split``) when the
+    input has one with both half-sets present; else random, balanced and
+    reproducible: it depends only on ``seed`` and the input order, not on
+    the store's permutation or on how the work is partitioned.
+    """
+    for name in SPLIT_FIELDS:
+        if store.has_field(name):
+            split = np.asarray(store.column(name), dtype=np.int64).reshape(store.n)
+            if np.isin(split, (0, 1)).all() and np.unique(split).size == 2:
+                return split
+    by_input = np.random.default_rng([int(seed), 2]).permutation(store.n) % 2
+    return by_input[store.original_index].astype(np.int64)

@@ -1,0 +1,271 @@
+"""The M-step shared by heterogeneous refinement and reconstruction: per-class backprojection and maps.
+
+Partials: a :class:`ClassGridsPartial` holds one pair of Fourier half-grids
+(:class:`~hetero_dask.core.backprojector.BackprojGrids`) per class ``k`` and
+half-set ``h``, keyed ``(k, h)``, plus per-class weight sums and any summed
+statistics a job adds (``extra``). Every field is a plain sum over
+particles, so partials of disjoint particle ranges merge by addition
+(:func:`merge_partials`) in any order.
+
+Backprojection (:func:`backproject_particles`), per particle ``i``, pose
+``p`` of class ``k``, weight ``w = posterior x pose weight``:
+``B += w * CTF * Y_centred / sigma2`` and ``W += w * CTF^2 / sigma2`` at
+``R k`` (DESIGN.md), with ``Y_centred = Y * exp(-2 pi i k.s / n)``.
+
+Maps (:func:`mstep_class`): half-maps are reconstructed first without
+regularisation to measure their FSC (unless a prior FSC is given), then
+with the Wiener prior from that FSC (``tau2 = T * SSNR / mean W``, RELION);
+the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetero_dask.core.backend import to_device, to_host, xp_of
+from hetero_dask.core.backprojector import (
+    BackprojGrids,
+    backproject,
+    half_plane_freqs,
+    merge_grids,
+    new_grids,
+    symmetrise_grids,
+)
+from hetero_dask.core.ctf import CTFParams, ctf_values
+from hetero_dask.core.fourier import fft2c
+from hetero_dask.core.fsc import fsc as fsc_curve
+from hetero_dask.core.fsc import full_map_fsc, resolution_A
+from hetero_dask.core.reconstruction import reconstruct
+
+HALVES = (0, 1)
+
+
+@dataclass
+class ClassGridsPartial:
+    """Summed backprojection statistics of some particles, for K classes and two half-sets.
+
+    ``grids``: ``(k, h) -> BackprojGrids`` (numpy arrays when travelling);
+    ``weight_sum`` ``(K,)`` float64: sum of the particles' class weights;
+    ``n_particles``: particles accumulated; ``extra``: name -> summed array
+    (e.g. per-shell noise statistics a job adds).
+    """
+
+    grids: dict[tuple[int, int], BackprojGrids]
+    weight_sum: np.ndarray
+    n_particles: int = 0
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.weight_sum.shape[0])
+
+    def to(self, xp) -> ClassGridsPartial:
+        """The same partial with grids in namespace ``xp`` (numpy before it travels)."""
+        return ClassGridsPartial(
+            {key: g.to(xp) for key, g in self.grids.items()},
+            np.asarray(self.weight_sum, dtype=np.float64),
+            int(self.n_particles),
+            {name: to_device(v, xp) for name, v in self.extra.items()},
+        )
+
+
+def empty_partial(K: int, n: int, pad: int = 2, r_max=None, xp=np) -> ClassGridsPartial:
+    """Zeroed partial: half-grids for every class and half-set, box ``n`` up to ``r_max``."""
+    grids = {(k, h): new_grids(n, pad, r_max, xp) for k in range(K) for h in HALVES}
+    return ClassGridsPartial(grids, np.zeros(K, dtype=np.float64))
+
+
+def merge_partials(a: ClassGridsPartial, b: ClassGridsPartial) -> ClassGridsPartial:
+    """``a + b`` accumulated into ``a`` (returned); keys only in ``b`` are copied over."""
+    if a.weight_sum.shape != b.weight_sum.shape:
+        raise ValueError(f"cannot merge partials of {a.n_classes} and {b.n_classes} classes")
+    for key, g in b.grids.items():
+        if key in a.grids:
+            mine = a.grids[key]
+            if (mine.pad, mine.n, mine.data.shape) != (g.pad, g.n, g.data.shape):
+                raise ValueError(
+                    f"cannot merge grids {key} of pad/n/shape {(mine.pad, mine.n, mine.data.shape)} "
+                    f"and {(g.pad, g.n, g.data.shape)}: crop both to one r_max first"
+                )
+            mine.data += g.data
+            mine.weight += g.weight
+        else:
+            a.grids[key] = g.to(xp_of(g.data))
+    a.weight_sum = a.weight_sum + b.weight_sum
+    a.n_particles += b.n_particles
+    for name, v in b.extra.items():
+        a.extra[name] = a.extra[name] + v if name in a.extra else v.copy()
+    return a
+
+
+def select_class(merged: ClassGridsPartial, k: int) -> ClassGridsPartial:
+    """The part of ``merged`` one class's M-step needs: class ``k``'s two half-grids.
+
+    ``weight_sum`` and ``extra`` (small) are kept whole.
+    """
+    missing = [h for h in HALVES if (k, h) not in merged.grids]
+    if missing:
+        raise KeyError(f"partial has no grids for class {k}, half-set(s) {missing}")
+    return ClassGridsPartial(
+        {(k, h): merged.grids[(k, h)] for h in HALVES},
+        merged.weight_sum.copy(),
+        merged.n_particles,
+        dict(merged.extra),
+    )
+
+
+def _shell_of(kx, ky, n_shells: int):
+    xp = xp_of(kx)
+    return xp.minimum(xp.rint(xp.sqrt(kx**2 + ky**2)).astype(xp.int64), n_shells - 1)
+
+
+def backproject_particles(
+    partial: ClassGridsPartial,
+    images,
+    ctf_params: CTFParams,
+    psize_A: float,
+    rotations,
+    shifts_px,
+    weights,
+    k: int,
+    halves,
+    inv_sigma2=None,
+    r_max=None,
+) -> ClassGridsPartial:
+    """Backproject a batch of particles into class ``k``'s half-grids of ``partial`` (in place).
+
+    ``images`` ``(B, n, n)`` real, blob/sign applied; ``ctf_params`` ``(B,)``;
+    ``psize_A`` of the images; per particle ``P`` poses: ``rotations``
+    ``(B, P, 3, 3)``, ``shifts_px`` ``(B, P, 2)`` (CryoSPARC shifts, pixels at
+    this box), ``weights`` ``(B, P)`` (posterior x pose weight; zeros are
+    skipped); ``halves`` ``(B,)`` 0/1; ``inv_sigma2`` per shell
+    ``(n_shells,)`` or None (1); ``r_max`` in cycles per box (default: the
+    grids' own). ``partial.weight_sum[k]`` grows by the weights' sum.
+    """
+    grids0 = partial.grids[(k, 0)]
+    xp = xp_of(grids0.data)
+    images = xp.asarray(images)
+    B, n = images.shape[0], images.shape[-1]
+    if n != grids0.n:
+        raise ValueError(f"images of box {n} for grids of box {grids0.n}")
+    weights = xp.asarray(weights, dtype=xp.float32).reshape(B, -1)
+    rotations = xp.asarray(rotations, dtype=xp.float32).reshape(B, -1, 3, 3)
+    shifts_px = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
+    halves = xp.asarray(halves).reshape(B)
+    r_max = grids0.r_max if r_max is None else min(float(r_max), grids0.r_max)
+    kx, ky, flat = half_plane_freqs(n, r_max, xp)
+    Y = fft2c(images).reshape(B, -1)[:, flat].astype(xp.complex64)
+    ctf = ctf_values(ctf_params.to(xp), kx / (n * psize_A), ky / (n * psize_A))
+    if inv_sigma2 is not None:
+        isig = xp.asarray(inv_sigma2, dtype=xp.float32)
+        ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
+    else:
+        ctf_isig = ctf
+    cy = ctf_isig * Y  # CTF * Y / sigma2, before centring
+    c2 = ctf_isig * ctf  # CTF^2 / sigma2
+    for p in range(weights.shape[1]):
+        w = weights[:, p]
+        for h in HALVES:
+            sel = xp.nonzero((halves == h) & (w > 0))[0]
+            if sel.size == 0:
+                continue
+            s = shifts_px[sel, p]
+            phase = xp.exp(
+                (-2j * np.pi / n) * (s[:, :1] * kx[None, :] + s[:, 1:] * ky[None, :])
+            ).astype(xp.complex64)
+            ws = w[sel][:, None]
+            backproject(
+                partial.grids[(k, h)],
+                rotations[sel, p],
+                ws * cy[sel] * phase,
+                ws * c2[sel],
+                kx,
+                ky,
+            )
+    partial.weight_sum[k] += float(xp.sum(weights))
+    return partial
+
+
+@dataclass
+class ClassResult:
+    """One class's maps and FSC from :func:`mstep_class`.
+
+    ``vol_full``, ``vol_A``, ``vol_B`` ``(n, n, n)`` float32; ``fsc``
+    ``(n // 2 + 1,)`` between the final half-maps (no mask); ``resolution_A``
+    at FSC 0.143 (inf when empty); ``weight_sum`` of the class; ``empty``:
+    the class got (almost) no weight and its maps are zeros;
+    ``fsc_prior``: the FSC the Wiener prior used (None: unregularised).
+    """
+
+    vol_full: np.ndarray
+    vol_A: np.ndarray
+    vol_B: np.ndarray
+    fsc: np.ndarray
+    resolution_A: float
+    weight_sum: float
+    empty: bool = False
+    fsc_prior: np.ndarray | None = None
+
+
+def mstep_class(
+    part_k: ClassGridsPartial,
+    k: int,
+    symmetry_ops=None,
+    tau2_fudge: float = 1.0,
+    psize_A: float | None = None,
+    fsc_prior=None,
+    min_weight: float = 1e-6,
+    regularise: bool = True,
+) -> ClassResult:
+    """Half-maps and full map of class ``k`` from its grids (see the module docstring).
+
+    ``symmetry_ops`` ``(G, 3, 3)``: symmetrise the grids first; ``tau2_fudge``:
+    RELION's T; ``psize_A``: pixel size of the maps (for ``resolution_A``);
+    ``fsc_prior`` ``(n // 2 + 1,)``: half-map FSC for the Wiener prior (default:
+    measured from unregularised half-maps); ``regularise=False`` returns the
+    plain ``B / W`` maps. A class whose weight is below ``min_weight`` gives
+    zero maps, resolution inf and ``empty=True``. Returns numpy arrays.
+    """
+    if psize_A is None or not psize_A > 0:
+        raise ValueError(f"mstep_class needs the maps' pixel size psize_A > 0, got {psize_A}")
+    halves = [part_k.grids[(k, h)] for h in HALVES]
+    n = halves[0].n
+    weight = float(part_k.weight_sum[k])
+    xp = xp_of(halves[0].data)
+    n_shells = n // 2 + 1
+    if weight < min_weight:
+        zero = np.zeros((n, n, n), np.float32)
+        return ClassResult(
+            zero, zero.copy(), zero.copy(), np.zeros(n_shells), float("inf"), weight, True
+        )
+    if symmetry_ops is not None and len(symmetry_ops) > 1:
+        halves = [symmetrise_grids(g, symmetry_ops) for g in halves]
+    full = merge_grids(*halves)
+    half_empty = any(float(xp.sum(g.weight)) <= 0 for g in halves)
+    prior = None
+    if regularise and not half_empty:
+        if fsc_prior is None:
+            vA, vB = (reconstruct(g) for g in halves)
+            prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
+        else:
+            prior = np.asarray(fsc_prior, dtype=np.float64)
+    if prior is None:
+        vA, vB = (reconstruct(g) for g in halves)
+        vF = reconstruct(full)
+    else:
+        vA, vB = (reconstruct(g, prior, tau2_fudge) for g in halves)
+        vF = reconstruct(full, xp.asarray(to_host(full_map_fsc(prior))), tau2_fudge)
+    vA, vB, vF = (np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
+    curve = fsc_curve(vA, vB) if not half_empty else np.zeros(n_shells)
+    return ClassResult(
+        vF,
+        vA,
+        vB,
+        curve,
+        resolution_A(curve, n, psize_A) if not half_empty else float("inf"),
+        weight,
+        False,
+        prior,
+    )
