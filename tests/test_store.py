@@ -95,25 +95,24 @@ def test_shard_ranges_cover_and_align(particles, tmp_path):
 def test_dask_import_equals_serial_import(particles, tmp_path):
     from distributed import Client, LocalCluster
 
-    serial = import_particles(
-        particles, tmp_path / "a.zarr", seed=2, crop_boxes=[16], progress=False, **SMALL
-    )
+    from hetero_dask.io.cs import write_cs
+    from hetero_dask.io.mrc import write_stack
+
+    # the same particles as files: a ParticleSet is cut per shard instead of broadcast
+    write_stack(tmp_path / "particles.mrcs", particles.images, PSIZE)
+    write_cs(tmp_path / "p.cs", particles.table)
+    kw = dict(seed=2, crop_boxes=[16], progress=False, **SMALL)
+    serial = import_particles(particles, tmp_path / "a.zarr", **kw)
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as lc:
         with Client(lc) as client:
-            par = import_particles(
-                particles,
-                tmp_path / "b.zarr",
-                client=client,
-                seed=2,
-                crop_boxes=[16],
-                progress=False,
-                **SMALL,
-            )
-    assert np.array_equal(par.images(), serial.images())
-    assert np.array_equal(par.images_at_box(16), serial.images_at_box(16))
-    assert par.table().tobytes() == serial.table().tobytes()
+            par = import_particles(particles, tmp_path / "b.zarr", client=client, **kw)
+            files = import_particles(tmp_path / "p.cs", tmp_path / "c.zarr", client=client, **kw)
+    for st in (par, files):
+        assert np.array_equal(st.images(), serial.images())
+        assert np.array_equal(st.images_at_box(16), serial.images_at_box(16))
+        assert st.table().tobytes() == serial.table().tobytes()
 
 
 def test_resume_after_crash_and_completion_marker(particles, tmp_path):

@@ -41,6 +41,7 @@ sizes) is discarded and rebuilt.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -59,6 +60,7 @@ ATTR = "hetero_dask_store"
 CHUNK_MB = 2.0
 SHARD_MB = 128.0
 _META_SHARD_ROWS = 1 << 20  # metadata columns: one Zarr shard per ~1M rows
+_READ_BYTES = 16 << 20  # images read from the stacks per call during import
 _CTF_OPTIONAL = {"phase_shift_rad": 0.0, "bfactor": 0.0, "scale": 1.0}
 
 
@@ -351,20 +353,27 @@ def _create_layout(
     return g
 
 
-def _shard_task(path: str, shard: int, particles, crop_boxes: Sequence[int]) -> int:
-    """Read the images of one shard from the stacks and write it (and its crops); mark it done."""
+def _shard_task(
+    path: str, shard: int, particles, read_rows, dest, crop_boxes: Sequence[int]
+) -> int:
+    """Read one shard's images, write it (and its crops), then mark it done.
+
+    ``particles.read_images(read_rows[i])`` is the image of shard row
+    ``dest[i]``; ``read_rows`` are ascending so stacks are read sequentially.
+    """
     g = zarr.open_group(path, mode="r+")
     a = g.attrs[ATTR]
-    rows = int(a["shard_rows"])
-    start, stop = shard * rows, min((shard + 1) * rows, int(a["n"]))
-    idx = g["original_index"][start:stop]
-    order = np.argsort(idx, kind="stable")  # read the stacks in input order (sequential files)
+    start = shard * int(a["shard_rows"])
+    stop = min(start + int(a["shard_rows"]), int(a["n"]))
     imgs = np.empty((stop - start, a["box"], a["box"]), dtype=np.float32)
-    imgs[order] = particles.read_images(idx[order])
+    step = max(1, _READ_BYTES // (4 * a["box"] ** 2))  # bounded temporaries beyond the shard
+    for b in range(0, len(dest), step):
+        imgs[dest[b : b + step]] = particles.read_images(read_rows[b : b + step])
     bad = ~np.isfinite(imgs).all(axis=(1, 2))
     if bad.any():
+        first = int(g["original_index"][start + int(np.argmax(bad))])
         raise ValueError(
-            f"particle {int(idx[np.argmax(bad)])} (0-based, input order) has NaN or inf pixels; "
+            f"particle {first} (0-based, input order) has NaN or inf pixels; "
             f"{int(bad.sum())} such particle(s) in store rows {start}-{stop - 1}"
         )
     g["images"][start:stop] = imgs
@@ -380,37 +389,70 @@ def _shard_task(path: str, shard: int, particles, crop_boxes: Sequence[int]) -> 
     return stop - start
 
 
+def _shard_inputs(particles, perm: np.ndarray, shard: int, shard_rows: int):
+    """``(particles_for_task, read_rows, dest)`` of one shard.
+
+    A :class:`~hetero_dask.io.particles.ParticleSet` is cut to the shard's
+    rows, so a task carries only its own metadata (worker memory independent
+    of N); other sources are used whole.
+    """
+    from .particles import ParticleSet
+
+    idx = perm[shard * shard_rows : (shard + 1) * shard_rows]
+    dest = np.argsort(idx, kind="stable")
+    rows = idx[dest]
+    if isinstance(particles, ParticleSet):
+        sub = dataclasses.replace(
+            particles, table=particles.table[rows], stack_of_row=particles.stack_of_row[rows]
+        )
+        return sub, np.arange(rows.size), dest
+    return particles, rows, dest
+
+
 def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
+    """Run the shard tasks, in this process or on ``client`` (at most 2 per worker thread queued)."""
     from tqdm.auto import tqdm
 
+    g = zarr.open_group(str(path), mode="r")
+    perm = g["original_index"][:]
+    shard_rows = int(g.attrs[ATTR]["shard_rows"])
     bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=not progress)
     try:
         if client is None:
             for s in todo:
-                _shard_task(str(path), s, particles, crop_boxes)
+                _shard_task(
+                    str(path), s, *_shard_inputs(particles, perm, s, shard_rows), crop_boxes
+                )
                 bar.update(1)
             return
         from distributed import as_completed
 
-        remote = client.scatter(particles, broadcast=True)
-        futures = [
-            client.submit(
+        from .particles import ParticleSet
+
+        if not isinstance(particles, ParticleSet):
+            particles = client.scatter(particles, broadcast=True)
+        window = 2 * max(1, sum(client.nthreads().values()))
+        pending = list(todo)
+
+        def submit(s):
+            return client.submit(
                 _shard_task,
                 str(path),
                 s,
-                remote,
+                *_shard_inputs(particles, perm, s, shard_rows),
                 list(crop_boxes),
-                key=f"import-shard-{path.name}-{s}",
                 pure=False,
             )
-            for s in todo
-        ]
+
+        running = as_completed([submit(pending.pop(0)) for _ in range(min(window, len(pending)))])
         try:
-            for fut in as_completed(futures):
+            for fut in running:
                 fut.result()  # re-raise a worker's error here
                 bar.update(1)
+                if pending:
+                    running.add(submit(pending.pop(0)))
         finally:
-            client.cancel(futures)
+            client.cancel(list(running.futures))
     finally:
         bar.close()
 
