@@ -139,6 +139,10 @@ def test_resume_after_crash_and_completion_marker(particles, tmp_path):
     assert np.array_equal(st.images(), clean.images())
     assert st.table().tobytes() == clean.table().tobytes()
     assert np.array_equal(st.original_index, clean.original_index)
+    # importing the same input again returns the complete store without reading anything
+    again = MemoryParticles(particles.images, particles.table, PSIZE)
+    assert import_particles(again, out, seed=9, progress=False, **SMALL).n == st.n
+    assert again.calls == 0
 
 
 def test_interrupted_reimport_keeps_previous_store(particles, tmp_path):

@@ -36,7 +36,9 @@ until that final swap (``<out>`` -> ``<out>.old-<pid>``, partial -> ``<out>``,
 old removed), so an interrupted import never damages it. Re-running the
 same import resumes the partial store, skipping shards already done; a
 partial store built from different input (other fingerprint, seed or
-sizes) is discarded and rebuilt.
+sizes) is discarded and rebuilt. Importing into a complete store built from
+the same input, seed and sizes returns it as it is (a job importing on the
+fly into its output directory does it once).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def store_layout(
 
 def is_store(path) -> bool:
     """Whether ``path`` is a (complete or not) hetero_dask particle store."""
+    if not isinstance(path, str | os.PathLike):
+        return False
     p = Path(path)
     if not (p / "zarr.json").is_file():
         return False
@@ -457,6 +461,11 @@ def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, prog
         bar.close()
 
 
+def _matches(path: Path, expected: dict) -> bool:
+    a = zarr.open_group(str(path), mode="r").attrs[ATTR]
+    return all(a.get(k) == v for k, v in expected.items())
+
+
 def import_particles(
     source,
     out_path,
@@ -501,18 +510,20 @@ def import_particles(
     table = particles.table
     fp = fingerprint(table, particles.box, particles.psize_A)
     partial = _partial_path(out)
+    chunk_rows, shard_rows = store_layout(len(table), particles.box, chunk_mb, shard_mb)
     expected = {
+        "format_version": FORMAT_VERSION,
         "fingerprint": fp,
         "seed": int(seed),
         "crop_boxes": crop_boxes,
-        "chunk_rows": store_layout(len(table), particles.box, chunk_mb, shard_mb)[0],
-        "shard_rows": store_layout(len(table), particles.box, chunk_mb, shard_mb)[1],
+        "chunk_rows": chunk_rows,
+        "shard_rows": shard_rows,
     }
+    if is_store(out) and _matches(out, {**expected, "complete": True}):
+        return ParticleStore.open(out)  # already imported from the same input
     g = None
-    if is_store(partial):
-        a = zarr.open_group(str(partial), mode="r").attrs[ATTR]
-        if a.get("meta_written") and all(a.get(k) == v for k, v in expected.items()):
-            g = zarr.open_group(str(partial), mode="r+")
+    if is_store(partial) and _matches(partial, {**expected, "meta_written": True}):
+        g = zarr.open_group(str(partial), mode="r+")
     if g is None:
         if partial.exists():
             shutil.rmtree(partial)
