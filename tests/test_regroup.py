@@ -554,3 +554,33 @@ def test_pair_blocks_cover_every_pair_once(k, n_tasks):
     assert (pairs[:, 0] < pairs[:, 1]).all()
     assert sorted(map(tuple, pairs.tolist())) == sorted(zip(*np.triu_indices(k, 1), strict=True))
     assert len(batches) >= min(n_tasks, k * (k - 1) // 2) or len(batches) == k * (k - 1) // 2
+
+
+def test_user_mask_is_used_copied_and_checked(tmp_path):
+    from hetero_dask.core.fourier import radius_3d, soft_edge
+    from hetero_dask.io.mrc import write_map
+    from hetero_dask.jobs.regroup import regroup
+
+    vols, truth = class_volumes()
+    table = particle_table(np.full(len(vols), 10))
+    write_map(tmp_path / "m.mrc", soft_edge(radius_3d(BOX, np), 12, 3), PSIZE_A)
+    res = regroup(
+        table,
+        vols,
+        tmp_path / "out",
+        volumes_psize_A=PSIZE_A,
+        num_superclasses=3,
+        mask=tmp_path / "m.mrc",
+    )
+    assert same_partition(res.superclass, truth)
+    assert (tmp_path / "out" / "mask.mrc").read_bytes() == (tmp_path / "m.mrc").read_bytes()
+    write_map(tmp_path / "small.mrc", np.ones((16, 16, 16), np.float32), PSIZE_A)
+    with pytest.raises(ValueError, match="small.mrc is 16"):
+        regroup(
+            table,
+            vols,
+            tmp_path / "bad",
+            volumes_psize_A=PSIZE_A,
+            num_superclasses=3,
+            mask=tmp_path / "small.mrc",
+        )
