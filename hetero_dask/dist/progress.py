@@ -8,6 +8,7 @@ off when stderr is not a terminal unless asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from dask.callbacks import Callback
@@ -22,8 +23,11 @@ def print_dashboard(client, file=None) -> str | None:
     except Exception:  # no dashboard service known: say so rather than fail a job
         link = None
     address = getattr(client.scheduler, "address", None)
+    note = ""
+    if link and importlib.util.find_spec("bokeh") is None:
+        note = " (served only where bokeh is installed: pip install 'bokeh>=3.1')"
     print(
-        f"Dask scheduler {address}; dashboard: {link or 'not running'}",
+        f"Dask scheduler {address}; dashboard: {link or 'not running'}{note}",
         file=file or sys.stdout,
         flush=True,
     )
