@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "import": "hetero_dask.commands.import_",
     "simulate": "hetero_dask.commands.simulate",
     "regroup": "hetero_dask.commands.regroup",
+    "reconstruct": "hetero_dask.commands.reconstruct",
 }
 
 

@@ -1,0 +1,85 @@
+"""Heterogeneous Reconstruction Only: reconstruct K class maps from per-class poses and posteriors.
+
+Example: hetero-dask reconstruct --particles J42_particles.cs --out rec/ --symmetry C4
+--box 128 --mask mask.mrc --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.jobs.reconstruct import ReconstructParams, reconstruct
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ReconstructParams()
+    parser.add_argument(
+        "--particles",
+        required=True,
+        help="particles with per-class poses and posteriors (.cs, .star or a .zarr particle store)",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--prefix",
+        default=None,
+        choices=["alignments_class_", "alignments_class3D_", "alignments3D_multi", "alignments3D"],
+        help="class alignment layout (default: autodetected; alignments3D = hard classes from "
+        "alignments3D/class, i.e. rlnClassNumber of a STAR file)",
+    )
+    parser.add_argument(
+        "--hard", action="store_true", help="force hard classification (argmax of the posteriors)"
+    )
+    parser.add_argument(
+        "--symmetry",
+        default=d.symmetry,
+        help=f"point group, e.g. C4, D2, T, O, I (default {d.symmetry})",
+    )
+    parser.add_argument(
+        "--symmetry-convention",
+        default=d.symmetry_convention,
+        choices=["cryosparc", "relion"],
+        help="D_n 2-fold axis along y (cryosparc, default) or x (relion)",
+    )
+    parser.add_argument(
+        "--box",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reconstruction box (Fourier crop/pad; the pixel size scales; default: the particles' box)",
+    )
+    parser.add_argument(
+        "--mask", default=None, help="mask .mrc (reconstruction box) for an extra FSC"
+    )
+    parser.add_argument(
+        "--random-split",
+        action="store_true",
+        help="draw random half-sets (reproducible with --seed) even if the input has a split",
+    )
+    parser.add_argument("--seed", type=int, default=d.random_seed, help="random seed (default 0)")
+    parser.add_argument(
+        "--stack-dir", default=None, help="folder of the particle stacks if not next to the file"
+    )
+    add_cluster_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = ReconstructParams(
+        class_prefix=args.prefix,
+        force_hard_classification=args.hard,
+        symmetry=args.symmetry,
+        symmetry_convention=args.symmetry_convention,
+        box_size=args.box,
+        mask=args.mask,
+        random_split=args.random_split,
+        random_seed=args.seed,
+        stack_dir=args.stack_dir,
+    )
+    with client_from_args(args) as client:
+        result = reconstruct(args.particles, args.out, client=client, params=params)
+    print(f"class layout: {result.layout} ({result.n_classes} classes)")
+    for c in result.classes:
+        status = "EMPTY" if c["empty"] else f"{c['resolution_A']:.2f} A"
+        print(f"class {c['class']}: weight {c['weight_sum']:.1f}, {status}")
+    print(f"outputs in {result.out_dir}")
+    return 0
