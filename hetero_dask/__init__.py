@@ -2,5 +2,5 @@
 
 __version__ = "0.1.0"
 
-from hetero_dask.jobs.regroup import regroup as regroup  # noqa: E402  (imports numpy only)
 from hetero_dask.jobs.reconstruct import reconstruct as reconstruct  # noqa: E402
+from hetero_dask.jobs.regroup import regroup as regroup  # noqa: E402  (imports numpy only)
