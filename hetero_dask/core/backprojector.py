@@ -94,15 +94,19 @@ def half_plane_freqs(n: int, r_max: float | None = None, xp=np):
     )
 
 
-def _scatter_add(flat, idx, vals):
-    """``flat[idx] += vals`` with repeated indices summed (bincount on numpy, atomics on cupy)."""
-    xp = xp_of(flat)
+def _scatter_add(target, idx, vals, step: int = 1, offset: int = 0):
+    """``target[step * idx + offset] += vals`` with repeated indices summed.
+
+    numpy: one ``bincount`` (float64 sums) added to the strided view; cupy:
+    atomic ``cupyx.scatter_add`` on the contiguous array.
+    """
+    xp = xp_of(target)
     if xp is np:
-        flat += np.bincount(idx, weights=vals, minlength=flat.size)
+        target[offset::step] += np.bincount(idx, weights=vals, minlength=target.size // step)
     else:
         import cupyx  # noqa: PLC0415
 
-        cupyx.scatter_add(flat, idx, vals.astype(flat.dtype))
+        cupyx.scatter_add(target, idx * step + offset, vals.astype(target.dtype))
 
 
 def backproject(grids: BackprojGrids, rotations, values, weights, kx, ky, chunk_points=1 << 21):
@@ -154,12 +158,23 @@ def _backproject_batch(grids: BackprojGrids, rotations, values, weights, kx, ky)
     w8 = (wz[:, None, None, :] * wy[None, :, None, :] * wx[None, None, :, :]).reshape(8, -1)
     idx = (base[None, :] + offsets[:, None]).ravel()
     real_dtype = grids.weight.dtype
-    pairs = grids.data.reshape(-1).view(real_dtype)
-    _scatter_add(pairs[0::2], idx, (w8 * v.real).ravel())
-    _scatter_add(pairs[1::2], idx, (w8 * v.imag).ravel())
+    pairs = grids.data.reshape(-1).view(real_dtype)  # (re, im) pairs
+    _scatter_add(pairs, idx, (w8 * v.real).ravel(), 2, 0)
+    _scatter_add(pairs, idx, (w8 * v.imag).ravel(), 2, 1)
     _scatter_add(
         grids.weight.reshape(-1), idx, (w8 * weights.reshape(-1).astype(xp.float32)).ravel()
     )
+
+
+def symmetry_mates(rotations, ops):
+    """All mates ``g @ R`` ``(G * P, 3, 3)`` (op-major) of rotations ``(P, 3, 3)`` for ops ``(G, 3, 3)``.
+
+    Backprojecting an image at every mate (values tiled ``G`` times) is
+    symmetry by expansion; :func:`symmetrise_grids` does the same once per grid.
+    """
+    xp = xp_of(rotations)
+    ops = xp.asarray(ops, dtype=rotations.dtype)
+    return (ops[:, None] @ rotations[None]).reshape(-1, 3, 3)
 
 
 def merge_grids(a: BackprojGrids, b: BackprojGrids) -> BackprojGrids:
