@@ -295,3 +295,12 @@ def test_cli_simulate_and_import(tmp_path):
         )
         == 2
     )
+
+
+def test_ensure_store_opens_or_imports(shared_data, tmp_path):
+    from hetero_dask.io.store import ensure_store
+
+    src = shared_data / "relion" / "relion31.star"
+    st = ensure_store(src, tmp_path / "job")
+    assert st.path == tmp_path / "job" / "particles.zarr" and st.n == 5
+    assert ensure_store(st.path, tmp_path / "elsewhere").path == st.path
