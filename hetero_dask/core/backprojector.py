@@ -109,12 +109,13 @@ def _scatter_add(target, idx, vals, step: int = 1, offset: int = 0):
         cupyx.scatter_add(target, idx * step + offset, vals.astype(target.dtype))
 
 
-def backproject(grids: BackprojGrids, rotations, values, weights, kx, ky, chunk_points=1 << 21):
+def backproject(grids: BackprojGrids, rotations, values, weights, kx, ky, chunk_points=1 << 20):
     """Accumulate ``values`` ``(P, M)`` complex and ``weights`` ``(P, M)`` real into ``grids`` in place.
 
     ``rotations`` ``(P, 3, 3)``; ``kx``, ``ky`` ``(M,)`` in cycles per box.
     Frequencies beyond ``grids.r_max`` are skipped. Particles are processed
-    in batches of about ``chunk_points`` samples (memory ~ 100 bytes each).
+    in batches of about ``chunk_points`` samples (temporary memory ~ 300 bytes
+    per sample: 8 corners of indices, weights and products).
     """
     xp = xp_of(grids.data)
     kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
