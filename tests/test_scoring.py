@@ -60,17 +60,22 @@ def _ctf(B, seed):
     return CTFParams(df1_A=df, df2_A=df - 300, df_angle_rad=rng.uniform(0, np.pi, B), bfactor=0.0)
 
 
-def test_project_band_equals_projector():
+def test_project_fast_path_equals_uncropped_map():
+    """A map cropped to r_max (constant-offset gathers) and the uncropped map (bounds-checked
+    gathers) interpolate the same padded transform: equal slices inside r_max; the band
+    guard refuses frequencies beyond it."""
     vol = _blobs(24, 0)
-    fmap = prepare_fourier_map(vol, r_max=8)
+    cropped = prepare_fourier_map(vol, r_max=8)
+    full = prepare_fourier_map(vol)
     band = alignment_band(24, 8)
     R = Rotation.random(50, random_state=0).as_matrix().astype(np.float32)
-    np.testing.assert_allclose(
-        project_band(fmap, R, band.kx, band.ky),
-        project(fmap, R, band.kx, band.ky),
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    a = project_band(cropped, R, band.kx, band.ky)
+    np.testing.assert_allclose(a, project(full, R, band.kx, band.ky), rtol=1e-5, atol=1e-3)
+    assert np.abs(a).min() > 0
+    wide = alignment_band(24, 10)
+    assert np.all(project(cropped, R, wide.kx, wide.ky)[:, wide.radius > 8] == 0)
+    with pytest.raises(ValueError, match="r_max"):
+        project_band(cropped, R, wide.kx, wide.ky)
 
 
 def _brute_force(prep, projs_c, shifts, sigma2, prior):

@@ -13,6 +13,7 @@ it out beforehand (gridding pre-correction).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .backend import xp_of
@@ -109,18 +110,68 @@ def slice_points(rotations, kx, ky):
     return Rf[:, None, :, 0] * kx[None, :, None] + Rf[:, None, :, 1] * ky[None, :, None]
 
 
+def _axis_corners(coord, size: int, xp):
+    """Lower/upper grid indices and weights along one axis for ``coord`` (grid units, absolute).
+
+    Returns ``(i0, i1, w0, w1)``; indices are clipped into ``[0, size)`` and a
+    corner outside the cube gets weight 0 (it reads as zero).
+    """
+    f = xp.floor(coord)
+    t = coord - f
+    i0 = f.astype(xp.int64)
+    i1 = i0 + 1
+    w0 = xp.where((i0 >= 0) & (i0 < size), 1 - t, 0)
+    w1 = xp.where((i1 >= 0) & (i1 < size), t, 0)
+    return xp.clip(i0, 0, size - 1), xp.clip(i1, 0, size - 1), w0, w1
+
+
 def project(fmap: FourierMap, rotations, kx, ky):
     """Central slices ``(R, M)`` complex64 at frequencies ``(kx, ky)`` ``(M,)`` (cycles per box).
 
-    Frequencies with ``|k| > r_max`` give 0.
+    Trilinear interpolation on the padded grid, written for speed: float32
+    weights and 8 flat ``take`` gathers accumulated in place (no ``(8, R, M)``
+    temporaries). Frequencies with ``|k| > r_max`` give 0 (their points are
+    moved to the origin and weighted 0); corners outside the stored cube read
+    as zero. When the cube holds every corner of the ``r_max`` ball (the usual
+    cropped map) the 8 gathers are at constant offsets from one base index.
     """
     xp = xp_of(fmap.data)
-    pts = slice_points(rotations, kx, ky) * fmap.pad
-    idx, w = trilinear_corners(pts, fmap.data.shape[-1], fmap.center)
+    kx = xp.asarray(kx, dtype=xp.float32)
+    ky = xp.asarray(ky, dtype=xp.float32)
+    S = fmap.data.shape[-1]
+    inside = ((kx**2 + ky**2) <= fmap.r_max**2).astype(xp.float32)
+    pts = slice_points(xp.asarray(rotations, dtype=xp.float32), kx, ky)
+    pts *= (fmap.pad * inside)[:, None]
+    pts += fmap.center
+    if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
+        f = xp.floor(pts)
+        t = pts - f
+        i = f.astype(xp.int64)
+        base = (i[..., 2] * S + i[..., 1]) * S + i[..., 0]
+        tx, ty, tz = t[..., 0] * inside, t[..., 1], t[..., 2]
+        axes = (
+            ((0, 1 - tz), (S * S, tz)),
+            ((0, 1 - ty), (S, ty)),
+            ((base, inside - tx), (base + 1, tx)),
+        )
+    else:
+        x0, x1, wx0, wx1 = _axis_corners(pts[..., 0], S, xp)
+        y0, y1, wy0, wy1 = _axis_corners(pts[..., 1], S, xp)
+        z0, z1, wz0, wz1 = _axis_corners(pts[..., 2], S, xp)
+        axes = (
+            ((z0 * (S * S), wz0), (z1 * (S * S), wz1)),
+            ((y0 * S, wy0), (y1 * S, wy1)),
+            ((x0, wx0 * inside), (x1, wx1 * inside)),
+        )
     flat = fmap.data.reshape(-1)
-    out = xp.sum(flat[idx] * w, axis=0)
-    inside = (xp.asarray(kx) ** 2 + xp.asarray(ky) ** 2) <= fmap.r_max**2
-    return (out * inside[None, :]).astype(xp.complex64)
+    out = xp.zeros(pts.shape[:-1], dtype=xp.complex64)
+    for oz, wz in axes[0]:
+        for oy, wy in axes[1]:
+            wzy = wz * wy
+            ozy = oz + oy
+            for ox, wx in axes[2]:
+                out += xp.take(flat, ox + ozy) * (wzy * wx)
+    return out
 
 
 def project_images(fmap: FourierMap, rotations):

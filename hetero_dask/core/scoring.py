@@ -29,7 +29,7 @@ import numpy as np
 from .backend import xp_of
 from .ctf import CTFParams, ctf_values
 from .fourier import fft2c, radius_2d, soft_edge
-from .projector import FourierMap, slice_points
+from .projector import FourierMap, project
 
 
 @dataclass
@@ -160,12 +160,10 @@ def phase_ramp(kx, ky, shifts_px, n: int):
 
 
 def project_band(fmap: FourierMap, rotations, kx, ky):
-    """Central slices ``(R, M)`` complex64 at band frequencies, by trilinear interpolation.
+    """Central slices ``(R, M)`` complex64 at band frequencies: :func:`.projector.project`.
 
-    Same values as :func:`hetero_dask.core.projector.project` for ``|k| <= r_max``,
-    organised for speed: one flat base index and 8 ``take`` gathers at constant
-    offsets, float32 weights, no per-corner bounds checks (the map is cropped
-    with a margin, so every corner of a point within ``r_max`` lies inside).
+    Refuses frequencies beyond the map's ``r_max`` (they would read as zero and
+    silently bias the scores): prepare the map at the alignment radius or more.
     """
     xp = xp_of(fmap.data)
     kx = xp.asarray(kx, dtype=xp.float32)
@@ -174,25 +172,7 @@ def project_band(fmap: FourierMap, rotations, kx, ky):
         raise ValueError(
             f"band radius exceeds the Fourier map's r_max={fmap.r_max}; prepare it larger"
         )
-    S = fmap.data.shape[-1]
-    pts = slice_points(xp.asarray(rotations, dtype=xp.float32), kx, ky)
-    pts *= fmap.pad
-    pts += fmap.center
-    f = xp.floor(pts)
-    t = pts - f
-    i = f.astype(xp.int64)
-    base = (i[..., 2] * S + i[..., 1]) * S + i[..., 0]
-    flat = fmap.data.reshape(-1)
-    tx, ty, tz = t[..., 0], t[..., 1], t[..., 2]
-    ux, uy, uz = 1 - tx, 1 - ty, 1 - tz
-    out = None
-    for dz, wz in ((0, uz), (1, tz)):
-        for dy, wy in ((0, uy), (1, ty)):
-            wzy = wz * wy
-            for dx, wx in ((0, ux), (1, tx)):
-                term = xp.take(flat, base + ((dz * S + dy) * S + dx)) * (wzy * wx)
-                out = term if out is None else out + term
-    return out.astype(xp.complex64)
+    return project(fmap, rotations, kx, ky)
 
 
 def stack_ri(z):
@@ -344,18 +324,22 @@ def score_dense(
 
 
 def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, shifts_px) -> tuple:
-    """Scores of per-particle candidate rotations with per-particle shifts (batched products).
+    """Scores of per-particle candidate groups, each group with its own trial shifts.
 
-    ``cand_proj_ri`` (B, C, 2M) and ``cand_pow`` (B, C, M): the projections of
-    each particle's C candidates (one class); ``valid`` (B, C) bool;
-    ``shifts_px`` (B, T, 2). Returns (log-sum-exp over shifts (B, C) float32,
-    with -inf for invalid candidates, best shift index (B, C)).
+    ``cand_proj_ri`` (B, G, J, 2M) and ``cand_pow`` (B, G, J, M): projections of each
+    particle's G groups of J candidate rotations (one class); ``valid`` (B, G, J) bool;
+    ``shifts_px`` (B, G, T, 2) the shifts of each group. One batched product
+    ``(T, 2M) @ (2M, J)`` per particle and group. Returns (log-sum-exp over the group's
+    shifts (B, G, J) float32, -inf for invalid candidates; best shift index (B, G, J)).
     """
     xp = xp_of(xc)
-    m = xc.shape[1]
-    ramps = phase_ramp(band.kx[:m], band.ky[:m], shifts_px, band.n)  # (B, T, M)
-    x_ri = stack_ri(xc[:, None, :] * ramps)  # (B, T, 2M)
-    S = xp.matmul(x_ri, cand_proj_ri.transpose(0, 2, 1))  # (B, T, C)
-    S -= xp.einsum("bm,bcm->bc", cc, cand_pow)[:, None, :]
-    L, best_t = _reduce_shifts(S, xp)
-    return xp.where(valid, L, -np.inf).astype(xp.float32), best_t
+    B, G, J, m2 = cand_proj_ri.shape
+    m = m2 // 2
+    T = shifts_px.shape[2]
+    ramps = phase_ramp(band.kx[:m], band.ky[:m], shifts_px, band.n)  # (B, G, T, M)
+    x_ri = stack_ri(xc[:, None, None, :] * ramps)  # (B, G, T, 2M)
+    S = xp.matmul(x_ri, cand_proj_ri.swapaxes(-1, -2))  # (B, G, T, J)
+    S -= xp.einsum("bm,bgjm->bgj", cc, cand_pow)[:, :, None, :]
+    L, best_t = _reduce_shifts(S.reshape(B * G, T, J), xp)
+    L = xp.where(valid, L.reshape(B, G, J), -np.inf).astype(xp.float32)
+    return L, best_t.reshape(B, G, J)

@@ -17,8 +17,11 @@ same stage. Class posteriors and pose weights come from the final stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
 
 from . import grids
 from .backend import to_host, xp_of
@@ -54,6 +57,7 @@ class SearchParams:
     hard: bool = False
     max_tile_bytes: int = 64 * 2**20
     particle_chunk: int = 256
+    climb_steps: int = 4
 
     def radius_at(self, stage: int) -> float:
         n_stages = self.order_final - self.order_coarse
@@ -130,17 +134,6 @@ def _logsumexp(a, xp, axis):
     return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def _dedupe(ids, xp):
-    """Mask (..., Q) True at the first occurrence of each id >= 0 along the last axis."""
-    order = xp.argsort(ids, axis=-1, kind="stable")
-    srt = xp.take_along_axis(ids, order, axis=-1)
-    first = xp.ones(srt.shape, dtype=bool)
-    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
-    out = xp.empty_like(first)
-    xp.put_along_axis(out, order, first, axis=-1)
-    return out & (ids >= 0)
-
-
 def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage, int]:
     band = prep.band
     m = band.size_at(params.radius_at(0))
@@ -166,7 +159,7 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage,
 
 
 def _project_candidates(fmap: FourierMap, order: int, ids, band, m: int, xp):
-    """Projections of per-particle candidate ids (b, C) (-1 allowed): (b, C, 2M) and (b, C, M)."""
+    """Projections of per-particle candidate ids (b, ...) (-1 allowed): (b, ..., 2M) and (b, ..., M)."""
     ids_h = to_host(ids)
     uniq, inv = np.unique(
         np.where(ids_h >= 0, ids_h, ids_h[ids_h >= 0].min(initial=0)), return_inverse=True
@@ -178,9 +171,73 @@ def _project_candidates(fmap: FourierMap, order: int, ids, band, m: int, xp):
     return stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32)
 
 
+@lru_cache(maxsize=4)
+def _quaternion_tree(order: int):
+    """KD-tree over the unit quaternions (both signs) of the grid rotations at ``order``."""
+    q = Rotation.from_matrix(grids.so3_grid(order).matrices.astype(np.float64)).as_quat()
+    return cKDTree(np.concatenate([q, -q]))
+
+
+def neighbours(order: int, ids, k: int = 27) -> np.ndarray:
+    """The ``k`` grid rotations nearest to each of ``ids`` at ``order`` (itself first): ``(..., k)``.
+
+    Distances are chordal in quaternion space (monotonic in the rotation angle);
+    ``k = 27`` holds the 3 x 3 x 3 block of directions and in-plane angles around a rotation.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    q = Rotation.from_matrix(
+        grids.matrices_for(order, ids.reshape(-1)).astype(np.float64)
+    ).as_quat()
+    _, nb = _quaternion_tree(order).query(q, k=k)
+    return (nb % grids.n_rotations(order)).reshape(ids.shape + (k,))
+
+
+def _shift_offsets(step: float, xp):
+    """The 3 x 3 trial-shift offsets ``(9, 2)`` (x, y) at ``step`` pixels."""
+    o = xp.asarray([-1.0, 0.0, 1.0], dtype=xp.float32) * step
+    oy, ox = xp.meshgrid(o, o, indexing="ij")
+    return xp.stack([ox.ravel(), oy.ravel()], axis=-1)
+
+
+def _score_groups(band, fmaps, xc, cc, order: int, ids, shifts, m: int, params, xp):
+    """Score candidate groups: ``ids`` (B, K, G, J) (-1: none), each group g with its shifts
+    ``shifts`` (B, K, G, T, 2). Returns log-weights (B, K, G, J) (-inf for none) and the
+    best trial shift of each candidate (B, K, G, J, 2)."""
+    B, K, G, J = ids.shape
+    logw = xp.full((B, K, G, J), -np.inf, dtype=xp.float32)
+    best = xp.zeros((B, K, G, J, 2), dtype=xp.float32)
+    for k, fmap in enumerate(fmaps):
+        for b0 in range(0, B, params.particle_chunk):
+            b1 = min(B, b0 + params.particle_chunk)
+            p_ri, p_pow = _project_candidates(fmap, order, ids[b0:b1, k], band, m, xp)
+            L, t = score_local(
+                xc[b0:b1], cc[b0:b1], band, p_ri, p_pow, ids[b0:b1, k] >= 0, shifts[b0:b1, k]
+            )
+            logw[b0:b1, k] = L
+            best[b0:b1, k] = xp.take_along_axis(shifts[b0:b1, k], t[..., None], axis=2)
+    return logw, best
+
+
+def _dedupe_max(ids, logw, shift, xp):
+    """Keep, per (particle, class), one entry per rotation id: the highest log-weight."""
+    by_w = xp.argsort(-logw, axis=-1, kind="stable")
+    order = xp.take_along_axis(
+        by_w, xp.argsort(xp.take_along_axis(ids, by_w, axis=-1), axis=-1, kind="stable"), axis=-1
+    )
+    srt = xp.take_along_axis(ids, order, axis=-1)
+    first = xp.ones(srt.shape, dtype=bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    keep = xp.empty_like(first)
+    xp.put_along_axis(keep, order, first, axis=-1)
+    keep &= ids >= 0
+    return xp.where(keep, ids, -1), xp.where(keep, logw, -np.inf), shift
+
+
 def _local_stage(
     prep, fmaps, sigma2, prev: _Stage, log_prior, stage_no: int, params: SearchParams, xp
 ):
+    """Children of the kept poses, each with shifts around its parent's own best shift,
+    then a hill climb over grid neighbours of each class's best pose (``params.climb_steps``)."""
     band = prep.band
     B, K, _ = prev.ids.shape
     sig = _significant(prev, log_prior, params.keep_mass, xp)
@@ -191,41 +248,67 @@ def _local_stage(
     par_ids = xp.where(
         xp.take_along_axis(sig, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1
     )
+    par_shift = xp.take_along_axis(prev.shift, sel[..., None], axis=2)  # (B, K, C, 2)
     order = prev.order + 1
     ch = xp.asarray(grids.children(prev.order, np.maximum(to_host(par_ids), 0)))
-    ch = xp.where(par_ids[..., None] >= 0, ch, -1).reshape(B, K, C * 8)
-    valid = _dedupe(ch, xp)
-    ch = xp.where(valid, ch, -1)
-    # Shifts: 3 x 3 at half the previous step around the class's best trial shift.
-    step = params.shift_step_px / 2**stage_no
-    best_q = xp.argmax(prev.logw, axis=2)
-    center = xp.take_along_axis(prev.shift, best_q[..., None, None], axis=2)[:, :, 0]  # (B, K, 2)
-    o = xp.asarray([-1.0, 0.0, 1.0], dtype=xp.float32) * step
-    oy, ox = xp.meshgrid(o, o, indexing="ij")
-    offsets = xp.stack([ox.ravel(), oy.ravel()], axis=-1)  # (9, 2)
-    shifts = center[:, :, None, :] + offsets  # (B, K, 9, 2)
+    ch = xp.where(par_ids[..., None] >= 0, ch, -1)  # (B, K, C, 8)
+    offsets = _shift_offsets(params.shift_step_px / 2**stage_no, xp)
     m = band.size_at(params.radius_at(stage_no))
     xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
-    Q = C * 8
-    logw = xp.full((B, K, Q), -np.inf, dtype=xp.float32)
-    tidx = xp.zeros((B, K, Q), dtype=xp.int64)
-    for k, fmap in enumerate(fmaps):
-        for b0 in range(0, B, params.particle_chunk):
-            b1 = min(B, b0 + params.particle_chunk)
-            p_ri, p_pow = _project_candidates(fmap, order, ch[b0:b1, k], band, m, xp)
-            L, t = score_local(
-                xc[b0:b1], cc[b0:b1], band, p_ri, p_pow, valid[b0:b1, k], shifts[b0:b1, k]
-            )
-            logw[b0:b1, k], tidx[b0:b1, k] = L, t
+    logw, shift = _score_groups(
+        band, fmaps, xc, cc, order, ch, par_shift[:, :, :, None, :] + offsets, m, params, xp
+    )
+    n_eval = (ch >= 0).sum(axis=(1, 2, 3)) * offsets.shape[0]
+    ids = ch.reshape(B, K, -1)
+    logw = logw.reshape(B, K, -1)
+    shift = shift.reshape(B, K, -1, 2)
+    ids, logw, shift = _dedupe_max(ids, logw, shift, xp)
+    # Hill climb: the grid neighbours of each class's best pose, shifts around its shift.
+    active = xp.ones(B, dtype=bool)
+    for _ in range(params.climb_steps):
+        q = xp.argmax(logw, axis=2)
+        best_id = xp.take_along_axis(ids, q[..., None], axis=2)[..., 0]  # (B, K)
+        rows = xp.flatnonzero(active)
+        if rows.size == 0:
+            break
+        best_shift = xp.take_along_axis(shift, q[..., None, None], axis=2)[:, :, 0]  # (B, K, 2)
+        nb = xp.asarray(neighbours(order, to_host(best_id[rows])))[:, :, None, :]  # (b, K, 1, J)
+        lw_nb, sh_nb = _score_groups(
+            band,
+            fmaps,
+            xc[rows],
+            cc[rows],
+            order,
+            nb,
+            best_shift[rows][:, :, None, None, :] + offsets,
+            m,
+            params,
+            xp,
+        )
+        n_eval[rows] += K * nb.shape[-1] * offsets.shape[0]
+        J = nb.shape[-1]
+        new_ids = xp.full((B, K, J), -1, dtype=ids.dtype)
+        new_lw = xp.full((B, K, J), -np.inf, dtype=xp.float32)
+        new_sh = xp.zeros((B, K, J, 2), dtype=xp.float32)
+        new_ids[rows], new_lw[rows], new_sh[rows] = nb[:, :, 0], lw_nb[:, :, 0], sh_nb[:, :, 0]
+        ids, logw, shift = _dedupe_max(
+            xp.concatenate([ids, new_ids], axis=2),
+            xp.concatenate([logw, new_lw], axis=2),
+            xp.concatenate([shift, new_sh], axis=2),
+            xp,
+        )
+        q_new = xp.argmax(logw, axis=2)
+        moved = xp.take_along_axis(ids, q_new[..., None], axis=2)[..., 0] != best_id
+        active = moved.any(axis=1)
     stage = _Stage(
-        ids=ch,
+        ids=ids,
         logw=logw,
-        shift=xp.take_along_axis(shifts, tidx[..., None], axis=2),
+        shift=shift,
         class_lse=_logsumexp(logw.astype(xp.float64), xp, axis=2),
         class_lse2=_logsumexp(2.0 * logw.astype(xp.float64), xp, axis=2),
         order=order,
     )
-    return stage, valid.sum(axis=(1, 2)) * offsets.shape[0]
+    return stage, n_eval
 
 
 def estep(
