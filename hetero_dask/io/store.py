@@ -373,7 +373,8 @@ def _shard_task(
     step = max(1, _READ_BYTES // (4 * a["box"] ** 2))  # bounded temporaries beyond the shard
     for b in range(0, len(dest), step):
         imgs[dest[b : b + step]] = particles.read_images(read_rows[b : b + step])
-    bad = ~np.isfinite(imgs).all(axis=(1, 2))
+    # float64 sums of float32 pixels cannot overflow: a non-finite sum means NaN/inf pixels
+    bad = ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
     if bad.any():
         first = int(g["original_index"][start + int(np.argmax(bad))])
         raise ValueError(
