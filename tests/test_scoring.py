@@ -226,10 +226,6 @@ def test_true_class_wins_k2():
     assert np.all(res.class_ess >= 1) and np.all(res.pose_ess >= 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coarse-to-fine agrees with exhaustive on ~88% (order 2->3), issue 6 asks 99%",
-)
 def test_coarse_to_fine_matches_exhaustive():
     vols, R_true, s_true, ctf, _, imgs, noise = _recovery_case(1.0, B=100, n=32, seed=5)
     c2f = SearchParams(
@@ -245,5 +241,10 @@ def test_coarse_to_fine_matches_exhaustive():
     )
     a = _run(vols, imgs, ctf, 12, c2f, noise)
     b = _run(vols, imgs, ctf, 12, exhaustive, noise)
+    # Same fine-grid rotation and the same shift as the exhaustive search (no tie tolerance).
     assert np.mean(a.rot_id[:, 0] == b.rot_id[:, 0]) >= 0.99
-    assert a.n_poses_evaluated.mean() < 0.25 * b.n_poses_evaluated.mean()
+    assert np.mean(np.all(a.shift_px[:, 0] == b.shift_px[:, 0], axis=1)) >= 0.99
+    # Cost: the dense order-2 stage (4608 x 13) plus ~1% for children and the climb,
+    # against 36864 x 81 for the exhaustive search (~49x fewer).
+    dense = grids.n_rotations(2) * len(grids.shift_grid(4, 2))
+    assert a.n_poses_evaluated.mean() < 1.1 * dense < 0.03 * b.n_poses_evaluated.mean()

@@ -4,10 +4,18 @@ Stage 0 scores every particle against the whole HEALPix grid of
 ``order_coarse`` x the shift grid at a low radius (one shared set of class
 projections, dense products). Each later stage keeps, per particle, the
 ``max_poses`` best poses of each class among the classes holding
-``keep_mass`` of the class posterior (the best pose of the others), evaluates their 8 children at the next order
-with shifts refined around the class's best shift (3 x 3 at half the previous
-step), at a higher radius. Candidate rotations are projected once per
-particle chunk (the unique set over the chunk) and scored with batched
+``keep_mass`` of the class posterior (the best pose of the others) and
+evaluates their 8 children at the next order, each child with a 3 x 3 shift
+grid at half the previous step centred on its PARENT's own best shift, at a
+higher radius. Then a hill climb: the ``climb_neighbours`` grid rotations
+nearest to each class's best pose (same order, shifts 3 x 3 around its
+shift), repeated while the best pose moves (at most ``climb_steps`` times).
+The climb matters: a fine rotation is the child of one coarse cell only,
+and when the likelihood peak sits near a cell's edge that cell often ranks
+far down the coarse list (order 2 -> 3, box 32, SNR 1: children alone agree
+with the exhaustive search on 88-95% of particles, with the climb 99-100%
+for ~1% more poses). Candidate rotations are projected once per class and
+stage (the distinct set over all particles) and scored with batched
 products; no Python loop runs per particle.
 
 Pose priors are uniform within a stage, so posteriors compare scores of the
@@ -58,6 +66,7 @@ class SearchParams:
     max_tile_bytes: int = 64 * 2**20
     particle_chunk: int = 256
     climb_steps: int = 4
+    climb_neighbours: int = 64
 
     def radius_at(self, stage: int) -> float:
         n_stages = self.order_final - self.order_coarse
@@ -158,17 +167,13 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage,
     return stage, len(fmaps) * rots.shape[0] * shifts.shape[0]
 
 
-def _project_candidates(fmap: FourierMap, order: int, ids, band, m: int, xp):
-    """Projections of per-particle candidate ids (b, ...) (-1 allowed): (b, ..., 2M) and (b, ..., M)."""
+def _candidate_table(fmap: FourierMap, order: int, ids, band, m: int, xp):
+    """Project the distinct ids of ``ids`` (any shape, -1 allowed) once: returns
+    (projections (U, M) complex64, index (same shape as ids) into them)."""
     ids_h = to_host(ids)
-    uniq, inv = np.unique(
-        np.where(ids_h >= 0, ids_h, ids_h[ids_h >= 0].min(initial=0)), return_inverse=True
-    )
-    rots = xp.asarray(grids.matrices_for(order, uniq))
-    P = project_band(fmap, rots, band.kx[:m], band.ky[:m])
-    inv = xp.asarray(inv.reshape(ids_h.shape))
-    P = P[inv]
-    return stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32)
+    uniq, inv = np.unique(np.maximum(ids_h, 0), return_inverse=True)
+    P = project_band(fmap, xp.asarray(grids.matrices_for(order, uniq)), band.kx[:m], band.ky[:m])
+    return P, xp.asarray(inv.reshape(ids_h.shape))
 
 
 @lru_cache(maxsize=4)
@@ -207,11 +212,18 @@ def _score_groups(band, fmaps, xc, cc, order: int, ids, shifts, m: int, params, 
     logw = xp.full((B, K, G, J), -np.inf, dtype=xp.float32)
     best = xp.zeros((B, K, G, J, 2), dtype=xp.float32)
     for k, fmap in enumerate(fmaps):
+        table, index = _candidate_table(fmap, order, ids[:, k], band, m, xp)
         for b0 in range(0, B, params.particle_chunk):
             b1 = min(B, b0 + params.particle_chunk)
-            p_ri, p_pow = _project_candidates(fmap, order, ids[b0:b1, k], band, m, xp)
+            P = table[index[b0:b1]]
             L, t = score_local(
-                xc[b0:b1], cc[b0:b1], band, p_ri, p_pow, ids[b0:b1, k] >= 0, shifts[b0:b1, k]
+                xc[b0:b1],
+                cc[b0:b1],
+                band,
+                stack_ri(P),
+                (P.real**2 + P.imag**2).astype(xp.float32),
+                ids[b0:b1, k] >= 0,
+                shifts[b0:b1, k],
             )
             logw[b0:b1, k] = L
             best[b0:b1, k] = xp.take_along_axis(shifts[b0:b1, k], t[..., None], axis=2)
@@ -272,7 +284,9 @@ def _local_stage(
         if rows.size == 0:
             break
         best_shift = xp.take_along_axis(shift, q[..., None, None], axis=2)[:, :, 0]  # (B, K, 2)
-        nb = xp.asarray(neighbours(order, to_host(best_id[rows])))[:, :, None, :]  # (b, K, 1, J)
+        nb = xp.asarray(neighbours(order, to_host(best_id[rows]), params.climb_neighbours))[
+            :, :, None, :
+        ]  # (b, K, 1, J)
         lw_nb, sh_nb = _score_groups(
             band,
             fmaps,
