@@ -245,13 +245,23 @@ def _lse_merge(a, b, xp):
     return m_safe + xp.log(xp.exp(a - m_safe) + xp.exp(b - m_safe))
 
 
+def _lse_shifts(S, xp):
+    """Scores ``(B, T, R)`` -> log-sum-exp over T ``(B, R)``; S is overwritten by ``exp(S - max_T)``.
+
+    The max over T is a fast slab reduction; the argmax of the overwritten S over T
+    equals that of the scores (exp is monotonic), so callers take best shifts from it
+    for the few rotations they keep.
+    """
+    mx = S.max(axis=1)
+    S -= mx[:, None, :]
+    xp.exp(S, out=S)
+    return mx + xp.log(S.sum(axis=1))
+
+
 def _reduce_shifts(S, xp):
     """Scores ``(B, T, R)`` -> (log-sum-exp over T (B, R), argmax over T (B, R)); S is overwritten."""
-    best_t = xp.argmax(S, axis=1)
-    mx = xp.take_along_axis(S, best_t[:, None, :], axis=1)
-    S -= mx
-    xp.exp(S, out=S)
-    return mx[:, 0, :] + xp.log(S.sum(axis=1)), best_t
+    L = _lse_shifts(S, xp)
+    return L, xp.argmax(S, axis=1)
 
 
 def _merge_top(rot, logw, sidx, new_rot, new_logw, new_sidx, keep: int, xp):
@@ -308,8 +318,8 @@ def score_dense(
             for r0 in range(0, R, r_chunk):
                 r1 = min(R, r0 + r_chunk)
                 S = (x_ri @ proj.p_ri[r0:r1].T).reshape(nb, T, r1 - r0)
-                S -= (cc[b0:b1] @ proj.p_pow[r0:r1].T)[:, None, :]
-                L, best_t = _reduce_shifts(S, xp)
+                L = _lse_shifts(S, xp)  # S now holds exp(S - max over shifts)
+                L -= cc[b0:b1] @ proj.p_pow[r0:r1].T  # the norm term does not depend on t
                 mx = L.max(axis=1)
                 lse[b0:b1, k] = _lse_merge(
                     lse[b0:b1, k], mx + xp.log(xp.exp(L - mx[:, None]).sum(axis=1)), xp
@@ -317,8 +327,12 @@ def score_dense(
                 lse2[b0:b1, k] = _lse_merge(
                     lse2[b0:b1, k], 2 * mx + xp.log(xp.exp(2 * (L - mx[:, None])).sum(axis=1)), xp
                 )
-                ids = xp.broadcast_to(xp.arange(r0, r1, dtype=xp.int64), L.shape)
-                rot, w, s = _merge_top(rot, w, s, ids, L, best_t, keep, xp)
+                # The tile's own top rotations, then their best shifts only.
+                kk = min(keep, r1 - r0)
+                sel = xp.argpartition(-L, kk - 1, axis=1)[:, :kk]
+                best_t = xp.argmax(xp.take_along_axis(S, sel[:, None, :], axis=2), axis=1)
+                sel_L = xp.take_along_axis(L, sel, axis=1)
+                rot, w, s = _merge_top(rot, w, s, sel + r0, sel_L, best_t, keep, xp)
             out_rot[b0:b1, k], out_w[b0:b1, k], out_s[b0:b1, k] = rot, w, s
     return TopPoses(rot=out_rot, logw=out_w, shift_idx=out_s, class_lse=lse, class_lse2=lse2)
 
