@@ -119,6 +119,16 @@ class _Stage:
     order: int
 
 
+def _class_keep(class_lse, log_prior, keep_mass: float, xp):
+    """Mask (B, K) of the most probable classes that together hold ``keep_mass`` of the posterior."""
+    a = class_lse + log_prior[None, :]
+    p = xp.exp(a - _logsumexp(a, xp, axis=1)[:, None])  # (B, K)
+    srt = -xp.sort(-p, axis=1)
+    n_keep = xp.sum(xp.cumsum(srt, axis=1) < keep_mass, axis=1) + 1
+    thresh = xp.take_along_axis(srt, xp.minimum(n_keep, p.shape[1])[:, None] - 1, axis=1)
+    return p >= thresh
+
+
 def _significant(stage: _Stage, log_prior, keep_mass: float, xp):
     """Mask (B, K, Q): every scored pose of the classes that together hold ``keep_mass``, else the best.
 
@@ -127,12 +137,7 @@ def _significant(stage: _Stage, log_prior, keep_mass: float, xp):
     ``max_poses``. Classes outside the mass keep only their best pose (for
     their per-class pose output).
     """
-    a = stage.class_lse + log_prior[None, :]
-    p = xp.exp(a - _logsumexp(a, xp, axis=1)[:, None])  # (B, K)
-    srt = -xp.sort(-p, axis=1)
-    n_keep = xp.sum(xp.cumsum(srt, axis=1) < keep_mass, axis=1) + 1
-    thresh = xp.take_along_axis(srt, xp.minimum(n_keep, p.shape[1])[:, None] - 1, axis=1)
-    cls_keep = p >= thresh
+    cls_keep = _class_keep(stage.class_lse, log_prior, keep_mass, xp)
     best = stage.logw == stage.logw.max(axis=2, keepdims=True)
     return (cls_keep[:, :, None] | best) & (stage.ids >= 0) & xp.isfinite(stage.logw)
 
@@ -167,13 +172,39 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage,
     return stage, len(fmaps) * rots.shape[0] * shifts.shape[0]
 
 
-def _candidate_table(fmap: FourierMap, order: int, ids, band, m: int, xp):
-    """Project the distinct ids of ``ids`` (any shape, -1 allowed) once: returns
-    (projections (U, M) complex64, index (same shape as ids) into them)."""
-    ids_h = to_host(ids)
-    uniq, inv = np.unique(np.maximum(ids_h, 0), return_inverse=True)
-    P = project_band(fmap, xp.asarray(grids.matrices_for(order, uniq)), band.kx[:m], band.ky[:m])
-    return P, xp.asarray(inv.reshape(ids_h.shape))
+class _ProjectionCache:
+    """Projections of grid rotations (one order, one band prefix) per class, grown on demand.
+
+    Children and the climb's neighbour sets overlap heavily; each rotation is
+    projected once per class and stage.
+    """
+
+    def __init__(self, fmaps, order: int, band, m: int, xp):
+        self.fmaps, self.order, self.band, self.m, self.xp = fmaps, order, band, m, xp
+        self.ids = [np.empty(0, dtype=np.int64) for _ in fmaps]
+        self.table = [None for _ in fmaps]
+
+    def lookup(self, k: int, ids):
+        """Class ``k``'s tables ``(U, 2M)`` stacked real/imag and ``(U, M)`` power, and the row
+        (ids' shape) of each id (-1: any row)."""
+        xp = self.xp
+        ids_h = to_host(ids)
+        ids_h = np.where(ids_h >= 0, ids_h, ids_h.max(initial=0))
+        new = np.setdiff1d(np.unique(ids_h), self.ids[k], assume_unique=True)
+        if new.size:
+            rots = xp.asarray(grids.matrices_for(self.order, new))
+            P = project_band(self.fmaps[k], rots, self.band.kx[: self.m], self.band.ky[: self.m])
+            add = (stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32))
+            old = self.table[k]
+            self.table[k] = (
+                add
+                if old is None
+                else tuple(xp.concatenate([a, b]) for a, b in zip(old, add, strict=True))
+            )
+            self.ids[k] = np.concatenate([self.ids[k], new])
+        srt = np.argsort(self.ids[k], kind="stable")
+        pos = srt[np.searchsorted(self.ids[k], ids_h, sorter=srt)]
+        return self.table[k][0], self.table[k][1], xp.asarray(pos)
 
 
 @lru_cache(maxsize=4)
@@ -204,29 +235,24 @@ def _shift_offsets(step: float, xp):
     return xp.stack([ox.ravel(), oy.ravel()], axis=-1)
 
 
-def _score_groups(band, fmaps, xc, cc, order: int, ids, shifts, m: int, params, xp):
+def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, shifts, params, xp):
     """Score candidate groups: ``ids`` (B, K, G, J) (-1: none), each group g with its shifts
     ``shifts`` (B, K, G, T, 2). Returns log-weights (B, K, G, J) (-inf for none) and the
     best trial shift of each candidate (B, K, G, J, 2)."""
     B, K, G, J = ids.shape
     logw = xp.full((B, K, G, J), -np.inf, dtype=xp.float32)
     best = xp.zeros((B, K, G, J, 2), dtype=xp.float32)
-    for k, fmap in enumerate(fmaps):
-        table, index = _candidate_table(fmap, order, ids[:, k], band, m, xp)
-        for b0 in range(0, B, params.particle_chunk):
-            b1 = min(B, b0 + params.particle_chunk)
-            P = table[index[b0:b1]]
-            L, t = score_local(
-                xc[b0:b1],
-                cc[b0:b1],
-                band,
-                stack_ri(P),
-                (P.real**2 + P.imag**2).astype(xp.float32),
-                ids[b0:b1, k] >= 0,
-                shifts[b0:b1, k],
-            )
-            logw[b0:b1, k] = L
-            best[b0:b1, k] = xp.take_along_axis(shifts[b0:b1, k], t[..., None], axis=2)
+    for k in range(K):
+        rows = xp.flatnonzero((ids[:, k] >= 0).any(axis=(1, 2)))  # particles with candidates
+        if rows.size == 0:
+            continue
+        p_ri, p_pow, index = cache.lookup(k, ids[rows, k])
+        for c0 in range(0, rows.size, params.particle_chunk):
+            r = rows[c0 : c0 + params.particle_chunk]
+            i = index[c0 : c0 + params.particle_chunk]
+            L, t = score_local(xc[r], cc[r], band, p_ri[i], p_pow[i], ids[r, k] >= 0, shifts[r, k])
+            logw[r, k] = L
+            best[r, k] = xp.take_along_axis(shifts[r, k], t[..., None], axis=2)
     return logw, best
 
 
@@ -267,44 +293,47 @@ def _local_stage(
     offsets = _shift_offsets(params.shift_step_px / 2**stage_no, xp)
     m = band.size_at(params.radius_at(stage_no))
     xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
+    cache = _ProjectionCache(fmaps, order, band, m, xp)
     logw, shift = _score_groups(
-        band, fmaps, xc, cc, order, ch, par_shift[:, :, :, None, :] + offsets, m, params, xp
+        cache, band, xc, cc, ch, par_shift[:, :, :, None, :] + offsets, params, xp
     )
     n_eval = (ch >= 0).sum(axis=(1, 2, 3)) * offsets.shape[0]
     ids = ch.reshape(B, K, -1)
     logw = logw.reshape(B, K, -1)
     shift = shift.reshape(B, K, -1, 2)
     ids, logw, shift = _dedupe_max(ids, logw, shift, xp)
-    # Hill climb: the grid neighbours of each class's best pose, shifts around its shift.
-    active = xp.ones(B, dtype=bool)
+    # Hill climb (classes holding keep_mass): the grid neighbours of each class's best pose,
+    # shifts around its shift, while the best pose moves.
+    active = _class_keep(
+        _logsumexp(logw.astype(xp.float64), xp, axis=2), log_prior, params.keep_mass, xp
+    )  # (B, K)
     for _ in range(params.climb_steps):
-        q = xp.argmax(logw, axis=2)
-        best_id = xp.take_along_axis(ids, q[..., None], axis=2)[..., 0]  # (B, K)
-        rows = xp.flatnonzero(active)
+        rows = xp.flatnonzero(active.any(axis=1))
         if rows.size == 0:
             break
+        q = xp.argmax(logw, axis=2)
+        best_id = xp.take_along_axis(ids, q[..., None], axis=2)[..., 0]  # (B, K)
         best_shift = xp.take_along_axis(shift, q[..., None, None], axis=2)[:, :, 0]  # (B, K, 2)
-        nb = xp.asarray(neighbours(order, to_host(best_id[rows]), params.climb_neighbours))[
-            :, :, None, :
-        ]  # (b, K, 1, J)
+        nb = xp.asarray(
+            neighbours(order, to_host(best_id[rows]), params.climb_neighbours)
+        )  # (b, K, J)
+        nb = xp.where(active[rows][..., None], nb, -1)
         lw_nb, sh_nb = _score_groups(
+            cache,
             band,
-            fmaps,
             xc[rows],
             cc[rows],
-            order,
-            nb,
+            nb[:, :, None, :],
             best_shift[rows][:, :, None, None, :] + offsets,
-            m,
             params,
             xp,
         )
-        n_eval[rows] += K * nb.shape[-1] * offsets.shape[0]
+        n_eval[rows] += (nb >= 0).sum(axis=(1, 2)) * offsets.shape[0]
         J = nb.shape[-1]
         new_ids = xp.full((B, K, J), -1, dtype=ids.dtype)
         new_lw = xp.full((B, K, J), -np.inf, dtype=xp.float32)
         new_sh = xp.zeros((B, K, J, 2), dtype=xp.float32)
-        new_ids[rows], new_lw[rows], new_sh[rows] = nb[:, :, 0], lw_nb[:, :, 0], sh_nb[:, :, 0]
+        new_ids[rows], new_lw[rows], new_sh[rows] = nb, lw_nb[:, :, 0], sh_nb[:, :, 0]
         ids, logw, shift = _dedupe_max(
             xp.concatenate([ids, new_ids], axis=2),
             xp.concatenate([logw, new_lw], axis=2),
@@ -312,8 +341,7 @@ def _local_stage(
             xp,
         )
         q_new = xp.argmax(logw, axis=2)
-        moved = xp.take_along_axis(ids, q_new[..., None], axis=2)[..., 0] != best_id
-        active = moved.any(axis=1)
+        active &= xp.take_along_axis(ids, q_new[..., None], axis=2)[..., 0] != best_id
     stage = _Stage(
         ids=ids,
         logw=logw,
