@@ -1,0 +1,708 @@
+"""Heterogeneous Refinement: classify particles into K classes while refining K structures.
+
+Each EM iteration is ONE Dask graph (:func:`hetero_dask.dist.engine.map_reduce`):
+E-step tasks over contiguous particle ranges of the permuted store (score
+every class at every pose of a coarse-to-fine search, write the per-particle
+results to disjoint regions of the run's Zarr results, backproject into
+per-class, per-half partial grids), a tree reduction of the partials, and one
+M-step task per class (running half-map statistics with decay, gold-standard
+FSC, Wiener reconstruction). Class volumes reach the workers through files
+in the run directory, read once per worker per iteration.
+
+Schedule (CryoSPARC's defaults, DESIGN.md): online EM on batches of
+``batch_size_per_class * K`` particles (contiguous ranges), learning rate 0.2
+during the ``num_random_iterations`` random-assignment iterations, then 0.1
+halving every ``learning_rate_halflife`` iterations; noise sigma scale 3
+annealed to 1; class fractions as priors; backprojection to 1.5x the best
+class resolution; all classes filtered with the max FSC across classes;
+convergence when fewer than 5% of a batch change class and the resolution
+moves by at most one shell, then ``final_full_passes`` passes over every
+particle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from hetero_dask.core import grids as so3
+from hetero_dask.core.backend import to_host, worker_xp
+from hetero_dask.core.backprojector import BackprojGrids, crop_grids
+from hetero_dask.core.fsc import resolution_A
+from hetero_dask.core.fourier import fourier_resize, lowpass, resolution_to_radius
+from hetero_dask.core.masks import spherical_window
+from hetero_dask.core.noise import sigma2_from_residuals
+from hetero_dask.core.projector import prepare_fourier_map
+from hetero_dask.core.rotations import matrix_to_pose
+from hetero_dask.core.scoring import alignment_band, circular_mask, phase_ramp, prepare_particles, project_band
+from hetero_dask.core.search import SearchParams, estep
+from hetero_dask.core.symmetry import symmetry_group
+from hetero_dask.dist import checkpoint as ckpt
+from hetero_dask.dist.engine import Partition, map_reduce, n_task_slots, partition_ranges, task_rng, worker_cached
+from hetero_dask.io.volumes import read_volume_group
+from hetero_dask.jobs.common import open_particle_store, particle_split
+from hetero_dask.jobs.mstep import (
+    ClassGridsPartial,
+    backproject_particles,
+    empty_partial,
+    merge_partials,
+    mstep_class,
+    select_class,
+)
+
+ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
+
+
+@dataclass
+class RefineParams:
+    """Heterogeneous Refinement parameters, named after CryoSPARC's (defaults as CryoSPARC's)."""
+
+    refine_box: int = 128
+    symmetry: str = "C1"
+    symmetry_convention: str = "cryosparc"
+    force_hard_classification: bool = False
+    mask_diameter_A: float | None = None
+    mask_diameter_outer_A: float | None = None
+    batch_size_per_class: int = 1000
+    num_random_iterations: int = 5
+    learning_rate_init: float = 0.2
+    learning_rate: float = 0.1
+    learning_rate_halflife: int = 50
+    initial_lowpass_A: float = 20.0
+    backproject_factor: float = 1.5
+    filter_max_fsc: bool = True
+    convergence_class_change: float = 0.05
+    convergence_res_shells: float = 1.0
+    final_full_passes: int = 2
+    initial_sigma_scale: float = 3.0
+    sigma_anneal_iterations: int = 10
+    tau2_fudge: float = 1.0
+    estimate_scale: bool = True
+    max_iterations: int = 100
+    shift_range_px: float | None = None
+    max_order: int = 4
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.refine_box < 16 or self.refine_box % 2:
+            raise ValueError(f"refine_box must be an even number >= 16, got {self.refine_box}")
+        if self.batch_size_per_class < 1:
+            raise ValueError(f"batch_size_per_class must be >= 1, got {self.batch_size_per_class}")
+        for name in ("learning_rate_init", "learning_rate"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v}")
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+
+
+@dataclass
+class _Context:
+    """Static inputs of one iteration's E-step tasks (small: everything big is read from files)."""
+
+    store_path: str
+    run_dir: str
+    volumes_file: str
+    results_path: str
+    split_file: str
+    iteration: int
+    box: int
+    psize_A: float
+    n_classes: int
+    search: SearchParams
+    sigma2: np.ndarray
+    class_prior: np.ndarray
+    r_backproject: float
+    r_band: float
+    mask_radius_px: float
+    random_assignment: bool
+    write_results: bool
+    seed: int
+    symmetry_ops: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------
+# Task functions (pure functions of partition, iteration, run files and seed)
+# ---------------------------------------------------------------------------
+
+
+def _open_store(path: str):
+    from hetero_dask.io.store import ParticleStore
+
+    return worker_cached(("store", path), lambda: ParticleStore.open(path), max_entries=8)
+
+
+def _normalised_images(store, box: int, start: int, stop: int, mask_radius_px: float, xp):
+    """Images at ``box``, background-normalised (mean 0, std 1 outside the mask) and softly masked."""
+    from hetero_dask.core.fourier import radius_2d
+
+    x = xp.asarray(store.images_at_box(box, start, stop), dtype=xp.float32)
+    outside = (radius_2d(box, xp) > mask_radius_px).ravel()
+    bg = x.reshape(x.shape[0], -1)[:, outside]
+    x = (x - bg.mean(axis=1)[:, None, None]) / xp.maximum(bg.std(axis=1), 1e-12)[:, None, None]
+    return x * circular_mask(box, mask_radius_px, 4.0, xp)
+
+
+def _class_maps(ctx: _Context, xp):
+    """Per (class, half) Fourier maps of this iteration's references, cached per worker."""
+
+    def load():
+        vols = np.load(ctx.volumes_file, allow_pickle=False)  # (K, 2, n, n, n)
+        return [
+            [prepare_fourier_map(xp.asarray(vols[k, h]), r_max=ctx.r_band + 1) for h in range(2)]
+            for k in range(vols.shape[0])
+        ]
+
+    return worker_cached(("maps", ctx.volumes_file, ctx.r_band, xp.__name__), load)
+
+
+def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
+    """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial."""
+    xp = worker_xp()
+    store = _open_store(ctx.store_path)
+    start, stop = part.start, part.stop
+    K, box = ctx.n_classes, ctx.box
+    images = _normalised_images(store, box, start, stop, ctx.mask_radius_px, xp)
+    ctf = store.ctf(start, stop)
+    halves = np.load(ctx.split_file, mmap_mode="r", allow_pickle=False)[start:stop].astype(np.int64)
+    band = alignment_band(box, ctx.r_band, xp)
+    maps = _class_maps(ctx, xp)
+    B = stop - start
+    post = np.zeros((B, K), np.float32)
+    rot = np.zeros((B, K, 3, 3), np.float32)
+    shift = np.zeros((B, K, 2), np.float32)
+    ll = np.zeros((B, K), np.float32)
+    alpha = np.zeros((B, K), np.float32)
+    pose_ess = np.zeros((B, K), np.float32)
+    n_eval = np.zeros(B, np.int64)
+    out = empty_partial(K, box, r_max=ctx.r_backproject, xp=xp)
+    sig_num = np.zeros(int(math.ceil(ctx.r_band)) + 2)
+    sig_den = np.zeros_like(sig_num)
+    for h in (0, 1):
+        sel = np.flatnonzero(halves == h)
+        if sel.size == 0:
+            continue
+        sel_x = xp.asarray(sel)
+        prep = prepare_particles(
+            images[sel_x], ctf.subset(sel), ctx.psize_A, band, normalize=False,
+            mask_radius_px=ctx.mask_radius_px,
+        )
+        res = estep(prep, [maps[k][h] for k in range(K)], xp.asarray(ctx.sigma2), ctx.search,
+                    class_prior=xp.asarray(ctx.class_prior))
+        p = to_host(res.class_posterior)
+        if ctx.random_assignment:
+            # Random hard assignment (seeded by particle position, not by partitioning).
+            rng = task_rng(ctx.seed, ctx.iteration, (start + int(sel[0]),))
+            p = np.eye(K, dtype=np.float32)[rng.integers(0, K, sel.size)]
+        post[sel] = p
+        rot[sel] = to_host(res.rotation)
+        shift[sel] = to_host(res.shift_px)
+        ll[sel] = to_host(res.ll_best)
+        alpha[sel] = to_host(res.alpha)
+        pose_ess[sel] = to_host(res.pose_ess)
+        n_eval[sel] = to_host(res.n_poses_evaluated)
+        # Noise: residual power at the best pose of the best class.
+        best = p.argmax(axis=1)
+        for k in range(K):
+            idx = np.flatnonzero(best == k)
+            if idx.size == 0:
+                continue
+            ix = xp.asarray(idx)
+            P = project_band(maps[k][h], res.rotation[ix, k], band.kx, band.ky)
+            y = prep.y[ix] * phase_ramp(band.kx, band.ky, res.shift_px[ix, k][:, None, :], box)[:, 0]
+            r = y - prep.ctf[ix] * P * res.alpha[ix, k][:, None]
+            num = to_host(sigma2_from_residuals(r, band.shell, sig_num.shape[0]))
+            sig_num += num * idx.size
+            sig_den += idx.size
+        # Backprojection at each class's significant poses, weight = class posterior x pose weight.
+        ids = to_host(res.pose_ids)
+        pw = to_host(res.pose_weight)
+        pshift = to_host(res.pose_shift_px)
+        P_out = ids.shape[2]
+        inv_sigma2 = 1.0 / np.maximum(ctx.sigma2, 1e-12)
+        for k in range(K):
+            w = p[:, k, None] * pw[:, k, :]
+            if not np.any(w > 0):
+                continue
+            mats = so3.matrices_for(res.order, np.maximum(ids[:, k, :], 0).ravel()).reshape(
+                sel.size, P_out, 3, 3
+            )
+            backproject_particles(
+                out, images[sel_x], ctf.subset(sel), ctx.psize_A, mats, pshift[:, k], w, k,
+                np.full(sel.size, h), inv_sigma2=inv_sigma2, r_max=ctx.r_backproject,
+            )
+    # Changes of class against the previous visit of these particles, then the results.
+    res_group = zarr.open_group(ctx.results_path, mode="r+")
+    prev = res_group["best_class"][start:stop]
+    best = post.argmax(axis=1).astype(np.int32)
+    seen = prev >= 0
+    out.extra["class_changed"] = np.array([float(np.sum(seen & (prev != best))), float(np.sum(seen))])
+    out.extra["posterior_sum"] = post.sum(axis=0).astype(np.float64)
+    out.extra["alpha_sum"] = (alpha * post).sum(axis=0).astype(np.float64)
+    out.extra["sigma2_num"] = sig_num
+    out.extra["sigma2_den"] = sig_den
+    out.extra["n_evaluated"] = np.array([float(n_eval.sum())])
+    if ctx.write_results:
+        res_group["best_class"][start:stop] = best
+        res_group["class_posterior"][start:stop] = post
+        res_group["pose"][start:stop] = matrix_to_pose(rot.reshape(-1, 3, 3)).reshape(B, K, 3).astype(np.float32)
+        res_group["shift"][start:stop] = shift
+        res_group["ll"][start:stop] = ll
+        res_group["alpha"][start:stop] = alpha
+        res_group["pose_ess"][start:stop] = pose_ess
+    return _to_numpy(out)
+
+
+def _to_numpy(part: ClassGridsPartial) -> ClassGridsPartial:
+    part.grids = {key: g.to(np) for key, g in part.grids.items()}
+    return part
+
+
+def _grids_file(run_dir: str, iteration: int, k: int) -> Path:
+    return Path(run_dir) / "accumulators" / f"it{iteration:04d}_class{k:03d}.npz"
+
+
+def _resize_grids(g: BackprojGrids, r_max: float) -> BackprojGrids:
+    """Crop or zero-pad half-grids to ``r_max`` (cycles per box)."""
+    if r_max <= g.r_max:
+        return crop_grids(g, r_max)
+    from hetero_dask.core.backprojector import new_grids
+
+    big = new_grids(g.n, g.pad, r_max)
+    hb, hs = big.half_width, g.half_width
+    sl = (slice(hb - hs, hb + hs + 1), slice(hb - hs, hb + hs + 1), slice(0, hs + 1))
+    big.data[sl] += g.data
+    big.weight[sl] += g.weight
+    return big
+
+
+def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, prev_iteration: int | None,
+               decay: float, r_backproject: float, symmetry_ops, tau2_fudge: float, psize_A: float,
+               fsc_prior):
+    """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC."""
+    for h in (0, 1):
+        g = part_k.grids[(k, h)]
+        if prev_iteration is not None and decay > 0:
+            with np.load(_grids_file(run_dir, prev_iteration, k), allow_pickle=False) as f:
+                old = BackprojGrids(f[f"data{h}"], f[f"weight{h}"], g.pad, g.n, float(f["r_max"]))
+            old = _resize_grids(old, r_backproject)
+            g = _resize_grids(g, r_backproject)
+            g = dataclasses.replace(g, data=decay * old.data + g.data, weight=decay * old.weight + g.weight)
+        part_k.grids[(k, h)] = g
+    path = _grids_file(run_dir, iteration, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, data0=part_k.grids[(k, 0)].data, weight0=part_k.grids[(k, 0)].weight,
+             data1=part_k.grids[(k, 1)].data, weight1=part_k.grids[(k, 1)].weight,
+             r_max=np.array(part_k.grids[(k, 0)].r_max))
+    tmp.replace(path)
+    result = mstep_class(part_k, k, symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A,
+                         fsc_prior=fsc_prior)
+    # Beyond the backprojection radius the half-maps hold no data, only the shared gridding
+    # correction's leakage, which correlates: the FSC there says nothing and is set to 0.
+    fsc = np.asarray(result.fsc, dtype=np.float64).copy()
+    fsc[int(math.floor(r_backproject)):] = 0.0
+    result = dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
+    return result, part_k.extra
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    iteration: int = 0
+    volumes: np.ndarray | None = None  # (K, 2, n, n, n) half maps used as references
+    sigma2: np.ndarray | None = None
+    class_prior: np.ndarray | None = None
+    resolution_A: np.ndarray | None = None  # (K,)
+    fsc: np.ndarray | None = None  # (K, n_shells)
+    batch_start: int = 0
+    converged_at: int | None = None
+    history: list = field(default_factory=list)
+
+
+def _prepare_references(volumes, psize_vol: float, box: int, psize_A: float, params: RefineParams, mask):
+    """Resample references to the refinement grid, low-pass to the initial resolution, mask."""
+    out = []
+    for v in volumes:
+        n_v = v.shape[-1]
+        n_t = int(round(n_v * psize_vol / psize_A))
+        if n_t % 2 != n_v % 2 and n_t > 1:
+            n_t += 1 if n_t < box else -1
+        w = fourier_resize(v.astype(np.float32), n_t, ndim=3) if n_t != n_v else v.astype(np.float32)
+        w = _center_crop_pad(w, box)
+        w = lowpass(w, params.initial_lowpass_A, psize_A, ndim=3)
+        out.append(w * mask)
+    return np.stack(out).astype(np.float32)
+
+
+def _center_crop_pad(v, box: int):
+    n = v.shape[-1]
+    if n == box:
+        return v
+    out = np.zeros((box,) * 3, np.float32)
+    m = min(n, box)
+    a, b = n // 2 - m // 2, box // 2 - m // 2
+    out[b:b + m, b:b + m, b:b + m] = v[a:a + m, a:a + m, a:a + m]
+    return out
+
+
+def _mask_for(params: RefineParams, box: int, psize_A: float):
+    if params.mask_diameter_A is None:
+        return spherical_window(box, 0.85, 0.99)
+    inner = params.mask_diameter_A / (box * psize_A)
+    outer = (params.mask_diameter_outer_A or 1.2 * params.mask_diameter_A) / (box * psize_A)
+    return spherical_window(box, min(inner, 1.0), min(outer, 1.0))
+
+
+def _orders_for(r_align: float, max_order: int) -> tuple[int, int]:
+    """(coarse, final) HEALPix orders: the final step about 1/r_align radians, coarse one below."""
+    step_deg = math.degrees(1.0 / max(r_align, 1.0))
+    final = int(np.clip(math.ceil(math.log2(60.0 / step_deg)), 1, max_order))
+    return max(1, final - 1), final
+
+
+def _learning_rate(it: int, params: RefineParams) -> float:
+    if it < params.num_random_iterations:
+        return params.learning_rate_init
+    t = it - params.num_random_iterations
+    return params.learning_rate * 0.5 ** (t / params.learning_rate_halflife)
+
+
+def _sigma_scale(it: int, params: RefineParams) -> float:
+    t = min(1.0, it / max(1, params.sigma_anneal_iterations))
+    return params.initial_sigma_scale + (1.0 - params.initial_sigma_scale) * t
+
+
+def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
+           progress: bool | None = None, **params) -> dict:
+    """Run Heterogeneous Refinement; returns the report (also written to ``out/report.json``).
+
+    ``particles``: a particle store (``.zarr``), a CryoSPARC ``.cs`` or a RELION
+    ``.star``; ``volumes``: K initial volumes (MRC paths, a folder, or a
+    ``volumes.zip``); ``client``: a ``distributed.Client`` (None: Dask's
+    synchronous scheduler in this process); ``params``: :class:`RefineParams` fields.
+    """
+    p = RefineParams(**params)
+    p.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / "run"
+    run_dir.mkdir(exist_ok=True)
+    t0 = time.time()
+    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed)
+    vols_in, psize_vol, names = read_volume_group(volumes)
+    K = vols_in.shape[0]
+    box = min(p.refine_box, store.box)
+    psize = store.psize_at_box(box)
+    N = store.n
+    mask = _mask_for(p, box, psize)
+    mask_radius_px = 0.85 * box / 2 if p.mask_diameter_A is None else min(
+        0.5 * p.mask_diameter_A / psize, box / 2 - 2)
+    ops = symmetry_group(p.symmetry, p.symmetry_convention)
+    ops = None if len(ops) == 1 else ops
+    split = particle_split(store, p.seed)
+    split_file = run_dir / "split.npy"
+    np.save(split_file, split.astype(np.int8))
+    results_path = _init_results(run_dir / "results.zarr", N, K, resume)
+    shift_range = p.shift_range_px if p.shift_range_px is not None else max(2.0, round(box / 16))
+    slots = n_task_slots(client)
+
+    state = _State()
+    last = ckpt.load_latest(run_dir) if resume else None
+    if last is not None:
+        state = _restore_state(last)
+    else:
+        refs = _prepare_references(vols_in, psize_vol, box, psize, p, mask)
+        state.volumes = np.repeat(refs[:, None], 2, axis=1)
+        state.class_prior = np.full(K, 1.0 / K)
+        state.resolution_A = np.full(K, p.initial_lowpass_A)
+        state.sigma2 = None
+    ckpt.write_status(run_dir, job="refine", state="running", n_iterations=p.max_iterations)
+
+    def run_iteration(it: int, start: int, stop: int, full_pass: bool, decay: float, random: bool):
+        r_nyq = box / 2 - 1
+        r_best = min(resolution_to_radius(float(np.min(state.resolution_A)), box, psize), r_nyq)
+        r_align = max(min(r_best, r_nyq), 4.0)
+        r_bp = min(max(p.backproject_factor * r_best, r_align + 2), box / 2)
+        order_c, order_f = _orders_for(r_align, p.max_order)
+        search = SearchParams(
+            radius_final=r_align, radius_coarse=max(4.0, 0.6 * r_align), order_coarse=order_c,
+            order_final=order_f, shift_range_px=shift_range, shift_step_px=max(1.0, shift_range / 2.5),
+            sigma2_scale=_sigma_scale(it, p) ** 2, hard=p.force_hard_classification,
+        )
+        r_band = max(r_align, r_bp)
+        vol_file = run_dir / f"references_it{it:04d}.npy"
+        np.save(vol_file, state.volumes.astype(np.float32))
+        if state.sigma2 is None:
+            state.sigma2 = _initial_sigma2(store, box, psize, r_band, mask_radius_px, start, min(stop, start + 500))
+        ctx = _Context(
+            store_path=str(store.path), run_dir=str(run_dir), volumes_file=str(vol_file),
+            results_path=str(results_path), split_file=str(split_file), iteration=it, box=box,
+            psize_A=psize, n_classes=K, search=search, sigma2=_extend(state.sigma2, int(math.ceil(r_band)) + 2),
+            class_prior=state.class_prior, r_backproject=r_bp, r_band=r_band,
+            mask_radius_px=mask_radius_px, random_assignment=random, write_results=True, seed=p.seed,
+        )
+        n_parts = max(1, min(2 * slots, (stop - start) // ALIGN))
+        parts = [Partition(i, start + a, start + b) for i, (_, a, b) in
+                 enumerate(partition_ranges(stop - start, n_parts, align=ALIGN))]
+        prev = state.iteration - 1 if (decay > 0 and state.iteration > 0) else None
+        fsc_prior = None
+        if p.filter_max_fsc and state.fsc is not None:
+            fsc_prior = np.max(state.fsc, axis=0)
+        finish = {
+            k: partial(mstep_task, k=k, run_dir=str(run_dir), iteration=it, prev_iteration=prev,
+                       decay=decay, r_backproject=r_bp, symmetry_ops=ops, tau2_fudge=p.tau2_fudge,
+                       psize_A=psize, fsc_prior=fsc_prior)
+            for k in range(K)
+        }
+        t_it = time.time()
+        results = map_reduce(client, partial(estep_task, ctx=ctx), parts, merge_partials, fan_in=8,
+                             finish=finish, select=select_class, key_prefix="refine",
+                             token=f"it{it}-{start}-{stop}", progress=progress)
+        # Every class's task returns the merged (small) statistics too: take class 0's.
+        stats = results[0][1]
+        results = [results[k][0] for k in range(K)]
+        return results, stats, dict(r_align=r_align, r_bp=r_bp, order=order_f, t=time.time() - t_it,
+                                    n=stop - start, search=search)
+
+    batch = min(N, max(ALIGN, _round_up(p.batch_size_per_class * K, ALIGN)))
+    it = state.iteration
+    final_passes_done = 0
+    prev_res_radius = None
+    while True:
+        full = state.converged_at is not None or batch >= N
+        if full:
+            start, stop = 0, N
+        else:
+            start = state.batch_start
+            stop = min(N, start + batch)
+        random = it < p.num_random_iterations and K > 1
+        lr = 1.0 if full else _learning_rate(it, p)
+        decay = 0.0 if (full and state.converged_at is not None) else 1.0 - lr
+        if it == 0:
+            decay = 0.0
+        results, stats, info = run_iteration(it, start, stop, full, decay, random)
+        _update_state(state, results, stats, lr, random)
+        changed = _class_change(stats)
+        res_radius = resolution_to_radius(float(np.min(state.resolution_A)), box, psize)
+        state.history.append({
+            "iteration": it, "particles": [int(start), int(stop)], "full_pass": bool(full),
+            "random_assignment": bool(random), "learning_rate": lr,
+            "class_fraction": state.class_prior.tolist(), "resolution_A": state.resolution_A.tolist(),
+            "class_change_fraction": changed, "r_align": info["r_align"], "healpix_order": info["order"],
+            "seconds": info["t"], "particle_iterations_per_s": info["n"] / max(info["t"], 1e-9),
+        })
+        print(f"iteration {it}: particles {start}-{stop} res {np.round(state.resolution_A, 1).tolist()} A "
+              f"fractions {np.round(state.class_prior, 3).tolist()} changed "
+              f"{'-' if changed is None else f'{changed:.3f}'} "
+              f"({info['t']:.1f} s) r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}", flush=True)
+        import os
+        if os.environ.get("HD_DEBUG"):
+            print(np.round(state.fsc, 2))
+        state.batch_start = 0 if stop >= N else stop
+        it += 1
+        state.iteration = it
+        _checkpoint(run_dir, state)
+        ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
+        if state.converged_at is not None:
+            final_passes_done += 1
+            if final_passes_done >= p.final_full_passes:
+                break
+        elif not random and (
+            (changed is not None and changed < p.convergence_class_change and prev_res_radius is not None
+             and abs(res_radius - prev_res_radius) <= p.convergence_res_shells)
+            or it >= p.max_iterations - p.final_full_passes
+        ):
+            state.converged_at = it
+        prev_res_radius = res_radius
+        if it >= p.max_iterations + p.final_full_passes:
+            break
+    report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir)
+    ckpt.write_status(run_dir, state="done", results={"report": str(out / "report.json")})
+    return report
+
+
+def _round_up(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+def _extend(sigma2: np.ndarray, n: int) -> np.ndarray:
+    """Per-shell sigma2 extended to ``n`` shells by repeating the last known value."""
+    s = np.asarray(sigma2, dtype=np.float64)
+    if s.shape[0] >= n:
+        return s[:n]
+    return np.concatenate([s, np.full(n - s.shape[0], s[-1])])
+
+
+def _initial_sigma2(store, box, psize, r_band, mask_radius_px, start, stop):
+    """Per-shell power of the particle spectra (signal + noise; noise-dominated at low SNR)."""
+    imgs = _normalised_images(store, box, start, stop, mask_radius_px, np)
+    band = alignment_band(box, r_band, np)
+    prep = prepare_particles(imgs, None, psize, band, normalize=False, mask_radius_px=mask_radius_px)
+    n_shells = int(math.ceil(r_band)) + 2
+    s = sigma2_from_residuals(prep.y, band.shell, n_shells)
+    s = np.asarray(s, dtype=np.float64)
+    good = s > 0
+    s[~good] = s[good][-1] if np.any(good) else 1.0
+    s[0] = s[1]
+    return s
+
+
+def _init_results(path: Path, N: int, K: int, resume: bool) -> Path:
+    if resume and path.exists():
+        return path
+    g = zarr.open_group(path, mode="w")
+    c = (ALIGN,)
+    g.create_array("best_class", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
+    g.create_array("class_posterior", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
+    g.create_array("pose", shape=(N, K, 3), chunks=c + (K, 3), dtype="f4", fill_value=0)
+    g.create_array("shift", shape=(N, K, 2), chunks=c + (K, 2), dtype="f4", fill_value=0)
+    g.create_array("ll", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
+    g.create_array("alpha", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
+    g.create_array("pose_ess", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
+    return path
+
+
+def _class_change(stats) -> float | None:
+    ch = stats["class_changed"]
+    return None if ch[1] == 0 else float(ch[0] / ch[1])
+
+
+def _update_state(state: _State, results, ex: dict, lr: float, random: bool):
+    K = len(results)
+    state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
+    state.resolution_A = np.array([results[k].resolution_A for k in range(K)], dtype=np.float64)
+    n_sh = max(len(results[k].fsc) for k in range(K))
+    state.fsc = np.stack([np.pad(np.asarray(results[k].fsc, np.float64), (0, n_sh - len(results[k].fsc)))
+                          for k in range(K)])
+    frac = ex["posterior_sum"] / max(ex["posterior_sum"].sum(), 1e-12)
+    if not random:
+        state.class_prior = (1 - lr) * state.class_prior + lr * frac if lr < 1 else frac
+        state.class_prior = np.maximum(state.class_prior, 1e-4)
+        state.class_prior /= state.class_prior.sum()
+    good = ex["sigma2_den"] > 0
+    if np.any(good):
+        new = np.where(good, ex["sigma2_num"] / np.maximum(ex["sigma2_den"], 1), np.nan)
+        new = _fill_nan(new)
+        old = _extend(state.sigma2, new.shape[0])
+        state.sigma2 = (1 - lr) * old + lr * new if lr < 1 else new
+
+
+def _fill_nan(a):
+    a = a.copy()
+    ok = np.isfinite(a)
+    if not np.any(ok):
+        return np.ones_like(a)
+    idx = np.flatnonzero(ok)
+    a[: idx[0]] = a[idx[0]]
+    for i in range(len(a)):
+        if not ok[i] and i > idx[0]:
+            a[i] = a[i - 1]
+    return a
+
+
+def _checkpoint(run_dir: Path, state: _State):
+    arrays = {"volumes": state.volumes, "sigma2": state.sigma2, "class_prior": state.class_prior,
+              "resolution_A": state.resolution_A}
+    if state.fsc is not None:
+        arrays["fsc"] = state.fsc
+    meta = {"iteration": state.iteration, "batch_start": state.batch_start,
+            "converged_at": state.converged_at, "history": state.history}
+    ckpt.write_iteration(run_dir, state.iteration - 1, arrays, meta)
+
+
+def _restore_state(last) -> _State:
+    a = last.arrays()
+    m = last.meta
+    return _State(iteration=m["iteration"], volumes=a["volumes"], sigma2=a["sigma2"],
+                  class_prior=a["class_prior"], resolution_A=a["resolution_A"], fsc=a.get("fsc"),
+                  batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"])
+
+
+def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, box, psize, K, names, t0,
+                   run_dir: Path) -> dict:
+    from hetero_dask.jobs import outputs
+
+    res = zarr.open_group(run_dir / "results.zarr", mode="r")
+    post = store.to_input_order(res["class_posterior"][:])
+    pose = store.to_input_order(res["pose"][:])
+    shift = store.to_input_order(res["shift"][:])
+    best = store.to_input_order(res["best_class"][:])
+    table = store.to_input_order(store.table())
+    extra = {"ll": store.to_input_order(res["ll"][:]), "alpha": store.to_input_order(res["alpha"][:]),
+             "pose_ess": store.to_input_order(res["pose_ess"][:])}
+    paths = outputs.write_particles(out, table, post, pose, shift, psize, best_class=best, extra_fields=extra)
+    vols = []
+    for k in range(K):
+        outputs.write_class_maps(out, k, results[k], psize)
+        vols.append(results[k].vol_full)
+    outputs.write_volume_series(out, np.stack(vols), psize)
+    outputs.write_subsets(out, table, best, post, pose, shift, psize)
+    plots = _plots(out, state, results, pose, best, box, psize, K)
+    report = {
+        "job": "heterogeneous_refinement",
+        "parameters": dataclasses.asdict(p),
+        "n_particles": int(store.n),
+        "refine_box": box, "psize_A": psize,
+        "initial_volumes": list(names),
+        "classes": [
+            {"class": k, "fraction": float(np.mean(best == k)), "n_particles": int(np.sum(best == k)),
+             "resolution_A": float(results[k].resolution_A), "fsc": np.asarray(results[k].fsc).tolist()}
+            for k in range(K)
+        ],
+        "iterations": state.history,
+        "converged_at_iteration": state.converged_at,
+        "seconds": time.time() - t0,
+        "outputs": {k: str(v) for k, v in {**paths, **plots}.items()},
+    }
+    outputs.write_report_json(out, report)
+    _html_report(out, report, plots)
+    return report
+
+
+def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict:
+    from hetero_dask.core.rotations import pose_to_matrix
+    from hetero_dask.report import plots
+
+    hist = state.history
+    frac = np.array([h["class_fraction"] for h in hist])
+    resA = np.array([h["resolution_A"] for h in hist])
+    changes = np.array([np.nan if h["class_change_fraction"] is None else h["class_change_fraction"] for h in hist])
+    iters = np.array([h["iteration"] for h in hist])
+    out_plots = {}
+    out_plots["fsc_plot"] = plots.plot_fsc_classes(
+        {f"class {k}": {"half maps": np.asarray(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+    views = []
+    for k in range(K):
+        sel = best == k
+        R = pose_to_matrix(pose[sel, k].astype(np.float64)) if np.any(sel) else np.eye(3)[None]
+        views.append(R[:, :, 2])
+    out_plots["orientations_plot"] = plots.plot_orientation_distribution(
+        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png")
+    out_plots["class_fractions_plot"] = plots.plot_class_fractions(frac, out / "class_fractions.png", iterations=iters)
+    out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters)
+    out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters)
+    return out_plots
+
+
+def _html_report(out: Path, report: dict, plots: dict) -> None:
+    from hetero_dask.report import html
+
+    html.write_job_report(out / "report.html", "Heterogeneous Refinement", report, plots)
+
+
+def load_report(out) -> dict:
+    with open(Path(out) / "report.json") as f:
+        return json.load(f)
