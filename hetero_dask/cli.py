@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "hetero_dask.commands.simulate",
     "regroup": "hetero_dask.commands.regroup",
     "reconstruct": "hetero_dask.commands.reconstruct",
+    "demo": "hetero_dask.commands.demo",
 }
 
 
