@@ -36,17 +36,30 @@ import zarr
 from hetero_dask.core import grids as so3
 from hetero_dask.core.backend import to_host, worker_xp
 from hetero_dask.core.backprojector import BackprojGrids, crop_grids
-from hetero_dask.core.fsc import resolution_A
 from hetero_dask.core.fourier import fourier_resize, lowpass, resolution_to_radius
+from hetero_dask.core.fsc import resolution_A
 from hetero_dask.core.masks import spherical_window
 from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.rotations import matrix_to_pose
-from hetero_dask.core.scoring import alignment_band, circular_mask, phase_ramp, prepare_particles, project_band
+from hetero_dask.core.scoring import (
+    alignment_band,
+    circular_mask,
+    phase_ramp,
+    prepare_particles,
+    project_band,
+)
 from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.core.symmetry import symmetry_group
 from hetero_dask.dist import checkpoint as ckpt
-from hetero_dask.dist.engine import Partition, map_reduce, n_task_slots, partition_ranges, task_rng, worker_cached
+from hetero_dask.dist.engine import (
+    Partition,
+    map_reduce,
+    n_task_slots,
+    partition_ranges,
+    task_rng,
+    worker_cached,
+)
 from hetero_dask.io.volumes import read_volume_group
 from hetero_dask.jobs.common import open_particle_store, particle_split
 from hetero_dask.jobs.mstep import (
@@ -425,10 +438,15 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         state = _restore_state(last)
     else:
         refs = _prepare_references(vols_in, psize_vol, box, psize, p, mask)
+        state.sigma2 = _initial_sigma2(store, box, psize, box / 2, mask_radius_px, 0, min(N, 500))
+        if p.estimate_scale:
+            r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
+            scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range)
+            print(f"reference grey scales: {np.round(scales, 4).tolist()}", flush=True)
+            refs = refs * scales[:, None, None, None].astype(np.float32)
         state.volumes = np.repeat(refs[:, None], 2, axis=1)
         state.class_prior = np.full(K, 1.0 / K)
         state.resolution_A = np.full(K, p.initial_lowpass_A)
-        state.sigma2 = None
     ckpt.write_status(run_dir, job="refine", state="running", n_iterations=p.max_iterations)
 
     def run_iteration(it: int, start: int, stop: int, full_pass: bool, decay: float, random: bool):
@@ -445,8 +463,6 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         r_band = max(r_align, r_bp)
         vol_file = run_dir / f"references_it{it:04d}.npy"
         np.save(vol_file, state.volumes.astype(np.float32))
-        if state.sigma2 is None:
-            state.sigma2 = _initial_sigma2(store, box, psize, r_band, mask_radius_px, start, min(stop, start + 500))
         ctx = _Context(
             store_path=str(store.path), run_dir=str(run_dir), volumes_file=str(vol_file),
             results_path=str(results_path), split_file=str(split_file), iteration=it, box=box,
@@ -508,9 +524,6 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
               f"fractions {np.round(state.class_prior, 3).tolist()} changed "
               f"{'-' if changed is None else f'{changed:.3f}'} "
               f"({info['t']:.1f} s) r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}", flush=True)
-        import os
-        if os.environ.get("HD_DEBUG"):
-            print(np.round(state.fsc, 2))
         state.batch_start = 0 if stop >= N else stop
         it += 1
         state.iteration = it
@@ -532,6 +545,31 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir)
     ckpt.write_status(run_dir, state="done", results={"report": str(out / "report.json")})
     return report
+
+
+def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, shift_range, n=256, rounds=3):
+    """Per-class grey scale of the references against the particles (median least-squares alpha).
+
+    References from other programs come on arbitrary grey scales; the log-likelihood
+    needs them in the units of the normalised particle images. A coarse search on
+    ``n`` particles finds each class's best pose; alpha is the least-squares scale of
+    that projection to the image. Repeated: poses found with a badly scaled reference
+    are poor, with a rescaled one good.
+    """
+    stop = min(store.n, n)
+    imgs = _normalised_images(store, box, 0, stop, mask_radius_px, np)
+    band = alignment_band(box, r_align, np)
+    prep = prepare_particles(imgs, store.ctf(0, stop), psize, band, normalize=False,
+                             mask_radius_px=mask_radius_px)
+    search = SearchParams(radius_final=r_align, order_coarse=1, order_final=2, shift_range_px=shift_range,
+                          shift_step_px=max(1.0, shift_range / 2.5))
+    scales = np.ones(refs.shape[0])
+    for _ in range(rounds):
+        maps = [prepare_fourier_map(refs[k] * scales[k], r_max=r_align + 1) for k in range(refs.shape[0])]
+        res = estep(prep, maps, _extend(sigma2, int(math.ceil(r_align)) + 2), search)
+        alpha = np.median(to_host(res.alpha), axis=0)
+        scales *= np.where(alpha > 0, alpha, 1.0)
+    return scales
 
 
 def _round_up(x: int, a: int) -> int:
@@ -649,7 +687,7 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
         outputs.write_class_maps(out, k, results[k], psize)
         vols.append(results[k].vol_full)
     outputs.write_volume_series(out, np.stack(vols), psize)
-    outputs.write_subsets(out, table, best, post, pose, shift, psize)
+    outputs.write_subsets(out, paths.pop("table"), best, K, post)
     plots = _plots(out, state, results, pose, best, box, psize, K)
     report = {
         "job": "heterogeneous_refinement",
@@ -668,7 +706,6 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
         "outputs": {k: str(v) for k, v in {**paths, **plots}.items()},
     }
     outputs.write_report_json(out, report)
-    _html_report(out, report, plots)
     return report
 
 
@@ -695,12 +732,6 @@ def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict
     out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters)
     out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters)
     return out_plots
-
-
-def _html_report(out: Path, report: dict, plots: dict) -> None:
-    from hetero_dask.report import html
-
-    html.write_job_report(out / "report.html", "Heterogeneous Refinement", report, plots)
 
 
 def load_report(out) -> dict:

@@ -1,0 +1,128 @@
+"""Heterogeneous Refinement end to end on a small simulated two-state set.
+
+The oracle for classification is the Bayes classifier that knows the TRUE maps
+and marginalises over the pose grid (the E-step run on the true volumes with the
+true noise power): the refinement, starting from references low-passed to 30 A,
+must come close to it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hetero_dask.core.fourier import lowpass
+from hetero_dask.core.projector import prepare_fourier_map
+from hetero_dask.core.scoring import alignment_band, prepare_particles
+from hetero_dask.core.search import SearchParams, estep
+from hetero_dask.io.cs import read_cs
+from hetero_dask.io.mrc import write_map
+from hetero_dask.io.star import read_star
+from hetero_dask.jobs.refine import refine
+from hetero_dask.phantoms import moving_domain_phantoms
+from hetero_dask.simulate import simulate, write_simulation
+
+BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 250
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refine")
+    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
+    sim = simulate(vols, PSIZE, N_PER_CLASS, snr=SNR, seed=3, shift_range_px=1.0)
+    write_simulation(d / "sim", sim, vols)
+    refs = []
+    for k in range(2):
+        path = d / f"ref{k}.mrc"
+        write_map(path, lowpass(vols[k], 30.0, PSIZE, 3), PSIZE)
+        refs.append(str(path))
+    return d, vols, sim, refs
+
+
+def bayes_accuracy(vols, sim) -> float:
+    """Accuracy of the classifier that knows the true maps and the noise power."""
+    r = BOX / 2 - 1
+    band = alignment_band(BOX, r)
+    prep = prepare_particles(sim.images, sim.ctf, PSIZE, band, normalize=False)
+    maps = [prepare_fourier_map(v, r_max=r + 1) for v in vols]
+    sigma2 = np.full(BOX, sim.noise_sigma**2 * BOX * BOX)
+    res = estep(prep, maps, sigma2, SearchParams(radius_final=r, order_coarse=2, order_final=3,
+                                                 shift_range_px=2, shift_step_px=1))
+    return float(np.mean(np.asarray(res.best_class) == sim.classes))
+
+
+def agreement(a, b) -> float:
+    """Class agreement up to a swap of the two labels."""
+    return max(float(np.mean(a == b)), float(np.mean(a != b)))
+
+
+@pytest.fixture(scope="module")
+def refined(dataset):
+    d, vols, sim, refs = dataset
+    out = d / "out"
+    report = refine(str(d / "sim" / "particles.cs"), refs, out, refine_box=BOX, batch_size_per_class=150,
+                    max_iterations=6, num_random_iterations=0, initial_sigma_scale=1.0, progress=False, seed=0)
+    return out, report
+
+
+def test_classes_near_bayes_bound(dataset, refined):
+    d, vols, sim, refs = dataset
+    out, report = refined
+    bound = bayes_accuracy(vols, sim)
+    best = read_cs(out / "particles.cs")["alignments3D/class"]
+    acc = agreement(best, sim.classes)
+    print(f"refinement accuracy {acc:.3f}, Bayes bound {bound:.3f}")
+    assert bound > 0.8, "the test set should be classifiable"
+    # CI size: 500 particles are too few to learn maps as good as the truth; the gap to the
+    # bound is wider than at full size (see the slow and benchmark runs).
+    assert acc >= bound - 0.15
+
+
+def test_output_contract(dataset, refined):
+    d, vols, sim, refs = dataset
+    out, report = refined
+    cs = read_cs(out / "particles.cs")
+    assert len(cs) == 2 * N_PER_CLASS
+    for k in range(2):
+        for field in ("pose", "shift", "class_posterior", "error"):
+            assert f"alignments_class_{k}/{field}" in cs.dtype.names
+        assert (out / f"class_{k}" / "map.mrc").is_file()
+        assert (out / f"class_{k}" / "particles.cs").is_file()
+    post = cs["alignments3D_multi/class_posterior"]
+    np.testing.assert_allclose(post.sum(axis=1), 1.0, atol=1e-3)
+    assert np.array_equal(cs["alignments3D/class"], post.argmax(axis=1))
+    star = read_star(out / "particles.star")
+    particles = star["particles"]
+    assert np.array_equal(particles["rlnClassNumber"].to_numpy() - 1, cs["alignments3D/class"])
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["classes"]) == 2
+    assert abs(sum(c["fraction"] for c in rep["classes"]) - 1) < 1e-6
+    assert len(rep["iterations"]) >= 3
+    for png in ("fsc.png", "orientations.png", "class_fractions.png", "resolution.png", "class_changes.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_bad_parameters_are_refused(dataset, tmp_path):
+    d, vols, sim, refs = dataset
+    with pytest.raises(ValueError, match="refine_box"):
+        refine(str(d / "sim" / "particles.cs"), refs, tmp_path, refine_box=15)
+    with pytest.raises(ValueError, match="learning_rate"):
+        refine(str(d / "sim" / "particles.cs"), refs, tmp_path, learning_rate=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_reference_grey_scale_does_not_matter(dataset, refined, tmp_path, scale):
+    d, vols, sim, refs = dataset
+    scaled = []
+    for k in range(2):
+        path = tmp_path / f"ref{k}.mrc"
+        write_map(path, scale * lowpass(vols[k], 30.0, PSIZE, 3), PSIZE)
+        scaled.append(str(path))
+    refine(str(d / "sim" / "particles.cs"), scaled, tmp_path / "out", refine_box=BOX, batch_size_per_class=150,
+           max_iterations=6, num_random_iterations=0, progress=False, seed=0)
+    base = read_cs(refined[0] / "particles.cs")["alignments3D/class"]
+    other = read_cs(tmp_path / "out" / "particles.cs")["alignments3D/class"]
+    assert agreement(base, other) >= 0.9
