@@ -13,6 +13,7 @@ import sys
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "info": "hetero_dask.commands.info",
+    "refine": "hetero_dask.commands.refine",
     "cluster": "hetero_dask.commands.cluster",
     "status": "hetero_dask.commands.status",
     "import": "hetero_dask.commands.import_",
