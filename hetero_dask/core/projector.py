@@ -128,48 +128,64 @@ def _axis_corners(coord, size: int, xp):
 def project(fmap: FourierMap, rotations, kx, ky):
     """Central slices ``(R, M)`` complex64 at frequencies ``(kx, ky)`` ``(M,)`` (cycles per box).
 
-    Trilinear interpolation on the padded grid, written for speed: float32
-    weights and 8 flat ``take`` gathers accumulated in place (no ``(8, R, M)``
-    temporaries). Frequencies with ``|k| > r_max`` give 0 (their points are
-    moved to the origin and weighted 0); corners outside the stored cube read
-    as zero. When the cube holds every corner of the ``r_max`` ball (the usual
-    cropped map) the 8 gathers are at constant offsets from one base index.
+    Trilinear interpolation on the padded grid, written for speed: the three
+    coordinates of ``R @ (kx, ky, 0)`` as separate contiguous ``(R, M)``
+    float32 arrays, flat ``take`` gathers accumulated in place (no
+    ``(8, R, M)`` temporaries). Frequencies with ``|k| > r_max`` give 0 (their
+    points are moved to the origin and weighted 0); corners outside the
+    stored cube read as zero. When the cube holds every corner of the
+    ``r_max`` ball (the usual cropped map) the 8 gathers are at constant
+    offsets from one base index.
     """
     xp = xp_of(fmap.data)
     kx = xp.asarray(kx, dtype=xp.float32)
     ky = xp.asarray(ky, dtype=xp.float32)
     S = fmap.data.shape[-1]
     inside = ((kx**2 + ky**2) <= fmap.r_max**2).astype(xp.float32)
-    pts = slice_points(xp.asarray(rotations, dtype=xp.float32), kx, ky)
-    pts *= (fmap.pad * inside)[:, None]
-    pts += fmap.center
-    if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
-        f = xp.floor(pts)
-        t = pts - f
-        i = f.astype(xp.int64)
-        base = (i[..., 2] * S + i[..., 1]) * S + i[..., 0]
-        tx, ty, tz = t[..., 0] * inside, t[..., 1], t[..., 2]
-        axes = (
-            ((0, 1 - tz), (S * S, tz)),
-            ((0, 1 - ty), (S, ty)),
-            ((base, inside - tx), (base + 1, tx)),
-        )
-    else:
-        x0, x1, wx0, wx1 = _axis_corners(pts[..., 0], S, xp)
-        y0, y1, wy0, wy1 = _axis_corners(pts[..., 1], S, xp)
-        z0, z1, wz0, wz1 = _axis_corners(pts[..., 2], S, xp)
-        axes = (
-            ((z0 * (S * S), wz0), (z1 * (S * S), wz1)),
-            ((y0 * S, wy0), (y1 * S, wy1)),
-            ((x0, wx0 * inside), (x1, wx1 * inside)),
-        )
+    Rf = xp.asarray(rotations, dtype=xp.float32)
+    sx = kx * (fmap.pad * inside)
+    sy = ky * (fmap.pad * inside)
+    coords = []
+    for a in range(3):  # x, y, z on the grid: (R @ (kx, ky, 0))[a] * pad + center
+        c = Rf[:, a, 0:1] * sx
+        c += Rf[:, a, 1:2] * sy
+        c += xp.float32(fmap.center)
+        coords.append(c)
     flat = fmap.data.reshape(-1)
-    out = xp.zeros(pts.shape[:-1], dtype=xp.complex64)
-    for oz, wz in axes[0]:
-        for oy, wy in axes[1]:
+    if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
+        idt = xp.int32 if S**3 < 2**31 else xp.int64
+        base = None
+        frac = []
+        for c, stride in zip(coords, (1, S, S * S), strict=True):
+            f = xp.floor(c)
+            c -= f  # c now holds the fractional part
+            i = f.astype(idt) * stride
+            base = i if base is None else base + i
+            frac.append(c)
+        tx, ty, tz = frac
+        tx *= inside
+        wx0 = inside - tx
+        out = None
+        for oz, wz in ((0, 1 - tz), (S * S, tz)):
+            for oy, wy in ((0, 1 - ty), (S, ty)):
+                wzy = wz * wy
+                idx = base + (oz + oy)
+                v0 = xp.take(flat, idx)
+                v0 *= wx0 * wzy
+                v1 = xp.take(flat, idx + 1)
+                v1 *= tx * wzy
+                v0 += v1
+                out = v0 if out is None else out + v0
+        return out
+    x0, x1, wx0, wx1 = _axis_corners(coords[0], S, xp)
+    y0, y1, wy0, wy1 = _axis_corners(coords[1], S, xp)
+    z0, z1, wz0, wz1 = _axis_corners(coords[2], S, xp)
+    out = xp.zeros(x0.shape, dtype=xp.complex64)
+    for oz, wz in ((z0 * (S * S), wz0), (z1 * (S * S), wz1)):
+        for oy, wy in ((y0 * S, wy0), (y1 * S, wy1)):
             wzy = wz * wy
             ozy = oz + oy
-            for ox, wx in axes[2]:
+            for ox, wx in ((x0, wx0 * inside), (x1, wx1 * inside)):
                 out += xp.take(flat, ox + ozy) * (wzy * wx)
     return out
 
