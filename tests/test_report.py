@@ -1,0 +1,277 @@
+"""Report plots and the self-contained HTML report (rendered in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from hetero_dask.core.rotations import pose_to_matrix
+from hetero_dask.report import (
+    Image,
+    KeyValues,
+    Paragraph,
+    Section,
+    Table,
+    fsc_label,
+    orientation_histogram,
+    plot_affinity,
+    plot_class_changes,
+    plot_class_fractions,
+    plot_class_table,
+    plot_eigenvalues,
+    plot_fsc,
+    plot_fsc_classes,
+    plot_orientation_distribution,
+    plot_resolution_history,
+    render_html,
+    write_html_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BOX, PSIZE_A = 64, 1.5
+
+
+def _linear_fsc(n_shells: int, zero_at: float) -> np.ndarray:
+    """FSC falling linearly from 1 at shell 0 to 0 at ``zero_at``: crosses t at (1 - t) * zero_at."""
+    return np.clip(1.0 - np.arange(n_shells) / zero_at, 0.0, 1.0)
+
+
+def _make_plots(out: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    n_shells = BOX // 2 + 1
+    curves = {"no mask": _linear_fsc(n_shells, 20.0), "tight": _linear_fsc(n_shells, 26.0)}
+    superclass = np.array([0, 1, 0, 2, 1, 2, -1])
+    affinity = (superclass[:, None] == superclass[None]) + 0.1 * rng.random((7, 7))
+    poses = rng.normal(size=(500, 3))
+    return {
+        "fsc": plot_fsc(curves, PSIZE_A, BOX, out / "fsc.png"),
+        "fsc_classes": plot_fsc_classes(
+            {"class 0": curves, "class 1": {"no mask": _linear_fsc(n_shells, 15.0)}},
+            PSIZE_A,
+            BOX,
+            out / "fsc_classes.png",
+        ),
+        "orientations": plot_orientation_distribution(
+            {"class 0": pose_to_matrix(poses), "class 1": rng.normal(size=(300, 3))},
+            out / "orientations.png",
+            weights={"class 0": rng.random(500), "class 1": np.ones(300)},
+        ),
+        "fractions": plot_class_fractions(rng.dirichlet([1, 1, 1], 8), out / "fractions.png"),
+        "resolution": plot_resolution_history(
+            20.0 - np.arange(8)[:, None] * [1.0, 1.5], out / "resolution.png"
+        ),
+        "changes": plot_class_changes(np.geomspace(0.5, 0.01, 8), out / "changes.png"),
+        "affinity": plot_affinity(affinity, superclass, out / "affinity.png"),
+        "eigenvalues": plot_eigenvalues([0, 0.01, 0.02, 0.6, 0.8, 1.1], out / "eig.png", 3),
+        "class_table": plot_class_table(
+            [100, 200, 150, 50, 80, 120, 10], superclass, out / "class_table.png"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def plots(tmp_path_factory) -> dict[str, Path]:
+    return _make_plots(tmp_path_factory.mktemp("plots"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fsc",
+        "fsc_classes",
+        "orientations",
+        "fractions",
+        "resolution",
+        "changes",
+        "affinity",
+        "eigenvalues",
+        "class_table",
+    ],
+)
+def test_plot_writes_a_nonblank_png(plots, name):
+    path = plots[name]
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200
+    assert pixels[..., :3].var() > 1e-3
+    # Atomic write: no temporary file left next to it.
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_fsc_legend_resolution_from_known_crossing():
+    # Linear FSC reaching 0 at shell 20 crosses 0.143 at radius 17.14: 64 * 1.5 / 17.14 A.
+    curve = _linear_fsc(BOX // 2 + 1, 20.0)
+    expected_A = BOX * PSIZE_A / ((1 - 0.143) * 20.0)
+    assert fsc_label("no mask", curve, BOX, PSIZE_A) == f"no mask: {expected_A:.2f} Å"
+    assert f"{expected_A:.2f}" == "5.60"
+    # At FSC = 0.5 it crosses at radius 10: 9.60 A.
+    assert fsc_label("x", curve, BOX, PSIZE_A, threshold=0.5) == "x: 9.60 Å"
+
+
+def test_plots_reject_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="1-D"):
+        plot_fsc({"a": np.ones((3, 3))}, PSIZE_A, BOX, tmp_path / "f.png")
+    with pytest.raises(ValueError, match="square"):
+        plot_affinity(np.ones((3, 4)), np.zeros(3, int), tmp_path / "a.png")
+    with pytest.raises(ValueError, match="superclass"):
+        plot_affinity(np.ones((3, 3)), np.zeros(2, int), tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        plot_orientation_distribution(np.ones((5, 2)), tmp_path / "o.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_orientation_histogram_uniform_is_flat():
+    d = np.random.default_rng(1).normal(size=(200_000, 3))
+    density, az, el = orientation_histogram(d, n_az=12, n_el=6)
+    assert density.shape == (6, 12) and az.shape == (13,) and el.shape == (7,)
+    # Equal-area bins: ~2800 directions each, so within 10% of 1 everywhere.
+    np.testing.assert_allclose(density, 1.0, atol=0.1)
+    solid_angle = np.radians(30.0) * np.diff(np.sin(np.radians(el)))
+    np.testing.assert_allclose((density * solid_angle[:, None]).sum(), 4 * np.pi)
+
+
+def test_orientation_histogram_finds_a_known_direction_and_uses_weights():
+    az0, el0 = np.radians(45.0), np.radians(30.0)
+    v = np.array([np.cos(el0) * np.cos(az0), np.cos(el0) * np.sin(az0), np.sin(el0)])
+    rng = np.random.default_rng(2)
+    d = np.concatenate([np.tile(3 * v, (100, 1)), rng.normal(size=(100, 3))])
+    w = np.r_[np.ones(100), np.zeros(100)]
+    density, az, el = orientation_histogram(d, w, n_az=36, n_el=18)
+    i, j = np.unravel_index(np.argmax(density), density.shape)
+    assert az[j] <= 45.0 < az[j + 1] and el[i] <= 30.0 < el[i + 1]
+    assert np.count_nonzero(density) == 1
+    # Rotation matrices give the same histogram as their viewing directions R[:, :, 2].
+    R = pose_to_matrix(rng.normal(size=(1000, 3)))
+    np.testing.assert_array_equal(orientation_histogram(R)[0], orientation_histogram(R[:, :, 2])[0])
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[tuple[str, str, str]] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [(tag, k, v) for k, v in attrs if k in ("src", "href", "srcset", "data")]
+
+
+def _report_sections(plots: dict[str, Path]) -> list:
+    return [
+        Section("Summary", [Paragraph("Two classes <recovered> & well separated."), "plain text"]),
+        Section(
+            "Parameters",
+            [KeyValues({"n_classes": 2, "psize_A": np.float32(1.5), "<b>": "x"}, "Job parameters")],
+        ),
+        Section(
+            "Iterations",
+            [
+                Table.from_records(
+                    [
+                        {"iteration": 0, "resolution_A": 12.3456789, "changed": 0.5},
+                        {"iteration": 1, "resolution_A": 8.0},
+                    ],
+                    "Per iteration",
+                )
+            ],
+        ),
+        {"heading": "Plots", "blocks": [Image(p, caption=k) for k, p in plots.items()]},
+    ]
+
+
+def test_html_report_is_self_contained_and_escaped(plots, tmp_path):
+    path = write_html_report(tmp_path / "report.html", "Job <1> & co", _report_sections(plots))
+    text = path.read_text(encoding="utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    parser = _Links()
+    parser.feed(text)
+    assert "script" not in parser.tags and "<b>" not in text
+    assert "Job &lt;1&gt; &amp; co" in text and "&lt;recovered&gt; &amp;" in text
+    srcs = [v for tag, k, v in parser.refs if k == "src"]
+    assert len(srcs) == len(plots)
+    for tag, k, v in parser.refs:
+        assert v.startswith("data:" if k == "src" else "#"), (tag, k, v[:40])
+    # Each image is its file's bytes, base64-encoded.
+    for src, p in zip(srcs, plots.values(), strict=True):
+        assert base64.b64decode(src.removeprefix("data:image/png;base64,")) == p.read_bytes()
+    assert "12.35" in text and "<td>1.5</td>" in text and "<td></td>" in text
+
+
+def test_html_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        render_html("t", [Section("s", [Image(tmp_path / "missing.png")])])
+    with pytest.raises(ValueError, match="row 0 has 1 values for 2 columns"):
+        render_html("t", [Section("s", [Table(["a", "b"], [[1]])])])
+    with pytest.raises(ValueError, match="suffix"):
+        render_html("t", [Section("s", [Image(tmp_path / "x.gif")])])
+
+
+# ---------------------------------------------------------------- headless Chromium
+
+_CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  const d = document.createElement('pre');
+  d.id = 'img-check';
+  d.textContent = `images=${imgs.length} broken=${bad} widths=${imgs.map(i => i.naturalWidth)}`;
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = [shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")]
+    exe = next((p for p in found if p), None)
+    if exe is None:
+        msg = "Chromium not installed (apt-get install -y chromium)"
+        if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+def _chromium(exe: str, page: Path, profile: Path, *args: str) -> str:
+    cmd = [
+        exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, page.as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout
+
+
+def _rendered_image_check(exe: str, html: str, tmp_path: Path) -> tuple[int, int, list[int]]:
+    page = tmp_path / "checked.html"
+    page.write_text(html.replace("</body>", _CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    dom = _chromium(exe, page, tmp_path / "profile", "--dump-dom")
+    m = re.search(r"images=(\d+) broken=(\d+) widths=([\d,]*)", dom)
+    assert m, f"image check did not run; DOM tail: {dom[-500:]}"
+    return int(m[1]), int(m[2]), [int(w) for w in m[3].split(",") if w]
+
+
+def test_report_renders_in_chromium_without_broken_images(chromium, plots, tmp_path):
+    report = write_html_report(tmp_path / "report.html", "Demo report", _report_sections(plots))
+    html = report.read_text(encoding="utf-8")
+    n, broken, widths = _rendered_image_check(chromium, html, tmp_path)
+    assert (n, broken) == (len(plots), 0)
+    assert widths == [matplotlib.image.imread(p).shape[1] for p in plots.values()]
+    # The check can fail: corrupt one image's data and it is reported broken.
+    corrupt = html.replace("base64,iVBOR", "base64,AAAAA", 1)
+    assert _rendered_image_check(chromium, corrupt, tmp_path)[:2] == (len(plots), 1)
+    # And the page draws: a screenshot that is not blank.
+    shot = tmp_path / "page.png"
+    _chromium(
+        chromium, report, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2400"
+    )
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2400, 1200) and pixels[..., :3].var() > 1e-3
