@@ -30,6 +30,7 @@ from hetero_dask.report import (
     plot_eigenvalues,
     plot_fsc,
     plot_fsc_classes,
+    plot_map_slices,
     plot_orientation_distribution,
     plot_resolution_history,
     render_html,
@@ -43,6 +44,12 @@ BOX, PSIZE_A = 64, 1.5
 def _linear_fsc(n_shells: int, zero_at: float) -> np.ndarray:
     """FSC falling linearly from 1 at shell 0 to 0 at ``zero_at``: crosses t at (1 - t) * zero_at."""
     return np.clip(1.0 - np.arange(n_shells) / zero_at, 0.0, 1.0)
+
+
+def _ball(n: int, centre_zyx, radius: float = 5.0) -> np.ndarray:
+    z, y, x = np.indices((n, n, n))
+    return (((z - centre_zyx[0]) ** 2 + (y - centre_zyx[1]) ** 2 + (x - centre_zyx[2]) ** 2)
+            < radius**2).astype(np.float32)  # fmt: skip
 
 
 def _make_plots(out: Path) -> dict[str, Path]:
@@ -64,6 +71,10 @@ def _make_plots(out: Path) -> dict[str, Path]:
             {"class 0": pose_to_matrix(poses), "class 1": rng.normal(size=(300, 3))},
             out / "orientations.png",
             weights={"class 0": rng.random(500), "class 1": np.ones(300)},
+        ),
+        "maps": plot_map_slices(
+            {"class 0": _ball(24, (12, 12, 12)), "class 1": _ball(24, (12, 8, 16))},
+            out / "maps.png",
         ),
         "fractions": plot_class_fractions(rng.dirichlet([1, 1, 1], 8), out / "fractions.png"),
         "resolution": plot_resolution_history(
@@ -89,6 +100,7 @@ def plots(tmp_path_factory) -> dict[str, Path]:
         "fsc",
         "fsc_classes",
         "orientations",
+        "maps",
         "fractions",
         "resolution",
         "changes",

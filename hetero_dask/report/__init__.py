@@ -19,6 +19,7 @@ from hetero_dask.report.plots import (
     plot_eigenvalues,
     plot_fsc,
     plot_fsc_classes,
+    plot_map_slices,
     plot_orientation_distribution,
     plot_resolution_history,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "plot_eigenvalues",
     "plot_fsc",
     "plot_fsc_classes",
+    "plot_map_slices",
     "plot_orientation_distribution",
     "plot_resolution_history",
     "render_html",

@@ -33,6 +33,7 @@ __all__ = [
     "plot_eigenvalues",
     "plot_fsc",
     "plot_fsc_classes",
+    "plot_map_slices",
     "plot_orientation_distribution",
     "plot_resolution_history",
 ]
@@ -167,6 +168,40 @@ def plot_fsc(
 ) -> Path:
     """FSC curves ``label -> (n_shells,)`` on one panel, resolution per curve in the legend."""
     return plot_fsc_classes({title: curves}, psize_A, box, out, title="", threshold=threshold)
+
+
+# ---------------------------------------------------------------- maps
+
+
+def plot_map_slices(
+    volumes: Mapping[str, np.ndarray], out, title: str = "Central sections"
+) -> Path:
+    """Central sections of each map ``label -> (n, n, n)`` (axes z, y, x): one row per map,
+    columns the xy, xz and yz planes through the box centre ``n // 2``; each row on its own
+    grey scale (1st to 99.9th percentile)."""
+    if not volumes:
+        raise ValueError("no maps to plot")
+    rows = []
+    for name, vol in volumes.items():
+        v = np.asarray(vol, dtype=np.float32)
+        if v.ndim != 3 or len(set(v.shape)) != 1:
+            raise ValueError(f"map {name!r} must be a cube (n, n, n), got shape {v.shape}")
+        c = v.shape[0] // 2
+        rows.append((name, (v[c], v[:, c], v[:, :, c])))
+    fig = Figure(figsize=(7.5, 2.6 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for ax_row, (name, sections) in zip(axes, rows, strict=True):
+        lo, hi = np.percentile(np.concatenate([s.ravel() for s in sections]), [1, 99.9])
+        for ax, sec, plane in zip(
+            ax_row, sections, ("xy at z = n//2", "xz at y = n//2", "yz at x = n//2"), strict=True
+        ):
+            ax.imshow(sec, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name}: {plane}" if name else plane, fontsize=9)
+    fig.suptitle(title)
+    return _save(fig, out)
 
 
 # ---------------------------------------------------------------- orientations
