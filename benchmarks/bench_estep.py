@@ -14,7 +14,9 @@ offset range 5 step 2, band to ``--ini-high``) against ``relion_refine --K 4
 ``--tau2_fudge 4``, ``--ini_high``), both given the 4 true class volumes as
 references (``--ref refs.star``): with a single reference RELION's first
 iteration scores only one random class per particle (seed generation), a
-quarter of the work. RELION's time is its own "Expectation iteration 1"
+quarter of the work. ``--ctf_corrected_ref``: the references are true
+structures (without it RELION's first iteration uses |CTF| on them and
+aligns nothing). RELION's time is its own "Expectation iteration 1"
 progress-bar seconds (start-up, noise estimation and the M-step excluded;
 the whole run's wall time is printed too). Our time is image preparation +
 :func:`hetero_dask.core.search.estep` (projections included), measured
@@ -43,6 +45,7 @@ import pandas as pd
 from hetero_dask.core import grids
 from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map
+from hetero_dask.core.rotations import angle_between, euler_to_matrix, pose_to_matrix
 from hetero_dask.core.scoring import (
     alignment_band,
     class_projections,
@@ -101,13 +104,25 @@ def write_relion_inputs(work: Path, sim, volumes) -> tuple[Path, Path]:
     return work / "parts.star", work / "refs.star"
 
 
-def run_ours(sim, volumes, psize_A: float, radius: float, mask_radius_px: float):
+def relion_coarse_radius(n: int, psize_A: float, diameter_A: float, radius: float) -> float:
+    """RELION's coarse-pass band radius (shells) for HEALPix order 2 (15 degrees).
+
+    MlOptimiser::updateImageSizeAndResolutionPointers: rotated_distance =
+    15/360 * pi * diameter, coarse_ires = round(1.2 * n * psize / rotated_distance),
+    at most the current radius.
+    """
+    rotated_distance = grids.angular_step_deg(2) / 360.0 * np.pi * diameter_A
+    return float(min(radius, round(1.2 * n * psize_A / rotated_distance)))
+
+
+def run_ours(sim, volumes, psize_A: float, radius: float, mask_radius_px: float, r_coarse=None):
     """Image preparation + E-step on the simulated images; returns (seconds, EStepResult)."""
     n = sim.box
     band = alignment_band(n, radius)
     fmaps = [prepare_fourier_map(v, r_max=radius + 1) for v in volumes]
     params = SearchParams(
         radius_final=radius,
+        radius_coarse=r_coarse,
         order_coarse=2,
         order_final=3,
         shift_range_px=SHIFT_RANGE_PX,
@@ -125,7 +140,8 @@ def run_relion(work: Path, parts: Path, refs: Path, args) -> dict:
     cmd = [
         "relion_refine", "--i", parts.name, "--ref", refs.name, "--o", "out/run",
         "--K", str(args.classes), "--iter", "1", "--healpix_order", "2", "--oversampling", "1",
-        "--offset_range", str(SHIFT_RANGE_PX), "--offset_step", str(SHIFT_STEP_PX), "--ctf",
+        "--offset_range", str(SHIFT_RANGE_PX), "--offset_step", str(SHIFT_STEP_PX),
+        "--ctf", "--ctf_corrected_ref",
         "--tau2_fudge", "4", "--particle_diameter", str(args.particle_diameter),
         "--ini_high", str(args.ini_high), "--j", str(args.threads), "--pool", "3",
         "--pad", "2", "--dont_check_norm", "--random_seed", "0",
@@ -158,6 +174,11 @@ def run_relion(work: Path, parts: Path, refs: Path, args) -> dict:
         "fine_factor": fine // coarse,
         "n_sig": n_sig.mean(),
         "classes": data["rlnClassNumber"].to_numpy(dtype=np.int64) - 1,
+        "rotations": euler_to_matrix(
+            data["rlnAngleRot"].to_numpy(np.float64),
+            data["rlnAngleTilt"].to_numpy(np.float64),
+            data["rlnAnglePsi"].to_numpy(np.float64),
+        ).swapaxes(-1, -2),
     }
 
 
@@ -183,14 +204,19 @@ def main() -> None:
     volumes = moving_domain_phantoms(n, args.psize, K)
     sim = simulate(volumes, args.psize, -(-args.particles // K), args.snr, seed=0, shift_range_px=3)
     mask_px = args.particle_diameter / (2 * args.psize)
-    t_before, res = run_ours(sim, volumes, args.psize, radius, mask_px)
+    r_coarse = relion_coarse_radius(n, args.psize, args.particle_diameter, radius)
+    t_before, res = run_ours(sim, volumes, args.psize, radius, mask_px, r_coarse)
     ours_poses = float(np.mean(res.n_poses_evaluated))
     acc = float(np.mean(res.best_class == sim.classes))
+    R_true = pose_to_matrix(sim.poses)
+    R_ours = res.rotation[np.arange(sim.n), res.best_class].astype(np.float64)
+    err = np.median(np.rad2deg(angle_between(R_ours, R_true)))
     print(
         f"(2) ours: {sim.n} particles, K={K}, box {n}, band radius {radius:g} "
-        f"({n * args.psize / radius:.1f} A): {sim.n / t_before:.1f} particle-iterations/s "
+        f"({n * args.psize / radius:.1f} A; coarse pass {r_coarse:g}, as RELION's coarse_size): "
+        f"{sim.n / t_before:.1f} particle-iterations/s "
         f"({t_before:.1f} s), {ours_poses:.0f} poses evaluated per particle, "
-        f"class accuracy {acc:.2f}"
+        f"class accuracy {acc:.2f}, median pose error {err:.1f} deg"
     )
     if args.skip_relion or shutil.which("relion_refine") is None:
         print("relion_refine skipped (not requested or not on PATH)")
@@ -199,7 +225,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     parts, refs = write_relion_inputs(work, sim, volumes)
     rel = run_relion(work, parts, refs, args)
-    t_after, _ = run_ours(sim, volumes, args.psize, radius, mask_px)
+    t_after, _ = run_ours(sim, volumes, args.psize, radius, mask_px, r_coarse)
     t_ours = 0.5 * (t_before + t_after)
     rel_rate = sim.n / rel["expectation_s"]
     ours_rate = sim.n / t_ours
@@ -208,7 +234,8 @@ def main() -> None:
         f"    RELION expectation {rel['expectation_s']:.0f} s ({rel['wall_s']:.0f} s whole run): "
         f"{rel_rate:.2f} particle-iterations/s; poses per particle {rel['poses']:.0f} "
         f"= {rel['coarse']} coarse + {rel['fine_factor']} x {rel['n_sig']:.2f} significant; "
-        f"class accuracy {np.mean(rel['classes'] == sim.classes):.2f}"
+        f"class accuracy {np.mean(rel['classes'] == sim.classes):.2f}, median pose error "
+        f"{np.median(np.rad2deg(angle_between(rel['rotations'], R_true))):.1f} deg"
     )
     print(
         f"    ours {t_before:.1f} s before / {t_after:.1f} s after RELION: {ours_rate:.1f} "

@@ -337,21 +337,27 @@ def score_dense(
     return TopPoses(rot=out_rot, logw=out_w, shift_idx=out_s, class_lse=lse, class_lse2=lse2)
 
 
-def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, shifts_px) -> tuple:
+def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, centers_px, offsets_px) -> tuple:
     """Scores of per-particle candidate groups, each group with its own trial shifts.
 
     ``cand_proj_ri`` (B, G, J, 2M) and ``cand_pow`` (B, G, J, M): projections of each
     particle's G groups of J candidate rotations (one class); ``valid`` (B, G, J) bool;
-    ``shifts_px`` (B, G, T, 2) the shifts of each group. One batched product
-    ``(T, 2M) @ (2M, J)`` per particle and group. Returns (log-sum-exp over the group's
-    shifts (B, G, J) float32, -inf for invalid candidates; best shift index (B, G, J)).
+    group g tries the shifts ``centers_px[b, g] + offsets_px`` (centres (B, G, 2),
+    offsets (T, 2)): the phase ramp factorises, ``ramp(c + o) = ramp(c) ramp(o)``, so
+    only (B, G) + (T) ramps are evaluated. One batched product ``(T, 2M) @ (2M, J)`` per
+    particle and group. Returns (log-sum-exp over the group's shifts (B, G, J) float32,
+    -inf for invalid candidates; best offset index (B, G, J)).
     """
     xp = xp_of(xc)
     B, G, J, m2 = cand_proj_ri.shape
     m = m2 // 2
-    T = shifts_px.shape[2]
-    ramps = phase_ramp(band.kx[:m], band.ky[:m], shifts_px, band.n)  # (B, G, T, M)
-    x_ri = stack_ri(xc[:, None, None, :] * ramps)  # (B, G, T, 2M)
+    T = offsets_px.shape[0]
+    kx, ky = band.kx[:m], band.ky[:m]
+    y = xc[:, None, :] * phase_ramp(kx, ky, centers_px[:, :, None, :], band.n)[:, :, 0]
+    x = y[:, :, None, :] * phase_ramp(kx, ky, offsets_px, band.n)  # (B, G, T, M)
+    x_ri = xp.empty((B, G, T, m2), dtype=xp.float32)
+    x_ri[..., :m] = x.real
+    x_ri[..., m:] = x.imag
     S = xp.matmul(x_ri, cand_proj_ri.swapaxes(-1, -2))  # (B, G, T, J)
     S -= xp.einsum("bm,bgjm->bgj", cc, cand_pow)[:, :, None, :]
     L, best_t = _reduce_shifts(S.reshape(B * G, T, J), xp)

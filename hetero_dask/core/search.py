@@ -49,7 +49,13 @@ from .scoring import (
 
 @dataclass
 class SearchParams:
-    """Sampling of the E-step. Radii in cycles per box (``radius_coarse`` None: = final)."""
+    """Sampling of the E-step. Radii in cycles per box (``radius_coarse`` None: = final).
+
+    ``max_poses``: parents kept per class between stages (children: 8 each);
+    ``climb_steps`` / ``climb_neighbours``: hill-climb iterations at each fine
+    stage and the grid neighbours scored around the best pose per iteration
+    (0 steps: children only).
+    """
 
     radius_final: float
     radius_coarse: float | None = None
@@ -235,10 +241,10 @@ def _shift_offsets(step: float, xp):
     return xp.stack([ox.ravel(), oy.ravel()], axis=-1)
 
 
-def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, shifts, params, xp):
-    """Score candidate groups: ``ids`` (B, K, G, J) (-1: none), each group g with its shifts
-    ``shifts`` (B, K, G, T, 2). Returns log-weights (B, K, G, J) (-inf for none) and the
-    best trial shift of each candidate (B, K, G, J, 2)."""
+def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, centers, offsets, params, xp):
+    """Score candidate groups: ``ids`` (B, K, G, J) (-1: none), group g with the shifts
+    ``centers`` (B, K, G, 2) + ``offsets`` (T, 2). Returns log-weights (B, K, G, J) (-inf
+    for none) and the best trial shift of each candidate (B, K, G, J, 2)."""
     B, K, G, J = ids.shape
     logw = xp.full((B, K, G, J), -np.inf, dtype=xp.float32)
     best = xp.zeros((B, K, G, J, 2), dtype=xp.float32)
@@ -250,9 +256,11 @@ def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, shifts, params, xp
         for c0 in range(0, rows.size, params.particle_chunk):
             r = rows[c0 : c0 + params.particle_chunk]
             i = index[c0 : c0 + params.particle_chunk]
-            L, t = score_local(xc[r], cc[r], band, p_ri[i], p_pow[i], ids[r, k] >= 0, shifts[r, k])
+            L, t = score_local(
+                xc[r], cc[r], band, p_ri[i], p_pow[i], ids[r, k] >= 0, centers[r, k], offsets
+            )
             logw[r, k] = L
-            best[r, k] = xp.take_along_axis(shifts[r, k], t[..., None], axis=2)
+            best[r, k] = centers[r, k][:, :, None, :] + offsets[t]
     return logw, best
 
 
@@ -294,9 +302,7 @@ def _local_stage(
     m = band.size_at(params.radius_at(stage_no))
     xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
     cache = _ProjectionCache(fmaps, order, band, m, xp)
-    logw, shift = _score_groups(
-        cache, band, xc, cc, ch, par_shift[:, :, :, None, :] + offsets, params, xp
-    )
+    logw, shift = _score_groups(cache, band, xc, cc, ch, par_shift, offsets, params, xp)
     n_eval = (ch >= 0).sum(axis=(1, 2, 3)) * offsets.shape[0]
     ids = ch.reshape(B, K, -1)
     logw = logw.reshape(B, K, -1)
@@ -324,7 +330,8 @@ def _local_stage(
             xc[rows],
             cc[rows],
             nb[:, :, None, :],
-            best_shift[rows][:, :, None, None, :] + offsets,
+            best_shift[rows][:, :, None, :],
+            offsets,
             params,
             xp,
         )
