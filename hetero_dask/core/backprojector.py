@@ -20,9 +20,9 @@ partial grids merge by plain sums and the plane is completed once, at the end.
 Each image frequency should be passed once per Friedel pair (e.g.
 :func:`half_plane_freqs`): ``k`` and ``-k`` land on the same voxels.
 
-Precision: grids are complex64 / float32 by default. Each batch is summed in
-float64 by ``bincount`` before it is added, so rounding grows only with the
-number of batches, and half-grids at box 128 (~8.7 M voxels, 105 MB per
+Precision: grids are complex64 / float32 by default and samples are added
+in place (``np.add.at``: no grid-sized temporary per call, so small batches
+cost no more per sample than large ones); half-grids at box 128 (~8.7 M voxels, 105 MB per
 class and half-set) keep K=50 refinements within memory; ``double=True``
 gives complex128 / float64 grids.
 """
@@ -94,28 +94,57 @@ def half_plane_freqs(n: int, r_max: float | None = None, xp=np):
     )
 
 
-def _scatter_add(target, idx, vals, step: int = 1, offset: int = 0):
-    """``target[step * idx + offset] += vals`` with repeated indices summed.
+def _flat(a):
+    """A 1-D view of contiguous ``a`` (a reshape that copied would drop the scatter's writes)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("backprojection grids must be C-contiguous arrays")
+    return a.reshape(-1)
 
-    numpy: one ``bincount`` (float64 sums) added to the strided view; cupy:
-    atomic ``cupyx.scatter_add`` on the contiguous array.
+
+def _scatter_add(target, idx, vals):
+    """``target.ravel()[idx] += vals`` with repeated indices summed, in place.
+
+    numpy: ``np.add.at`` (unbuffered fast path, no grid-sized temporary;
+    complex targets in one call); cupy: atomic ``cupyx.scatter_add`` (real
+    and imaginary parts separately).
     """
     xp = xp_of(target)
+    flat = _flat(target)
     if xp is np:
-        target[offset::step] += np.bincount(idx, weights=vals, minlength=target.size // step)
+        np.add.at(flat, idx, vals.astype(flat.dtype, copy=False))
+        return
+    import cupyx  # noqa: PLC0415
+
+    if xp.iscomplexobj(flat):
+        pairs = flat.view(flat.real.dtype)
+        cupyx.scatter_add(pairs, 2 * idx, vals.real.astype(pairs.dtype))
+        cupyx.scatter_add(pairs, 2 * idx + 1, vals.imag.astype(pairs.dtype))
     else:
-        import cupyx  # noqa: PLC0415
-
-        cupyx.scatter_add(target, idx * step + offset, vals.astype(target.dtype))
+        cupyx.scatter_add(flat, idx, vals.astype(flat.dtype))
 
 
-def backproject(grids: BackprojGrids, rotations, values, weights, kx, ky, chunk_points=1 << 20):
+def backproject(
+    grids: BackprojGrids,
+    rotations,
+    values,
+    weights,
+    kx,
+    ky,
+    chunk_points=1 << 18,
+    deterministic: bool = False,
+):
     """Accumulate ``values`` ``(P, M)`` complex and ``weights`` ``(P, M)`` real into ``grids`` in place.
 
     ``rotations`` ``(P, 3, 3)``; ``kx``, ``ky`` ``(M,)`` in cycles per box.
     Frequencies beyond ``grids.r_max`` are skipped. Particles are processed
-    in batches of about ``chunk_points`` samples (temporary memory ~ 300 bytes
+    in batches of about ``chunk_points`` samples (temporary memory ~ 250 bytes
     per sample: 8 corners of indices, weights and products).
+
+    ``deterministic=True``: the call's contributions are bitwise independent
+    of the particle order and of the device's atomic-add order (GPU): all
+    samples are kept (~40 bytes each, plus sort temporaries), sorted by
+    (voxel, value) and summed per voxel in float64 (:func:`_sorted_segment_sum`),
+    then added to the grids once. Equal to the default within float rounding.
     """
     xp = xp_of(grids.data)
     kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
@@ -130,41 +159,89 @@ def backproject(grids: BackprojGrids, rotations, values, weights, kx, ky, chunk_
         kx, ky, values, weights = kx[sel], ky[sel], values[:, sel], weights[:, sel]
     P, M = values.shape
     step = max(1, chunk_points // max(M, 1))
+    rotations = xp.asarray(rotations, dtype=xp.float32)
+    scatter = _CollectedScatter() if deterministic else _scatter_add
     for s in range(0, P, step):
         _backproject_batch(
-            grids, rotations[s : s + step], values[s : s + step], weights[s : s + step], kx, ky
+            grids,
+            rotations[s : s + step],
+            values[s : s + step],
+            weights[s : s + step],
+            kx,
+            ky,
+            scatter,
         )
+    if deterministic:
+        scatter.flush()
     return grids
 
 
-def _backproject_batch(grids: BackprojGrids, rotations, values, weights, kx, ky):
+def _sorted_segment_sum(idx, vals):
+    """Unique ``idx`` and the float64 sums of their real ``vals``, independent of input order.
+
+    Entries are sorted by (index, value), so the summation order of each
+    segment is a function of the multiset of entries only; no atomics.
+    """
+    xp = xp_of(idx)
+    order = xp.argsort(vals, kind="stable")
+    order = order[xp.argsort(idx[order], kind="stable")]
+    i, v = idx[order], vals[order].astype(xp.float64)
+    new = xp.ones(i.shape, dtype=bool)
+    new[1:] = i[1:] != i[:-1]
+    start = xp.flatnonzero(new)
+    return i[start], xp.add.reduceat(v, start)
+
+
+class _CollectedScatter:
+    """A stand-in for :func:`_scatter_add` that keeps every (index, value) until :meth:`flush`."""
+
+    def __init__(self):
+        self.parts = {}  # id(target) -> (target, [idx], [vals])
+
+    def __call__(self, target, idx, vals):
+        self.parts.setdefault(id(target), (target, [], []))
+        self.parts[id(target)][1].append(idx)
+        self.parts[id(target)][2].append(vals)
+
+    def flush(self):
+        for target, idx_parts, val_parts in self.parts.values():
+            xp = xp_of(target)
+            flat = _flat(target)
+            idx, vals = xp.concatenate(idx_parts), xp.concatenate(val_parts)
+            u, s = _sorted_segment_sum(idx, vals.real)
+            if xp.iscomplexobj(flat):
+                s = s + 1j * _sorted_segment_sum(idx, vals.imag)[1]
+            flat[u] += s.astype(flat.dtype)
+        self.parts.clear()
+
+
+def _backproject_batch(
+    grids: BackprojGrids, rotations, values, weights, kx, ky, scatter=_scatter_add
+):
+    """Scatter one batch; samples are ordered (particle, corner, frequency) so that the 8
+    corners of one slice hit the same cache-resident part of the grid."""
     xp = xp_of(grids.data)
     h = grids.half_width
     S, X = 2 * h + 1, h + 1
-    pts = slice_points(xp.asarray(rotations), kx, ky).reshape(-1, 3) * grids.pad
-    v = values.reshape(-1).astype(xp.complex64)
-    flip = pts[:, 0] < 0
-    pts = xp.where(flip[:, None], -pts, pts)
+    P, M = values.shape
+    pts = slice_points(rotations, kx, ky) * xp.float32(grids.pad)  # (P, M, 3)
+    flip = pts[..., 0] < 0
+    pts *= xp.where(flip, xp.float32(-1), xp.float32(1))[..., None]
+    v = values.astype(xp.complex64)
     v = xp.where(flip, xp.conj(v), v)
     f = xp.floor(pts)
-    t = (pts - f).astype(xp.float32)
+    t = pts - f  # (P, M, 3) float32
     i0 = f.astype(xp.int64)
-    base = ((i0[:, 2] + h) * S + (i0[:, 1] + h)) * X + i0[:, 0]
+    base = ((i0[..., 2] + h) * S + (i0[..., 1] + h)) * X + i0[..., 0]  # (P, M)
     offsets = xp.asarray(
-        [(dz * S + dy) * X + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+        [(dz * S + dy) * X + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int64
     )
-    wx = xp.stack([1 - t[:, 0], t[:, 0]])
-    wy = xp.stack([1 - t[:, 1], t[:, 1]])
-    wz = xp.stack([1 - t[:, 2], t[:, 2]])
-    w8 = (wz[:, None, None, :] * wy[None, :, None, :] * wx[None, None, :, :]).reshape(8, -1)
-    idx = (base[None, :] + offsets[:, None]).ravel()
-    real_dtype = grids.weight.dtype
-    pairs = grids.data.reshape(-1).view(real_dtype)  # (re, im) pairs
-    _scatter_add(pairs, idx, (w8 * v.real).ravel(), 2, 0)
-    _scatter_add(pairs, idx, (w8 * v.imag).ravel(), 2, 1)
-    _scatter_add(
-        grids.weight.reshape(-1), idx, (w8 * weights.reshape(-1).astype(xp.float32)).ravel()
-    )
+    lo_hi = [xp.stack([1 - t[..., a], t[..., a]], axis=1) for a in range(3)]  # (P, 2, M) each
+    wx, wy, wz = lo_hi
+    w8 = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(P, 8, M)
+    idx = (base[:, None, :] + offsets[None, :, None]).reshape(-1)
+    scatter(grids.data, idx, (w8 * v[:, None, :]).reshape(-1))
+    scatter(grids.weight, idx, (w8 * weights.astype(xp.float32)[:, None, :]).reshape(-1))
 
 
 def symmetry_mates(rotations, ops):

@@ -13,6 +13,8 @@ unmasked FSC first drops below 0.143, the tight mask is applied, and
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .backend import to_host, xp_of
@@ -26,29 +28,80 @@ def _radius_fft(n: int, xp):
     return xp.sqrt(kx**2 + ky**2 + kz**2)
 
 
+def _radius_rfft(n: int, xp):
+    """Frequency radius ``(n, n, n // 2 + 1)`` float32 of an uncentred real-input FFT grid."""
+    k = xp.fft.fftfreq(n, d=1.0 / n).astype(xp.float32) ** 2
+    kx = xp.arange(n // 2 + 1, dtype=xp.float32) ** 2
+    return xp.sqrt(k[:, None, None] + k[None, :, None] + kx[None, None, :])
+
+
+def _rfft_shells(n: int, xp):
+    """``(idx, mult, n_shells)``: flat shell index of each rfft voxel (``n_shells`` = beyond
+    Nyquist) and its multiplicity in the full spectrum (2 for the voxels whose mate is not stored)."""
+    if xp is np:
+        return _rfft_shells_np(n)
+    return _rfft_shells_xp(n, xp)
+
+
+@functools.lru_cache(maxsize=4)
+def _rfft_shells_np(n: int):
+    idx, mult, n_shells = _rfft_shells_xp(n, np)
+    idx.flags.writeable = False
+    mult.flags.writeable = False
+    return idx, mult, n_shells
+
+
+def _rfft_shells_xp(n: int, xp):
+    n_shells = n // 2 + 1
+    idx = xp.minimum(xp.rint(_radius_rfft(n, xp)).astype(xp.int64), n_shells).ravel()
+    kx = xp.arange(n // 2 + 1)
+    own = (kx == 0) | ((n % 2 == 0) & (kx == n // 2))
+    mult = xp.broadcast_to(xp.where(own, 1.0, 2.0), (n, n, n // 2 + 1)).astype(xp.float32)
+    return idx, mult.ravel(), n_shells
+
+
 def _shells(n: int, xp):
     """Shell index (rounded radius) of each voxel of an uncentred FFT grid; ``n//2 + 1`` = outside."""
     n_shells = n // 2 + 1
     return xp.minimum(xp.rint(_radius_fft(n, xp)).astype(xp.int64), n_shells).ravel(), n_shells
 
 
+def _rfftn(v, xp):
+    v = xp.asarray(v, dtype=xp.float32)
+    if xp is np:
+        import scipy.fft  # noqa: PLC0415
+
+        return scipy.fft.rfftn(v)
+    return xp.fft.rfftn(v)
+
+
+def _irfftn(F, n: int, xp):
+    if xp is np:
+        import scipy.fft  # noqa: PLC0415
+
+        return scipy.fft.irfftn(F, s=(n, n, n))
+    return xp.fft.irfftn(F, s=(n, n, n))
+
+
 def fsc(v1, v2, mask=None):
-    """FSC curve ``(n // 2 + 1,)`` float64 of two volumes ``(n, n, n)`` (optionally both masked)."""
+    """FSC curve ``(n // 2 + 1,)`` float64 of two volumes ``(n, n, n)`` (optionally both masked).
+
+    Real-input FFTs in single precision; per-shell sums in float64.
+    """
     xp = xp_of(v1, v2)
     if v1.shape != v2.shape or v1.ndim != 3:
         raise ValueError(f"fsc needs two volumes of one shape, got {v1.shape} and {v2.shape}")
     if mask is not None:
         v1, v2 = v1 * mask, v2 * mask
-    F1 = xp.fft.fftn(xp.asarray(v1, dtype=xp.float64))
-    F2 = xp.fft.fftn(xp.asarray(v2, dtype=xp.float64))
-    idx, n_shells = _shells(v1.shape[-1], xp)
+    F1, F2 = _rfftn(v1, xp).ravel(), _rfftn(v2, xp).ravel()
+    idx, mult, n_shells = _rfft_shells(v1.shape[-1], xp)
     m = n_shells + 1
 
     def shell_sum(x):
-        return xp.bincount(idx, weights=x.ravel(), minlength=m)[:n_shells]
+        return xp.bincount(idx, weights=mult * x, minlength=m)[:n_shells]
 
     num = shell_sum((F1 * xp.conj(F2)).real)
-    den = xp.sqrt(shell_sum(xp.abs(F1) ** 2) * shell_sum(xp.abs(F2) ** 2))
+    den = xp.sqrt(shell_sum(F1.real**2 + F1.imag**2) * shell_sum(F2.real**2 + F2.imag**2))
     return xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
 
 
@@ -93,17 +146,16 @@ def phase_randomise(vol, from_shell: int, rng: np.random.Generator):
     """``vol`` with the Fourier phases of shells ``>= from_shell`` replaced by random ones.
 
     The random phases are those of a real white-noise volume, so the result
-    stays real; amplitudes are kept.
+    stays real; amplitudes are kept. Single precision.
     """
     xp = xp_of(vol)
     n = vol.shape[-1]
-    F = xp.fft.fftn(xp.asarray(vol, dtype=xp.float64))
-    noise = xp.asarray(rng.standard_normal(vol.shape))
-    N = xp.fft.fftn(noise)
+    F = _rfftn(vol, xp)
+    N = _rfftn(xp.asarray(rng.standard_normal(vol.shape, dtype=np.float32)), xp)
     phase = N / xp.maximum(xp.abs(N), 1e-30)
-    beyond = xp.rint(_radius_fft(n, xp)) >= from_shell
+    beyond = xp.rint(_radius_rfft(n, xp)) >= from_shell
     F = xp.where(beyond, xp.abs(F) * phase, F)
-    return xp.fft.ifftn(F).real.astype(vol.dtype)
+    return _irfftn(F, n, xp).astype(vol.dtype)
 
 
 def corrected_fsc(v1, v2, mask, from_shell: int | None = None, rng=None, fsc_unmasked=None):

@@ -19,35 +19,68 @@ spectrum with a triangle kernel, i.e. multiplies the padded real-space map by
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
+
 from .backend import xp_of
 from .backprojector import BackprojGrids, hermitian_x0
 from .projector import gridding_correction
 
 
 def _shell_geometry(grids: BackprojGrids):
-    """Per-voxel shell index, inside-``r_max`` mask and Friedel multiplicity of the half-grid."""
+    """``(shell, n_shells, counts)``: per-voxel shell index (intp; ``n_shells`` = outside
+    ``r_max``) of the half-grid and the number of full-spectrum voxels per shell.
+
+    Cached per layout for numpy (the arrays are read-only); voxels with
+    ``r_padded >= pad * r_max`` are outside.
+    """
     xp = xp_of(grids.data)
-    h = grids.half_width
-    c = xp.arange(-h, h + 1, dtype=xp.float32)
-    x = xp.arange(h + 1, dtype=xp.float32)
-    r = xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + x[None, None, :] ** 2)
-    inside = r < grids.pad * grids.r_max
-    shell = xp.rint(r / grids.pad).astype(xp.int64)
-    # Voxels with x > 0 stand for themselves and their Friedel mates.
-    mult = xp.where(x > 0, 2.0, 1.0)[None, None, :] * xp.ones_like(r)
-    return shell, inside, mult
+    key = (grids.half_width, grids.pad, float(grids.r_max))
+    if xp is np:
+        return _shell_geometry_np(*key)
+    return _shell_geometry_xp(*key, xp)
+
+
+@functools.lru_cache(maxsize=4)
+def _shell_geometry_np(h: int, pad: int, r_max: float):
+    shell, n_shells, counts = _shell_geometry_xp(h, pad, r_max, np)
+    shell.flags.writeable = False
+    return shell, n_shells, counts
+
+
+def _shell_geometry_xp(h: int, pad: int, r_max: float, xp):
+    c = xp.arange(-h, h + 1, dtype=xp.float32) ** 2
+    x = xp.arange(h + 1, dtype=xp.float32) ** 2
+    r = xp.sqrt(c[:, None, None] + c[None, :, None] + x[None, None, :])
+    n_shells = int(math.floor(r_max + 0.5)) + 1
+    shell = xp.rint(r / pad).astype(xp.intp)
+    shell[r >= pad * r_max] = n_shells
+    return shell, n_shells, _shell_sums(xp.ones(shell.shape, xp.float32), shell, n_shells)
+
+
+def _shell_sums(values, shell, n_shells: int):
+    """Per-shell sums ``(n_shells,)`` float64 over the full spectrum a half-grid stands for.
+
+    Voxels with x > 0 count twice (themselves and their Friedel mates); the
+    x = 0 plane of a completed half-grid holds both mates and counts once.
+    """
+    xp = xp_of(values)
+    m = n_shells + 1
+    total = xp.bincount(shell.reshape(-1), weights=values.reshape(-1), minlength=m)
+    plane = xp.bincount(
+        shell[:, :, 0].reshape(-1), weights=values[:, :, 0].reshape(-1), minlength=m
+    )
+    return (2.0 * total - plane)[:n_shells]
 
 
 def shell_mean_weight(grids: BackprojGrids, weight_full=None):
-    """Mean of the (completed) weight grid over each shell ``0 .. ceil(r_max)``, float64."""
+    """Mean of the (completed) weight grid over each shell ``0 .. round(r_max)``, float64."""
     xp = xp_of(grids.data)
     W = hermitian_x0(grids.weight) if weight_full is None else weight_full
-    shell, inside, mult = _shell_geometry(grids)
-    idx = shell[inside]
-    m = int(xp.max(idx)) + 1 if idx.size else 1
-    s = xp.bincount(idx, weights=(W * mult)[inside].astype(xp.float64), minlength=m)
-    cnt = xp.bincount(idx, weights=mult[inside].astype(xp.float64), minlength=m)
-    return s / xp.maximum(cnt, 1.0)
+    shell, n_shells, counts = _shell_geometry(grids)
+    return _shell_sums(W, shell, n_shells) / xp.maximum(counts, 1.0)
 
 
 def ssnr_from_fsc(fsc, n_shells: int, xp):
@@ -56,6 +89,25 @@ def ssnr_from_fsc(fsc, n_shells: int, xp):
     c = xp.asarray(fsc, dtype=xp.float64)[:n_shells]
     f[: c.shape[0]] = xp.clip(c, 0.001, 0.999)
     return f / (1.0 - f)
+
+
+def _divide(grids: BackprojGrids, fsc, tau2_fudge: float, weight_floor: float):
+    """The completed half-grid spectrum ``B / max(W + 1/tau2, floor)`` complex64, zero outside ``r_max``."""
+    xp = xp_of(grids.data)
+    B = hermitian_x0(grids.data)
+    W = hermitian_x0(grids.weight)
+    shell, n_shells, _ = _shell_geometry(grids)
+    mean_w = shell_mean_weight(grids, W)
+    reg = xp.zeros(n_shells + 1, xp.float64)
+    if fsc is not None:
+        ssnr = ssnr_from_fsc(fsc, n_shells, xp)
+        reg[:n_shells] = mean_w / (tau2_fudge * ssnr)
+    floor = xp.full(n_shells + 1, xp.inf)
+    floor[:n_shells] = weight_floor * mean_w
+    floor[:n_shells][floor[:n_shells] <= 0] = xp.inf  # shells with no data stay empty
+    denom = xp.maximum(W + reg.astype(xp.float32)[shell], floor.astype(xp.float32)[shell])
+    B /= denom  # inf (outside, or no data) gives 0
+    return B
 
 
 def reconstruct(
@@ -69,37 +121,54 @@ def reconstruct(
     ``tau2_fudge``: the regularisation parameter T (RELION's tau2_fudge).
     ``fsc=None`` gives the unregularised ``B / max(W, floor)``.
     """
-    xp = xp_of(grids.data)
-    n, pad = grids.n, grids.pad
-    B = hermitian_x0(grids.data)
-    W = hermitian_x0(grids.weight).astype(xp.float64)
-    shell, inside, _ = _shell_geometry(grids)
-    mean_w = shell_mean_weight(grids, W)
-    shell = xp.minimum(shell, mean_w.shape[0] - 1)
-    mean_at = mean_w[shell]
-    denom = W
-    if fsc is not None:
-        ssnr = ssnr_from_fsc(fsc, mean_w.shape[0], xp)
-        denom = denom + mean_at / (tau2_fudge * ssnr[shell])
-    denom = xp.maximum(denom, weight_floor * mean_at)
-    ok = inside & (denom > 0)
-    V = xp.where(ok, B / xp.where(ok, denom, 1.0), 0).astype(xp.complex128)
-    return _to_real_space(V, n, pad)
+    V = _divide(grids, fsc, tau2_fudge, weight_floor)
+    return _to_real_space(V, grids.n, grids.pad)
+
+
+def fsc_of_grids(grids_a: BackprojGrids, grids_b: BackprojGrids, weight_floor: float = 1e-3):
+    """FSC ``(n_shells,)`` float64 of the unregularised half-maps ``B / W``, in Fourier space.
+
+    Computed on the padded half-grids (shell = ``round(r_padded / pad)``),
+    with no inverse FFT: the cheap estimate the Wiener prior needs.
+    """
+    xp = xp_of(grids_a.data)
+    Va = _divide(grids_a, None, 1.0, weight_floor)
+    Vb = _divide(grids_b, None, 1.0, weight_floor)
+    shell, n_shells, _ = _shell_geometry(grids_a)
+    num = _shell_sums((Va * xp.conj(Vb)).real, shell, n_shells)
+    den = xp.sqrt(
+        _shell_sums((Va.real**2 + Va.imag**2), shell, n_shells)
+        * _shell_sums((Vb.real**2 + Vb.imag**2), shell, n_shells)
+    )
+    return xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
 
 
 def _to_real_space(V_half, n: int, pad: int):
-    """Inverse FFT of a completed half-grid spectrum, crop to ``n``, divide by the gridding factor."""
+    """Inverse FFT of a completed, centred half-grid spectrum; central ``n^3`` crop over the gridding factor.
+
+    The spectrum goes straight into an uncentred ``(D, D, D // 2 + 1)``
+    array (``D = pad n``), complex64, and only the crop is read back from
+    the uncentred result (no shifts of the padded volume).
+    """
     xp = xp_of(V_half)
     D = pad * n
     h = V_half.shape[-1] - 1
     he = min(h, (D - 1) // 2)
-    c = D // 2
-    spec = xp.zeros((D, D, D // 2 + 1), dtype=V_half.dtype)
-    spec[c - he : c + he + 1, c - he : c + he + 1, : he + 1] = V_half[
-        h - he : h + he + 1, h - he : h + he + 1, : he + 1
-    ]
-    spec = xp.fft.ifftshift(spec, axes=(0, 1))
-    vol = xp.fft.fftshift(xp.fft.irfftn(spec, s=(D, D, D), axes=(0, 1, 2)))
-    o = c - n // 2
-    vol = vol[o : o + n, o : o + n, o : o + n]
+    spec = xp.zeros((D, D, D // 2 + 1), dtype=xp.complex64)
+    src = V_half[h - he : h + he + 1, h - he : h + he + 1, : he + 1]
+    # centred index i (0..2he) = frequency i - he -> uncentred (i - he) mod D
+    for zs, zd in ((slice(he, None), slice(0, he + 1)), (slice(0, he), slice(D - he, D))):
+        for ys, yd in ((slice(he, None), slice(0, he + 1)), (slice(0, he), slice(D - he, D))):
+            spec[zd, yd, : he + 1] = src[zs, ys]
+    vol = _irfftn(spec, D, xp)
+    crop = (xp.arange(n) - n // 2) % D
+    vol = vol[crop][:, crop][:, :, crop]
     return (vol / gridding_correction(n, pad, xp)).astype(xp.float32)
+
+
+def _irfftn(spec, D: int, xp):
+    if xp is np:
+        import scipy.fft  # noqa: PLC0415
+
+        return scipy.fft.irfftn(spec, s=(D, D, D), axes=(0, 1, 2), overwrite_x=True)
+    return xp.fft.irfftn(spec, s=(D, D, D), axes=(0, 1, 2))

@@ -12,9 +12,10 @@ Backprojection (:func:`backproject_particles`), per particle ``i``, pose
 ``B += w * CTF * Y_centred / sigma2`` and ``W += w * CTF^2 / sigma2`` at
 ``R k`` (DESIGN.md), with ``Y_centred = Y * exp(-2 pi i k.s / n)``.
 
-Maps (:func:`mstep_class`): half-maps are reconstructed first without
-regularisation to measure their FSC (unless a prior FSC is given), then
-with the Wiener prior from that FSC (``tau2 = T * SSNR / mean W``, RELION);
+Maps (:func:`mstep_class`): the FSC of the unregularised half-maps ``B / W``
+is measured in Fourier space on the padded grids (unless a prior FSC is
+given; no inverse FFT), then the half-maps are reconstructed with the
+Wiener prior from that FSC (``tau2 = T * SSNR / mean W``, RELION);
 the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``.
 """
 
@@ -33,11 +34,10 @@ from hetero_dask.core.backprojector import (
     new_grids,
     symmetrise_grids,
 )
-from hetero_dask.core.ctf import CTFParams, ctf_values
-from hetero_dask.core.fourier import fft2c
+from hetero_dask.core.ctf import CTFParams, electron_wavelength_A
 from hetero_dask.core.fsc import fsc as fsc_curve
 from hetero_dask.core.fsc import full_map_fsc, resolution_A
-from hetero_dask.core.reconstruction import reconstruct
+from hetero_dask.core.reconstruction import fsc_of_grids, reconstruct
 
 HALVES = (0, 1)
 
@@ -121,6 +121,81 @@ def _shell_of(kx, ky, n_shells: int):
     return xp.minimum(xp.rint(xp.sqrt(kx**2 + ky**2)).astype(xp.int64), n_shells - 1)
 
 
+def ctf_half_plane(params: CTFParams, kx, ky, n: int, psize_A: float):
+    """CTF ``(B, M)`` float32 at frequencies ``kx``, ``ky`` ``(M,)`` (cycles per box), as
+    :func:`hetero_dask.core.ctf.ctf_values` computes it, with one ``sin`` per sample.
+
+    The phase ``chi`` is a (B, 5) @ (5, M) product over the frequency terms
+    (s^2, s^2 cos 2a, s^2 sin 2a, s^4, 1), float64; amplitude contrast folds
+    into a per-particle phase offset ``atan2(w, sqrt(1 - w^2))``.
+    """
+    xp = xp_of(kx)
+    B = int(np.asarray(to_host(xp.asarray(params.df1_A))).reshape(-1).shape[0])
+
+    def col(v):
+        return xp.broadcast_to(xp.asarray(v, dtype=xp.float64).reshape(-1), (B,))
+
+    fx = xp.asarray(kx, dtype=xp.float64) / (n * psize_A)
+    fy = xp.asarray(ky, dtype=xp.float64) / (n * psize_A)
+    s2 = fx**2 + fy**2
+    r2 = xp.where(s2 > 0, s2, 1.0)
+    cos2a, sin2a = (fx**2 - fy**2) / r2, 2 * fx * fy / r2  # cos/sin of 2 * atan2(fy, fx)
+    basis = xp.stack([s2, s2 * cos2a, s2 * sin2a, s2**2, xp.ones_like(s2)])  # (5, M)
+    df1, df2, ang = col(params.df1_A), col(params.df2_A), col(params.df_angle_rad)
+    lam = electron_wavelength_A(col(params.accel_kv))
+    w = col(params.amp_contrast)
+    hd = 0.5 * (df1 - df2)
+    coef = xp.stack(
+        [
+            np.pi * lam * 0.5 * (df1 + df2),
+            np.pi * lam * hd * xp.cos(2 * ang),
+            np.pi * lam * hd * xp.sin(2 * ang),
+            -0.5 * np.pi * col(params.cs_mm) * 1e7 * lam**3,
+            col(params.phase_shift_rad) + xp.arctan2(w, xp.sqrt(1.0 - w**2)),
+        ],
+        axis=1,
+    )  # (B, 5)
+    c = xp.sin((coef @ basis).astype(xp.float32))
+    bf = col(params.bfactor)
+    if bool(xp.any(bf != 0)):
+        c *= xp.exp(-bf[:, None] * s2[None, :] / 4.0).astype(xp.float32)
+    scale = col(params.scale)
+    if bool(xp.any(scale != 1)):
+        c *= scale.astype(xp.float32)[:, None]
+    return c
+
+
+def half_plane_spectra(images, r_max=None):
+    """Centred spectra of real images ``(B, n, n)`` at :func:`half_plane_freqs` ``(kx, ky)``.
+
+    Returns ``(kx, ky, Y (B, M) complex64)``; one single-precision real-input
+    FFT per image (kx >= 0 is the real FFT's half).
+    """
+    xp = xp_of(images)
+    n = images.shape[-1]
+    kx, ky, _ = half_plane_freqs(n, r_max, xp)
+    shifted = xp.fft.ifftshift(xp.asarray(images, dtype=xp.float32), axes=(-2, -1))
+    if xp is np:
+        import scipy.fft  # noqa: PLC0415
+
+        F = scipy.fft.rfft2(shifted, overwrite_x=True)
+    else:
+        F = xp.fft.rfft2(shifted)
+    flat = (ky.astype(xp.int64) % n) * (n // 2 + 1) + kx.astype(xp.int64)
+    return kx, ky, F.reshape(images.shape[0], -1)[:, flat].astype(xp.complex64, copy=False)
+
+
+def _shift_phases(shifts_px, kx, ky, n: int):
+    """``exp(-2 pi i (sx kx + sy ky) / n)`` ``(B, M)`` complex64 from per-axis 1D ramps."""
+    xp = xp_of(kx)
+    k = xp.arange(-(n // 2), n - n // 2, dtype=xp.float32)  # every integer frequency
+    s = xp.asarray(shifts_px, dtype=xp.float32)
+    ex = xp.exp((-2j * np.pi / n) * (s[:, :1] * k[None, :])).astype(xp.complex64)
+    ey = xp.exp((-2j * np.pi / n) * (s[:, 1:] * k[None, :])).astype(xp.complex64)
+    o = n // 2
+    return ex[:, kx.astype(xp.int64) + o] * ey[:, ky.astype(xp.int64) + o]
+
+
 def backproject_particles(
     partial: ClassGridsPartial,
     images,
@@ -155,9 +230,8 @@ def backproject_particles(
     shifts_px = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
     halves = xp.asarray(halves).reshape(B)
     r_max = grids0.r_max if r_max is None else min(float(r_max), grids0.r_max)
-    kx, ky, flat = half_plane_freqs(n, r_max, xp)
-    Y = fft2c(images).reshape(B, -1)[:, flat].astype(xp.complex64)
-    ctf = ctf_values(ctf_params.to(xp), kx / (n * psize_A), ky / (n * psize_A))
+    kx, ky, Y = half_plane_spectra(images, r_max)
+    ctf = ctf_half_plane(ctf_params.to(xp), kx, ky, n, psize_A)
     if inv_sigma2 is not None:
         isig = xp.asarray(inv_sigma2, dtype=xp.float32)
         ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
@@ -171,19 +245,15 @@ def backproject_particles(
             sel = xp.nonzero((halves == h) & (w > 0))[0]
             if sel.size == 0:
                 continue
-            s = shifts_px[sel, p]
-            phase = xp.exp(
-                (-2j * np.pi / n) * (s[:, :1] * kx[None, :] + s[:, 1:] * ky[None, :])
-            ).astype(xp.complex64)
+            phase = _shift_phases(shifts_px[sel, p], kx, ky, n)
             ws = w[sel][:, None]
-            backproject(
-                partial.grids[(k, h)],
-                rotations[sel, p],
-                ws * cy[sel] * phase,
-                ws * c2[sel],
-                kx,
-                ky,
-            )
+            phase *= cy[sel]
+            if bool(xp.any(ws != 1)):
+                phase *= ws
+                wc2 = ws * c2[sel]
+            else:
+                wc2 = c2[sel]
+            backproject(partial.grids[(k, h)], rotations[sel, p], phase, wc2, kx, ky)
     partial.weight_sum[k] += float(xp.sum(weights))
     return partial
 
@@ -224,7 +294,7 @@ def mstep_class(
     ``symmetry_ops`` ``(G, 3, 3)``: symmetrise the grids first; ``tau2_fudge``:
     RELION's T; ``psize_A``: pixel size of the maps (for ``resolution_A``);
     ``fsc_prior`` ``(n // 2 + 1,)``: half-map FSC for the Wiener prior (default:
-    measured from unregularised half-maps); ``regularise=False`` returns the
+    measured from the unregularised half-grids); ``regularise=False`` returns the
     plain ``B / W`` maps. A class whose weight is below ``min_weight`` gives
     zero maps, resolution inf and ``empty=True``. Returns numpy arrays.
     """
@@ -247,8 +317,9 @@ def mstep_class(
     prior = None
     if regularise and not half_empty:
         if fsc_prior is None:
-            vA, vB = (reconstruct(g) for g in halves)
-            prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
+            prior = np.zeros(n_shells)
+            measured = np.asarray(to_host(fsc_of_grids(*halves)), dtype=np.float64)[:n_shells]
+            prior[: measured.shape[0]] = measured
         else:
             prior = np.asarray(fsc_prior, dtype=np.float64)
     if prior is None:
