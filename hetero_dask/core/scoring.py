@@ -175,6 +175,51 @@ def project_band(fmap: FourierMap, rotations, kx, ky):
     return project(fmap, rotations, kx, ky)
 
 
+PRECISIONS = ("float32", "tf32", "3xtf32")
+
+
+def round_to_tf32(x):
+    """``x`` as float32 with the mantissa rounded to TF32's 10 bits (nearest, ties away from 0).
+
+    These are the inputs a TF32 tensor core multiplies (products accumulate in float32).
+    """
+    xp = xp_of(x)
+    bits = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    return ((bits + xp.uint32(0x1000)) & xp.uint32(0xFFFFE000)).view(xp.float32)
+
+
+def _tf32_matmul(a, b):
+    """``a @ b`` with TF32 inputs: cuBLAS TF32 tensor cores on CuPy, rounded inputs elsewhere."""
+    xp = xp_of(a, b)
+    linalg = getattr(getattr(xp, "_core", None), "_routines_linalg", None)
+    if linalg is None or not hasattr(linalg, "COMPUTE_TYPE_TF32"):
+        return xp.matmul(round_to_tf32(a), round_to_tf32(b))
+    old = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        return xp.matmul(a, b)
+    finally:
+        linalg.set_compute_type(np.float32, old)
+
+
+def scoring_matmul(a, b, precision: str = "float32"):
+    """float32 ``a @ b`` (batched like ``matmul``) at a scoring precision (:data:`PRECISIONS`).
+
+    ``"tf32"``: inputs rounded to 10-bit mantissas (~3 decimal digits, relative error
+    ~2^-11 per input); ``"3xtf32"``: ``a_hi b_hi + a_hi b_lo + a_lo b_hi`` with
+    ``x = x_hi + x_lo`` split into TF32 parts, about float32 accuracy at three TF32 products.
+    """
+    if precision == "float32":
+        return a @ b
+    if precision == "tf32":
+        return _tf32_matmul(a, b)
+    if precision == "3xtf32":
+        a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
+        small = _tf32_matmul(a_hi, b - b_hi) + _tf32_matmul(a - a_hi, b_hi)
+        return _tf32_matmul(a_hi, b_hi) + small
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def stack_ri(z):
     """Complex ``(..., M)`` -> real ``(..., 2M)`` float32: [real parts, imaginary parts]."""
     xp = xp_of(z)
@@ -283,6 +328,7 @@ def score_dense(
     shifts_px,
     keep: int = 8,
     max_tile_bytes: int = 64 * 2**20,
+    precision: str = "float32",
 ) -> TopPoses:
     """Exhaustive scoring of every particle against shared rotations x shifts, per class.
 
@@ -291,7 +337,9 @@ def score_dense(
     (T, 2) trial shifts. The score ``Re(xc_s conj P) - cc |P|^2`` (LL + yy)
     is reduced tile by tile: log-sum-exp and argmax over shifts, a running top
     ``keep`` over rotations, and a running log-sum-exp per class. Tiles of
-    particles x rotations are sized to ``max_tile_bytes`` of scores.
+    particles x rotations are sized to ``max_tile_bytes`` of scores. ``precision``
+    (:func:`scoring_matmul`) applies to the cross-term product; the norm term, T times
+    cheaper and a sum of positive terms, stays float32.
     """
     xp = xp_of(xc)
     B, m = xc.shape
@@ -317,7 +365,7 @@ def score_dense(
             s = out_s[b0:b1, k]
             for r0 in range(0, R, r_chunk):
                 r1 = min(R, r0 + r_chunk)
-                S = (x_ri @ proj.p_ri[r0:r1].T).reshape(nb, T, r1 - r0)
+                S = scoring_matmul(x_ri, proj.p_ri[r0:r1].T, precision).reshape(nb, T, r1 - r0)
                 L = _lse_shifts(S, xp)  # S now holds exp(S - max over shifts)
                 L -= cc[b0:b1] @ proj.p_pow[r0:r1].T  # the norm term does not depend on t
                 mx = L.max(axis=1)
@@ -337,7 +385,9 @@ def score_dense(
     return TopPoses(rot=out_rot, logw=out_w, shift_idx=out_s, class_lse=lse, class_lse2=lse2)
 
 
-def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, centers_px, offsets_px) -> tuple:
+def score_local(
+    xc, cc, band: Band, cand_proj_ri, cand_pow, valid, centers_px, offsets_px, precision="float32"
+) -> tuple:
     """Scores of per-particle candidate groups, each group with its own trial shifts.
 
     ``cand_proj_ri`` (B, G, J, 2M) and ``cand_pow`` (B, G, J, M): projections of each
@@ -346,7 +396,8 @@ def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, centers_px, o
     offsets (T, 2)): the phase ramp factorises, ``ramp(c + o) = ramp(c) ramp(o)``, so
     only (B, G) + (T) ramps are evaluated. One batched product ``(T, 2M) @ (2M, J)`` per
     particle and group. Returns (log-sum-exp over the group's shifts (B, G, J) float32,
-    -inf for invalid candidates; best offset index (B, G, J)).
+    -inf for invalid candidates; best offset index (B, G, J)). ``precision``: of the
+    cross-term product, as in :func:`score_dense`.
     """
     xp = xp_of(xc)
     B, G, J, m2 = cand_proj_ri.shape
@@ -358,7 +409,7 @@ def score_local(xc, cc, band: Band, cand_proj_ri, cand_pow, valid, centers_px, o
     x_ri = xp.empty((B, G, T, m2), dtype=xp.float32)
     x_ri[..., :m] = x.real
     x_ri[..., m:] = x.imag
-    S = xp.matmul(x_ri, cand_proj_ri.swapaxes(-1, -2))  # (B, G, T, J)
+    S = scoring_matmul(x_ri, cand_proj_ri.swapaxes(-1, -2), precision)  # (B, G, T, J)
     S -= xp.einsum("bm,bgjm->bgj", cc, cand_pow)[:, :, None, :]
     L, best_t = _reduce_shifts(S.reshape(B * G, T, J), xp)
     L = xp.where(valid, L.reshape(B, G, J), -np.inf).astype(xp.float32)

@@ -35,6 +35,7 @@ from . import grids
 from .backend import to_host, xp_of
 from .projector import FourierMap
 from .scoring import (
+    PRECISIONS,
     PreparedParticles,
     TopPoses,
     class_projections,
@@ -54,7 +55,9 @@ class SearchParams:
     ``max_poses``: parents kept per class between stages (children: 8 each);
     ``climb_steps`` / ``climb_neighbours``: hill-climb iterations at each fine
     stage and the grid neighbours scored around the best pose per iteration
-    (0 steps: children only).
+    (0 steps: children only). ``precision``: of the scoring products,
+    ``"float32"`` (default), ``"tf32"`` or ``"3xtf32"`` (:func:`.scoring.scoring_matmul`;
+    TF32 tensor cores on CuPy, emulated on numpy).
     """
 
     radius_final: float
@@ -73,6 +76,11 @@ class SearchParams:
     particle_chunk: int = 256
     climb_steps: int = 4
     climb_neighbours: int = 64
+    precision: str = "float32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def radius_at(self, stage: int) -> float:
         n_stages = self.order_final - self.order_coarse
@@ -165,7 +173,7 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage,
         grids.shift_grid(params.shift_range_px, params.shift_step_px, params.shift_shape)
     )
     top: TopPoses = score_dense(
-        xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes
+        xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes, params.precision
     )
     stage = _Stage(
         ids=top.rot,
@@ -257,7 +265,15 @@ def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, centers, offsets, 
             r = rows[c0 : c0 + params.particle_chunk]
             i = index[c0 : c0 + params.particle_chunk]
             L, t = score_local(
-                xc[r], cc[r], band, p_ri[i], p_pow[i], ids[r, k] >= 0, centers[r, k], offsets
+                xc[r],
+                cc[r],
+                band,
+                p_ri[i],
+                p_pow[i],
+                ids[r, k] >= 0,
+                centers[r, k],
+                offsets,
+                params.precision,
             )
             logw[r, k] = L
             best[r, k] = centers[r, k][:, :, None, :] + offsets[t]
