@@ -495,8 +495,10 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
 
     batch = min(N, max(ALIGN, _round_up(p.batch_size_per_class * K, ALIGN)))
     it = state.iteration
-    final_passes_done = 0
-    prev_res_radius = None
+    # Convergence bookkeeping continues from a resumed checkpoint as if uninterrupted.
+    final_passes_done = 0 if state.converged_at is None else it - state.converged_at
+    prev_res_radius = (resolution_to_radius(float(np.min(state.resolution_A)), box, psize)
+                       if state.history else None)
     while True:
         full = state.converged_at is not None or batch >= N
         if full:
@@ -527,12 +529,10 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         state.batch_start = 0 if stop >= N else stop
         it += 1
         state.iteration = it
-        _checkpoint(run_dir, state)
-        ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
+        done = False
         if state.converged_at is not None:
             final_passes_done += 1
-            if final_passes_done >= p.final_full_passes:
-                break
+            done = final_passes_done >= p.final_full_passes
         elif not random and (
             (changed is not None and changed < p.convergence_class_change and prev_res_radius is not None
              and abs(res_radius - prev_res_radius) <= p.convergence_res_shells)
@@ -540,7 +540,10 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         ):
             state.converged_at = it
         prev_res_radius = res_radius
-        if it >= p.max_iterations + p.final_full_passes:
+        # The checkpoint comes after the convergence decision, so --resume repeats it.
+        _checkpoint(run_dir, state)
+        ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
+        if done or it >= p.max_iterations + p.final_full_passes:
             break
     report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir)
     ckpt.write_status(run_dir, state="done", results={"report": str(out / "report.json")})
