@@ -357,11 +357,16 @@ def test_align3d(dev):
 # ---------------------------------------------------------------- deterministic backprojection
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "fake"])
+@pytest.mark.parametrize(
+    "backend_name", ["numpy", "fake", pytest.param("cupy", marks=pytest.mark.gpu)]
+)
 def test_deterministic_backprojection_is_order_independent(backend_name, monkeypatch):
     """deterministic=True: bitwise the same grids for any particle order and batching, no
     atomic scatter on the device, and equal to the default scatter within float rounding."""
-    xp = np if backend_name == "numpy" else fake_cupy.install(monkeypatch)
+    if backend_name == "fake":
+        xp = fake_cupy.install(monkeypatch)
+    else:
+        xp = np if backend_name == "numpy" else pytest.importorskip("cupy")
     n = 16
     vol = smooth_volume(n, 3.0, seed=7)
     R, kx, ky, C, Y = simulate(vol, 80, seed=7, noise_sd=0.05)
@@ -467,3 +472,19 @@ def test_tf32_scoring_agrees_with_float32(backend_name, monkeypatch):
         assert np.rad2deg(angle_between(R, R_ref)).max() <= grids.angular_step_deg(2), p
         post = backend.to_host(got.class_posterior)
         assert np.abs(post - backend.to_host(ref.class_posterior)).max() <= tol, p
+
+
+def test_mstep_backproject_particles(dev):
+    """jobs.mstep.backproject_particles (image spectra, CTF, shifts, halves) on the device."""
+    from hetero_dask.jobs.mstep import backproject_particles, empty_partial
+
+    vols, R_true, s_true, ctf, _, imgs, _ = _recovery_case(None, B=12, n=24, K=1)
+    rot, sh = R_true[:, None], s_true[:, None]
+    w, halves = np.full((12, 1), 0.5, np.float32), np.arange(12) % 2
+    host = empty_partial(1, 24)
+    backproject_particles(host, imgs, ctf, PSIZE_A, rot, sh, w, 0, halves)
+    part = empty_partial(1, 24, xp=dev)
+    backproject_particles(part, dev.asarray(imgs), ctf, PSIZE_A, rot, sh, w, 0, halves)
+    for key, g in host.grids.items():
+        close(part.grids[key].data, g.data, atol_frac=1e-5)
+        close(part.grids[key].weight, g.weight, atol_frac=1e-5)
