@@ -125,24 +125,6 @@ def reconstruct(
     return _to_real_space(V, grids.n, grids.pad)
 
 
-def fsc_of_grids(grids_a: BackprojGrids, grids_b: BackprojGrids, weight_floor: float = 1e-3):
-    """FSC ``(n_shells,)`` float64 of the unregularised half-maps ``B / W``, in Fourier space.
-
-    Computed on the padded half-grids (shell = ``round(r_padded / pad)``),
-    with no inverse FFT: the cheap estimate the Wiener prior needs.
-    """
-    xp = xp_of(grids_a.data)
-    Va = _divide(grids_a, None, 1.0, weight_floor)
-    Vb = _divide(grids_b, None, 1.0, weight_floor)
-    shell, n_shells, _ = _shell_geometry(grids_a)
-    num = _shell_sums((Va * xp.conj(Vb)).real, shell, n_shells)
-    den = xp.sqrt(
-        _shell_sums((Va.real**2 + Va.imag**2), shell, n_shells)
-        * _shell_sums((Vb.real**2 + Vb.imag**2), shell, n_shells)
-    )
-    return xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
-
-
 def _to_real_space(V_half, n: int, pad: int):
     """Inverse FFT of a completed, centred half-grid spectrum; central ``n^3`` crop over the gridding factor.
 

@@ -12,10 +12,11 @@ Backprojection (:func:`backproject_particles`), per particle ``i``, pose
 ``B += w * CTF * Y_centred / sigma2`` and ``W += w * CTF^2 / sigma2`` at
 ``R k`` (DESIGN.md), with ``Y_centred = Y * exp(-2 pi i k.s / n)``.
 
-Maps (:func:`mstep_class`): the FSC of the unregularised half-maps ``B / W``
-is measured in Fourier space on the padded grids (unless a prior FSC is
-given; no inverse FFT), then the half-maps are reconstructed with the
-Wiener prior from that FSC (``tau2 = T * SSNR / mean W``, RELION);
+Maps (:func:`mstep_class`): half-maps are reconstructed first without
+regularisation to measure their FSC (unless a prior FSC is given; the FSC
+needs the real-space crop of the padded maps: one measured on the padded
+Fourier grids, without it, is much lower), then with the Wiener prior from
+that FSC (``tau2 = T * SSNR / mean W``, RELION);
 the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``.
 """
 
@@ -37,7 +38,7 @@ from hetero_dask.core.backprojector import (
 from hetero_dask.core.ctf import CTFParams, electron_wavelength_A
 from hetero_dask.core.fsc import fsc as fsc_curve
 from hetero_dask.core.fsc import full_map_fsc, resolution_A
-from hetero_dask.core.reconstruction import fsc_of_grids, reconstruct
+from hetero_dask.core.reconstruction import reconstruct
 
 HALVES = (0, 1)
 
@@ -294,7 +295,7 @@ def mstep_class(
     ``symmetry_ops`` ``(G, 3, 3)``: symmetrise the grids first; ``tau2_fudge``:
     RELION's T; ``psize_A``: pixel size of the maps (for ``resolution_A``);
     ``fsc_prior`` ``(n // 2 + 1,)``: half-map FSC for the Wiener prior (default:
-    measured from the unregularised half-grids); ``regularise=False`` returns the
+    measured from unregularised half-maps); ``regularise=False`` returns the
     plain ``B / W`` maps. A class whose weight is below ``min_weight`` gives
     zero maps, resolution inf and ``empty=True``. Returns numpy arrays.
     """
@@ -317,9 +318,8 @@ def mstep_class(
     prior = None
     if regularise and not half_empty:
         if fsc_prior is None:
-            prior = np.zeros(n_shells)
-            measured = np.asarray(to_host(fsc_of_grids(*halves)), dtype=np.float64)[:n_shells]
-            prior[: measured.shape[0]] = measured
+            vA, vB = (reconstruct(g) for g in halves)
+            prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
         else:
             prior = np.asarray(fsc_prior, dtype=np.float64)
     if prior is None:
