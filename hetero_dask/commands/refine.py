@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
 
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
 from hetero_dask.jobs.refine import RefineParams, refine
@@ -37,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last completed iteration")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--detach", action="store_true",
+                        help="with --scheduler: run the job on the cluster and return at once; it survives "
+                             "this command exiting (follow it with hetero-dask status OUT/run)")
     add_cluster_arguments(parser)
 
 
@@ -49,10 +54,55 @@ def main(args: argparse.Namespace) -> int:
         max_iterations=args.iterations, seed=args.seed,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
+    if args.detach:
+        return _detach(args, volumes, params)
     with client_from_args(args) as client:
         report = refine(args.particles, volumes, args.out, client=client, stack_dir=args.stack_dir,
                         resume=args.resume, progress=None if not args.quiet else False, **params)
     print(json.dumps({c["class"]: {"fraction": round(c["fraction"], 3), "resolution_A": c["resolution_A"]}
                       for c in report["classes"]}))
     print(f"results in {args.out} (report.json, particles.cs, particles.star, class_*/map.mrc)")
+    return 0
+
+
+def refine_job(job: dict, client) -> dict:
+    """Driver of a detached refinement (:func:`hetero_dask.submit` runs it on a worker).
+
+    A failure is recorded in ``OUT/run/status.json`` (state ``failed``, the error), which
+    ``hetero-dask status`` shows; else the run would read ``running`` forever.
+    """
+    from hetero_dask.dist.checkpoint import write_status
+
+    try:
+        # The default client for code that looks one up (e.g. distributed.as_completed).
+        with client.as_current():
+            report = refine(job["particles"], job["volumes"], job["out"], client=client,
+                            stack_dir=job["stack_dir"], resume=job["resume"], progress=False, **job["params"])
+    except BaseException as exc:
+        write_status(Path(job["out"]) / "run", job="refine", state="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return {"report": str(Path(job["out"]) / "report.json"),
+            "resolution_A": [c["resolution_A"] for c in report["classes"]]}
+
+
+def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.0) -> int:
+    """Submit :func:`refine_job` to ``--scheduler``; print the job id and run directory."""
+    from hetero_dask.dist.submit import submit
+
+    if not args.scheduler:
+        raise ValueError("--detach needs --scheduler ADDRESS (a local cluster ends with this command)")
+    # Workers may run elsewhere: absolute paths (on a filesystem they share).
+    absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
+    out = Path(absolute(args.out))
+    job = dict(particles=absolute(args.particles),
+               volumes=absolute(volumes) if isinstance(volumes, str) else [absolute(v) for v in volumes],
+               out=str(out), stack_dir=absolute(args.stack_dir), resume=args.resume, params=params)
+    with client_from_args(args, quiet=True) as client:
+        handle = submit(refine_job, job, client, run_dir=out / "run")
+        deadline = time.monotonic() + wait_s
+        while handle.status()["state"] == "unknown" and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the driver runs: the scheduler holds the job, not this client
+        state = handle.status()["state"]
+    print(f"job {handle.job_id} submitted to {args.scheduler} ({state})")
+    print(f"run dir {out / 'run'} (follow with: hetero-dask status {out / 'run'})")
     return 0
