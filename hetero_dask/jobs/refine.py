@@ -99,6 +99,10 @@ class RefineParams:
     sigma_anneal_iterations: int = 10
     tau2_fudge: float = 1.0
     estimate_scale: bool = True
+    # What each half-set is scored against: "full" (the class's full map), "half" (its own
+    # half-map: strict gold standard) or "cross" (the OTHER half's map: no particle is ever
+    # scored against a map it contributed to, so a random partition cannot perpetuate itself).
+    reference_mode: str = "full"
     max_iterations: int = 100
     shift_range_px: float | None = None
     max_order: int = 4
@@ -113,6 +117,8 @@ class RefineParams:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
+        if self.reference_mode not in ("full", "half", "cross"):
+            raise ValueError(f"reference_mode must be 'full', 'half' or 'cross', got {self.reference_mode!r}")
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
 
@@ -137,6 +143,7 @@ class _Context:
     r_band: float
     mask_radius_px: float
     random_assignment: bool
+    cross_halves: bool
     write_results: bool
     seed: int
     symmetry_ops: np.ndarray | None = None
@@ -208,7 +215,8 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
             images[sel_x], ctf.subset(sel), ctx.psize_A, band, normalize=False,
             mask_radius_px=ctx.mask_radius_px,
         )
-        res = estep(prep, [maps[k][h] for k in range(K)], xp.asarray(ctx.sigma2), ctx.search,
+        ref = 1 - h if ctx.cross_halves else h
+        res = estep(prep, [maps[k][ref] for k in range(K)], xp.asarray(ctx.sigma2), ctx.search,
                     class_prior=xp.asarray(ctx.class_prior))
         p = to_host(res.class_posterior)
         if ctx.random_assignment:
@@ -229,7 +237,7 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
             if idx.size == 0:
                 continue
             ix = xp.asarray(idx)
-            P = project_band(maps[k][h], res.rotation[ix, k], band.kx, band.ky)
+            P = project_band(maps[k][ref], res.rotation[ix, k], band.kx, band.ky)
             y = prep.y[ix] * phase_ramp(band.kx, band.ky, res.shift_px[ix, k][:, None, :], box)[:, 0]
             r = y - prep.ctf[ix] * P * res.alpha[ix, k][:, None]
             num = to_host(sigma2_from_residuals(r, band.shell, sig_num.shape[0]))
@@ -468,7 +476,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
             results_path=str(results_path), split_file=str(split_file), iteration=it, box=box,
             psize_A=psize, n_classes=K, search=search, sigma2=_extend(state.sigma2, int(math.ceil(r_band)) + 2),
             class_prior=state.class_prior, r_backproject=r_bp, r_band=r_band,
-            mask_radius_px=mask_radius_px, random_assignment=random, write_results=True, seed=p.seed,
+            mask_radius_px=mask_radius_px, random_assignment=random,
+            cross_halves=p.reference_mode == "cross", write_results=True, seed=p.seed,
         )
         n_parts = max(1, min(2 * slots, (stop - start) // ALIGN))
         parts = [Partition(i, start + a, start + b) for i, (_, a, b) in
@@ -512,7 +521,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         if it == 0:
             decay = 0.0
         results, stats, info = run_iteration(it, start, stop, full, decay, random)
-        _update_state(state, results, stats, lr, random)
+        _update_state(state, results, stats, lr, random, p.reference_mode != "full")
         changed = _class_change(stats)
         res_radius = resolution_to_radius(float(np.min(state.resolution_A)), box, psize)
         state.history.append({
@@ -621,9 +630,12 @@ def _class_change(stats) -> float | None:
     return None if ch[1] == 0 else float(ch[0] / ch[1])
 
 
-def _update_state(state: _State, results, ex: dict, lr: float, random: bool):
+def _update_state(state: _State, results, ex: dict, lr: float, random: bool, half_maps: bool):
     K = len(results)
-    state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
+    if half_maps:
+        state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
+    else:
+        state.volumes = np.stack([np.stack([results[k].vol_full, results[k].vol_full]) for k in range(K)])
     state.resolution_A = np.array([results[k].resolution_A for k in range(K)], dtype=np.float64)
     n_sh = max(len(results[k].fsc) for k in range(K))
     state.fsc = np.stack([np.pad(np.asarray(results[k].fsc, np.float64), (0, n_sh - len(results[k].fsc)))
