@@ -16,8 +16,12 @@ particle store once (timed separately), then in the same run:
 
 Prints both times, the ratio, per-core throughput (particles per second
 per core) and peak memory (largest worker RSS and largest RELION process),
-as JSON, and checks that every class map agrees with RELION's (FSC > 0.9
-to half Nyquist).
+as JSON, and the FSC of every class map with RELION's at shells 8..32. The
+moving-domain phantoms have no power beyond ~shell 12 at box 128, so beyond
+that both maps are reconstructions of the same noise, Wiener-filtered (ours)
+or not (RELION), and their FSC (~0.5) says nothing about correctness; the
+box-128 agreement check is tests/test_reconstruct_job.py::
+test_box128_agrees_with_relion_to_nyquist (FSC > 0.97 to 0.85 Nyquist).
 """
 
 from __future__ import annotations
