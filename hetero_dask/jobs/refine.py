@@ -220,9 +220,10 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
                     class_prior=xp.asarray(ctx.class_prior))
         p = to_host(res.class_posterior)
         if ctx.random_assignment:
-            # Random hard assignment (seeded by particle position, not by partitioning).
-            rng = task_rng(ctx.seed, ctx.iteration, (start + int(sel[0]),))
-            p = np.eye(K, dtype=np.float32)[rng.integers(0, K, sel.size)]
+            # Random hard assignment: draw i of one (seed, iteration, half) stream goes to particle i,
+            # so it does not depend on the partitioning (number of workers).
+            rng = task_rng(ctx.seed, ctx.iteration, (h,))
+            p = np.eye(K, dtype=np.float32)[rng.integers(0, K, stop)[start + sel]]
         post[sel] = p
         rot[sel] = to_host(res.rotation)
         shift[sel] = to_host(res.shift_px)
