@@ -11,7 +11,8 @@ processes), so a worker's peak RSS is that run's.
   1 and 2 workers: wall time of the reconstruction graph, summed task compute
   (Dask task stream), overhead = wall - compute / workers (scheduling,
   transfers, imbalance), speed-up and efficiency, peak worker RSS (the store
-  is streamed: the large set should need about the memory of the small one).
+  is streamed in batches of ``--batch-size`` images: the large set should need
+  about the memory of the small one).
 - refine: ONE full-pass EM iteration (``max_iterations=1``, no final passes,
   ``--refine-order`` HEALPix order cap) over ``--n-refine`` particles, 1 and 2
   workers: the iteration's graph wall time, summed task compute, overhead.
@@ -27,8 +28,9 @@ processes), so a worker's peak RSS is that run's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
+import os
 import sys
 import tempfile
 import time
@@ -68,24 +70,43 @@ def repeated_cs(cs: Path, copies: int) -> Path:
     return out
 
 
+def _reset_peak_rss() -> None:
+    # A forked worker inherits its parent's peak RSS (ru_maxrss, VmHWM): reset it (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
+
+
+def reset_worker_peak_rss(client) -> None:
+    client.run(_reset_peak_rss)
+
+
 def worker_peak_rss_mb(client) -> float:
-    return max(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0).values())
+    """Largest peak RSS of the workers since :func:`reset_worker_peak_rss`."""
+    return max(client.run(_peak_rss_mb).values())
 
 
 def task_compute_s(stream: list[dict]) -> float:
     return sum(s["stop"] - s["start"] for t in stream for s in t["startstops"] if s["action"] == "compute")
 
 
-def run_reconstruct(store: Path, out: Path, workers: int) -> dict:
+def run_reconstruct(store: Path, out: Path, workers: int, batch_size: int | None) -> dict:
     from distributed import Client, get_task_stream
 
     from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.reconstruct import reconstruct
 
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
+        client.run(lambda: __import__("hetero_dask.jobs.reconstruct"))  # imports are not the job's memory
+        reset_worker_peak_rss(client)
         base_rss = worker_peak_rss_mb(client)
         with get_task_stream(client) as ts:
-            res = reconstruct(str(store), out, client=client, progress=False, force_hard_classification=True)
+            res = reconstruct(str(store), out, client=client, progress=False, force_hard_classification=True,
+                              batch_size=batch_size)
         compute = task_compute_s(ts.data)
         rss = worker_peak_rss_mb(client)
     wall = res.report["timings"]["reconstruct_s"]
@@ -100,9 +121,9 @@ def run_refine(store: Path, refs: list[str], out: Path, workers: int, order: int
     from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.refine import refine
 
-    n = None
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
-        with get_task_stream(client) as ts:
+        reset_worker_peak_rss(client)
+        with get_task_stream(client) as ts, contextlib.redirect_stdout(sys.stderr):
             report = refine(str(store), refs, out, client=client, progress=False, refine_box=BOX,
                             batch_size_per_class=10**9, max_iterations=1, final_full_passes=0,
                             num_random_iterations=0, initial_sigma_scale=1.0, max_order=order)
@@ -129,6 +150,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-refine", type=int, default=2000, help="particles of the refine iteration")
     ap.add_argument("--refine-order", type=int, default=3, help="HEALPix order cap of the refine search")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--batch-size", type=int, default=1024,
+                    help="reconstruct's images per batch, the same at both sizes (0: its automatic size, "
+                         "up to 16384 at box 32, which the small set does not reach)")
+    ap.add_argument("--skip-refine", action="store_true", help="only reconstruct and memory")
     args = ap.parse_args(argv)
 
     from hetero_dask.io.store import import_particles
@@ -137,7 +162,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cs, refs = simulate_set(work, args.n_small)
-    result = {"box": BOX, "machine_cores": len(__import__("os").sched_getaffinity(0)),
+    result = {"box": BOX, "machine_cores": len(os.sched_getaffinity(0)),
+              "load_average_at_start": os.getloadavg(),
               "simulate_s": time.perf_counter() - t0, "reconstruct": {}, "refine": {}}
     stores = {args.n_small: import_particles(cs, work / f"store_{args.n_small}.zarr", progress=False).path}
     copies = max(1, args.n_large // args.n_small)
@@ -145,7 +171,7 @@ def main(argv=None) -> int:
     stores[args.n_small * copies] = import_particles(big_cs, work / "store_large.zarr", progress=False).path
 
     for n, store in stores.items():
-        r = {w: run_reconstruct(store, work / f"rec_{n}_{w}", w) for w in (1, 2)}
+        r = {w: run_reconstruct(store, work / f"rec_{n}_{w}", w, args.batch_size or None) for w in (1, 2)}
         r["scaling"] = speedup(r[1]["graph_wall_s"], r[2]["graph_wall_s"])
         result["reconstruct"][n] = r
         print(f"reconstruct {n}: {r[1]['graph_wall_s']:.1f} s / {r[2]['graph_wall_s']:.1f} s", file=sys.stderr)
@@ -157,6 +183,9 @@ def main(argv=None) -> int:
         for w in (1, 2)
     }
 
+    if args.skip_refine:
+        print(json.dumps(result, indent=1, default=lambda x: round(x, 3) if isinstance(x, float) else str(x)))
+        return 0
     ref_cs = repeated_cs(cs, 1) if args.n_refine >= args.n_small else None
     if ref_cs is None:
         from hetero_dask.io.cs import read_cs, write_cs
@@ -176,6 +205,7 @@ def main(argv=None) -> int:
             "overhead_fraction": r[2]["overhead_s"] / (per_particle * n / 2 + r[2]["overhead_s"])}
         for n in (10000, 100000)
     }
+    result["load_average_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=1, default=lambda x: round(x, 3) if isinstance(x, float) else str(x)))
     return 0
 
