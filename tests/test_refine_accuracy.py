@@ -131,8 +131,13 @@ def test_reference_scale_gives_the_same_classes(domain_set, domain_refined, tmp_
            max_iterations=15, **FROM_REFERENCES)
     other = read_cs(tmp_path / "out" / "particles.cs")["alignments3D/class"]
     same = float(np.mean(other == domain_refined))  # same label order: references in the same order
-    print(f"scale {scale:g}: {same:.3f} of the particles in the same class as with unscaled references")
-    assert same >= 0.95
+    acc, acc_base = agreement(other, sim.classes), agreement(domain_refined, sim.classes)
+    print(f"scale {scale:g}: {same:.3f} of the particles in the same class as with unscaled references; "
+          f"accuracy {acc:.3f} vs {acc_base:.3f}")
+    # At SNR 0.05 about a fifth of the particles sit near posterior 0.5 (the Bayes bound is ~0.83):
+    # rounding-level differences flip some of them, so demand the same accuracy and >= 90% agreement.
+    assert same >= 0.9
+    assert abs(acc - acc_base) <= 0.02
 
 
 # ---------------------------------------------------------------------------
