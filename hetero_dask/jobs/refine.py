@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -181,7 +182,10 @@ def _class_maps(ctx: _Context, xp):
             for k in range(vols.shape[0])
         ]
 
-    return worker_cached(("maps", ctx.volumes_file, ctx.r_band, xp.__name__), load)
+    # The file's modification time is in the key: a later run into the same folder on a
+    # long-lived cluster writes new references under the same name.
+    stamp = os.stat(ctx.volumes_file).st_mtime_ns
+    return worker_cached(("maps", ctx.volumes_file, stamp, ctx.r_band, xp.__name__), load)
 
 
 def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
@@ -263,7 +267,12 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
             )
     # Changes of class against the previous visit of these particles, then the results.
     res_group = zarr.open_group(ctx.results_path, mode="r+")
-    prev = res_group["best_class"][start:stop]
+    # A task re-run (worker loss, resume) finds its own iteration's classes already
+    # written: it then compares against the classes those replaced, so the change
+    # fraction (and the convergence decision) does not depend on re-runs.
+    written_at = res_group["class_iteration"][start:stop]
+    rerun = written_at == ctx.iteration
+    prev = np.where(rerun, res_group["previous_class"][start:stop], res_group["best_class"][start:stop])
     best = post.argmax(axis=1).astype(np.int32)
     seen = prev >= 0
     out.extra["class_changed"] = np.array([float(np.sum(seen & (prev != best))), float(np.sum(seen))])
@@ -273,6 +282,8 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
     out.extra["sigma2_den"] = sig_den
     out.extra["n_evaluated"] = np.array([float(n_eval.sum())])
     if ctx.write_results:
+        res_group["previous_class"][start:stop] = prev
+        res_group["class_iteration"][start:stop] = np.full(B, ctx.iteration, np.int32)
         res_group["best_class"][start:stop] = best
         res_group["class_posterior"][start:stop] = post
         res_group["pose"][start:stop] = matrix_to_pose(rot.reshape(-1, 3, 3)).reshape(B, K, 3).astype(np.float32)
@@ -552,6 +563,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         prev_res_radius = res_radius
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         _checkpoint(run_dir, state)
+        _prune_iteration_files(run_dir, it - 2)
         ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
         if done or it >= p.max_iterations + p.final_full_passes:
             break
@@ -583,6 +595,20 @@ def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, s
         alpha = np.median(to_host(res.alpha), axis=0)
         scales *= np.where(alpha > 0, alpha, 1.0)
     return scales
+
+
+def _prune_iteration_files(run_dir: Path, iteration: int) -> None:
+    """Delete the references and running statistics of ``iteration`` and before.
+
+    The M-step of iteration i reads the statistics of i - 1 and a resumed run starts
+    from the last checkpoint, so everything older is no longer needed.
+    """
+    for path in list((run_dir / "accumulators").glob("it*_class*.npz")) + list(
+        run_dir.glob("references_it*.npy")
+    ):
+        digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
+        if digits.isdigit() and int(digits) <= iteration:
+            path.unlink(missing_ok=True)
 
 
 def _round_up(x: int, a: int) -> int:
@@ -617,6 +643,8 @@ def _init_results(path: Path, N: int, K: int, resume: bool) -> Path:
     g = zarr.open_group(path, mode="w")
     c = (ALIGN,)
     g.create_array("best_class", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
+    g.create_array("previous_class", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
+    g.create_array("class_iteration", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
     g.create_array("class_posterior", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
     g.create_array("pose", shape=(N, K, 3), chunks=c + (K, 3), dtype="f4", fill_value=0)
     g.create_array("shift", shape=(N, K, 2), chunks=c + (K, 2), dtype="f4", fill_value=0)
