@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"initial random-assignment iterations (default {d.num_random_iterations})")
     parser.add_argument("--initial-lowpass", type=float, default=d.initial_lowpass_A,
                         help=f"initial low-pass resolution (A, default {d.initial_lowpass_A})")
+    parser.add_argument("--sigma-scale", type=float, default=d.initial_sigma_scale,
+                        help=f"initial noise sigma scale, annealed to 1 (default {d.initial_sigma_scale})")
+    parser.add_argument("--max-order", type=int, default=d.max_order,
+                        help=f"finest HEALPix order of the pose search (default {d.max_order})")
+    parser.add_argument("--reference-mode", choices=("full", "half", "cross"), default=d.reference_mode,
+                        help="score each half-set against the full map, its own half-map, or the other half's")
     parser.add_argument("--iterations", type=int, default=d.max_iterations, help="cap on EM iterations")
     parser.add_argument("--resume", action="store_true", help="continue from the last completed iteration")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -51,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         force_hard_classification=args.hard, mask_diameter_A=args.mask_diameter,
         mask_diameter_outer_A=args.mask_diameter_outer, batch_size_per_class=args.batch_size,
         num_random_iterations=args.random_iterations, initial_lowpass_A=args.initial_lowpass,
-        max_iterations=args.iterations, seed=args.seed,
+        max_iterations=args.iterations, seed=args.seed, initial_sigma_scale=args.sigma_scale,
+        max_order=args.max_order, reference_mode=args.reference_mode,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
     if args.detach:

@@ -400,9 +400,13 @@ def _mask_for(params: RefineParams, box: int, psize_A: float):
 
 
 def _orders_for(r_align: float, max_order: int) -> tuple[int, int]:
-    """(coarse, final) HEALPix orders: the final step about 1/r_align radians, coarse one below."""
+    """(coarse, final) HEALPix orders: the final step nearest 1/r_align radians, coarse one below.
+
+    Rounding to the nearest order rather than up: one order finer costs 8x the local poses
+    and, measured on the accuracy benchmark, classified worse (0.743 vs 0.775).
+    """
     step_deg = math.degrees(1.0 / max(r_align, 1.0))
-    final = int(np.clip(math.ceil(math.log2(60.0 / step_deg)), 1, max_order))
+    final = int(np.clip(round(math.log2(60.0 / step_deg)), 1, max_order))
     return max(1, final - 1), final
 
 
