@@ -104,6 +104,11 @@ class RefineParams:
     # half-map: strict gold standard) or "cross" (the OTHER half's map: no particle is ever
     # scored against a map it contributed to, so a random partition cannot perpetuate itself).
     reference_mode: str = "full"
+    # Identical initial volumes (a consensus map given K times): "pca" seeds the classes
+    # from the principal component of the particles' 3D variability against it (random
+    # assignment iterations then skipped); "random" keeps CryoSPARC's random assignments.
+    initial_split: str = "pca"
+    split_particles: int = 4000
     max_iterations: int = 100
     shift_range_px: float | None = None
     max_order: int = 4
@@ -120,6 +125,8 @@ class RefineParams:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
         if self.reference_mode not in ("full", "half", "cross"):
             raise ValueError(f"reference_mode must be 'full', 'half' or 'cross', got {self.reference_mode!r}")
+        if self.initial_split not in ("pca", "random"):
+            raise ValueError(f"initial_split must be 'pca' or 'random', got {self.initial_split!r}")
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
 
@@ -457,6 +464,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     slots = n_task_slots(client)
 
     state = _State()
+    random_its = p.num_random_iterations
     last = ckpt.load_latest(run_dir) if resume else None
     if last is not None:
         state = _restore_state(last)
@@ -468,6 +476,13 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
             scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range)
             print(f"reference grey scales: {np.round(scales, 4).tolist()}", flush=True)
             refs = refs * scales[:, None, None, None].astype(np.float32)
+        if p.initial_split == "pca" and K > 1 and _identical(refs):
+            r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
+            refs = _split_by_variability(store, refs[0], K, box, psize, mask_radius_px, r0, shift_range,
+                                         p, mask, n=min(N, p.split_particles))
+            random_its = 0
+            print("identical references: classes seeded by the principal component of variability",
+                  flush=True)
         state.volumes = np.repeat(refs[:, None], 2, axis=1)
         state.class_prior = np.full(K, 1.0 / K)
         state.resolution_A = np.full(K, p.initial_lowpass_A)
@@ -531,7 +546,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         else:
             start = state.batch_start
             stop = min(N, start + batch)
-        random = it < p.num_random_iterations and K > 1
+        random = it < random_its and K > 1
         lr = 1.0 if full else _learning_rate(it, p)
         decay = 0.0 if (full and state.converged_at is not None) else 1.0 - lr
         if it == 0:
@@ -613,6 +628,65 @@ def _prune_iteration_files(run_dir: Path, iteration: int) -> None:
         digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
         if digits.isdigit() and int(digits) <= iteration:
             path.unlink(missing_ok=True)
+
+
+def _identical(refs, tol: float = 1e-3) -> bool:
+    """True when all references are the same map up to ``tol`` relative difference."""
+    ref0 = refs[0]
+    scale = float(np.linalg.norm(ref0)) or 1.0
+    return all(float(np.linalg.norm(r - ref0)) <= tol * scale for r in refs[1:])
+
+
+def _split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_align, shift_range,
+                          p: RefineParams, mask, n: int, n_power: int = 40):
+    """K starting maps from one consensus: the particles split along their main 3D variability.
+
+    Poses come from the consensus; each particle's residual (image minus the scaled,
+    CTF-modulated projection) is compared with the projection of a trial difference map
+    ``D``. The power iteration ``D <- sum_i (c_i - mean c) A_i^T r_i`` (``c_i`` = residual
+    . projection of ``D``, centred so the mean residual does not dominate) converges to the
+    principal component of the residuals' covariance: for discrete states, the difference
+    between them. Particles are then cut into K groups of equal size along ``c`` and each
+    group is reconstructed into a starting map.
+    """
+    from hetero_dask.core.backprojector import backproject as bp
+    from hetero_dask.core.backprojector import new_grids
+    from hetero_dask.core.reconstruction import reconstruct
+
+    imgs = _normalised_images(store, box, 0, n, mask_radius_px, np)
+    band = alignment_band(box, r_align, np)
+    prep = prepare_particles(imgs, store.ctf(0, n), psize, band, normalize=False, mask_radius_px=mask_radius_px)
+    fm = prepare_fourier_map(consensus, r_max=r_align + 1)
+    search = SearchParams(radius_final=r_align, order_coarse=max(1, min(2, p.max_order - 1)),
+                          order_final=min(3, p.max_order), shift_range_px=shift_range,
+                          shift_step_px=max(1.0, shift_range / 2.5))
+    res = estep(prep, [fm], np.ones(int(math.ceil(r_align)) + 2), search)
+    R, shift = res.rotation[:, 0], res.shift_px[:, 0]
+    C = prep.ctf
+    y = prep.y * phase_ramp(band.kx, band.ky, shift[:, None, :], box)[:, 0]
+    P = C * project_band(fm, R, band.kx, band.ky)
+    alpha = np.sum((y * np.conj(P)).real, axis=1) / np.maximum(np.sum(np.abs(P) ** 2, axis=1), 1e-30)
+    resid = (y - alpha[:, None] * P).astype(np.complex64)
+    ones = np.ones(C.shape, np.float32)
+    D = lowpass(task_rng(p.seed, 0, (0,)).standard_normal((box,) * 3).astype(np.float32),
+                p.initial_lowpass_A, psize, 3) * mask
+    for _ in range(n_power):
+        Q = C * project_band(prepare_fourier_map(D, r_max=r_align + 1), R, band.kx, band.ky)
+        c = np.sum((resid * np.conj(Q)).real, axis=1)
+        c -= c.mean()
+        g = new_grids(box, r_max=r_align + 1)
+        bp(g, R, (c[:, None] * C * resid).astype(np.complex64), ones, band.kx, band.ky)
+        D = lowpass(reconstruct(g), p.initial_lowpass_A, psize, 3) * mask
+        D /= max(float(np.linalg.norm(D)), 1e-30)
+    groups = np.minimum((np.argsort(np.argsort(c)) * K) // len(c), K - 1)
+    refs = []
+    for k in range(K):
+        sel = np.flatnonzero(groups == k)
+        g = new_grids(box, r_max=r_align + 1)
+        bp(g, R[sel], (C[sel] * y[sel]).astype(np.complex64), (C[sel] ** 2).astype(np.float32),
+           band.kx, band.ky)
+        refs.append(lowpass(reconstruct(g, fsc=np.full(box // 2 + 1, 0.5)), p.initial_lowpass_A, psize, 3) * mask)
+    return np.stack(refs).astype(np.float32)
 
 
 def _round_up(x: int, a: int) -> int:
