@@ -462,46 +462,6 @@ def superclass_table(table, layout, k_of_row, superclass_of_row, n_superclasses,
     return with_fields(table, fields)
 
 
-_CSG_TYPES = {
-    "blob": "particle.blob",
-    "ctf": "particle.ctf",
-    "location": "particle.location",
-    "pick_stats": "particle.pick_stats",
-    "alignments2D": "particle.alignments2D",
-    "alignments3D": "particle.alignments3D",
-    "alignments3D_multi": "particle.alignments3D_multi",
-}
-
-
-def write_csg(path, cs_name: str, table, name: str = "particles") -> None:
-    """CryoSPARC group file (.csg, YAML) pointing every field group of ``table`` at ``cs_name``."""
-    import yaml
-
-    from hetero_dask.io.errors import atomic_output
-
-    groups = sorted({f.split("/", 1)[0] for f in table.dtype.names if "/" in f})
-    results = {}
-    for g in groups:
-        kind = _CSG_TYPES.get(g)
-        if kind is None:
-            kind = "particle.alignments3D" if g.startswith("alignments_class") else f"particle.{g}"
-        results[g] = {"metafile": cs_name, "num_items": len(table), "type": kind}
-    doc = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "group": {
-            "name": name,
-            "title": name.replace("_", " ").title(),
-            "type": "particle",
-            "description": "written by hetero-dask regroup",
-        },
-        "results": results,
-        "version": "hetero_dask",
-    }
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
-# --------------------------------------------------------------------------- driver
 
 
 def _load_inputs(particles, volumes, mask, volumes_psize_A):
@@ -734,11 +694,12 @@ def _write_particles(directory: Path, stem: str, table, is_star: bool) -> dict:
         write_star(path, cs_to_star(table, path))
         return {"": path}
     from hetero_dask.io.cs import write_cs
+    from hetero_dask.jobs.outputs import write_csg
 
     path = directory / f"{stem}.cs"
     write_cs(path, table)
     csg = directory / f"{stem}.csg"
-    write_csg(csg, path.name, table, name=Path(stem).name)
+    write_csg(csg, path.name, table, name=Path(stem).name, job="hetero-dask regroup")
     return {"": path, "_csg": csg}
 
 
