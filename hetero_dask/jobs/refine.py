@@ -638,7 +638,8 @@ def _identical(refs, tol: float = 1e-3) -> bool:
 
 
 def _split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_align, shift_range,
-                          p: RefineParams, mask, n: int, n_power: int = 40):
+                          p: RefineParams, mask, n: int, n_vectors: int = 4,
+                          n_iterations: int = 8):
     """K starting maps from one consensus: the particles split along their main 3D variability.
 
     Poses come from the consensus; each particle's residual (image minus the scaled,
@@ -646,7 +647,7 @@ def _split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_ali
     ``D``. The power iteration ``D <- sum_i (c_i - mean c) A_i^T r_i`` (``c_i`` = residual
     . projection of ``D``, centred so the mean residual does not dominate) converges to the
     principal component of the residuals' covariance: for discrete states, the difference
-    between them. Particles are then cut into K groups of equal size along ``c`` and each
+    between them (computed by subspace iteration). Particles are then cut into K groups of equal size along ``c`` and each
     group is reconstructed into a starting map.
     """
     from hetero_dask.core.backprojector import backproject as bp
@@ -668,16 +669,30 @@ def _split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_ali
     alpha = np.sum((y * np.conj(P)).real, axis=1) / np.maximum(np.sum(np.abs(P) ** 2, axis=1), 1e-30)
     resid = (y - alpha[:, None] * P).astype(np.complex64)
     ones = np.ones(C.shape, np.float32)
-    D = lowpass(task_rng(p.seed, 0, (0,)).standard_normal((box,) * 3).astype(np.float32),
-                p.initial_lowpass_A, psize, 3) * mask
-    for _ in range(n_power):
+
+    def coefficients(D):
         Q = C * project_band(prepare_fourier_map(D, r_max=r_align + 1), R, band.kx, band.ky)
         c = np.sum((resid * np.conj(Q)).real, axis=1)
-        c -= c.mean()
+        return c - c.mean()
+
+    def apply(D):
         g = new_grids(box, r_max=r_align + 1)
-        bp(g, R, (c[:, None] * C * resid).astype(np.complex64), ones, band.kx, band.ky)
-        D = lowpass(reconstruct(g), p.initial_lowpass_A, psize, 3) * mask
-        D /= max(float(np.linalg.norm(D)), 1e-30)
+        bp(g, R, (coefficients(D)[:, None] * C * resid).astype(np.complex64), ones, band.kx, band.ky)
+        return lowpass(reconstruct(g), p.initial_lowpass_A, psize, 3) * mask
+
+    # Subspace iteration with Rayleigh-Ritz: the top eigenvalues are close (ratio ~1.3
+    # measured), where a single power iteration needs many more steps to settle.
+    rng = task_rng(p.seed, 0, (0,))
+    V = np.stack([lowpass(rng.standard_normal((box,) * 3).astype(np.float32), p.initial_lowpass_A, psize, 3)
+                  * mask for _ in range(n_vectors)])
+    V = np.linalg.qr(V.reshape(n_vectors, -1).T)[0].T.reshape(V.shape).astype(np.float32)
+    for _ in range(n_iterations):
+        W = np.stack([apply(v) for v in V])
+        ev, U = np.linalg.eig((V.reshape(n_vectors, -1) @ W.reshape(n_vectors, -1).T).T)
+        W = np.tensordot(U[:, np.argsort(-ev.real)].real.T, W, axes=1)
+        Q, _ = np.linalg.qr(W.reshape(n_vectors, -1).T)
+        V = Q.T.reshape(V.shape).astype(np.float32)
+    c = coefficients(V[0])
     groups = np.minimum((np.argsort(np.argsort(c)) * K) // len(c), K - 1)
     refs = []
     for k in range(K):
