@@ -83,8 +83,6 @@ def test_import_and_jobs_refuse_escaping_stack_paths(layout, capsys):
         assert not (layout / "refine_out" / "particles.zarr").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="io/cs.resolve_blob_path tries the working directory as a base: "
-                   "with cwd '/' (containers, workers) every absolute path counts as inside it")
 def test_absolute_path_refused_when_cwd_is_root(layout, monkeypatch):
     monkeypatch.chdir("/")
     cs = with_blob_path(layout, str(layout / "outside" / "particles.mrcs"))

@@ -308,8 +308,9 @@ def resolve_blob_path(
 
     * ``>J1/imported/x.mrcs``: project-relative, needs ``project_dir``.
     * relative paths: tried, in order, relative to the working directory (as RELION
-      does), to the folder of ``source`` (the .cs/.star file), to ``stack_dir`` and
-      to ``project_dir``.
+      does; only when the user gave neither ``stack_dir`` nor ``project_dir``, which
+      then bound where stacks may be), to the folder of ``source`` (the .cs/.star
+      file), to ``stack_dir`` and to ``project_dir``.
 
     For safety a path that leaves its base folder (``../``, or an absolute path
     outside every base) is refused unless ``allow_outside=True``; containment is
@@ -330,7 +331,9 @@ def resolve_blob_path(
         bases = [Path(project_dir)]
         rel = p[1:]
     else:
-        bases = [Path.cwd()]
+        # With a stack or project folder given, the working directory is no base: on a
+        # worker whose working directory is '/', it would let every absolute path in.
+        bases = [Path.cwd()] if stack_dir is None and project_dir is None else []
         if source is not None:
             bases.append(Path(source).parent)
         if stack_dir is not None:
