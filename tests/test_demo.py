@@ -31,6 +31,8 @@ def test_demo_cli_recovers_classes(tmp_path):
     assert sorted(summary["regroup"]["superclass_of_class"][:2]) == [0, 1]
     for job in ("refine", "regroup", "reconstruct"):
         assert (out / job / "report.json").is_file(), job
+        page = (out / job / "report.html").read_text()
+        assert "data:image/png;base64," in page, job
     for k in range(2):
         assert (out / "reconstruct" / f"class_{k}" / "map.mrc").is_file()
     for name in ("particles.cs", "particles.star", "volumes.zip"):

@@ -288,3 +288,29 @@ def fsc_figure(out_dir, curves, psize_A: float, box: int, name: str = "fsc.png")
     from hetero_dask.report.plots import plot_fsc_classes
 
     return plot_fsc_classes(curves, psize_A, box, Path(out_dir) / name)
+
+
+def write_job_html(out_dir, title: str, report: dict, images, name: str = "report.html") -> Path:
+    """``OUT/report.html``: a self-contained page of a job's plots and report.json tables.
+
+    ``images``: PNG paths shown first. Scalars of ``report`` form a summary; its
+    ``classes``/``superclasses``/``iterations`` lists become tables (list-valued
+    cells, such as FSC curves, are left to report.json); ``parameters`` a key-value table.
+    """
+    from hetero_dask.report.html import Image, KeyValues, Section, Table, write_html_report
+
+    def flat(record: dict) -> dict:
+        return {k: v for k, v in _jsonable(record).items() if not isinstance(v, (list, dict))}
+
+    sections = [Section("Plots", [Image(Path(p)) for p in images if p is not None and Path(p).is_file()])]
+    summary = {k: str(v) for k, v in _jsonable(report).items() if not isinstance(v, (list, dict))}
+    if summary:
+        sections.append(Section("Summary", [KeyValues(summary)]))
+    for key in ("classes", "superclasses", "iterations"):
+        rows = report.get(key)
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            sections.append(Section(key.capitalize(), [Table.from_records([flat(r) for r in rows])]))
+    if isinstance(report.get("parameters"), dict):
+        params = {k: str(v) for k, v in _jsonable(report["parameters"]).items()}
+        sections.append(Section("Parameters", [KeyValues(params)]))
+    return write_html_report(Path(out_dir) / name, title, sections)

@@ -537,6 +537,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     from hetero_dask.jobs.mstep import merge_partials, select_class
     from hetero_dask.jobs.outputs import (
         fsc_figure,
+        write_job_html,
         write_particles,
         write_report_json,
         write_volume_series,
@@ -701,6 +702,9 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         "outputs": {key: str(Path(v).relative_to(out_dir)) for key, v in outputs.items()},
     }
     outputs["report"] = write_report_json(out_dir, report)
+    outputs["report_html"] = write_job_html(
+        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png")]
+    )
     return ReconstructResult(
         out_dir, layout.layout, layout.n_classes, box, psize_out, classes, outputs, report
     )

@@ -843,25 +843,8 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
         "outputs": {k: str(v) for k, v in {**paths, **plots}.items()},
     }
     outputs.write_report_json(out, report)
-    _html_report(out, report, plots)
+    outputs.write_job_html(out, "Heterogeneous Refinement", report, plots.values())
     return report
-
-
-def _html_report(out: Path, report: dict, plots: dict) -> Path:
-    """``OUT/report.html``: self-contained page with the parameters, tables and plots."""
-    from hetero_dask.report.html import Image, KeyValues, Section, Table, write_html_report
-
-    classes = [{k: v for k, v in c.items() if k != "fsc"} for c in report["classes"]]
-    iters = [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in h.items()}
-             for h in report["iterations"]]
-    sections = [
-        Section("Classes", [Table.from_records(classes), *(Image(plots[k]) for k in
-                ("fsc_plot", "orientations_plot"))]),
-        Section("Iterations", [*(Image(plots[k]) for k in
-                ("class_fractions_plot", "resolution_plot", "class_changes_plot")), Table.from_records(iters)]),
-        Section("Parameters", [KeyValues({k: str(v) for k, v in report["parameters"].items()})]),
-    ]
-    return write_html_report(out / "report.html", "Heterogeneous Refinement", sections)
 
 
 def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict:

@@ -673,6 +673,10 @@ def regroup(
     with atomic_output(out_dir / "report.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
     outputs["report"] = out_dir / "report.json"
+    from hetero_dask.jobs.outputs import write_job_html
+
+    plots = [outputs.get(k) for k in ("plot_affinity", "plot_eigenvalues", "plot_class_table")]
+    outputs["report_html"] = write_job_html(out_dir, "Regroup 3D Classes", report, plots)
     return result
 
 
