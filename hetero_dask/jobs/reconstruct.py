@@ -74,7 +74,9 @@ class ReconstructParams:
     random_seed: seed of the random split and of the on-the-fly import's order.
     tau2_fudge: Wiener regularisation T (1 = RELION's default for refinement).
     posterior_tolerance: largest |sum_k p_ik - 1| accepted.
-    partitions_per_worker: particle ranges per Dask task slot.
+    partitions_per_worker: particle ranges per Dask task slot (1: each partial is a whole
+        set of padded grids, ~630 MB at box 128 and K=3, so fewer partials travel less;
+        measured at 10k particles, 2 workers: 30.6 s with 1 vs 42.7 s with 2).
     partitions: exact number of particle ranges (overrides the above).
     fan_in: partial grids merged per combine task (4-8).
     batch_size: images per backprojection batch (None = by box and K).
@@ -93,7 +95,7 @@ class ReconstructParams:
     random_seed: int = 0
     tau2_fudge: float = 1.0
     posterior_tolerance: float = 0.01
-    partitions_per_worker: int = 2
+    partitions_per_worker: int = 1
     partitions: int | None = None
     fan_in: int = 4
     batch_size: int | None = None
