@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from importlib import metadata
 import json
 import os
+from importlib import metadata
 
 
 def gather() -> dict:
