@@ -102,6 +102,15 @@ def circular_mask(n: int, radius_px: float, width_px: float, xp=np):
     return soft_edge(radius_2d(n, xp), radius_px, width_px)
 
 
+def normalise_background(images, radius_px: float):
+    """Images ``(B, n, n)`` with the pixels outside ``radius_px`` brought to mean 0, std 1 (float32)."""
+    xp = xp_of(images)
+    B, n = images.shape[0], images.shape[-1]
+    x = images.astype(xp.float32)
+    bg = x.reshape(B, -1)[:, (radius_2d(n, xp) > radius_px).ravel()]
+    return (x - bg.mean(axis=1)[:, None, None]) / xp.maximum(bg.std(axis=1), 1e-12)[:, None, None]
+
+
 def prepare_particles(
     images,
     ctf_params: CTFParams | None,
@@ -125,11 +134,7 @@ def prepare_particles(
     if images.shape[1:] != (n, n) or n != band.n:
         raise ValueError(f"images must be (B, {band.n}, {band.n}), got {images.shape}")
     radius_px = 0.85 * n / 2 if mask_radius_px is None else float(mask_radius_px)
-    x = images.astype(xp.float32)
-    if normalize:
-        outside = (radius_2d(n, xp) > radius_px).ravel()
-        bg = x.reshape(B, -1)[:, outside]
-        x = (x - bg.mean(axis=1)[:, None, None]) / xp.maximum(bg.std(axis=1), 1e-12)[:, None, None]
+    x = normalise_background(images, radius_px) if normalize else images.astype(xp.float32)
     x = x * circular_mask(n, radius_px, mask_width_px, xp)
     y = fft2c(x).reshape(B, -1)[:, band.flat].astype(xp.complex64)
     center = (

@@ -289,6 +289,16 @@ def _restore_schema(fields: dict, schema: dict) -> dict:
     return out
 
 
+def _zero_based(column, source, label: str, what: str, valid, expected: str):
+    """A 1-based RELION index column as 0-based uint32, refusing values ``valid`` rejects."""
+    values = np.asarray(column, dtype=np.int64)
+    bad = ~valid(values)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(source, f"{what} {values[row]}", row=row, field=label, expected=expected)
+    return (values - 1).astype(np.uint32)
+
+
 def star_to_cs(
     blocks: dict,
     source=None,
@@ -382,34 +392,13 @@ def star_to_cs(
         fields["alignments3D/pose"] = euler_to_pose(rot, tilt, psi).astype(np.float32)
         fields["alignments3D/shift"] = shift.astype(np.float32)
         fields["alignments3D/psize_A"] = a3d_psize.astype(np.float32)
-    if "rlnRandomSubset" in table.columns:
-        subset = np.asarray(table["rlnRandomSubset"], dtype=np.int64)
-        bad = ~np.isin(subset, (1, 2))
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(
-                source,
-                f"half-set {subset[row]}",
-                row=row,
-                field="rlnRandomSubset",
-                expected="1 or 2",
-            )
-        fields["alignments3D/split"] = (subset - 1).astype(np.uint32)
-        used.add("rlnRandomSubset")
-    if "rlnClassNumber" in table.columns:
-        cls = np.asarray(table["rlnClassNumber"], dtype=np.int64)
-        bad = cls < 1
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(
-                source,
-                f"class {cls[row]}",
-                row=row,
-                field="rlnClassNumber",
-                expected=">= 1 (1-based)",
-            )
-        fields["alignments3D/class"] = (cls - 1).astype(np.uint32)
-        used.add("rlnClassNumber")
+    for label, target, what, valid, expected in (
+        ("rlnRandomSubset", "alignments3D/split", "half-set", lambda v: np.isin(v, (1, 2)), "1 or 2"),
+        ("rlnClassNumber", "alignments3D/class", "class", lambda v: v >= 1, ">= 1 (1-based)"),
+    ):
+        if label in table.columns:
+            fields[target] = _zero_based(table[label], source, label, what, valid, expected)
+            used.add(label)
 
     optics_cols = set() if optics is None else set(optics.columns) - set(particles.columns)
     for col in table.columns:

@@ -46,6 +46,7 @@ from hetero_dask.core.rotations import matrix_to_pose
 from hetero_dask.core.scoring import (
     alignment_band,
     circular_mask,
+    normalise_background,
     phase_ramp,
     prepare_particles,
     project_band,
@@ -169,13 +170,12 @@ def _open_store(path: str):
 
 
 def _normalised_images(store, box: int, start: int, stop: int, mask_radius_px: float, xp):
-    """Images at ``box``, background-normalised (mean 0, std 1 outside the mask) and softly masked."""
-    from hetero_dask.core.fourier import radius_2d
+    """Images at ``box``, background-normalised (as ``prepare_particles`` does) and softly masked.
 
-    x = xp.asarray(store.images_at_box(box, start, stop), dtype=xp.float32)
-    outside = (radius_2d(box, xp) > mask_radius_px).ravel()
-    bg = x.reshape(x.shape[0], -1)[:, outside]
-    x = (x - bg.mean(axis=1)[:, None, None]) / xp.maximum(bg.std(axis=1), 1e-12)[:, None, None]
+    The E-step and the backprojection both use these, so maps come out in the units
+    the log-likelihood compares them in.
+    """
+    x = normalise_background(xp.asarray(store.images_at_box(box, start, stop)), mask_radius_px)
     return x * circular_mask(box, mask_radius_px, 4.0, xp)
 
 
