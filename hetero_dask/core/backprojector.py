@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import cpu_kernels
 from .backend import to_device, xp_of
 from .projector import slice_points
 
@@ -161,8 +162,20 @@ def backproject(
         sel = xp.nonzero(inside)[0]
         kx, ky, values, weights = kx[sel], ky[sel], values[:, sel], weights[:, sel]
     P, M = values.shape
-    step = max(1, chunk_points // max(M, 1))
     rotations = xp.asarray(rotations, dtype=xp.float32)
+    if (
+        xp is np
+        and not deterministic
+        and cpu_kernels.enabled()
+        and grids.data.dtype == np.complex64
+        and grids.weight.dtype == np.float32
+    ):
+        _flat(grids.data), _flat(grids.weight)  # contiguity check
+        cpu_kernels.backproject_trilinear(
+            grids.data, grids.weight, rotations, kx, ky, values, weights, grids.pad, grids.half_width
+        )
+        return grids
+    step = max(1, chunk_points // max(M, 1))
     scatter = _CollectedScatter() if deterministic else _scatter_add
     for s in range(0, P, step):
         _backproject_batch(
