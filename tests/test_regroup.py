@@ -24,6 +24,7 @@ from hetero_dask.core.spectral import (
     kmeans,
     normalized_laplacian,
     self_tuning_affinity,
+    size_weighted_embedding,
     spectral_cluster,
 )
 
@@ -169,6 +170,63 @@ def test_spectral_cluster_recovers_three_structures_from_correlations():
     assert same_partition(res.labels, truth)
     # the eigengap suggests M = 3: the largest step among the first eigenvalues is after the third
     assert int(np.argmax(np.diff(res.eigenvalues[:6]))) == 2
+
+
+def test_size_weighted_embedding_is_the_particle_graph_reduced():
+    """Against the explicit particle graph (one node per particle, class affinities
+    between particles, 1 within a class): same smallest eigenvalues, and every
+    particle's embedding row is its class's row (up to an orthogonal transform)."""
+    rng = np.random.default_rng(3)
+    sizes = np.array([4, 1, 2, 6, 3])
+    x = rng.standard_normal((5, 7))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    a = self_tuning_affinity(correlation_distance(x @ x.T), n_neighbors=2)
+    evals, rows = size_weighted_embedding(a, sizes, 3)
+    cls = np.repeat(np.arange(5), sizes)
+    big = a[cls][:, cls]
+    big[cls[:, None] == cls[None, :]] = 1.0
+    deg = big.sum(1)  # self-loops included
+    lap = np.eye(len(cls)) - big / np.sqrt(np.outer(deg, deg))
+    w, v = np.linalg.eigh(lap)
+    np.testing.assert_allclose(evals[:3], w[:3], atol=1e-10)
+    u = v[:, :3] / np.linalg.norm(v[:, :3], axis=1, keepdims=True)
+    # same rows up to one orthogonal map: the Gram matrices agree
+    np.testing.assert_allclose(u @ u.T, rows[cls] @ rows[cls].T, atol=1e-8)
+
+
+def test_size_weighting_keeps_tiny_noisy_classes_from_deciding():
+    """Two large classes of two close structures and three near-empty noisy classes
+    that resemble each other (issue 8's end-to-end failure): counting classes once
+    groups the noise together; weighing them by particles splits the structures."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(400)
+    s0 = base + 0.25 * rng.standard_normal(400)
+    s1 = base + 0.25 * rng.standard_normal(400)
+    blob = rng.standard_normal(400)
+    vols = [s0, s0 + 0.05 * rng.standard_normal(400), s1]
+    vols += [blob + 0.4 * rng.standard_normal(400) + 0.5 * v for v in (s0, s1, s1)]
+    flat = np.array(vols) - np.mean(vols, axis=1, keepdims=True)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    d = correlation_distance(flat @ flat.T)
+    sizes = np.array([300, 250, 280, 9, 6, 3])
+    once = spectral_cluster(d, 2)
+    weighted = spectral_cluster(d, 2, sizes=sizes)
+    truth = np.array([0, 0, 1, 0, 1, 1])
+    assert not same_partition(once.labels[:3], truth[:3]), once.labels.tolist()
+    assert same_partition(weighted.labels[:3], truth[:3]), weighted.labels.tolist()
+    wrong = min(
+        sizes[weighted.labels != truth].sum(), sizes[weighted.labels == truth].sum()
+    )
+    assert wrong <= sizes[3:].sum()
+
+
+def test_weighted_kmeans_counts_a_point_as_its_weight():
+    pts = np.array([[0.0], [1.0], [10.0]])
+    _, centers, inertia = kmeans(pts, 1, n_init=1, weights=[3, 1, 0])
+    np.testing.assert_allclose(centers, [[0.25]])
+    np.testing.assert_allclose(inertia, 3 * 0.25**2 + 0.75**2)
+    with pytest.raises(ValueError, match="weights"):
+        kmeans(pts, 2, weights=[1, 0, 0])
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -99,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A",
         help="voxel size of the volumes when their headers say 0",
     )
+    parser.add_argument(
+        "--count-classes-once",
+        action="store_true",
+        help="cluster the classes as equals (default: weigh each class by its particles, "
+        "so near-empty noisy classes do not decide the grouping)",
+    )
     parser.add_argument("--seed", type=int, default=d.random_seed, help="k-means seed")
     parser.add_argument("--prefix", default="", help="prefix of the output particle file names")
     add_cluster_arguments(parser)
@@ -114,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
         mask_radius=args.mask_radius,
         crop_box=args.crop_box,
         lowpass_res_A=args.lowpass,
+        weight_by_size=not args.count_classes_once,
         random_seed=args.seed,
         prefix=args.prefix,
     )

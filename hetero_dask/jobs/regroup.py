@@ -71,6 +71,11 @@ class RegroupParams:
     affinity_neighbors: self-tuning affinity: local scale = distance to this
         nearest neighbour.
     kmeans_starts: k-means restarts (best inertia kept).
+    weight_by_size: cluster the particles rather than the classes: each class
+        weighs as many particles as it holds in the graph cut and in k-means
+        (:func:`hetero_dask.core.spectral.size_weighted_embedding`), so a few
+        near-empty, noisy classes cannot decide the grouping of the large ones.
+        False: every class counts once.
     random_seed: seed of the k-means starts (the result is deterministic).
     prefix: prepended to the output particle file names (``{prefix}particles.cs``).
     """
@@ -85,6 +90,7 @@ class RegroupParams:
     lowpass_res_A: float | None = None
     affinity_neighbors: int = 3
     kmeans_starts: int = 100
+    weight_by_size: bool = True
     random_seed: int = 0
     prefix: str = ""
 
@@ -569,6 +575,7 @@ def regroup(
         n_neighbors=params.affinity_neighbors,
         n_init=params.kmeans_starts,
         seed=params.random_seed,
+        sizes=sizes[included] if params.weight_by_size else None,
     )
     superclass = np.full(k, -1, dtype=np.int64)
     superclass[included] = order_superclasses(spec.labels, sizes[included])
