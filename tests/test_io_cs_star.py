@@ -433,3 +433,13 @@ def test_relion_reads_written_star(shared_data, tmp_path):
     np.testing.assert_allclose(
         R, pose_to_matrix(back["alignments3D/pose"].astype(float)), atol=2e-6
     )
+
+
+def test_empty_table_round_trips(shared_data, tmp_path):
+    """An empty class's subset (0 rows) is written as .star and read back with the same fields."""
+    arr = read_cs(shared_data / "cryosparc" / "cryosparc_P12_J24_001_particles.cs")[:0]
+    star = tmp_path / "empty.star"
+    write_star(star, cs_to_star(arr, "empty"))
+    back = star_to_cs(read_star(star), star)
+    assert len(back) == 0
+    assert back.dtype.names[: len(arr.dtype.names)] == arr.dtype.names

@@ -148,6 +148,8 @@ def check_cs_optics(arr: np.ndarray, source, allow_ignore_aberrations: bool = Fa
 def parse_image_names(names, source=None):
     """``N@stack`` strings (1-based N, any digits; bare ``stack`` = image 1) -> (paths, idx 0-based)."""
     s = pd.Series(np.asarray(names, dtype=str))
+    if s.empty:  # an empty class's subset
+        return np.zeros(0, dtype=str), np.zeros(0, dtype=np.int64)
     has_at = s.str.contains("@", regex=False)
     parts = s.str.split("@", n=1, expand=True)
     if parts.shape[1] == 1:
@@ -459,7 +461,7 @@ def _passthrough_columns(arr, names) -> dict:
         elif not shape:
             cols[f"cs/{f}"] = _f32_decimal(v) if base == np.float32 else v
         else:
-            flat = v.reshape(len(arr), -1)
+            flat = v.reshape(len(arr), int(np.prod(shape)))  # -1 fails on 0 rows
             for i in range(flat.shape[1]):
                 col = flat[:, i]
                 cols[f"cs/{f}/{i}"] = _f32_decimal(col) if base == np.float32 else col
