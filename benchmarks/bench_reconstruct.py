@@ -123,6 +123,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-relion", action="store_true")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the simulation and stores already in --dir (from a run with the same "
+        "--n/--box/--classes/--seed); only the timed part runs again",
+    )
     args = ap.parse_args(argv)
 
     from hetero_dask.core.fsc import fsc
@@ -131,14 +137,18 @@ def main(argv=None) -> int:
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_reconstruct_"))
     sim_dir = work / "sim"
+    reuse = args.reuse and (work / "particles.zarr").is_dir() and (work / "warm.zarr").is_dir()
     t0 = time.perf_counter()
-    _simulate(sim_dir, args.n, args.box, args.classes, args.psize, args.seed)
+    if not reuse:
+        _simulate(sim_dir, args.n, args.box, args.classes, args.psize, args.seed)
+        _simulate(work / "warm", 3 * args.classes * 20, args.box, args.classes, args.psize, 1)
     sim_s = time.perf_counter() - t0
-    _simulate(work / "warm", 3 * args.classes * 20, args.box, args.classes, args.psize, 1)
     t0 = time.perf_counter()
     store = import_particles(sim_dir / "particles.cs", work / "particles.zarr", progress=False)
     import_s = time.perf_counter() - t0
     warm = import_particles(work / "warm" / "particles.cs", work / "warm.zarr", progress=False)
+    if store.n != args.n:
+        raise SystemExit(f"{work / 'particles.zarr'} holds {store.n} particles, not --n {args.n}")
 
     result = {
         "n": args.n,

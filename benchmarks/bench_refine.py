@@ -34,38 +34,18 @@ import numpy as np
 import pandas as pd
 
 from hetero_dask.core.fourier import lowpass
-from hetero_dask.core.projector import prepare_fourier_map
-from hetero_dask.core.scoring import alignment_band, prepare_particles
-from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.io.cs import read_cs
 from hetero_dask.io.mrc import write_map
 from hetero_dask.io.star import read_star, write_star
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
-from hetero_dask.simulate import simulate, write_simulation
+from hetero_dask.simulate import agreement, bayes_accuracy, simulate, write_simulation
 
 RELION_DEFAULT_ITERATIONS = 25
 
 
-def bayes_accuracy(volumes, sim, shift_range_px: float) -> float:
-    """Accuracy of the classifier that knows the true maps and noise power (pose-marginalised)."""
-    n = sim.box
-    r = n / 2 - 1
-    band = alignment_band(n, r)
-    prep = prepare_particles(sim.images, sim.ctf, sim.psize_A, band, normalize=False)
-    maps = [prepare_fourier_map(v, r_max=r + 1) for v in volumes]
-    # White noise of variance s^2 per pixel has power n^2 s^2 per (unnormalised) Fourier coefficient.
-    sigma2 = np.full(n, sim.noise_sigma**2 * n * n)
-    search = SearchParams(radius_final=r, order_coarse=2, order_final=3,
-                          shift_range_px=max(shift_range_px, 1.0), shift_step_px=1.0)
-    res = estep(prep, maps, sigma2, search)
-    return float(np.mean(np.asarray(res.best_class) == sim.classes))
 
 
-def agreement(a, b) -> float:
-    """Class agreement of two 2-class labelings up to a swap of the labels."""
-    a, b = np.asarray(a), np.asarray(b)
-    return max(float(np.mean(a == b)), float(np.mean(a != b)))
 
 
 def write_inputs(work: Path, volumes, sim, ref_lowpass_A: float) -> dict:

@@ -293,3 +293,36 @@ def write_simulation(
             paths[f"volume_{k:02d}"] = out / f"volume_{k:02d}.mrc"
             write_map(paths[f"volume_{k:02d}"], vol, sim.psize_A)
     return paths
+
+
+def bayes_accuracy(volumes, sim: SimulatedParticles, shift_range_px: float = 1.0) -> float:
+    """The oracle's accuracy on a simulated set: the classifier that knows the true maps and
+    the noise power, marginalising pose and shift (HEALPix order 3, 1-pixel shift steps).
+
+    No refinement can beat it on average; benchmarks and tests measure against it.
+    """
+    from .core.scoring import alignment_band, prepare_particles  # noqa: PLC0415
+    from .core.search import SearchParams, estep  # noqa: PLC0415
+
+    n = sim.box
+    r = n / 2 - 1
+    band = alignment_band(n, r)
+    prep = prepare_particles(sim.images, sim.ctf, sim.psize_A, band, normalize=False)
+    maps = [prepare_fourier_map(v, r_max=r + 1) for v in volumes]
+    # White noise of variance s^2 per pixel has power n^2 s^2 per (unnormalised) Fourier coefficient.
+    sigma2 = np.full(n, sim.noise_sigma**2 * n * n)
+    search = SearchParams(
+        radius_final=r,
+        order_coarse=2,
+        order_final=3,
+        shift_range_px=max(shift_range_px, 1.0),
+        shift_step_px=1.0,
+    )
+    res = estep(prep, maps, sigma2, search)
+    return float(np.mean(np.asarray(res.best_class) == sim.classes))
+
+
+def agreement(a, b) -> float:
+    """Agreement of two 2-class labelings up to a swap of the labels."""
+    a, b = np.asarray(a), np.asarray(b)
+    return max(float(np.mean(a == b)), float(np.mean(a != b)))

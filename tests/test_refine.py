@@ -14,15 +14,12 @@ import numpy as np
 import pytest
 
 from hetero_dask.core.fourier import lowpass
-from hetero_dask.core.projector import prepare_fourier_map
-from hetero_dask.core.scoring import alignment_band, prepare_particles
-from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.io.cs import read_cs
 from hetero_dask.io.mrc import write_map
 from hetero_dask.io.star import read_star
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
-from hetero_dask.simulate import simulate, write_simulation
+from hetero_dask.simulate import agreement, bayes_accuracy, simulate, write_simulation
 
 BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 250
 
@@ -41,21 +38,8 @@ def dataset(tmp_path_factory):
     return d, vols, sim, refs
 
 
-def bayes_accuracy(vols, sim) -> float:
-    """Accuracy of the classifier that knows the true maps and the noise power."""
-    r = BOX / 2 - 1
-    band = alignment_band(BOX, r)
-    prep = prepare_particles(sim.images, sim.ctf, PSIZE, band, normalize=False)
-    maps = [prepare_fourier_map(v, r_max=r + 1) for v in vols]
-    sigma2 = np.full(BOX, sim.noise_sigma**2 * BOX * BOX)
-    res = estep(prep, maps, sigma2, SearchParams(radius_final=r, order_coarse=2, order_final=3,
-                                                 shift_range_px=2, shift_step_px=1))
-    return float(np.mean(np.asarray(res.best_class) == sim.classes))
 
 
-def agreement(a, b) -> float:
-    """Class agreement up to a swap of the two labels."""
-    return max(float(np.mean(a == b)), float(np.mean(a != b)))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +54,7 @@ def refined(dataset):
 def test_classes_near_bayes_bound(dataset, refined):
     d, vols, sim, refs = dataset
     out, report = refined
-    bound = bayes_accuracy(vols, sim)
+    bound = bayes_accuracy(vols, sim, 2.0)
     best = read_cs(out / "particles.cs")["alignments3D/class"]
     acc = agreement(best, sim.classes)
     print(f"refinement accuracy {acc:.3f}, Bayes bound {bound:.3f}")

@@ -24,16 +24,19 @@ import pytest
 
 from hetero_dask.core.ctf import CTFParams
 from hetero_dask.core.fourier import lowpass
-from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.rotations import pose_to_matrix
-from hetero_dask.core.scoring import alignment_band, prepare_particles
-from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.core.symmetry import pose_error_modulo_symmetry, symmetry_group
 from hetero_dask.io.cs import read_cs
 from hetero_dask.io.mrc import write_map
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms, symmetric_phantom
-from hetero_dask.simulate import SimulatedParticles, simulate, write_simulation
+from hetero_dask.simulate import (
+    SimulatedParticles,
+    agreement,
+    bayes_accuracy,
+    simulate,
+    write_simulation,
+)
 
 PSIZE = 4.0
 # Full EM passes from references close to the truth (no random-assignment iterations); finest
@@ -42,23 +45,8 @@ FROM_REFERENCES = dict(num_random_iterations=0, initial_sigma_scale=1.0, initial
                        batch_size_per_class=1000, max_order=3, progress=False, seed=0)
 
 
-def bayes_accuracy(volumes, sim: SimulatedParticles, shift_range_px: float) -> float:
-    """Accuracy of the classifier that knows the true maps and the noise power (pose-marginalised)."""
-    n = sim.box
-    r = n / 2 - 1
-    band = alignment_band(n, r)
-    prep = prepare_particles(sim.images, sim.ctf, sim.psize_A, band, normalize=False)
-    maps = [prepare_fourier_map(v, r_max=r + 1) for v in volumes]
-    sigma2 = np.full(n, sim.noise_sigma**2 * n * n)  # white noise power per Fourier coefficient
-    res = estep(prep, maps, sigma2, SearchParams(radius_final=r, order_coarse=2, order_final=3,
-                                                 shift_range_px=max(shift_range_px, 1.0), shift_step_px=1.0))
-    return float(np.mean(np.asarray(res.best_class) == sim.classes))
 
 
-def agreement(a, b) -> float:
-    """Class agreement of two 2-class labelings up to a swap of the labels."""
-    a, b = np.asarray(a), np.asarray(b)
-    return max(float(np.mean(a == b)), float(np.mean(a != b)))
 
 
 def write_references(folder, volumes, psize_A: float, resolution_A: float = 30.0, scale: float = 1.0):
