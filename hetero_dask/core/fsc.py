@@ -126,7 +126,8 @@ def resolution_radius(curve, threshold: float = 0.143) -> float:
     i = _first_below(c, threshold)
     if i is None:
         return float(len(c) - 1)
-    return (i - 1) + (c[i - 1] - threshold) / (c[i - 1] - c[i])
+    drop = c[i - 1] - c[i]
+    return float(i - 1) + ((c[i - 1] - threshold) / drop if drop > 0 else 0.0)
 
 
 def resolution_A(curve, n: int, psize_A: float, threshold: float = 0.143) -> float:

@@ -104,7 +104,9 @@ def _divide(grids: BackprojGrids, fsc, tau2_fudge: float, weight_floor: float):
         reg[:n_shells] = mean_w / (tau2_fudge * ssnr)
     floor = xp.full(n_shells + 1, xp.inf)
     floor[:n_shells] = weight_floor * mean_w
-    floor[:n_shells][floor[:n_shells] <= 0] = xp.inf  # shells with no data stay empty
+    # Shells with no data (or only float32 dust, e.g. an emptied class's decayed
+    # accumulators) stay empty: dividing by ~1e-40 would overflow.
+    floor[:n_shells][mean_w <= 1e-12 * float(xp.max(mean_w))] = xp.inf
     denom = xp.maximum(W + reg.astype(xp.float32)[shell], floor.astype(xp.float32)[shell])
     B /= denom  # inf (outside, or no data) gives 0
     return B
