@@ -22,6 +22,7 @@ coarse-to-fine search (:mod:`hetero_dask.core.search`) takes a prefix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,24 @@ class PreparedParticles:
     @property
     def n_particles(self) -> int:
         return self.y.shape[0]
+
+    def rows(self, start: int, stop: int) -> PreparedParticles:
+        """Particles ``start:stop`` (views)."""
+        sl = slice(start, stop)
+        return PreparedParticles(self.band, self.y[sl], self.ctf[sl], self.center_px[sl])
+
+
+def cpu_threads() -> int:
+    """Threads for CPU work inside one task: ``HETERO_DASK_ESTEP_THREADS``, else the BLAS
+    thread count (``OMP_NUM_THREADS``, set per Dask worker by :mod:`hetero_dask.dist.cluster`),
+    else the cores this process may use."""
+    for var in ("HETERO_DASK_ESTEP_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def circular_mask(n: int, radius_px: float, width_px: float, xp=np):
@@ -332,7 +351,7 @@ def score_dense(
     projections: list[ClassProjections],
     shifts_px,
     keep: int = 8,
-    max_tile_bytes: int = 64 * 2**20,
+    max_tile_bytes: int = 16 * 2**20,
     precision: str = "float32",
 ) -> TopPoses:
     """Exhaustive scoring of every particle against shared rotations x shifts, per class.

@@ -24,7 +24,8 @@ same stage. Class posteriors and pose weights come from the final stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
@@ -39,6 +40,7 @@ from .scoring import (
     PreparedParticles,
     TopPoses,
     class_projections,
+    cpu_threads,
     phase_ramp,
     project_band,
     score_dense,
@@ -57,7 +59,10 @@ class SearchParams:
     stage and the grid neighbours scored around the best pose per iteration
     (0 steps: children only). ``precision``: of the scoring products,
     ``"float32"`` (default), ``"tf32"`` or ``"3xtf32"`` (:func:`.scoring.scoring_matmul`;
-    TF32 tensor cores on CuPy, emulated on numpy).
+    TF32 tensor cores on CuPy, emulated on numpy). ``threads``: on a CPU, particle
+    blocks scored concurrently, each with single-threaded BLAS (None:
+    :func:`.scoring.cpu_threads`); numpy's element-wise passes (the log-sum-exps,
+    a third of the dense stage) are single-threaded, so this beats threaded BLAS alone.
     """
 
     radius_final: float
@@ -72,11 +77,12 @@ class SearchParams:
     n_out_poses: int = 8
     sigma2_scale: float = 1.0
     hard: bool = False
-    max_tile_bytes: int = 64 * 2**20
+    max_tile_bytes: int = 16 * 2**20
     particle_chunk: int = 256
     climb_steps: int = 4
     climb_neighbours: int = 64
     precision: str = "float32"
+    threads: int | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -162,13 +168,20 @@ def _logsumexp(a, xp, axis):
     return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp) -> tuple[_Stage, int]:
+def _dense_projections(band, fmaps, params: SearchParams, xp):
+    """Every class's projections for the coarse grid, shared by all particles of a task."""
+    m = band.size_at(params.radius_at(0))
+    rots = xp.asarray(grids.so3_grid(params.order_coarse).matrices)
+    return [class_projections(f, rots, band, m) for f in fmaps]
+
+
+def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp, projs=None) -> tuple[_Stage, int]:
     band = prep.band
     m = band.size_at(params.radius_at(0))
     xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
-    grid = grids.so3_grid(params.order_coarse)
-    rots = xp.asarray(grid.matrices)
-    projs = [class_projections(f, rots, band, m) for f in fmaps]
+    if projs is None:
+        projs = _dense_projections(band, fmaps, params, xp)
+    rots = projs[0].p_ri
     shifts = xp.asarray(
         grids.shift_grid(params.shift_range_px, params.shift_step_px, params.shift_shape)
     )
@@ -400,7 +413,49 @@ def estep(
     if prior.shape != (K,):
         raise ValueError(f"class_prior must have shape ({K},), got {prior.shape}")
     log_prior = xp.log(xp.maximum(prior, 1e-30))
-    stage, n_eval = _dense_stage(prep, fmaps, sigma2, params, xp)
+    threads = cpu_threads() if params.threads is None else max(1, int(params.threads))
+    if xp is not np or min(threads, B // _MIN_BLOCK) < 2:
+        return _estep_block(prep, fmaps, sigma2, params, log_prior, None)
+    projs = _dense_projections(prep.band, fmaps, params, xp)
+    parts = in_particle_blocks(
+        lambda a, b: _estep_block(prep.rows(a, b), fmaps, sigma2, params, log_prior, projs),
+        B,
+        threads,
+    )
+    return _concatenate(parts)
+
+
+_MIN_BLOCK = 8  # particles per thread, at least
+
+
+def in_particle_blocks(fn, n: int, threads: int) -> list:
+    """``[fn(a, b) for contiguous blocks a:b of range(n)]``, the blocks run in ``threads``
+    threads with BLAS limited to one thread each (CPU only: numpy releases the GIL in
+    BLAS and ufuncs, and per-particle work needs no communication). Blocks hold at
+    least ``_MIN_BLOCK`` particles."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    threads = max(1, min(threads, n // _MIN_BLOCK))
+    edges = np.linspace(0, n, threads + 1).astype(int)
+    blocks = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+    if threads == 1:
+        return [fn(0, n)]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda ab: fn(*ab), blocks))
+
+
+def _concatenate(parts: list[EStepResult]) -> EStepResult:
+    out = {}
+    for f in fields(EStepResult):
+        values = [getattr(p, f.name) for p in parts]
+        out[f.name] = values[0] if f.name == "order" else np.concatenate(values, axis=0)
+    return EStepResult(**out)
+
+
+def _estep_block(prep, fmaps, sigma2, params, log_prior, projs) -> EStepResult:
+    xp = xp_of(prep.y)
+    B = prep.n_particles
+    stage, n_eval = _dense_stage(prep, fmaps, sigma2, params, xp, projs)
     n_eval = xp.full(B, n_eval, dtype=xp.int64)
     for s in range(1, params.order_final - params.order_coarse + 1):
         stage, n = _local_stage(prep, fmaps, sigma2, stage, log_prior, s, params, xp)
