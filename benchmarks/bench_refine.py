@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--shift-range", type=float, default=2.0, help="simulated shifts, disc radius (px)")
     ap.add_argument("--ref-lowpass", type=float, default=30.0, help="references: truth low-passed to (A)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--swing", type=float, default=90.0, help="domain swing between the classes (deg)")
+    ap.add_argument("--domain-weight", type=float, default=1.0, help="domain density (phantoms)")
     ap.add_argument("--batch-size-per-class", type=int, default=1000,
                     help="online-EM batch per class (>= particles per class: full EM passes)")
     ap.add_argument("--max-iterations", type=int, default=15)
@@ -166,7 +168,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="kept if given")
     args = ap.parse_args()
 
-    volumes = moving_domain_phantoms(args.box, args.psize, n_classes=2)
+    volumes = moving_domain_phantoms(args.box, args.psize, n_classes=2, swing_deg=args.swing,
+                                     domain_weight=args.domain_weight)
     sim = simulate(volumes, args.psize, args.n_per_class, snr=args.snr, seed=args.seed,
                    shift_range_px=args.shift_range)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_refine_"))

@@ -72,11 +72,14 @@ def moving_domain_phantoms(
     n_classes: int = 3,
     swing_deg: float = 90.0,
     diameter_A: float | None = None,
+    domain_weight: float = 1.0,
 ) -> np.ndarray:
     """``n_classes`` volumes ``(K, box, box, box)`` float32 differing by a swinging domain.
 
     Class ``k`` has the domain arm rotated about z (through the hinge) by
     ``k * swing_deg / (K - 1)`` degrees; the body is the same in every class.
+    ``domain_weight`` scales the domain's density (1: as heavy as two body blobs):
+    how much of the signal tells the classes apart.
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
@@ -87,7 +90,7 @@ def moving_domain_phantoms(
         t = np.deg2rad(swing_deg * k / max(n_classes - 1, 1))
         rz = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
         centres = (_HINGE + _DOMAIN @ rz.T) * r_A
-        vols[k] = body + _render(box, psize_A, centres, _DOMAIN_SIGMA * r_A, _DOMAIN_AMP)
+        vols[k] = body + _render(box, psize_A, centres, _DOMAIN_SIGMA * r_A, domain_weight * _DOMAIN_AMP)
     return vols
 
 
