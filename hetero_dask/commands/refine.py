@@ -36,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-lowpass", type=float, default=d.initial_lowpass_A,
                         help=f"initial low-pass resolution (A, default {d.initial_lowpass_A})")
     parser.add_argument("--sigma-scale", type=float, default=d.initial_sigma_scale,
-                        help=f"initial noise sigma scale, annealed to 1 (default {d.initial_sigma_scale})")
+                        help=f"initial noise sigma scale, annealed to the final one (default {d.initial_sigma_scale})")
+    parser.add_argument("--final-sigma-scale", type=float, default=None,
+                        help="sigma scale the annealing ends at (default: from the image mask, "
+                        "1.2-1.3, correcting the likelihood for masked, correlated Fourier "
+                        "coefficients; 1 = CryoSPARC's)")
     parser.add_argument("--max-order", type=int, default=d.max_order,
                         help=f"finest HEALPix order of the pose search (default {d.max_order})")
     parser.add_argument("--reference-mode", choices=("full", "half", "cross"), default=d.reference_mode,
@@ -59,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
         num_random_iterations=args.random_iterations, initial_lowpass_A=args.initial_lowpass,
         max_iterations=args.iterations, seed=args.seed, initial_sigma_scale=args.sigma_scale,
         max_order=args.max_order, reference_mode=args.reference_mode,
+        final_sigma_scale=args.final_sigma_scale,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
     if args.detach:
