@@ -130,13 +130,3 @@ def test_identical_references_are_split_by_variability(dataset, tmp_path):
     print(f"consensus start: accuracy {acc:.3f}")
     assert acc >= 0.7
 
-
-def test_mask_sigma_scale_is_the_mask_area_correction():
-    """For a (nearly) hard mask the independent-pixel fraction is the disc's area fraction."""
-    from hetero_dask.jobs.refine import mask_sigma_scale
-
-    n, r = 64, 20.0
-    expected = np.sqrt(n * n / (np.pi * r * r))
-    assert mask_sigma_scale(n, r, width_px=0.01) == pytest.approx(expected, rel=0.01)
-    # a soft edge adds partly-weighted pixels: a little smaller than the hard value
-    assert 1.0 < mask_sigma_scale(n, r) < expected

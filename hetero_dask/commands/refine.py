@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"initial low-pass resolution (A, default {d.initial_lowpass_A})")
     parser.add_argument("--sigma-scale", type=float, default=d.initial_sigma_scale,
                         help=f"initial noise sigma scale, annealed to the final one (default {d.initial_sigma_scale})")
-    parser.add_argument("--final-sigma-scale", type=float, default=None,
-                        help="sigma scale the annealing ends at (default: from the image mask, "
-                        "1.2-1.3, correcting the likelihood for masked, correlated Fourier "
-                        "coefficients; 1 = CryoSPARC's)")
+    parser.add_argument("--final-sigma-scale", type=float, default=d.final_sigma_scale,
+                        help="sigma scale the annealing ends at (default "
+                        f"{d.final_sigma_scale}: tempers the overconfident likelihood of masked, "
+                        "correlated Fourier coefficients; 1 = CryoSPARC's)")
     parser.add_argument("--max-order", type=int, default=d.max_order,
                         help=f"finest HEALPix order of the pose search (default {d.max_order})")
     parser.add_argument("--reference-mode", choices=("full", "half", "cross"), default=d.reference_mode,

@@ -99,10 +99,18 @@ class RefineParams:
     final_full_passes: int = 2
     initial_sigma_scale: float = 3.0
     sigma_anneal_iterations: int = 10
-    # Where the annealing ends: None = mask_sigma_scale(box, mask radius) (1.2-1.3 for the
-    # default mask), correcting the likelihood's count of correlated Fourier coefficients;
-    # 1.0 = CryoSPARC's plain noise model.
-    final_sigma_scale: float | None = None
+    # The sigma scale of the final full passes (CryoSPARC: 1), approached linearly from
+    # initial_sigma_scale before convergence. The likelihood counts every Fourier
+    # coefficient of a masked image as independent (the mask alone makes it ~1.6x too
+    # large: sigma scale 1.26 at box 64) and ignores the maps' own errors, so posteriors
+    # come out overconfident and EM settles on class maps that keep each other's
+    # particles. Accuracy on 2-class SNR-0.05 sets (bench_refine.py, 800 particles, from
+    # the truth low-passed to 30 A, initial scale 1), final scale 1 -> 2:
+    # swing 180 seeds 0, 1, 2 (bounds .946, .964, .954): .889 -> .924, .916 -> .944,
+    # .900 -> .924; swing 90 (bound .826): .777 -> .789. Consensus start (identical
+    # references, swing 180 seed 0): .608 -> .671. A constant 2 from the first iteration
+    # does as well from references but loses the consensus split (CI set .60).
+    final_sigma_scale: float = 2.0
     tau2_fudge: float = 1.0
     estimate_scale: bool = True
     # What each half-set is scored against: "full" (the class's full map), "half" (its own
@@ -428,32 +436,11 @@ def _learning_rate(it: int, params: RefineParams) -> float:
     return params.learning_rate * 0.5 ** (t / params.learning_rate_halflife)
 
 
-def mask_sigma_scale(box: int, mask_radius_px: float, width_px: float = 4.0) -> float:
-    """Sigma scale that corrects the likelihood for the E-step's circular image mask.
-
-    The noise model counts every Fourier coefficient of the band as independent, but
-    masking the image convolves its spectrum: only about ``f n^2`` coefficients are
-    independent, ``f = (sum m^2)^2 / (n^2 sum m^4)`` (the mask's area fraction for a
-    hard mask). The log-likelihood is then too large by ``1 / f`` and the posteriors
-    overconfident, which drives EM to class maps that keep each other's particles.
-    Measured on 2-class, SNR-0.05 sets at box 64 (``bench_refine.py --swing 180
-    --domain-weight 1.3``): seed 0 (bound 0.946) 0.889 at scale 1, 0.911 at this
-    formula's 1.26, 0.922 at 1.3-1.5, 0.914 at 2; seed 1 (bound 0.964) 0.916 -> 0.919.
-    Returns ``sqrt(1 / f)``, so that ``sigma2_scale = 1 / f``.
-    """
-    # The E-step's images carry the mask twice (the backprojection images, then
-    # prepare_particles): the effective mask is m^2.
-    m = np.asarray(circular_mask(box, mask_radius_px, width_px), dtype=np.float64) ** 2
-    f = float((m**2).sum() ** 2 / (box * box * (m**4).sum()))
-    return float(np.sqrt(1.0 / f))
-
-
 def _sigma_scale(it: int, params: RefineParams, final: float = 1.0) -> float:
-    """CryoSPARC's annealing from ``initial_sigma_scale`` down to ``final`` (1 there; ours
-    :func:`mask_sigma_scale` by default), linear over ``sigma_anneal_iterations``."""
+    """CryoSPARC's annealing from ``initial_sigma_scale`` down to ``final`` (1 there,
+    ``final_sigma_scale`` here), linear over ``sigma_anneal_iterations``."""
     t = min(1.0, it / max(1, params.sigma_anneal_iterations))
-    start = max(params.initial_sigma_scale, final)
-    return start + (final - start) * t
+    return params.initial_sigma_scale + (final - params.initial_sigma_scale) * t
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
@@ -481,8 +468,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     mask = _mask_for(p, box, psize)
     mask_radius_px = 0.85 * box / 2 if p.mask_diameter_A is None else min(
         0.5 * p.mask_diameter_A / psize, box / 2 - 2)
-    final_sigma = (mask_sigma_scale(box, mask_radius_px) if p.final_sigma_scale is None
-                   else float(p.final_sigma_scale))
+    final_sigma = float(p.final_sigma_scale)
     ops = symmetry_group(p.symmetry, p.symmetry_convention)
     ops = None if len(ops) == 1 else ops
     split = particle_split(store, p.seed)
@@ -526,7 +512,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         search = SearchParams(
             radius_final=r_align, radius_coarse=max(4.0, 0.6 * r_align), order_coarse=order_c,
             order_final=order_f, shift_range_px=shift_range, shift_step_px=max(1.0, shift_range / 2.5),
-            sigma2_scale=_sigma_scale(it, p, final_sigma) ** 2, hard=p.force_hard_classification,
+            sigma2_scale=(final_sigma if state.converged_at is not None else _sigma_scale(it, p, final_sigma)) ** 2,
+            hard=p.force_hard_classification,
         )
         r_band = max(r_align, r_bp)
         vol_file = run_dir / f"references_it{it:04d}.npy"
