@@ -87,7 +87,10 @@ BOX, SNR, N_PER_CLASS, SHIFT_PX = 64, 0.05, 400, 2.0
 @pytest.fixture(scope="module")
 def domain_set(tmp_path_factory):
     d = tmp_path_factory.mktemp("accuracy")
-    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
+    # The set: "on such data ... that bound is about 96%". The default phantoms
+    # (domain swing 90 deg) give a bound of only 0.83 at SNR 0.05; a 180-deg swing of a
+    # 1.3x heavier domain gives 0.95 (seed 0: 0.946).
+    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2, swing_deg=180.0, domain_weight=1.3)
     sim = simulate(vols, PSIZE, N_PER_CLASS, snr=SNR, seed=0, shift_range_px=SHIFT_PX)
     paths = write_simulation(d / "sim", sim, vols)
     return d, vols, sim, str(paths["cs"])
@@ -107,7 +110,7 @@ def test_lowpassed_truth_start_within_3_points_of_bayes_bound(domain_set, domain
     bound = bayes_accuracy(vols, sim, SHIFT_PX)
     acc = agreement(domain_refined, sim.classes)
     print(f"Bayes bound {bound:.3f}, refinement {acc:.3f} ({100 * (acc - bound):+.1f} points)")
-    assert bound > 0.75, "the set should be classifiable"
+    assert bound > 0.9, "the set should be as classifiable as the issue's"
     assert acc >= bound - 0.03
 
 
@@ -122,8 +125,8 @@ def test_reference_scale_gives_the_same_classes(domain_set, domain_refined, tmp_
     acc, acc_base = agreement(other, sim.classes), agreement(domain_refined, sim.classes)
     print(f"scale {scale:g}: {same:.3f} of the particles in the same class as with unscaled references; "
           f"accuracy {acc:.3f} vs {acc_base:.3f}")
-    # At SNR 0.05 about a fifth of the particles sit near posterior 0.5 (the Bayes bound is ~0.83):
-    # rounding-level differences flip some of them, so demand the same accuracy and >= 90% agreement.
+    # At SNR 0.05 some particles sit near posterior 0.5: rounding-level differences flip some of
+    # them, so demand the same accuracy and >= 90% agreement.
     assert same >= 0.9
     assert abs(acc - acc_base) <= 0.02
 
