@@ -79,8 +79,8 @@ def _irfftn(F, n: int, xp):
     if xp is np:
         import scipy.fft  # noqa: PLC0415
 
-        return scipy.fft.irfftn(F, s=(n, n, n))
-    return xp.fft.irfftn(F, s=(n, n, n))
+        return scipy.fft.irfftn(F, s=(n, n, n), axes=(-3, -2, -1))
+    return xp.fft.irfftn(F, s=(n, n, n), axes=(-3, -2, -1))
 
 
 def fsc(v1, v2, mask=None):
