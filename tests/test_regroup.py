@@ -642,3 +642,14 @@ def test_user_mask_is_used_copied_and_checked(tmp_path):
             num_superclasses=3,
             mask=tmp_path / "small.mrc",
         )
+
+
+def test_size_weighting_needs_a_populated_class_per_superclass():
+    from hetero_dask.jobs.regroup import RegroupParams, select_classes
+
+    sizes = np.array([50, 0, 0, 0])
+    weighted = RegroupParams(num_superclasses=2, min_class_size=0)
+    with pytest.raises(ValueError, match="only 1 included classes hold particles"):
+        select_classes(sizes, weighted)
+    once = RegroupParams(num_superclasses=2, min_class_size=0, weight_by_size=False)
+    np.testing.assert_array_equal(select_classes(sizes, once), [0, 1, 2, 3])

@@ -170,9 +170,9 @@ def backproject(
         and grids.data.dtype == np.complex64
         and grids.weight.dtype == np.float32
     ):
-        _flat(grids.data), _flat(grids.weight)  # contiguity check
         cpu_kernels.backproject_trilinear(
-            grids.data, grids.weight, rotations, kx, ky, values, weights, grids.pad, grids.half_width
+            _flat(grids.data), _flat(grids.weight), rotations, kx, ky, values, weights,
+            grids.pad, grids.half_width,
         )
         return grids
     step = max(1, chunk_points // max(M, 1))

@@ -1,11 +1,11 @@
-"""Compiled CPU kernels (numba) for the two loops numpy cannot express without temporaries.
+"""Compiled CPU kernels (numba) for loops numpy cannot express without large temporaries.
 
 The array code in :mod:`hetero_dask.core` runs on numpy and CuPy alike; on a
-CPU worker two of its inner loops are memory-bound scatters or reductions
-that numpy can only write as several passes over large temporaries. Here
-they are written once more as fused loops, compiled by numba when it is
-installed (it is a dependency; the array code stays the reference and the
-fallback, and tests check the two agree):
+CPU worker some inner loops are memory-bound scatters that numpy can only
+write as several passes over large temporaries. Here they are written once
+more as fused loops, compiled by numba when it is installed (it is a
+dependency; the array code stays the reference and the fallback, and tests
+check the two agree):
 
 * :func:`backproject_trilinear`: the trilinear backprojection of
   :func:`hetero_dask.core.backprojector.backproject` (8 corners of data and
@@ -93,8 +93,9 @@ def _backproject_kernel(data, weight, rot, kx, ky, values, weights, pad, h, S, X
 def backproject_trilinear(data, weight, rotations, kx, ky, values, weights, pad: int, h: int) -> None:
     """Add ``values`` / ``weights`` ``(P, M)`` at ``pad * R @ (kx, ky, 0)`` into half-grids, in place.
 
-    ``data`` complex64 and ``weight`` float32, C-contiguous ``(2h+1, 2h+1, h+1)``
-    (the layout of :class:`hetero_dask.core.backprojector.BackprojGrids`);
+    ``data`` complex64 and ``weight`` float32: the half-grids ``(2h+1, 2h+1, h+1)``
+    of :class:`hetero_dask.core.backprojector.BackprojGrids`, C-contiguous or as
+    their 1-D views (written through);
     frequencies must lie within the grids' radius (checked: IndexError).
     Same arithmetic as the array path, in float32.
     """

@@ -175,13 +175,12 @@ def _dense_projections(band, fmaps, params: SearchParams, xp):
     return [class_projections(f, rots, band, m) for f in fmaps]
 
 
-def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp, projs=None) -> tuple[_Stage, int]:
+def _dense_stage(prep, sigma2, params: SearchParams, xp, projs) -> tuple[_Stage, int]:
+    """Stage 0 against the shared coarse-grid projections ``projs`` (:func:`_dense_projections`)."""
     band = prep.band
     m = band.size_at(params.radius_at(0))
     xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
-    if projs is None:
-        projs = _dense_projections(band, fmaps, params, xp)
-    rots = projs[0].p_ri
+    n_rotations = projs[0].p_ri.shape[0]
     shifts = xp.asarray(
         grids.shift_grid(params.shift_range_px, params.shift_step_px, params.shift_shape)
     )
@@ -196,7 +195,7 @@ def _dense_stage(prep, fmaps, sigma2, params: SearchParams, xp, projs=None) -> t
         class_lse2=top.class_lse2,
         order=params.order_coarse,
     )
-    return stage, len(fmaps) * rots.shape[0] * shifts.shape[0]
+    return stage, len(projs) * n_rotations * shifts.shape[0]
 
 
 class _ProjectionCache:
@@ -414,15 +413,13 @@ def estep(
         raise ValueError(f"class_prior must have shape ({K},), got {prior.shape}")
     log_prior = xp.log(xp.maximum(prior, 1e-30))
     threads = cpu_threads() if params.threads is None else max(1, int(params.threads))
-    if xp is not np or min(threads, B // _MIN_BLOCK) < 2:
-        return _estep_block(prep, fmaps, sigma2, params, log_prior, None)
     projs = _dense_projections(prep.band, fmaps, params, xp)
     parts = in_particle_blocks(
         lambda a, b: _estep_block(prep.rows(a, b), fmaps, sigma2, params, log_prior, projs),
         B,
-        threads,
+        threads if xp is np else 1,  # a GPU runs the whole task as one block
     )
-    return _concatenate(parts)
+    return parts[0] if len(parts) == 1 else _concatenate(parts)
 
 
 _MIN_BLOCK = 8  # particles per thread, at least
@@ -433,13 +430,13 @@ def in_particle_blocks(fn, n: int, threads: int) -> list:
     threads with BLAS limited to one thread each (CPU only: numpy releases the GIL in
     BLAS and ufuncs, and per-particle work needs no communication). Blocks hold at
     least ``_MIN_BLOCK`` particles."""
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
-
     threads = max(1, min(threads, n // _MIN_BLOCK))
-    edges = np.linspace(0, n, threads + 1).astype(int)
-    blocks = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
     if threads == 1:
         return [fn(0, n)]
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    edges = np.linspace(0, n, threads + 1).astype(int)
+    blocks = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda ab: fn(*ab), blocks))
 
@@ -455,7 +452,7 @@ def _concatenate(parts: list[EStepResult]) -> EStepResult:
 def _estep_block(prep, fmaps, sigma2, params, log_prior, projs) -> EStepResult:
     xp = xp_of(prep.y)
     B = prep.n_particles
-    stage, n_eval = _dense_stage(prep, fmaps, sigma2, params, xp, projs)
+    stage, n_eval = _dense_stage(prep, sigma2, params, xp, projs)
     n_eval = xp.full(B, n_eval, dtype=xp.int64)
     for s in range(1, params.order_final - params.order_coarse + 1):
         stage, n = _local_stage(prep, fmaps, sigma2, stage, log_prior, s, params, xp)

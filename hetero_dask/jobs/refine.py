@@ -140,6 +140,9 @@ class RefineParams:
             raise ValueError(f"reference_mode must be 'full', 'half' or 'cross', got {self.reference_mode!r}")
         if self.initial_split not in ("pca", "random"):
             raise ValueError(f"initial_split must be 'pca' or 'random', got {self.initial_split!r}")
+        for name in ("initial_sigma_scale", "final_sigma_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
 
@@ -436,11 +439,14 @@ def _learning_rate(it: int, params: RefineParams) -> float:
     return params.learning_rate * 0.5 ** (t / params.learning_rate_halflife)
 
 
-def _sigma_scale(it: int, params: RefineParams, final: float = 1.0) -> float:
-    """CryoSPARC's annealing from ``initial_sigma_scale`` down to ``final`` (1 there,
-    ``final_sigma_scale`` here), linear over ``sigma_anneal_iterations``."""
+def _sigma_scale(it: int, params: RefineParams, converged: bool) -> float:
+    """CryoSPARC's annealing, linear over ``sigma_anneal_iterations`` from
+    ``initial_sigma_scale`` to ``final_sigma_scale`` (1 in CryoSPARC); the final full
+    passes after convergence run at ``final_sigma_scale``."""
+    if converged:
+        return params.final_sigma_scale
     t = min(1.0, it / max(1, params.sigma_anneal_iterations))
-    return params.initial_sigma_scale + (final - params.initial_sigma_scale) * t
+    return params.initial_sigma_scale + (params.final_sigma_scale - params.initial_sigma_scale) * t
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
@@ -468,7 +474,6 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     mask = _mask_for(p, box, psize)
     mask_radius_px = 0.85 * box / 2 if p.mask_diameter_A is None else min(
         0.5 * p.mask_diameter_A / psize, box / 2 - 2)
-    final_sigma = float(p.final_sigma_scale)
     ops = symmetry_group(p.symmetry, p.symmetry_convention)
     ops = None if len(ops) == 1 else ops
     split = particle_split(store, p.seed)
@@ -512,7 +517,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         search = SearchParams(
             radius_final=r_align, radius_coarse=max(4.0, 0.6 * r_align), order_coarse=order_c,
             order_final=order_f, shift_range_px=shift_range, shift_step_px=max(1.0, shift_range / 2.5),
-            sigma2_scale=(final_sigma if state.converged_at is not None else _sigma_scale(it, p, final_sigma)) ** 2,
+            sigma2_scale=_sigma_scale(it, p, state.converged_at is not None) ** 2,
             hard=p.force_hard_classification,
         )
         r_band = max(r_align, r_bp)

@@ -207,6 +207,13 @@ def select_classes(sizes: np.ndarray, params: RegroupParams) -> np.ndarray:
             f"regroup: num_superclasses={m} is out of range: with {len(included)} included "
             f"classes it must be in 1..{len(included) - 1}"
         )
+    holding = int(np.count_nonzero(sizes[included]))
+    if params.weight_by_size and holding < m:
+        raise ValueError(
+            f"regroup: num_superclasses={m} but only {holding} included classes hold particles "
+            f"(min_class_size={params.min_class_size}); weighing classes by their particles "
+            "needs at least one per superclass (raise min_class_size or count classes once)"
+        )
     return included
 
 
