@@ -85,14 +85,15 @@ def dense_stage(B: int, n: int, K: int, r: float) -> None:
     peak = 3 * 2 * a.shape[0] * a.shape[1] * R / (time.perf_counter() - t0) / 1e9
     # As the E-step runs it: particle blocks in threads, single-threaded BLAS each.
     threads = cpu_threads()
-    warm = min(B, 16 * threads)  # thread start-up and BLAS buffers outside the clock
-    in_particle_blocks(
-        lambda i, j: score_dense(xc[i:j], cc[i:j], band, projs, shifts, keep=8), warm, threads
-    )
+
+    def run_dense(n: int):
+        return in_particle_blocks(
+            lambda i, j: score_dense(xc[i:j], cc[i:j], band, projs, shifts, keep=8), n, threads
+        )
+
+    run_dense(min(B, 16 * threads))  # thread start-up and BLAS buffers outside the clock
     t0 = time.perf_counter()
-    in_particle_blocks(
-        lambda i, j: score_dense(xc[i:j], cc[i:j], band, projs, shifts, keep=8), B, threads
-    )
+    run_dense(B)
     dt = time.perf_counter() - t0
     dense = B * K * R * (4 * M * T + 2 * M) / dt / 1e9
     print(

@@ -33,13 +33,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hetero_dask.core.fourier import lowpass
 from hetero_dask.io.cs import read_cs
-from hetero_dask.io.mrc import write_map
 from hetero_dask.io.star import read_star, write_star
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
-from hetero_dask.simulate import agreement, bayes_accuracy, simulate, write_simulation
+from hetero_dask.simulate import (
+    agreement,
+    bayes_accuracy,
+    simulate,
+    write_references,
+    write_simulation,
+)
 
 RELION_DEFAULT_ITERATIONS = 25
 
@@ -51,11 +55,7 @@ RELION_DEFAULT_ITERATIONS = 25
 def write_inputs(work: Path, volumes, sim, ref_lowpass_A: float) -> dict:
     """Simulation files, references (truth low-passed), RELION's particle and reference STARs."""
     paths = write_simulation(work / "sim", sim, volumes)
-    refs = []
-    for k, v in enumerate(volumes):
-        path = work / "sim" / f"ref_{k:02d}.mrc"
-        write_map(path, lowpass(v, ref_lowpass_A, sim.psize_A, 3), sim.psize_A)
-        refs.append(path)
+    refs = [Path(p) for p in write_references(work / "sim", volumes, sim.psize_A, ref_lowpass_A)]
     blocks = read_star(paths["star"])
     drop = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber"]
     blocks["particles"] = blocks["particles"].drop(columns=[c for c in drop if c in blocks["particles"]])

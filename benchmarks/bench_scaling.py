@@ -42,19 +42,13 @@ BOX, PSIZE, SNR = 32, 4.0, 0.5
 
 
 def simulate_set(work: Path, n: int, seed: int = 0) -> tuple[Path, list[str]]:
-    from hetero_dask.core.fourier import lowpass
-    from hetero_dask.io.mrc import write_map
     from hetero_dask.phantoms import moving_domain_phantoms
-    from hetero_dask.simulate import simulate, write_simulation
+    from hetero_dask.simulate import simulate, write_references, write_simulation
 
     vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
     sim = simulate(vols, PSIZE, [n // 2, n - n // 2], snr=SNR, seed=seed, shift_range_px=1.0)
     write_simulation(work / "sim", sim, vols)
-    refs = []
-    for k in range(2):
-        write_map(work / f"ref{k}.mrc", lowpass(vols[k], 30.0, PSIZE, 3), PSIZE)
-        refs.append(str(work / f"ref{k}.mrc"))
-    return work / "sim" / "particles.cs", refs
+    return work / "sim" / "particles.cs", write_references(work, vols, PSIZE)
 
 
 def repeated_cs(cs: Path, copies: int) -> Path:

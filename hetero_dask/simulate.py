@@ -326,3 +326,19 @@ def agreement(a, b) -> float:
     """Agreement of two 2-class labelings up to a swap of the labels."""
     a, b = np.asarray(a), np.asarray(b)
     return max(float(np.mean(a == b)), float(np.mean(a != b)))
+
+
+def write_references(folder, volumes, psize_A: float, resolution_A: float = 30.0, scale: float = 1.0):
+    """Initial references from the truth: each volume low-passed to ``resolution_A`` and
+    multiplied by ``scale``, written as ``folder/ref_{k:02d}.mrc``; returns the paths (str)."""
+    from .core.fourier import lowpass  # noqa: PLC0415
+    from .io.mrc import write_map  # noqa: PLC0415
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, v in enumerate(volumes):
+        path = folder / f"ref_{k:02d}.mrc"
+        write_map(path, scale * lowpass(v, resolution_A, psize_A, 3), psize_A)
+        paths.append(str(path))
+    return paths

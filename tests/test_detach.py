@@ -17,11 +17,9 @@ import pytest
 
 from hetero_dask import cli
 from hetero_dask.commands.status import gather
-from hetero_dask.core.fourier import lowpass
 from hetero_dask.io.cs import read_cs
-from hetero_dask.io.mrc import write_map
 from hetero_dask.phantoms import moving_domain_phantoms
-from hetero_dask.simulate import simulate, write_simulation
+from hetero_dask.simulate import simulate, write_references, write_simulation
 
 BOX, PSIZE = 32, 4.0
 
@@ -32,11 +30,7 @@ def dataset(tmp_path_factory):
     vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
     sim = simulate(vols, PSIZE, 150, snr=0.5, seed=3, shift_range_px=1.0)
     write_simulation(d / "sim", sim, vols)
-    refs = []
-    for k in range(2):
-        write_map(d / f"ref{k}.mrc", lowpass(vols[k], 30.0, PSIZE, 3), PSIZE)
-        refs.append(str(d / f"ref{k}.mrc"))
-    return d, str(d / "sim" / "particles.cs"), refs
+    return d, str(d / "sim" / "particles.cs"), write_references(d, vols, PSIZE)
 
 
 def hetero_dask(*argv, timeout=120) -> subprocess.CompletedProcess:

@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hetero_dask.core.fourier import lowpass
 from hetero_dask.dist import checkpoint as ckpt
 from hetero_dask.io.cs import read_cs
-from hetero_dask.io.mrc import read_map, write_map
+from hetero_dask.io.mrc import read_map
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
-from hetero_dask.simulate import simulate, write_simulation
+from hetero_dask.simulate import simulate, write_references, write_simulation
 
 BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 150
 PARAMS = dict(refine_box=32, batch_size_per_class=100, max_iterations=4, num_random_iterations=1,
@@ -49,12 +48,7 @@ def dataset(tmp_path_factory):
     vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
     sim = simulate(vols, PSIZE, N_PER_CLASS, snr=SNR, seed=3, shift_range_px=1.0)
     write_simulation(d / "sim", sim, vols)
-    refs = []
-    for k in range(2):
-        path = d / f"ref{k}.mrc"
-        write_map(path, lowpass(vols[k], 30.0, PSIZE, 3), PSIZE)
-        refs.append(str(path))
-    return d, str(d / "sim" / "particles.cs"), refs
+    return d, str(d / "sim" / "particles.cs"), write_references(d, vols, PSIZE)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,13 @@ from hetero_dask.io.mrc import write_map
 from hetero_dask.io.star import read_star
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
-from hetero_dask.simulate import agreement, bayes_accuracy, simulate, write_simulation
+from hetero_dask.simulate import (
+    agreement,
+    bayes_accuracy,
+    simulate,
+    write_references,
+    write_simulation,
+)
 
 BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 250
 
@@ -30,16 +36,7 @@ def dataset(tmp_path_factory):
     vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
     sim = simulate(vols, PSIZE, N_PER_CLASS, snr=SNR, seed=3, shift_range_px=1.0)
     write_simulation(d / "sim", sim, vols)
-    refs = []
-    for k in range(2):
-        path = d / f"ref{k}.mrc"
-        write_map(path, lowpass(vols[k], 30.0, PSIZE, 3), PSIZE)
-        refs.append(str(path))
-    return d, vols, sim, refs
-
-
-
-
+    return d, vols, sim, write_references(d, vols, PSIZE)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +126,6 @@ def test_identical_references_are_split_by_variability(dataset, tmp_path):
     acc = agreement(best, sim.classes)
     print(f"consensus start: accuracy {acc:.3f}")
     assert acc >= 0.7
-
 
 
 def test_sigma_scale_schedule_and_bad_values():

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 from hetero_dask.core.ctf import CTFParams
-from hetero_dask.core.fourier import lowpass
 from hetero_dask.core.rotations import pose_to_matrix
 from hetero_dask.core.symmetry import pose_error_modulo_symmetry, symmetry_group
 from hetero_dask.io.cs import read_cs
@@ -35,6 +34,7 @@ from hetero_dask.simulate import (
     agreement,
     bayes_accuracy,
     simulate,
+    write_references,
     write_simulation,
 )
 
@@ -47,15 +47,6 @@ FROM_REFERENCES = dict(num_random_iterations=0, initial_sigma_scale=1.0, initial
 
 
 
-
-
-def write_references(folder, volumes, psize_A: float, resolution_A: float = 30.0, scale: float = 1.0):
-    paths = []
-    for k, v in enumerate(volumes):
-        path = folder / f"ref{k}_{scale:g}.mrc"
-        write_map(path, scale * lowpass(v, resolution_A, psize_A, 3), psize_A)
-        paths.append(str(path))
-    return paths
 
 
 def with_noise_images(sim: SimulatedParticles, n_noise: int, seed: int) -> SimulatedParticles:
