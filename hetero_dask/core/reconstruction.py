@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from . import cpu_kernels
 from .backend import xp_of
 from .backprojector import BackprojGrids, hermitian_x0
 from .projector import gridding_correction
@@ -48,6 +49,26 @@ def _shell_geometry_np(h: int, pad: int, r_max: float):
     shell, n_shells, counts = _shell_geometry_xp(h, pad, r_max, np)
     shell.flags.writeable = False
     return shell, n_shells, counts
+
+
+@functools.lru_cache(maxsize=4)
+def _compact_shells(h: int, pad: int, r_max: float):
+    """The numpy shell indices as uint8 / uint16 (a tenth of the memory traffic of intp)."""
+    shell, n_shells, _ = _shell_geometry_np(h, pad, r_max)
+    out = shell.astype(np.uint8 if n_shells < 255 else np.uint16)
+    out.flags.writeable = False
+    return out
+
+
+def _use_kernels(grids: BackprojGrids) -> bool:
+    return (
+        xp_of(grids.data) is np
+        and cpu_kernels.enabled()
+        and grids.data.dtype == np.complex64
+        and grids.weight.dtype == np.float32
+        and grids.data.flags.c_contiguous
+        and grids.weight.flags.c_contiguous
+    )
 
 
 def _shell_geometry_xp(h: int, pad: int, r_max: float, xp):
@@ -78,8 +99,14 @@ def _shell_sums(values, shell, n_shells: int):
 def shell_mean_weight(grids: BackprojGrids, weight_full=None):
     """Mean of the (completed) weight grid over each shell ``0 .. round(r_max)``, float64."""
     xp = xp_of(grids.data)
-    W = hermitian_x0(grids.weight) if weight_full is None else weight_full
     shell, n_shells, counts = _shell_geometry(grids)
+    if weight_full is None and _use_kernels(grids):
+        # The completed x = 0 plane holds each Friedel pair once, so the full spectrum's
+        # shell sums are twice the raw half-grid's.
+        key = (grids.half_width, grids.pad, float(grids.r_max))
+        sums = 2.0 * cpu_kernels.shell_sums(grids.weight, _compact_shells(*key), n_shells + 1)
+        return sums[:n_shells] / np.maximum(counts, 1.0)
+    W = hermitian_x0(grids.weight) if weight_full is None else weight_full
     return _shell_sums(W, shell, n_shells) / xp.maximum(counts, 1.0)
 
 
@@ -91,12 +118,11 @@ def ssnr_from_fsc(fsc, n_shells: int, xp):
     return f / (1.0 - f)
 
 
-def _divide(grids: BackprojGrids, fsc, tau2_fudge: float, weight_floor: float):
-    """The completed half-grid spectrum ``B / max(W + 1/tau2, floor)`` complex64, zero outside ``r_max``."""
+def _regularisers(grids: BackprojGrids, fsc, tau2_fudge: float, weight_floor: float, W=None):
+    """Per-shell ``(reg, floor)`` float32 ``(n_shells + 1,)`` (last entry: outside ``r_max``)
+    of ``B / max(W + reg, floor)``; ``W``: the completed weight grid, if already made."""
     xp = xp_of(grids.data)
-    B = hermitian_x0(grids.data)
-    W = hermitian_x0(grids.weight)
-    shell, n_shells, _ = _shell_geometry(grids)
+    n_shells = _shell_geometry(grids)[1]
     mean_w = shell_mean_weight(grids, W)
     reg = xp.zeros(n_shells + 1, xp.float64)
     if fsc is not None:
@@ -107,8 +133,17 @@ def _divide(grids: BackprojGrids, fsc, tau2_fudge: float, weight_floor: float):
     # Shells with no data (or only float32 dust, e.g. an emptied class's decayed
     # accumulators) stay empty: dividing by ~1e-40 would overflow.
     floor[:n_shells][mean_w <= 1e-12 * float(xp.max(mean_w))] = xp.inf
-    denom = xp.maximum(W + reg.astype(xp.float32)[shell], floor.astype(xp.float32)[shell])
-    B /= denom  # inf (outside, or no data) gives 0
+    return reg.astype(xp.float32), floor.astype(xp.float32)
+
+
+def _divide(grids: BackprojGrids, fsc, tau2_fudge: float, weight_floor: float):
+    """The completed half-grid spectrum ``B / max(W + 1/tau2, floor)`` complex64, zero outside ``r_max``."""
+    xp = xp_of(grids.data)
+    B = hermitian_x0(grids.data)
+    W = hermitian_x0(grids.weight)
+    shell = _shell_geometry(grids)[0]
+    reg, floor = _regularisers(grids, fsc, tau2_fudge, weight_floor, W)
+    B /= xp.maximum(W + reg[shell], floor[shell])  # inf (outside, or no data) gives 0
     return B
 
 
@@ -123,6 +158,13 @@ def reconstruct(
     ``tau2_fudge``: the regularisation parameter T (RELION's tau2_fudge).
     ``fsc=None`` gives the unregularised ``B / max(W, floor)``.
     """
+    if _use_kernels(grids):
+        reg, floor = _regularisers(grids, fsc, tau2_fudge, weight_floor)
+        key = (grids.half_width, grids.pad, float(grids.r_max))
+        spec = cpu_kernels.wiener_spectrum(
+            grids.data, grids.weight, _compact_shells(*key), reg, floor, grids.pad * grids.n
+        )
+        return _spectrum_to_volume(spec, grids.n, grids.pad)
     V = _divide(grids, fsc, tau2_fudge, weight_floor)
     return _to_real_space(V, grids.n, grids.pad)
 
@@ -144,6 +186,14 @@ def _to_real_space(V_half, n: int, pad: int):
     for zs, zd in ((slice(he, None), slice(0, he + 1)), (slice(0, he), slice(D - he, D))):
         for ys, yd in ((slice(he, None), slice(0, he + 1)), (slice(0, he), slice(D - he, D))):
             spec[zd, yd, : he + 1] = src[zs, ys]
+    return _spectrum_to_volume(spec, n, pad)
+
+
+def _spectrum_to_volume(spec, n: int, pad: int):
+    """The central ``n^3`` of the inverse FFT of an uncentred ``(D, D, D // 2 + 1)`` spectrum,
+    over the gridding correction (``spec`` is overwritten)."""
+    xp = xp_of(spec)
+    D = pad * n
     crop = (xp.arange(n) - n // 2) % D
     vol = _cropped_irfftn(spec, D, crop, xp)
     return (vol / gridding_correction(n, pad, xp)).astype(xp.float32)
