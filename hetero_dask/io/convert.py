@@ -438,8 +438,12 @@ _MAPPED_CS = {
 
 
 def _f32_decimal(x) -> np.ndarray:
-    """float32 values as the float64 of their shortest decimal (2.806, not 2.80599999)."""
-    return np.asarray(x, dtype=np.float32).astype(str).astype(np.float64)
+    """float32 values as the float64 of their shortest decimal (2.806, not 2.80599999).
+
+    Converted once per distinct value (particle columns repeat many values).
+    """
+    values, inverse = np.unique(np.asarray(x, dtype=np.float32).reshape(-1), return_inverse=True)
+    return values.astype(str).astype(np.float64)[inverse.reshape(-1)].reshape(np.shape(x))
 
 
 def _schema_rows(arr) -> list:

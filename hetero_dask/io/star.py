@@ -1,18 +1,26 @@
-"""RELION STAR files via ``starfile``: blocks in, blocks out.
+"""RELION STAR files: blocks in (``starfile``), blocks out (our writer).
 
 :func:`read_star` returns ``{block name: DataFrame or dict}`` (``data_optics``
 -> ``"optics"``, a bare ``data_`` -> ``""``). :func:`particle_blocks` finds the
 optics and particle tables of RELION 3.0 files (no optics block; the particle
 table may be called ``data_``, ``data_images``, ``data_particles`` ...) and
 3.1+/5 files. Conversion to the canonical table lives in :mod:`.convert`.
+
+:func:`write_star` writes the layout ``starfile`` writes (tab-separated loops,
+``_label #i`` headers, strings with spaces quoted) but formats each column
+at once: ``starfile`` maps a quoting function over every cell and formats
+through pandas ``to_csv``, about 14 s for a 50k-particle file, against 0.5 s.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import starfile
+
+from hetero_dask import __version__
 
 from .errors import InputError, atomic_output
 
@@ -36,8 +44,48 @@ def read_star(path) -> dict:
 
 def write_star(path, blocks: dict) -> None:
     """Write ``{name: DataFrame or dict}`` as a STAR file atomically (loop blocks as loops)."""
+    parts = [f"# Created by hetero_dask {__version__}\n\n\n"]
+    for name, block in dict(blocks).items():
+        if isinstance(block, pd.DataFrame):
+            parts.append(_loop_block(name, block))
+        elif isinstance(block, dict):
+            items = "".join(f"_{k}\t\t\t{_quote(_cell(v))}\n" for k, v in block.items())
+            parts.append(f"data_{name}\n\n{items}\n\n")
+        else:
+            raise TypeError(f"STAR block {name!r} must be a DataFrame or a dict, got {type(block).__name__}")
     with atomic_output(path) as tmp:
-        starfile.write(dict(blocks), tmp, float_format=_FLOAT_FORMAT)
+        Path(tmp).write_text("".join(parts))
+
+
+def _quote(text: str) -> str:
+    return f'"{text}"' if (not text or " " in text) else text
+
+
+def _cell(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "<NA>" if np.isnan(v) else _FLOAT_FORMAT % v
+    return str(v)
+
+
+def _column_strings(values: pd.Series) -> list:
+    """One column's cells as STAR text: floats ``%.10g`` (NaN ``<NA>``), strings quoted if needed."""
+    kind = values.dtype.kind
+    if kind in "fiub":  # formatted once per distinct value
+        distinct, inverse = np.unique(values.to_numpy(), return_inverse=True)
+        if kind == "f":
+            fmt = _FLOAT_FORMAT.__mod__
+            text = ["<NA>" if x != x else fmt(x) for x in distinct.tolist()]
+        else:
+            text = [str(x) for x in distinct.tolist()]
+        return np.array(text, dtype=object)[inverse.reshape(-1)].tolist()
+    return [_quote(_cell(x)) for x in values.tolist()]
+
+
+def _loop_block(name: str, df: pd.DataFrame) -> str:
+    header = "".join(f"_{c} #{i}\n" for i, c in enumerate(df.columns, 1))
+    columns = [_column_strings(df[c]) for c in df.columns]
+    rows = "".join(f"{line}\n" for line in map("\t".join, zip(*columns, strict=True)))
+    return f"data_{name}\n\nloop_\n{header}{rows}\n\n"
 
 
 def particle_blocks(blocks: dict, source=None):
