@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetero_dask.core import cpu_kernels
 from hetero_dask.core.backend import to_device, to_host, xp_of
 from hetero_dask.core.backprojector import (
     BackprojGrids,
@@ -197,6 +198,23 @@ def _shift_phases(shifts_px, kx, ky, n: int):
     return ex[:, kx.astype(xp.int64) + o] * ey[:, ky.astype(xp.int64) + o]
 
 
+def _fused_cpu_path(partial: ClassGridsPartial, k: int) -> bool:
+    """True when class ``k``'s grids take the compiled CPU kernel (numpy, float32, contiguous)."""
+    if not cpu_kernels.enabled():
+        return False
+    for h in HALVES:
+        g = partial.grids[(k, h)]
+        if not (
+            isinstance(g.data, np.ndarray)
+            and g.data.dtype == np.complex64
+            and g.weight.dtype == np.float32
+            and g.data.flags.c_contiguous
+            and g.weight.flags.c_contiguous
+        ):
+            return False
+    return True
+
+
 def backproject_particles(
     partial: ClassGridsPartial,
     images,
@@ -238,6 +256,20 @@ def backproject_particles(
         ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
     else:
         ctf_isig = ctf
+    if _fused_cpu_path(partial, k):
+        # One compiled pass per (pose slot, half): products formed per sample, rows by index.
+        for p in range(weights.shape[1]):
+            w = weights[:, p]
+            for h in HALVES:
+                sel = np.nonzero((halves == h) & (w > 0))[0]
+                if sel.size:
+                    g = partial.grids[(k, h)]
+                    cpu_kernels.backproject_images(
+                        g.data, g.weight, rotations[sel, p], kx, ky, Y, ctf_isig, ctf, sel,
+                        shifts_px[sel, p], w[sel], n, g.pad, g.half_width,
+                    )
+        partial.weight_sum[k] += float(weights.sum())
+        return partial
     cy = ctf_isig * Y  # CTF * Y / sigma2, before centring
     c2 = ctf_isig * ctf  # CTF^2 / sigma2
     for p in range(weights.shape[1]):
