@@ -444,3 +444,56 @@ def test_blas_threads_share_the_cores():
     assert blas_threads_per_worker(2, 1, cores=16) == 8
     assert blas_threads_per_worker(3, 1, cores=2) == 1
     assert blas_threads_per_worker(1, 2, cores=8) == 4
+
+
+def timed_process(p: Partition) -> dict:
+    out = toy_process(p, sleep_s=0.05)
+    out["end"] = time.time()
+    return out
+
+
+def timed_merge(a: dict, b: dict) -> dict:
+    end = max(a.pop("end"), b["end"])
+    a = toy_merge(a, {k: v for k, v in b.items() if k != "end"})
+    a["end"] = end
+    return a
+
+
+def slow_finish(merged: dict) -> tuple:
+    time.sleep(1.0)
+    return merged["end"], time.time()
+
+
+def failing_process(p: Partition) -> dict:
+    if p.index == 2:
+        raise RuntimeError("partition 2 failed")
+    return toy_process(p)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_after_map_overlaps_the_merges_and_finishing(client3, progress):
+    """after_map starts once every process task is done and before the finishing tasks end
+    (it overlaps them); its exception reaches the caller; a failed graph never runs it."""
+    started = []
+    parts = partition_ranges(N_PARTICLES, 6, 16)
+    (last_process_end, finish_end) = map_reduce(
+        client3, timed_process, parts, timed_merge, fan_in=3, finish=slow_finish,
+        progress=progress, after_map=lambda: started.append(time.time()),
+    )
+    assert len(started) == 1
+    assert last_process_end <= started[0] < finish_end - 0.5
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        map_reduce(client3, toy_process, parts, toy_merge, after_map=broken, progress=progress)
+    ran = []
+    with pytest.raises(RuntimeError, match="partition 2 failed"):
+        map_reduce(client3, failing_process, parts, toy_merge, after_map=lambda: ran.append(1),
+                   progress=progress)
+    assert ran == []
+    # Without a client it runs after the graph.
+    assert map_reduce(None, toy_process, parts, toy_merge, finish=lambda m: m["n"],
+                      after_map=lambda: ran.append(2)) == N_PARTICLES
+    assert ran == [2]

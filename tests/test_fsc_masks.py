@@ -16,6 +16,7 @@ from hetero_dask.core.fsc import (
     shell_counts,
 )
 from hetero_dask.core.masks import (
+    loose_and_tight_masks,
     loose_mask,
     mask_from_map,
     soft_circular_mask_2d,
@@ -133,3 +134,7 @@ def test_loose_contains_tight():
     assert np.all(loose >= tight - 1e-6)
     assert loose.sum() > tight.sum() > 0
     assert np.all(tight[v > 0.5 * v.max()] == 1.0)
+    # fsc_set's shared-distance-transform pair is the same two masks.
+    pair = loose_and_tight_masks(v, 2.0)
+    np.testing.assert_array_equal(pair[0], loose)
+    np.testing.assert_array_equal(pair[1], tight)

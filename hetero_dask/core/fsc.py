@@ -18,7 +18,7 @@ import functools
 import numpy as np
 
 from .backend import to_host, xp_of
-from .masks import loose_mask, spherical_window, tight_mask
+from .masks import loose_and_tight_masks, spherical_window
 
 
 def _radius_fft(n: int, xp):
@@ -192,10 +192,10 @@ def fsc_set(v1, v2, psize_A: float, user_mask=None, rng=None) -> dict:
     xp = xp_of(v1, v2)
     n = v1.shape[-1]
     avg = 0.5 * (v1 + v2)
-    tight = tight_mask(avg, psize_A)
+    loose, tight = loose_and_tight_masks(avg, psize_A)
     out = {"no_mask": fsc(v1, v2)}
     out["spherical"] = fsc(v1, v2, spherical_window(n, 0.85, 1.0, xp))
-    out["loose"] = fsc(v1, v2, loose_mask(avg, psize_A))
+    out["loose"] = fsc(v1, v2, loose)
     out["tight"] = fsc(v1, v2, tight)
     out["corrected"] = corrected_fsc(v1, v2, tight, rng=rng, fsc_unmasked=out["no_mask"])
     if user_mask is not None:

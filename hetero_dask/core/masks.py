@@ -53,20 +53,23 @@ def _distance_transform(outside):
     return distance_transform_edt(outside)
 
 
-def mask_from_map(vol, threshold: float, dilate_px: float = 0.0, soft_px: float = 0.0):
-    """Soft mask ``(n, n, n)`` float32 from a map: binarise at ``threshold``, dilate, cosine edge.
-
-    Voxels within ``dilate_px`` of the region ``vol > threshold`` get 1;
-    beyond, the mask falls to 0 with a raised cosine over ``soft_px``.
-    """
+def _distance_to_region(vol, threshold: float):
     xp = xp_of(vol)
     inside = vol > threshold
     if not bool(xp.any(inside)):
         raise ValueError(
             f"no voxel above the mask threshold {threshold} (map max {float(vol.max())})"
         )
-    dist = _distance_transform(~inside)
-    return soft_edge(dist, float(dilate_px), float(soft_px))
+    return _distance_transform(~inside)
+
+
+def mask_from_map(vol, threshold: float, dilate_px: float = 0.0, soft_px: float = 0.0):
+    """Soft mask ``(n, n, n)`` float32 from a map: binarise at ``threshold``, dilate, cosine edge.
+
+    Voxels within ``dilate_px`` of the region ``vol > threshold`` get 1;
+    beyond, the mask falls to 0 with a raised cosine over ``soft_px``.
+    """
+    return soft_edge(_distance_to_region(vol, threshold), float(dilate_px), float(soft_px))
 
 
 def auto_threshold(vol, fraction: float = 0.5) -> float:
@@ -78,6 +81,15 @@ def loose_mask(vol, psize_A: float):
     """CryoSPARC's loose FSC mask: threshold at half max, 1 within 25 A, 0 beyond 40 A."""
     near_A, far_A = LOOSE_MASK_A
     return mask_from_map(vol, auto_threshold(vol), near_A / psize_A, (far_A - near_A) / psize_A)
+
+
+def loose_and_tight_masks(vol, psize_A: float):
+    """``(loose_mask(vol), tight_mask(vol))`` from one distance transform."""
+    dist = _distance_to_region(vol, auto_threshold(vol))
+    return tuple(
+        soft_edge(dist, near_A / psize_A, (far_A - near_A) / psize_A)
+        for near_A, far_A in (LOOSE_MASK_A, TIGHT_MASK_A)
+    )
 
 
 def tight_mask(vol, psize_A: float):

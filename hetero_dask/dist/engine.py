@@ -236,6 +236,7 @@ def map_reduce(
     key_prefix: str = "map_reduce",
     token: str | None = None,
     progress: bool | None = False,
+    after_map: Callable[[], Any] | None = None,
 ):
     """Run process -> tree merge -> finish as one graph; return the finished results.
 
@@ -247,25 +248,100 @@ def map_reduce(
     task only its part. ``token`` names the graph (default: a hash of the
     arguments); pass e.g. ``f"it{iteration}"`` to make keys readable.
     ``progress``: one bar per stage (None: only when stderr is a terminal).
+    ``after_map``: driver work that needs no result (e.g. writing particle
+    files), run in a driver thread as soon as every process task is done, so
+    it overlaps the merges and finishing tasks (which leave cores idle)
+    instead of following them; joined (and its exception raised) before
+    returning. Without a client it runs after the graph.
     """
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token
     )
     finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
-    if client is None:
-        with StageProgress(enabled=progress):
-            results = dask.compute(*finals, scheduler="sync", optimize_graph=False)
-    elif progress is False:
-        results = client.gather(client.compute(finals, optimize_graph=False))
-    else:
-        # Futures for every task, so the bars can count each stage; the wait
-        # releases each as it completes so partials are not pinned in memory.
-        futures = client.compute(nodes, optimize_graph=False)
-        by_key = {f.key: f for f in futures}
-        final_futures = [by_key[d.key] for d in finals]
-        del by_key
-        wait_with_progress(futures, enabled=progress)
-        results = client.gather(final_futures)
+    side = _DriverSide(after_map)
+    try:
+        if client is None:
+            with StageProgress(enabled=progress):
+                results = dask.compute(*finals, scheduler="sync", optimize_graph=False)
+            side.start()
+        elif progress is False:
+            futures = client.compute(nodes[: len(partitions)] + finals, optimize_graph=False)
+            side.start_when_done(futures[: len(partitions)])
+            final_futures = futures[len(partitions) :]
+            del futures
+            results = client.gather(final_futures)
+        else:
+            # Futures for every task, so the bars can count each stage; the wait
+            # releases each as it completes so partials are not pinned in memory.
+            futures = client.compute(nodes, optimize_graph=False)
+            side.start_when_done(futures[: len(partitions)])
+            by_key = {f.key: f for f in futures}
+            final_futures = [by_key[d.key] for d in finals]
+            del by_key
+            wait_with_progress(futures, enabled=progress)
+            results = client.gather(final_futures)
+    except BaseException:
+        side.join(run_now=False)  # a failed job writes nothing more
+        raise
+    side.join()
     if isinstance(outputs, dict):
         return dict(zip(outputs, results, strict=True))
     return results[0]
+
+
+class _DriverSide:
+    """``fn()`` in a driver thread, started once given futures are all done (see ``after_map``)."""
+
+    def __init__(self, fn: Callable[[], Any] | None):
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="hetero-dask-after-map", daemon=True)
+        self.started = False
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def _run(self):
+        try:
+            self.fn()
+        except BaseException as err:  # re-raised in the calling thread by join()
+            self.error = err
+
+    def start(self):
+        with self._lock:
+            if self.fn is None or self.started:
+                return
+            self.started = True
+        self.thread.start()
+
+    def start_when_done(self, futures: list):
+        """Start when every future is done; the futures are not kept (partials can be freed)."""
+        if self.fn is None:
+            return
+        pending = {f.key for f in futures}
+        if not pending:
+            self.start()
+            return
+
+        def done(future):
+            with self._lock:
+                if future.status != "finished":
+                    self.failed = True
+                pending.discard(future.key)
+                last = not pending and not self.failed
+            if last:
+                self.start()
+
+        for f in futures:
+            f.add_done_callback(done)
+
+    def join(self, run_now: bool = True):
+        """Wait for ``fn`` and re-raise its error; ``run_now``: run it first if not started
+        (``False`` after a failure: only wait for a run already under way)."""
+        if self.fn is None:
+            return
+        if run_now:
+            self.start()
+        if self.started:
+            self.thread.join()
+        if self.error is not None and run_now:
+            raise self.error

@@ -609,6 +609,28 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         )
         for k in range(layout.n_classes)
     }
+    best = np.argmax(post, axis=1)
+    written = {}
+
+    def write_particle_files():
+        # Needs no map: runs in a driver thread while the merges and M-steps run.
+        t_write = time.perf_counter()
+        to_input = store.to_input_order
+        written.update(
+            write_particles(
+                out_dir,
+                to_input(table),
+                to_input(post),
+                to_input(class_poses(cols, layout)),
+                to_input(class_inputs(cols, layout, store.psize_A, store.psize_A)[2]),
+                store.psize_A,
+                best_class=to_input(best),
+                split=to_input(_split_of(str(store.path), p.random_split, p.random_seed)),
+                job="hetero_dask reconstruct",
+            )
+        )
+        timings["write_particles_s"] = time.perf_counter() - t_write
+
     summaries = map_reduce(
         client,
         process,
@@ -619,6 +641,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         select=select_class,
         key_prefix="reconstruct",
         progress=progress,
+        after_map=write_particle_files,
     )
     timings["reconstruct_s"] = time.perf_counter() - t
 
@@ -643,21 +666,6 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     }
     if curves:
         outputs["fsc_png"] = fsc_figure(out_dir, curves, psize_out, box)
-    poses = class_poses(cols, layout)
-    shifts_in = class_inputs(cols, layout, store.psize_A, store.psize_A)[2]
-    to_input = store.to_input_order
-    best = np.argmax(post, axis=1)
-    written = write_particles(
-        out_dir,
-        to_input(table),
-        to_input(post),
-        to_input(poses),
-        to_input(shifts_in),
-        store.psize_A,
-        best_class=to_input(best),
-        split=to_input(_split_of(str(store.path), p.random_split, p.random_seed)),
-        job="hetero_dask reconstruct",
-    )
     outputs.update({f"particles_{k}": v for k, v in written.items() if k != "table"})
     for k in range(layout.n_classes):
         outputs[f"class_{k}_map"] = out_dir / f"class_{k}" / "map.mrc"
