@@ -337,3 +337,17 @@ def test_box128_agrees_with_relion_to_nyquist(tmp_path):
     band = slice(1, int(0.85 * n / 2) + 1)
     assert fsc(ours, theirs, mask)[band].min() > 0.97
     assert fsc(ours, vol, mask)[band].mean() >= fsc(theirs, vol, mask)[band].mean() - 0.01
+
+
+def test_partials_report_their_size_to_dask():
+    """Dask places tasks by the bytes they would move: a partial must report its grids' size
+    (the default for an unknown object is ~100 bytes, which made the scheduler ship 630 MB
+    partials to run a select elsewhere)."""
+    from dask.sizeof import sizeof
+
+    from hetero_dask.jobs.mstep import empty_partial
+
+    part = empty_partial(2, 32)
+    grid_bytes = sum(g.data.nbytes + g.weight.nbytes for g in part.grids.values())
+    assert grid_bytes > 1e6
+    assert grid_bytes <= sizeof(part) <= grid_bytes + 10_000
