@@ -261,11 +261,12 @@ def test_compiled_reconstruction_equals_array_path(monkeypatch, r_max):
 
 
 def test_fused_particle_kernel_equals_array_path(monkeypatch):
-    """jobs.mstep.backproject_particles through the fused kernel (shift phases, CTF, noise
-    weights and posteriors formed per sample) deposits what the array path deposits: two pose
-    slots per particle, zero weights skipped, both half-sets, a per-shell 1 / sigma2."""
+    """jobs.mstep.backproject_particles inside ``accumulating`` (fused kernel: shift phases, CTF,
+    noise weights and posteriors formed per sample, interleaved accumulators added into the grids
+    on leaving) deposits what the array path deposits: two calls, two pose slots per particle,
+    zero weights skipped, both half-sets, a per-shell 1 / sigma2."""
     from hetero_dask.core import cpu_kernels
-    from hetero_dask.jobs.mstep import backproject_particles, empty_partial
+    from hetero_dask.jobs.mstep import accumulating, backproject_particles, empty_partial
 
     if not cpu_kernels.enabled():
         pytest.skip("numba not installed")
@@ -279,13 +280,23 @@ def test_fused_particle_kernel_equals_array_path(monkeypatch):
     w[::5, 1] = 0.0
     halves = rng.integers(0, 2, B)
     isig = 1.0 / np.linspace(1.0, 3.0, n // 2 + 1)
-    out = []
-    for enabled in (True, False):
-        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
-        part = empty_partial(2, n, r_max=12.0)
-        backproject_particles(part, imgs, ctf, 2.0, rot, shifts, w, 1, halves, inv_sigma2=isig)
-        out.append(part)
-    fast, slow = out
+
+    def deposit(part):
+        for sl in (slice(0, 25), slice(25, B)):
+            backproject_particles(part, imgs[sl], ctf.subset(np.arange(B)[sl]), 2.0, rot[sl], shifts[sl],
+                                  w[sl], 1, halves[sl], inv_sigma2=isig)
+
+    fast = empty_partial(2, n, r_max=12.0)
+    calls = []
+    real_kernel = cpu_kernels.backproject_images
+    monkeypatch.setattr(cpu_kernels, "backproject_images", lambda *a, **k: calls.append(1) or real_kernel(*a, **k))
+    with accumulating(fast):
+        deposit(fast)
+        assert not np.any(fast.grids[(1, 0)].data)  # still in the accumulators
+    assert len(calls) == 8, "the fused kernel was not used (2 calls x 2 pose slots x 2 halves)"
+    slow = empty_partial(2, n, r_max=12.0)
+    deposit(slow)  # outside accumulating: the array path
+    assert len(calls) == 8
     assert fast.weight_sum[1] == pytest.approx(slow.weight_sum[1])
     for key, g in slow.grids.items():
         scale = max(np.abs(g.data).max(), 1e-30)

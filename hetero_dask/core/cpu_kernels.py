@@ -17,7 +17,8 @@ check the two agree):
   ``benchmarks/bench_backprojection.py``);
 * :func:`backproject_images`: the same deposit of image spectra, with the
   shift phases, CTF, noise weights and posteriors multiplied in per sample
-  (no particle-by-frequency temporaries);
+  (no particle-by-frequency temporaries), into an interleaved (re, im,
+  weight) accumulator (see :func:`hetero_dask.jobs.mstep.accumulating`);
 * :func:`shell_sums` and :func:`wiener_spectrum`: the per-shell weight sums
   and the Wiener division of :func:`hetero_dask.core.reconstruction.reconstruct`,
   fused with the Hermitian completion of the x = 0 plane and the placement
@@ -154,7 +155,62 @@ def _backproject_kernel(data, weight, rot, kx, ky, values, weights, pad, h, S, X
 
 
 @_jit
-def _backproject_images_kernel(data, weight, rot, kx, ky, Y, a, c, rows, shifts, w, n, pad, h, S, X, ahead):
+def _prefetch_sample3(acc, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
+    x = (a0 * kx + a1 * ky) * pad
+    y = (b0 * kx + b1 * ky) * pad
+    z = (c0 * kx + c1 * ky) * pad
+    if x < 0:
+        x, y, z = -x, -y, -z
+    base = (((int(np.floor(z)) + h) * S + int(np.floor(y)) + h) * X + int(np.floor(x))) * 3
+    for o in (0, 3 * X, 3 * S * X, 3 * (S * X + X)):
+        _prefetch(acc, base + o)
+        _prefetch(acc, base + o + 5)
+
+
+@_jit
+def _deposit3(acc, a0, a1, b0, b1, c0, c1, kx, ky, v, w, pad, h, S, X):
+    """:func:`_deposit` into an interleaved (re, im, weight) float32 grid."""
+    one = np.float32(1)
+    x = (a0 * kx + a1 * ky) * pad
+    y = (b0 * kx + b1 * ky) * pad
+    z = (c0 * kx + c1 * ky) * pad
+    vr = v.real
+    vi = v.imag
+    if x < 0:
+        x, y, z = -x, -y, -z
+        vi = -vi
+    fx = np.floor(x)
+    fy = np.floor(y)
+    fz = np.floor(z)
+    tx = x - fx
+    ty = y - fy
+    tz = z - fz
+    ix = int(fx)
+    iy = int(fy) + h
+    iz = int(fz) + h
+    if ix < 0 or ix >= h or iy < 0 or iy >= 2 * h or iz < 0 or iz >= 2 * h:
+        raise IndexError("backprojection sample outside the half-grid")
+    base = (iz * S + iy) * X + ix
+    ux = one - tx
+    uy = one - ty
+    uz = one - tz
+    for dz in range(2):
+        wz = tz if dz else uz
+        for dy in range(2):
+            wzy = wz * (ty if dy else uy)
+            r = (base + dz * S * X + dy * X) * 3
+            w0 = wzy * ux
+            w1 = wzy * tx
+            acc[r] += w0 * vr
+            acc[r + 1] += w0 * vi
+            acc[r + 2] += w0 * w
+            acc[r + 3] += w1 * vr
+            acc[r + 4] += w1 * vi
+            acc[r + 5] += w1 * w
+
+
+@_jit
+def _backproject_images_kernel(acc, rot, kx, ky, Y, a, c, rows, shifts, w, n, pad, h, S, X, ahead):
     P = rows.shape[0]
     M = kx.shape[0]
     o = n // 2
@@ -171,10 +227,10 @@ def _backproject_images_kernel(data, weight, rot, kx, ky, Y, a, c, rows, shifts,
         wp = w[p]
         for m in range(M):
             if m + ahead < M:
-                _prefetch_sample(data, weight, a0, a1, b0, b1, c0, c1, kx[m + ahead], ky[m + ahead], pad, h, S, X)
+                _prefetch_sample3(acc, a0, a1, b0, b1, c0, c1, kx[m + ahead], ky[m + ahead], pad, h, S, X)
             am = wp * a[r, m]
             v = ex[int(kx[m]) + o] * ey[int(ky[m]) + o] * Y[r, m] * am
-            _deposit(data, weight, a0, a1, b0, b1, c0, c1, kx[m], ky[m], v, am * c[r, m], pad, h, S, X)
+            _deposit3(acc, a0, a1, b0, b1, c0, c1, kx[m], ky[m], v, am * c[r, m], pad, h, S, X)
 
 
 def backproject_trilinear(data, weight, rotations, kx, ky, values, weights, pad: int, h: int) -> None:
@@ -250,9 +306,12 @@ def wiener_spectrum(B, W, shell, reg, floor, D: int):
     return spec
 
 
-def backproject_images(data, weight, rotations, kx, ky, Y, a, c, rows, shifts_px, w, n: int, pad: int, h: int):
-    """:func:`backproject_trilinear` of image spectra, with the per-sample products fused in.
+def backproject_images(acc, rotations, kx, ky, Y, a, c, rows, shifts_px, w, n: int, pad: int):
+    """:func:`backproject_trilinear` of image spectra into an interleaved grid, products fused in.
 
+    ``acc``: float32 ``(2h+1, 2h+1, h+1, 3)``, C-contiguous: per voxel the real and
+    imaginary parts of the data grid and the weight (one cache line holds the data
+    and weight of a corner pair: ~25% faster than separate grids, measured at box 128).
     Particle ``p`` (image row ``rows[p]`` of ``Y`` ``(B, M)`` complex64, the
     centred spectra at integer frequencies ``kx``, ``ky``) deposits
     ``w[p] * a * Y * exp(-2 pi i (sx kx + sy ky) / n)`` as value and ``w[p] * a * c``
@@ -260,9 +319,11 @@ def backproject_images(data, weight, rotations, kx, ky, Y, a, c, rows, shifts_px
     and ``shifts_px`` ``(P, 2)`` (the image's shift in pixels at box ``n``);
     no ``(P, M)`` temporaries.
     """
+    if acc.dtype != np.float32 or acc.shape[-1] != 3 or not acc.flags.c_contiguous:
+        raise ValueError("backproject_images needs a C-contiguous float32 (..., 3) accumulator")
+    h = acc.shape[-2] - 1
     _backproject_images_kernel(
-        data.reshape(-1),
-        weight.reshape(-1),
+        acc.reshape(-1),
         np.ascontiguousarray(rotations, dtype=np.float32),
         np.ascontiguousarray(kx, dtype=np.float32),
         np.ascontiguousarray(ky, dtype=np.float32),

@@ -22,6 +22,7 @@ the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,8 +209,9 @@ def _shift_phases(shifts_px, kx, ky, n: int):
 
 
 def _fused_cpu_path(partial: ClassGridsPartial, k: int) -> bool:
-    """True when class ``k``'s grids take the compiled CPU kernel (numpy, float32, contiguous)."""
-    if not cpu_kernels.enabled():
+    """True when class ``k``'s grids take the compiled CPU kernel: inside :func:`accumulating`,
+    numpy float32 grids."""
+    if getattr(partial, "_accumulators", None) is None or not cpu_kernels.enabled():
         return False
     for h in HALVES:
         g = partial.grids[(k, h)]
@@ -217,11 +219,39 @@ def _fused_cpu_path(partial: ClassGridsPartial, k: int) -> bool:
             isinstance(g.data, np.ndarray)
             and g.data.dtype == np.complex64
             and g.weight.dtype == np.float32
-            and g.data.flags.c_contiguous
-            and g.weight.flags.c_contiguous
         ):
             return False
     return True
+
+
+@contextmanager
+def accumulating(partial: ClassGridsPartial):
+    """Within the block, CPU backprojection into ``partial`` goes through the fused kernel
+    (:func:`hetero_dask.core.cpu_kernels.backproject_images`) into interleaved (re, im,
+    weight) accumulators, added into the grids on leaving (also on error: the partial is
+    then discarded anyway). Use it around a task's batch loop; on a GPU, or without
+    numba, it changes nothing.
+    """
+    partial._accumulators = {}
+    try:
+        yield partial
+    finally:
+        acc = partial._accumulators
+        partial._accumulators = None
+        for key in list(acc):
+            buf = acc.pop(key)
+            g = partial.grids[key]
+            g.data.real += buf[..., 0]
+            g.data.imag += buf[..., 1]
+            g.weight += buf[..., 2]
+            del buf
+
+
+def _accumulator(partial: ClassGridsPartial, key):
+    acc = partial._accumulators
+    if key not in acc:
+        acc[key] = np.zeros(partial.grids[key].data.shape + (3,), np.float32)
+    return acc[key]
 
 
 def backproject_particles(
@@ -272,10 +302,9 @@ def backproject_particles(
             for h in HALVES:
                 sel = np.nonzero((halves == h) & (w > 0))[0]
                 if sel.size:
-                    g = partial.grids[(k, h)]
                     cpu_kernels.backproject_images(
-                        g.data, g.weight, rotations[sel, p], kx, ky, Y, ctf_isig, ctf, sel,
-                        shifts_px[sel, p], w[sel], n, g.pad, g.half_width,
+                        _accumulator(partial, (k, h)), rotations[sel, p], kx, ky, Y, ctf_isig, ctf,
+                        sel, shifts_px[sel, p], w[sel], n, partial.grids[(k, h)].pad,
                     )
         partial.weight_sum[k] += float(weights.sum())
         return partial

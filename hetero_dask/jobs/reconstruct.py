@@ -381,7 +381,7 @@ def backproject_range(
 ):
     """Process task: class half-grids ``ClassGridsPartial`` of the particles in ``partition``."""
     from hetero_dask.core.backend import worker_xp
-    from hetero_dask.jobs.mstep import backproject_particles, empty_partial
+    from hetero_dask.jobs.mstep import accumulating, backproject_particles, empty_partial
 
     store = _open_store(store_path)
     split = _split_of(store_path, random_split, seed)
@@ -393,26 +393,27 @@ def backproject_range(
         post = np.eye(layout.n_classes, dtype=np.float32)[np.argmax(post, axis=1)]
     xp = worker_xp()
     partial = empty_partial(layout.n_classes, box, xp=xp)
-    for b0 in range(0, stop - start, batch_size):
-        b1 = min(b0 + batch_size, stop - start)
-        images = store.images_at_box(box, start + b0, start + b1)
-        ctf = store.ctf(start + b0, start + b1)
-        for k in range(layout.n_classes):
-            w = post[b0:b1, k]
-            rows = np.flatnonzero(w > 0)
-            if rows.size == 0:
-                continue
-            backproject_particles(
-                partial,
-                xp.asarray(images[rows]),
-                ctf.subset(rows),
-                psize_out,
-                rot[b0:b1][rows, k][:, None],
-                shifts[b0:b1][rows, k][:, None],
-                w[rows][:, None],
-                k,
-                split[start + b0 : start + b1][rows],
-            )
+    with accumulating(partial):
+        for b0 in range(0, stop - start, batch_size):
+            b1 = min(b0 + batch_size, stop - start)
+            images = store.images_at_box(box, start + b0, start + b1)
+            ctf = store.ctf(start + b0, start + b1)
+            for k in range(layout.n_classes):
+                w = post[b0:b1, k]
+                rows = np.flatnonzero(w > 0)
+                if rows.size == 0:
+                    continue
+                backproject_particles(
+                    partial,
+                    xp.asarray(images[rows]),
+                    ctf.subset(rows),
+                    psize_out,
+                    rot[b0:b1][rows, k][:, None],
+                    shifts[b0:b1][rows, k][:, None],
+                    w[rows][:, None],
+                    k,
+                    split[start + b0 : start + b1][rows],
+                )
     partial.n_particles = stop - start
     return partial.to(np)
 
