@@ -303,3 +303,17 @@ def test_fused_particle_kernel_equals_array_path(monkeypatch):
         assert np.abs(fast.grids[key].data - g.data).max() <= 1e-5 * scale, key
         assert np.abs(fast.grids[key].weight - g.weight).max() <= 1e-5 * max(g.weight.max(), 1e-30), key
     assert np.abs(slow.grids[(1, 0)].data).max() > 0 and np.abs(slow.grids[(1, 1)].data).max() > 0
+
+
+@pytest.mark.parametrize("n", [32, 33])
+def test_half_plane_spectra_are_the_centred_fft(n):
+    """mstep.half_plane_spectra (centring as a phase on the samples) equals the centred 2D FFT
+    of the images at its (kx, ky), for even and odd boxes, and is C-contiguous for the kernel."""
+    from hetero_dask.jobs.mstep import half_plane_spectra
+
+    imgs = np.random.default_rng(n).standard_normal((4, n, n)).astype(np.float32)
+    kx, ky, Y = half_plane_spectra(imgs, n / 2)
+    full = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(imgs, axes=(-2, -1))), axes=(-2, -1))
+    want = full[:, ky.astype(int) + n // 2, kx.astype(int) + n // 2]
+    assert Y.flags.c_contiguous and Y.dtype == np.complex64
+    assert np.abs(Y - want).max() <= 1e-5 * np.abs(want).max()
