@@ -66,6 +66,7 @@ from hetero_dask.io.volumes import read_volume_group
 from hetero_dask.jobs.common import open_particle_store, particle_split
 from hetero_dask.jobs.mstep import (
     ClassGridsPartial,
+    accumulating,
     backproject_particles,
     empty_partial,
     merge_partials,
@@ -276,17 +277,18 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
         pshift = to_host(res.pose_shift_px)
         P_out = ids.shape[2]
         inv_sigma2 = 1.0 / np.maximum(ctx.sigma2, 1e-12)
-        for k in range(K):
-            w = p[:, k, None] * pw[:, k, :]
-            if not np.any(w > 0):
-                continue
-            mats = so3.matrices_for(res.order, np.maximum(ids[:, k, :], 0).ravel()).reshape(
-                sel.size, P_out, 3, 3
-            )
-            backproject_particles(
-                out, images[sel_x], ctf.subset(sel), ctx.psize_A, mats, pshift[:, k], w, k,
-                np.full(sel.size, h), inv_sigma2=inv_sigma2, r_max=ctx.r_backproject,
-            )
+        with accumulating(out):  # fused CPU kernel; each (class, half) folded once per task
+            for k in range(K):
+                w = p[:, k, None] * pw[:, k, :]
+                if not np.any(w > 0):
+                    continue
+                mats = so3.matrices_for(res.order, np.maximum(ids[:, k, :], 0).ravel()).reshape(
+                    sel.size, P_out, 3, 3
+                )
+                backproject_particles(
+                    out, images[sel_x], ctf.subset(sel), ctx.psize_A, mats, pshift[:, k], w, k,
+                    np.full(sel.size, h), inv_sigma2=inv_sigma2, r_max=ctx.r_backproject,
+                )
     # Changes of class against the previous visit of these particles, then the results.
     res_group = zarr.open_group(ctx.results_path, mode="r+")
     # A task re-run (worker loss, resume) finds its own iteration's classes already
