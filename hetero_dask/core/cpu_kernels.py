@@ -89,13 +89,40 @@ else:  # pragma: no cover
 
 
 @_jit
-def _prefetch_sample(data, weight, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
+def _point(a0, a1, b0, b1, c0, c1, kx, ky, pad):
+    """Padded-grid point ``pad * R @ (kx, ky, 0)``, folded to x >= 0; True if folded."""
     x = (a0 * kx + a1 * ky) * pad
     y = (b0 * kx + b1 * ky) * pad
     z = (c0 * kx + c1 * ky) * pad
     if x < 0:
-        x, y, z = -x, -y, -z
-    base = ((int(np.floor(z)) + h) * S + int(np.floor(y)) + h) * X + int(np.floor(x))
+        return -x, -y, -z, True
+    return x, y, z, False
+
+
+@_jit
+def _corner(x, y, z, h, S, X):
+    """Flat index of the lower trilinear corner of ``(x, y, z)`` and the fractional offsets."""
+    fx = np.floor(x)
+    fy = np.floor(y)
+    fz = np.floor(z)
+    ix = int(fx)
+    iy = int(fy) + h
+    iz = int(fz) + h
+    if ix < 0 or ix >= h or iy < 0 or iy >= 2 * h or iz < 0 or iz >= 2 * h:
+        raise IndexError("backprojection sample outside the half-grid")
+    return (iz * S + iy) * X + ix, x - fx, y - fy, z - fz
+
+
+@_jit
+def _lower_corner(a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
+    """Flat lower-corner index of a sample, unchecked (for prefetching)."""
+    x, y, z, _ = _point(a0, a1, b0, b1, c0, c1, kx, ky, pad)
+    return ((int(np.floor(z)) + h) * S + int(np.floor(y)) + h) * X + int(np.floor(x))
+
+
+@_jit
+def _prefetch_sample(data, weight, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
+    base = _lower_corner(a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X)
     for o in (0, X, S * X, S * X + X):
         _prefetch(data, base + o)
         _prefetch(data, base + o + 1)
@@ -107,33 +134,16 @@ def _prefetch_sample(data, weight, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X)
 def _deposit(data, weight, a0, a1, b0, b1, c0, c1, kx, ky, v, w, pad, h, S, X):
     """Trilinear deposit of value ``v`` and weight ``w`` at ``pad * R @ (kx, ky, 0)``."""
     one = np.float32(1)
-    x = (a0 * kx + a1 * ky) * pad
-    y = (b0 * kx + b1 * ky) * pad
-    z = (c0 * kx + c1 * ky) * pad
-    if x < 0:
-        x, y, z = -x, -y, -z
+    x, y, z, folded = _point(a0, a1, b0, b1, c0, c1, kx, ky, pad)
+    if folded:
         v = v.conjugate()
-    fx = np.floor(x)
-    fy = np.floor(y)
-    fz = np.floor(z)
-    tx = x - fx
-    ty = y - fy
-    tz = z - fz
-    ix = int(fx)
-    iy = int(fy) + h
-    iz = int(fz) + h
-    if ix < 0 or ix >= h or iy < 0 or iy >= 2 * h or iz < 0 or iz >= 2 * h:
-        raise IndexError("backprojection sample outside the half-grid")
-    base = (iz * S + iy) * X + ix
-    ux = one - tx
-    uy = one - ty
-    uz = one - tz
+    base, tx, ty, tz = _corner(x, y, z, h, S, X)
     for dz in range(2):
-        wz = tz if dz else uz
+        wz = tz if dz else one - tz
         for dy in range(2):
-            wzy = wz * (ty if dy else uy)
+            wzy = wz * (ty if dy else one - ty)
             row = base + dz * S * X + dy * X
-            w0 = wzy * ux
+            w0 = wzy * (one - tx)
             w1 = wzy * tx
             data[row] += w0 * v
             data[row + 1] += w1 * v
@@ -156,12 +166,7 @@ def _backproject_kernel(data, weight, rot, kx, ky, values, weights, pad, h, S, X
 
 @_jit
 def _prefetch_sample3(acc, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
-    x = (a0 * kx + a1 * ky) * pad
-    y = (b0 * kx + b1 * ky) * pad
-    z = (c0 * kx + c1 * ky) * pad
-    if x < 0:
-        x, y, z = -x, -y, -z
-    base = (((int(np.floor(z)) + h) * S + int(np.floor(y)) + h) * X + int(np.floor(x))) * 3
+    base = 3 * _lower_corner(a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X)
     for o in (0, 3 * X, 3 * S * X, 3 * (S * X + X)):
         _prefetch(acc, base + o)
         _prefetch(acc, base + o + 5)
@@ -171,35 +176,16 @@ def _prefetch_sample3(acc, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
 def _deposit3(acc, a0, a1, b0, b1, c0, c1, kx, ky, v, w, pad, h, S, X):
     """:func:`_deposit` into an interleaved (re, im, weight) float32 grid."""
     one = np.float32(1)
-    x = (a0 * kx + a1 * ky) * pad
-    y = (b0 * kx + b1 * ky) * pad
-    z = (c0 * kx + c1 * ky) * pad
+    x, y, z, folded = _point(a0, a1, b0, b1, c0, c1, kx, ky, pad)
     vr = v.real
-    vi = v.imag
-    if x < 0:
-        x, y, z = -x, -y, -z
-        vi = -vi
-    fx = np.floor(x)
-    fy = np.floor(y)
-    fz = np.floor(z)
-    tx = x - fx
-    ty = y - fy
-    tz = z - fz
-    ix = int(fx)
-    iy = int(fy) + h
-    iz = int(fz) + h
-    if ix < 0 or ix >= h or iy < 0 or iy >= 2 * h or iz < 0 or iz >= 2 * h:
-        raise IndexError("backprojection sample outside the half-grid")
-    base = (iz * S + iy) * X + ix
-    ux = one - tx
-    uy = one - ty
-    uz = one - tz
+    vi = -v.imag if folded else v.imag
+    base, tx, ty, tz = _corner(x, y, z, h, S, X)
     for dz in range(2):
-        wz = tz if dz else uz
+        wz = tz if dz else one - tz
         for dy in range(2):
-            wzy = wz * (ty if dy else uy)
+            wzy = wz * (ty if dy else one - ty)
             r = (base + dz * S * X + dy * X) * 3
-            w0 = wzy * ux
+            w0 = wzy * (one - tx)
             w1 = wzy * tx
             acc[r] += w0 * vr
             acc[r + 1] += w0 * vi
