@@ -2,8 +2,9 @@
 
 Particles are simulated by ``relion_project --ctf --add_noise`` from the
 hand test map (Fourier-resized to each box) at random poses, origins and
-defoci. Ours: centred image FFT, origin phase, CTF, half-plane trilinear
-backprojection into complex64/float32 half-grids, then one Wiener-free
+defoci. Ours: the jobs' backprojection (centred image FFT; origin phase, CTF and
+half-plane trilinear deposit fused in the compiled kernel, into complex64/float32
+half-grids), then one Wiener-free
 reconstruction. Two cores = two processes, each backprojecting half of the
 particles into its own grids, merged at the end (the Dask engine's model).
 RELION: ``relion_reconstruct --ctf`` (one process) and
@@ -45,18 +46,14 @@ from relion_utils import (  # noqa: E402
     write_relion_star,
 )
 
-from hetero_dask.core.backprojector import (  # noqa: E402
-    backproject,
-    half_plane_freqs,
-    merge_grids,
-    new_grids,
-)
-from hetero_dask.core.ctf import CTFParams, ctf_values  # noqa: E402
-from hetero_dask.core.fourier import fft2c, fourier_resize  # noqa: E402
+from hetero_dask.core.backprojector import merge_grids  # noqa: E402
+from hetero_dask.core.ctf import CTFParams  # noqa: E402
+from hetero_dask.core.fourier import fourier_resize  # noqa: E402
 from hetero_dask.core.fsc import fsc  # noqa: E402
 from hetero_dask.core.masks import spherical_window  # noqa: E402
 from hetero_dask.core.reconstruction import reconstruct  # noqa: E402
 from hetero_dask.core.rotations import euler_to_matrix, matrix_to_euler  # noqa: E402
+from hetero_dask.jobs.mstep import accumulating, backproject_particles, empty_partial  # noqa: E402
 
 HAND_MAP = ROOT.parent / "shared" / "data" / "maps" / "hand-vol.mrc"
 PSIZE_64_A = 2.0
@@ -84,22 +81,22 @@ def simulate(workdir: Path, n: int, box: int, seed: int):
 
 
 def backproject_range(lo: int, hi: int):
-    """Backproject particles ``lo:hi`` of ``_JOB`` into new grids (one worker's partial)."""
+    """Backproject particles ``lo:hi`` of ``_JOB`` into new grids (one worker's partial), as the
+    jobs' tasks do (:func:`hetero_dask.jobs.mstep.backproject_particles` in ``accumulating``)."""
     j = _JOB
     box, psize = j["box"], j["psize"]
-    kx, ky, idx = half_plane_freqs(box)
-    grids = new_grids(box)
-    for s in range(lo, hi, BATCH):
-        e = min(s + BATCH, hi)
-        eu, d = j["euler"][s:e], j["defocus"][s:e]
-        R = euler_to_matrix(eu[:, 0], eu[:, 1], eu[:, 2]).transpose(0, 2, 1)
-        shift = j["origins_A"][s:e] / psize
-        F = fft2c(j["images"][s:e]).reshape(e - s, -1)[:, idx]
-        phase = np.exp(-2j * np.pi * (kx * shift[:, :1] + ky * shift[:, 1:]) / box)
-        params = CTFParams(d[:, 0], d[:, 1], np.deg2rad(d[:, 2]), 300.0, 2.7, 0.1)
-        C = ctf_values(params, kx / (box * psize), ky / (box * psize))
-        backproject(grids, R, (C * F * phase).astype(np.complex64), C * C, kx, ky)
-    return grids
+    part = empty_partial(1, box)
+    with accumulating(part):
+        for s in range(lo, hi, BATCH):
+            e = min(s + BATCH, hi)
+            eu, d = j["euler"][s:e], j["defocus"][s:e]
+            R = euler_to_matrix(eu[:, 0], eu[:, 1], eu[:, 2]).transpose(0, 2, 1)
+            params = CTFParams(d[:, 0], d[:, 1], np.deg2rad(d[:, 2]), 300.0, 2.7, 0.1)
+            backproject_particles(
+                part, j["images"][s:e], params, psize, R[:, None], (j["origins_A"][s:e] / psize)[:, None],
+                np.ones((e - s, 1), np.float32), 0, np.zeros(e - s, np.int64),
+            )
+    return part.grids[(0, 0)]
 
 
 def cpu_seconds() -> float:
