@@ -159,16 +159,19 @@ def phase_randomise(vol, from_shell: int, rng: np.random.Generator):
     return _irfftn(F, n, xp).astype(vol.dtype)
 
 
-def corrected_fsc(v1, v2, mask, from_shell: int | None = None, rng=None, fsc_unmasked=None):
+def corrected_fsc(
+    v1, v2, mask, from_shell: int | None = None, rng=None, fsc_unmasked=None, fsc_masked=None
+):
     """Mask-corrected FSC ``(n // 2 + 1,)`` by high-resolution noise substitution.
 
     ``from_shell`` defaults to the first shell where the unmasked FSC drops
     below 0.143 (CryoSPARC); below it the masked FSC is returned unchanged.
-    ``rng`` (default seed 0) draws the random phases.
+    ``rng`` (default seed 0) draws the random phases. ``fsc_unmasked`` /
+    ``fsc_masked``: those curves, if already computed.
     """
     rng = np.random.default_rng(0) if rng is None else rng
     xp = xp_of(v1, v2)
-    fsc_t = fsc(v1, v2, mask)
+    fsc_t = fsc(v1, v2, mask) if fsc_masked is None else xp.asarray(fsc_masked)
     if from_shell is None:
         unmasked = fsc(v1, v2) if fsc_unmasked is None else fsc_unmasked
         from_shell = _first_below(to_host(unmasked), 0.143)
@@ -197,10 +200,12 @@ def fsc_set(v1, v2, psize_A: float, user_mask=None, rng=None) -> dict:
     out["spherical"] = fsc(v1, v2, spherical_window(n, 0.85, 1.0, xp))
     out["loose"] = fsc(v1, v2, loose)
     out["tight"] = fsc(v1, v2, tight)
-    out["corrected"] = corrected_fsc(v1, v2, tight, rng=rng, fsc_unmasked=out["no_mask"])
+    out["corrected"] = corrected_fsc(
+        v1, v2, tight, rng=rng, fsc_unmasked=out["no_mask"], fsc_masked=out["tight"]
+    )
     if user_mask is not None:
         out["user"] = fsc(v1, v2, user_mask)
         out["user_corrected"] = corrected_fsc(
-            v1, v2, user_mask, rng=rng, fsc_unmasked=out["no_mask"]
+            v1, v2, user_mask, rng=rng, fsc_unmasked=out["no_mask"], fsc_masked=out["user"]
         )
     return out
