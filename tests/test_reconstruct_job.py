@@ -351,3 +351,38 @@ def test_partials_report_their_size_to_dask():
     grid_bytes = sum(g.data.nbytes + g.weight.nbytes for g in part.grids.values())
     assert grid_bytes > 1e6
     assert grid_bytes <= sizeof(part) <= grid_bytes + 10_000
+
+
+def test_merge_into_new_equals_in_place_merge_and_keeps_inputs():
+    """The engine's combine starts with merge_partials.into_new (no copy of its first input):
+    same sums as copying and merging in place, inputs untouched, extras of both kept."""
+    import copy
+
+    from hetero_dask.dist.engine import _combine
+    from hetero_dask.jobs.mstep import empty_partial, merge_partials
+
+    rng = np.random.default_rng(2)
+    parts = []
+    for i in range(3):
+        p = empty_partial(2, 16)
+        for g in p.grids.values():
+            g.data[...] = rng.standard_normal(g.data.shape) + 1j * rng.standard_normal(g.data.shape)
+            g.weight[...] = rng.random(g.weight.shape)
+        p.weight_sum[:] = [i + 1.0, 2.0 * i]
+        p.n_particles = 10 * (i + 1)
+        p.extra["stat"] = np.full(3, float(i + 1))
+        parts.append(p)
+    before = copy.deepcopy(parts)
+    got = _combine(merge_partials, *parts)
+    want = merge_partials(merge_partials(copy.deepcopy(parts[0]), parts[1]), parts[2])
+    for key, g in want.grids.items():
+        np.testing.assert_allclose(got.grids[key].data, g.data, rtol=1e-6)
+        np.testing.assert_allclose(got.grids[key].weight, g.weight, rtol=1e-6)
+    np.testing.assert_array_equal(got.weight_sum, [6.0, 6.0])
+    np.testing.assert_array_equal(got.extra["stat"], [6.0, 6.0, 6.0])
+    assert got.n_particles == 60
+    for p, b in zip(parts, before, strict=True):  # inputs unchanged
+        for key, g in b.grids.items():
+            np.testing.assert_array_equal(p.grids[key].data, g.data)
+        np.testing.assert_array_equal(p.weight_sum, b.weight_sum)
+        np.testing.assert_array_equal(p.extra["stat"], b.extra["stat"])

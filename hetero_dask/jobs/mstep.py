@@ -22,6 +22,7 @@ the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -110,6 +111,21 @@ def merge_partials(a: ClassGridsPartial, b: ClassGridsPartial) -> ClassGridsPart
     for name, v in b.extra.items():
         a.extra[name] = a.extra[name] + v if name in a.extra else v.copy()
     return a
+
+
+def _merge_into_new(a: ClassGridsPartial, b: ClassGridsPartial) -> ClassGridsPartial:
+    """``a + b`` as a new partial, neither input modified (the engine's ``merge.into_new``)."""
+    if set(a.grids) != set(b.grids):  # rare: copy, then merge in place
+        return merge_partials(copy.deepcopy(a), b)
+    out = ClassGridsPartial(
+        {}, np.asarray(a.weight_sum), a.n_particles, {name: v.copy() for name, v in a.extra.items()}
+    )
+    for key, g in a.grids.items():
+        out.grids[key] = merge_grids(g, b.grids[key])
+    return merge_partials(out, ClassGridsPartial({}, b.weight_sum, b.n_particles, b.extra))
+
+
+merge_partials.into_new = _merge_into_new
 
 
 def select_class(merged: ClassGridsPartial, k: int) -> ClassGridsPartial:
