@@ -10,7 +10,11 @@ particles, so partials of disjoint particle ranges merge by addition
 Backprojection (:func:`backproject_particles`), per particle ``i``, pose
 ``p`` of class ``k``, weight ``w = posterior x pose weight``:
 ``B += w * CTF * Y_centred / sigma2`` and ``W += w * CTF^2 / sigma2`` at
-``R k`` (DESIGN.md), with ``Y_centred = Y * exp(-2 pi i k.s / n)``.
+``R k`` (DESIGN.md), with ``Y_centred = Y * exp(-2 pi i k.s / n)``. A task's
+batch loop runs inside :func:`accumulating`: on a CPU worker the products are
+then formed per sample in one compiled pass
+(:func:`hetero_dask.core.cpu_kernels.backproject_images`) into interleaved
+accumulators, added into the grids when the block ends.
 
 Maps (:func:`mstep_class`): half-maps are reconstructed first without
 regularisation to measure their FSC (unless a prior FSC is given; the FSC
