@@ -471,3 +471,18 @@ def test_star_writer_round_trips_through_starfile(tmp_path):
     np.testing.assert_allclose(back["rlnDefocusU"], df["rlnDefocusU"], rtol=1e-9)
     assert back["rlnAngleRot"].isna().tolist() == df["rlnAngleRot"].isna().tolist()
     assert back["rlnClassNumber"].tolist() == df["rlnClassNumber"].tolist()
+
+
+def test_star_writer_prints_float32_as_its_shortest_decimal(tmp_path):
+    """A float32 column (cs passthrough fields) is written as the shortest decimal that reads
+    back to the same float32 (2.806, not 2.80599999), NaN as <NA>."""
+    import pandas as pd
+
+    vals = np.array([2.806, 1e-5, 12345.678, np.nan, 2.806], np.float32)
+    write_star(tmp_path / "f.star", {"particles": pd.DataFrame({"rlnImageName": ["1@a.mrcs"] * 5, "x": vals})})
+    text = (tmp_path / "f.star").read_text()
+    assert "\t2.806\n" in text and "2.80599" not in text
+    back = read_star(tmp_path / "f.star")["particles"]["x"].to_numpy()
+    assert np.isnan(back[3])
+    np.testing.assert_array_equal(back[[0, 1, 2, 4]].astype(np.float32), vals[[0, 1, 2, 4]])
+    assert back[0] == 2.806

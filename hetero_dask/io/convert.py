@@ -463,12 +463,11 @@ def _passthrough_columns(arr, names) -> dict:
         if base.kind == "S":
             cols[f"cs/{f}"] = np.char.decode(v, "utf-8")
         elif not shape:
-            cols[f"cs/{f}"] = _f32_decimal(v) if base == np.float32 else v
+            cols[f"cs/{f}"] = v  # float32 stays float32: the STAR writer prints its shortest decimal
         else:
             flat = v.reshape(len(arr), int(np.prod(shape)))  # -1 fails on 0 rows
             for i in range(flat.shape[1]):
-                col = flat[:, i]
-                cols[f"cs/{f}/{i}"] = _f32_decimal(col) if base == np.float32 else col
+                cols[f"cs/{f}/{i}"] = flat[:, i]
     return cols
 
 

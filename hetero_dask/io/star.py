@@ -68,11 +68,14 @@ def _cell(v) -> str:
 
 
 def _column_strings(values: pd.Series) -> list:
-    """One column's cells as STAR text: floats ``%.10g`` (NaN ``<NA>``), strings quoted if needed."""
+    """One column's cells as STAR text: float64 ``%.10g``, float32 its shortest decimal (NaN
+    ``<NA>``), strings quoted if needed."""
     kind = values.dtype.kind
     if kind in "fiub":  # formatted once per distinct value
         distinct, inverse = np.unique(values.to_numpy(), return_inverse=True)
-        if kind == "f":
+        if values.dtype == np.float32:  # its shortest decimal (2.806, not 2.80599999)
+            text = np.where(np.isnan(distinct), "<NA>", distinct.astype(str)).tolist()
+        elif kind == "f":
             fmt = _FLOAT_FORMAT.__mod__
             text = ["<NA>" if x != x else fmt(x) for x in distinct.tolist()]
         else:
