@@ -229,11 +229,18 @@ class ParticleStore:
     def has_field(self, name: str) -> bool:
         return name in self.fields
 
-    def table(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """The CryoSPARC-style structured array of rows ``[start, stop)``, store order."""
+    def table(self, start: int | None = None, stop: int | None = None, fields=None) -> np.ndarray:
+        """The CryoSPARC-style structured array of rows ``[start, stop)``, store order
+        (``fields``: only these, in the store's order)."""
         start = 0 if start is None else start
         stop = self.n if stop is None else min(stop, self.n)
-        out = np.empty(max(stop - start, 0), dtype=_table_dtype(self.attrs["fields"]))
+        specs = self.attrs["fields"]
+        if fields is not None:
+            unknown = set(fields) - {f[0] for f in specs}
+            if unknown:
+                raise KeyError(f"particle store {self.path} has no field(s) {sorted(unknown)}")
+            specs = [f for f in specs if f[0] in set(fields)]
+        out = np.empty(max(stop - start, 0), dtype=_table_dtype(specs))
         for name in out.dtype.names:
             out[name] = self.column(name, start, stop)
         return out

@@ -562,11 +562,13 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     timings["import_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    table = store.table()  # store order
-    layout = class_layout(table, p.class_prefix, source)
+    # Only the class fields now; the whole table is read by the particle writer, off the
+    # critical path (after_map below).
+    light = store.table(fields=[f for f in store.fields if f.startswith("alignments")])
+    layout = class_layout(light, p.class_prefix, source)
     if layout.n_classes < 1:
         raise InputError(source, "no particles with a class")
-    cols = {name: table[name] for name in layout.columns()}
+    cols = {name: light[name] for name in layout.columns()}
     box = int(p.box_size or store.box)
     psize_out = store.psize_at_box(box)
     post, rot, shifts = class_inputs(cols, layout, store.psize_A, psize_out)
@@ -620,7 +622,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         written.update(
             write_particles(
                 out_dir,
-                to_input(table),
+                to_input(store.table()),
                 to_input(post),
                 to_input(class_poses(cols, layout)),
                 to_input(class_inputs(cols, layout, store.psize_A, store.psize_A)[2]),
