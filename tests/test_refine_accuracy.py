@@ -6,6 +6,9 @@ Slow (``-m slow``), at the issue's size:
   CTF, SNR 0.05, box 64, 400 particles per class: class accuracy within 3 points
   of the Bayes bound (the E-step on the TRUE maps with the TRUE noise power,
   marginalising over the pose grid);
+* from two identical references (the consensus: the mean of the true maps
+  low-passed to 30 A) on the same kind of set: >= 90% right in at least 4 of 5
+  seeds (issue 7's target; RELION's 3D classification stays near chance here);
 * a junk class (third initial volume = noise) collects added pure-noise images
   while the good classes stay clean;
 * D2 data refined with D2 symmetry reaches a better resolution than refined in
@@ -27,7 +30,7 @@ from hetero_dask.core.rotations import pose_to_matrix
 from hetero_dask.core.symmetry import pose_error_modulo_symmetry, symmetry_group
 from hetero_dask.io.cs import read_cs
 from hetero_dask.io.mrc import write_map
-from hetero_dask.jobs.refine import refine
+from hetero_dask.jobs.refine import RefineParams, refine
 from hetero_dask.phantoms import moving_domain_phantoms, symmetric_phantom
 from hetero_dask.simulate import (
     SimulatedParticles,
@@ -103,6 +106,27 @@ def test_lowpassed_truth_start_within_3_points_of_bayes_bound(domain_set, domain
     print(f"Bayes bound {bound:.3f}, refinement {acc:.3f} ({100 * (acc - bound):+.1f} points)")
     assert bound > 0.9, "the set should be as classifiable as the issue's"
     assert acc >= bound - 0.03
+
+
+@pytest.mark.slow
+def test_consensus_start_reaches_90_percent_in_4_of_5_seeds(tmp_path):
+    """Issue 7: "from two identical initial volumes (the consensus): >= 90% right in at
+    least 4 of 5 seeds". The sigma scale anneals from the job's default 3 (the classes
+    start far from the truth; from 1: .904-.921 on these seeds, from 3: .912-.936)."""
+    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2, swing_deg=180.0, domain_weight=1.3)
+    consensus = write_references(tmp_path / "consensus", np.repeat(vols.mean(axis=0)[None], 2, axis=0), PSIZE)
+    params = {**FROM_REFERENCES, "initial_sigma_scale": RefineParams.initial_sigma_scale}
+    accuracies = []
+    for seed in range(5):
+        sim = simulate(vols, PSIZE, N_PER_CLASS, snr=SNR, seed=seed, shift_range_px=SHIFT_PX)
+        paths = write_simulation(tmp_path / f"sim{seed}", sim)
+        out = tmp_path / f"out{seed}"
+        refine(str(paths["cs"]), consensus, out, refine_box=BOX, max_iterations=15, **params)
+        acc = agreement(read_cs(out / "particles.cs")["alignments3D/class"], sim.classes)
+        bound = bayes_accuracy(vols, sim, SHIFT_PX)
+        print(f"seed {seed}: consensus start {acc:.3f}, Bayes bound {bound:.3f}", flush=True)
+        accuracies.append(acc)
+    assert sum(a >= 0.9 for a in accuracies) >= 4, accuracies
 
 
 @pytest.mark.slow
