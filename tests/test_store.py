@@ -83,6 +83,9 @@ def test_round_trip_values_images_and_order(particles, tmp_path):
     assert np.allclose(crop, fourier_resize(particles.images[orig[:40]], 16, ndim=2), atol=1e-5)
     assert st.images_at_box(24, 0, 3).shape == (3, 24, 24)
     assert st.psize_at_box(16) == pytest.approx(2 * PSIZE)
+    # ... all read straight from the shard files (io.shard_reader), not through zarr
+    assert all(type(r).__name__ == "ShardRowReader" for r in st._readers.values())
+    assert set(st._readers) == {"images", "images_16"}
 
 
 def test_shard_ranges_cover_and_align(particles, tmp_path):

@@ -56,6 +56,7 @@ import zarr
 
 from ..core.ctf import CTFParams
 from ..core.fourier import fourier_resize
+from .shard_reader import ShardRowReader
 
 FORMAT_VERSION = 1
 ATTR = "hetero_dask_store"
@@ -129,6 +130,7 @@ class ParticleStore:
         self._group = group
         self.attrs: dict = dict(group.attrs[ATTR])
         self._orig: np.ndarray | None = None
+        self._readers: dict[str, ShardRowReader | None] = {}
 
     @classmethod
     def open(cls, path) -> ParticleStore:
@@ -201,7 +203,17 @@ class ParticleStore:
     # -- images -------------------------------------------------------------
     def images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Images ``(stop - start, box, box)`` float32 of rows ``[start, stop)``."""
-        return self._group["images"][start:stop]
+        return self._image_rows("images", start, stop)
+
+    def _image_rows(self, name: str, start, stop) -> np.ndarray:
+        # Straight from the shard files when the layout allows (io.shard_reader: ~7x less
+        # time than through zarr), else through zarr.
+        if name not in self._readers:
+            self._readers[name] = ShardRowReader.for_array(self.path / name)
+        reader = self._readers[name]
+        if reader is None:
+            return self._group[name][start:stop]
+        return reader.read(start, stop)
 
     def images_at_box(self, box: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Images at ``box``: the full box, a stored crop, or Fourier-resized on the fly."""
@@ -209,7 +221,7 @@ class ParticleStore:
         if box == self.box:
             return self.images(start, stop)
         if box in self.crop_boxes:
-            return self._group[f"images_{box}"][start:stop]
+            return self._image_rows(f"images_{box}", start, stop)
         return fourier_resize(self.images(start, stop), box, ndim=2)
 
     # -- metadata -----------------------------------------------------------

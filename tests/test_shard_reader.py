@@ -1,0 +1,61 @@
+"""The direct shard-file reader gives exactly what zarr reads, or refuses the layout."""
+
+import numpy as np
+import pytest
+import zarr
+
+from hetero_dask.io.shard_reader import ShardRowReader
+
+
+def _array(tmp_path, n=203, box=6, chunk=4, shard=16, **kw):
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    a = g.create_array(
+        "images", shape=(n, box, box), dtype="float32", chunks=(chunk, box, box),
+        shards=(shard, box, box), compressors=kw.pop("compressors", None), **kw,
+    )
+    return a, tmp_path / "s.zarr" / "images"
+
+
+def test_rows_equal_zarr_with_empty_chunks_and_missing_shards(tmp_path):
+    a, path = _array(tmp_path)
+    data = np.random.default_rng(0).normal(size=a.shape).astype(np.float32)
+    data[20:28] = 0  # two whole inner chunks of fill value: zarr does not store them
+    a[:48] = data[:48]
+    a[64:] = data[64:]  # rows 48-63 (shard 3) never written: no shard file
+    data[48:64] = 0
+    reader = ShardRowReader.for_array(path)
+    assert reader is not None
+    for start, stop in [(0, 203), (0, 1), (3, 5), (15, 17), (18, 30), (40, 70), (190, None), (5, 5)]:
+        got = reader.read(start, stop)
+        np.testing.assert_array_equal(got, a[start:stop])
+        np.testing.assert_array_equal(got, data[start:stop])
+    assert reader.read(200, 400).shape == (3, 6, 6)  # clipped like slicing
+
+
+def test_rewritten_shard_is_read_again(tmp_path):
+    a, path = _array(tmp_path, n=32)
+    a[:] = 1.0
+    reader = ShardRowReader.for_array(path)
+    assert float(reader.read(0, 32).sum()) == 32 * 36
+    a[:16] = 2.0  # rewrites shard 0: a new index, found by the file's size/mtime
+    np.testing.assert_array_equal(reader.read(0, 32), a[:32])
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    _, path = _array(tmp_path, compressors=zarr.codecs.ZstdCodec())
+    assert ShardRowReader.for_array(path) is None
+    g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    g.create_array("x", shape=(10, 4), dtype="float32", chunks=(5, 4), compressors=None)
+    assert ShardRowReader.for_array(tmp_path / "plain.zarr" / "x") is None  # not sharded
+    assert ShardRowReader.for_array(tmp_path / "nothing") is None
+
+
+def test_corrupt_index_is_a_clear_error(tmp_path):
+    a, path = _array(tmp_path, n=32)
+    a[:] = 1.0
+    file = path / "c" / "0" / "0" / "0"
+    raw = bytearray(file.read_bytes())
+    raw[-10] ^= 0xFF  # inside the index, before its checksum
+    file.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"c/0/0/0.*checksum"):
+        ShardRowReader.for_array(path).read(0, 4)
