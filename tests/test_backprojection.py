@@ -303,6 +303,36 @@ def test_fused_particle_kernel_equals_array_path(monkeypatch):
         assert np.abs(fast.grids[key].data - g.data).max() <= 1e-5 * scale, key
         assert np.abs(fast.grids[key].weight - g.weight).max() <= 1e-5 * max(g.weight.max(), 1e-30), key
     assert np.abs(slow.grids[(1, 0)].data).max() > 0 and np.abs(slow.grids[(1, 1)].data).max() > 0
+    # The fresh grids became the accumulators, split in place (one buffer holds data and weight);
+    # a second block then adds into grids that already hold sums.
+    g = fast.grids[(1, 0)]
+    bounds = np.lib.array_utils.byte_bounds
+    assert bounds(g.data)[1] == bounds(g.weight)[0] and g.data.flags.c_contiguous
+    with accumulating(fast):
+        deposit(fast)
+    deposit(slow)
+    for key, g in slow.grids.items():
+        scale = max(np.abs(g.data).max(), 1e-30)
+        assert np.abs(fast.grids[key].data - g.data).max() <= 1e-5 * scale, key
+        assert np.abs(fast.grids[key].weight - g.weight).max() <= 1e-5 * max(g.weight.max(), 1e-30), key
+
+
+def test_deinterleave_in_place():
+    """cpu_kernels.deinterleave turns an interleaved (re, im, weight) buffer into contiguous
+    complex data and weight views of the same memory."""
+    from hetero_dask.core import cpu_kernels
+
+    buf = np.random.default_rng(1).standard_normal((5, 7, 4, 3)).astype(np.float32)
+    want_data = buf[..., 0] + 1j * buf[..., 1]
+    want_weight = buf[..., 2].copy()
+    data, weight = cpu_kernels.deinterleave(buf)
+    assert data.shape == weight.shape == (5, 7, 4) and data.dtype == np.complex64
+    assert np.shares_memory(data, buf) and np.shares_memory(weight, buf)
+    assert data.flags.c_contiguous and weight.flags.c_contiguous
+    np.testing.assert_array_equal(data, want_data.astype(np.complex64))
+    np.testing.assert_array_equal(weight, want_weight)
+    with pytest.raises(ValueError, match="accumulator"):
+        cpu_kernels.deinterleave(np.zeros((4, 2), np.float32))
 
 
 @pytest.mark.parametrize("n", [32, 33])

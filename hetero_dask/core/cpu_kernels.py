@@ -24,6 +24,8 @@ check the two agree):
   fused with the Hermitian completion of the x = 0 plane and the placement
   into the uncentred FFT array (one pass over the grids instead of about ten
   grid-sized temporaries);
+* :func:`deinterleave`: the interleaved accumulator split in place into the
+  data and weight grids a partial carries (no new grid-sized memory);
 
 Set ``HETERO_DASK_NO_NUMBA=1`` to use the array code everywhere.
 """
@@ -290,6 +292,36 @@ def wiener_spectrum(B, W, shell, reg, floor, D: int):
     spec = np.zeros((D, D, D // 2 + 1), np.complex64)
     _wiener_kernel(B, W, shell, np.asarray(reg, np.float32), np.asarray(floor, np.float32), h, he, D, spec)
     return spec
+
+
+@_jit
+def _deinterleave_kernel(flat, tmp):
+    n = tmp.size
+    for i in range(n):  # writes at 2i, 2i + 1 never reach a triple not yet read (3j, j >= i)
+        re = flat[3 * i]
+        im = flat[3 * i + 1]
+        tmp[i] = flat[3 * i + 2]
+        flat[2 * i] = re
+        flat[2 * i + 1] = im
+    for i in range(n):
+        flat[2 * n + i] = tmp[i]
+
+
+def deinterleave(acc):
+    """Split an interleaved ``(..., 3)`` float32 accumulator in place into its data and weight.
+
+    Returns ``(data, weight)``: a complex64 ``(...)`` array and a float32 ``(...)``
+    array, both contiguous views of ``acc``'s memory (which is overwritten): the
+    first two thirds hold ``re + i im``, the last third the weights. No grid-sized
+    allocation (only a weight-sized scratch): on a worker, fresh memory is slow to fault in.
+    """
+    if acc.dtype != np.float32 or acc.shape[-1] != 3 or not acc.flags.c_contiguous:
+        raise ValueError("deinterleave needs a C-contiguous float32 (..., 3) accumulator")
+    shape = acc.shape[:-1]
+    flat = acc.reshape(-1)
+    n = flat.size // 3
+    _deinterleave_kernel(flat, np.empty(n, np.float32))
+    return flat[: 2 * n].view(np.complex64).reshape(shape), flat[2 * n :].reshape(shape)
 
 
 def backproject_images(acc, rotations, kx, ky, Y, a, c, rows, shifts_px, w, n: int, pad: int):
