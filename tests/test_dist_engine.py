@@ -534,3 +534,69 @@ def test_finish_tasks_are_spread_over_the_workers():
         workers = sorted(client.nthreads())
     assert sorted(set(ran.values())) == workers
     assert [ran[k] for k in range(4)] == [workers[k % 2] for k in range(4)]
+
+
+def _select_half(merged, key):
+    name, half = key
+    return {"v": merged[name][half::2].copy(), "n": merged["n"]}
+
+
+def _merge_selected(a, b):
+    if "v" in a:
+        a["v"] += b["v"]
+        a["n"] += b["n"]
+        return a
+    return toy_merge(a, b)
+
+
+def _total(part):
+    return float(part["v"].sum())
+
+
+def _with_count(total):
+    return (total, "chained")
+
+
+@pytest.mark.parametrize("use_client", [False, True])
+def test_select_first_and_chains_equal_merge_then_select(use_client, client3):
+    """Chained finishing steps run in order, and selecting each key's part before merging (one
+    tree per key) gives what merging everything then selecting gives."""
+    client = client3 if use_client else None
+    parts = partition_ranges(N_PARTICLES, 7, 16)
+    keys = [(name, h) for name in ("sum", "sq") for h in (0, 1)]
+    finish = {k: (_total, _with_count) for k in keys}
+    late = map_reduce(client, toy_process, parts, _merge_selected, fan_in=3, finish=finish,
+                      select=_select_half, key_prefix="late")
+    early = map_reduce(client, toy_process, parts, _merge_selected, fan_in=3, finish=finish,
+                       select=_select_half, key_prefix="early", select_first=True)
+    want = expected()
+    for name, h in keys:
+        assert late[(name, h)][1] == early[(name, h)][1] == "chained"
+        assert late[(name, h)][0] == pytest.approx(want[name][h::2].sum(), rel=1e-12)
+        assert early[(name, h)][0] == pytest.approx(want[name][h::2].sum(), rel=1e-12)
+
+
+def test_select_first_pins_each_partition_and_its_selects_to_one_slot():
+    """With select_first, process i and its selects prefer the same task thread (so the selects
+    never pull a whole partial across), and key j's tree and first finishing step prefer
+    slot j; the later steps of a chain are left to the scheduler."""
+    parts = partition_ranges(100, 3)
+    finish = {k: (_total, _with_count) for k in ("a", "b")}
+    nodes, outs = build_graph(toy_process, parts, toy_merge, fan_in=4, finish=finish,
+                              select=_select_half, token="pin", slots=["w0", "w1"],
+                              select_first=True)
+    prefers = {}
+    for node in nodes:
+        for name, layer in node.__dask_graph__().layers.items():
+            if name == node.key:
+                prefers[name] = (layer.annotations or {}).get("workers")
+    for i in range(3):
+        slot = ["w0", "w1"][i % 2]
+        assert prefers[("map_reduce-process-pin", i)] == [slot]
+        assert all(prefers[("map_reduce-select-pin", j, i)] == [slot] for j in range(2))
+    for j in range(2):
+        assert prefers[("map_reduce-merge-pin", j, 0, 0)] == [["w0", "w1"][j]]
+        assert prefers[("map_reduce-finish-pin", j, 0)] == [["w0", "w1"][j]]
+        assert prefers[("map_reduce-finish-pin", j)] is None
+    with pytest.raises(ValueError, match="select_first"):
+        build_graph(toy_process, parts, toy_merge, select_first=True)

@@ -168,27 +168,64 @@ def _tree_groups(n: int, fan_in: int) -> list[range]:
     return [range(edges[i], edges[i + 1]) for i in range(k)]
 
 
+def _prefer(slots: Sequence[str] | None, j: int):
+    """Annotate the tasks built inside to prefer task thread ``j`` of ``slots`` (any worker
+    may still run them); no annotation without slots."""
+    if not slots:
+        return contextlib.nullcontext()
+    return dask.annotate(workers=[slots[j % len(slots)]], allow_other_workers=True)
+
+
+def _tree(level: list, merge: Callable, fan_in: int, name: str, prefix: tuple = ()) -> tuple:
+    """Combine levels over ``level`` (``fan_in`` inputs each); returns ``(root, nodes)``."""
+    nodes = []
+    depth = 0
+    while len(level) > 1:
+        level = [
+            delayed(_combine, pure=True)(
+                merge, *(level[i] for i in group), dask_key_name=(name, *prefix, depth, j)
+            )
+            for j, group in enumerate(_tree_groups(len(level), fan_in))
+        ]
+        nodes += level
+        depth += 1
+    return level[0], nodes
+
+
 def build_graph(
     process: Callable,
     partitions: Sequence,
     merge: Callable,
     fan_in: int = 8,
-    finish: Callable | Mapping[Hashable, Callable] | None = None,
+    finish: Callable | Mapping[Hashable, Callable | Sequence[Callable]] | None = None,
     select: Callable | None = None,
     key_prefix: str = "map_reduce",
     token: str | None = None,
-    finish_slots: Sequence[str] | None = None,
+    slots: Sequence[str] | None = None,
+    select_first: bool = False,
 ) -> tuple[list, Any]:
     """The delayed nodes of a :func:`map_reduce` graph.
 
     Returns ``(nodes, outputs)``: every node in dependency order (process,
     combine levels, select/finish), and the outputs (the merged partial, one
-    finish node, or a dict key -> finish node). ``finish_slots``: worker
-    addresses, one per task thread; keyed finishing task ``j`` prefers slot
-    ``j % len(finish_slots)`` (any worker may still run it).
-    Keys: ``(f"{key_prefix}-process-{token}", i)``,
-    ``(f"{key_prefix}-merge-{token}", level, j)``,
-    ``(f"{key_prefix}-finish-{token}", j)``.
+    finish node, or a dict key -> finish node).
+
+    ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each,
+    ``f2(f1(part))``, so the light later steps of one key interleave with the
+    heavy first steps of others. ``slots``: worker addresses, one per task
+    thread; keyed finishing chain ``j`` starts on slot ``j % len(slots)`` (any
+    worker may still run it). ``select_first`` (needs ``select`` and keyed
+    ``finish``): cut each process partial into its keys' parts where it was
+    computed and merge each key in its own tree, next to that key's
+    finishing chain (process ``i`` and its selects prefer slot ``i``), so the
+    keys' merges and transfers run in parallel and overlap the finishing
+    tasks instead of funnelling every partial into one.
+
+    Keys: ``(f"{key_prefix}-process-{token}", i)``;
+    ``(f"{key_prefix}-merge-{token}", level, j)``, per key ``(..., key, level, j)``;
+    ``(f"{key_prefix}-select-{token}", key)``, per partition ``(..., key, i)``;
+    ``(f"{key_prefix}-finish-{token}", key)`` for the last step of a chain,
+    ``(..., key, step)`` for the others.
     """
     if not partitions:
         raise ValueError("map_reduce needs at least one partition (no particles to process?)")
@@ -198,52 +235,55 @@ def build_graph(
         # dask.utils.key_split must recover "<prefix>-<stage>" from keys for progress bars
         raise ValueError(f"key_prefix must be words of letters joined by '-', got {key_prefix!r}")
     finish_keys = list(finish) if isinstance(finish, Mapping) else None
+    if select_first and (select is None or finish_keys is None):
+        raise ValueError("select_first needs select and a dict of finishing tasks")
     if token is None:
-        token = tokenize(process, list(partitions), merge, fan_in, finish, select)
-    level = [
-        delayed(process, pure=True)(p, dask_key_name=(f"{key_prefix}-process-{token}", i))
-        for i, p in enumerate(partitions)
-    ]
+        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first)
+    names = {s: f"{key_prefix}-{s}-{token}" for s in ("process", "merge", "select", "finish")}
+    pin = slots if select_first else None
+    level = []
+    for i, p in enumerate(partitions):
+        with _prefer(pin, i):
+            level.append(delayed(process, pure=True)(p, dask_key_name=(names["process"], i)))
     nodes = list(level)
-    depth = 0
-    while len(level) > 1:
-        level = [
-            delayed(_combine, pure=True)(
-                merge,
-                *(level[i] for i in group),
-                dask_key_name=(f"{key_prefix}-merge-{token}", depth, j),
-            )
-            for j, group in enumerate(_tree_groups(len(level), fan_in))
-        ]
-        nodes += level
-        depth += 1
-    merged = level[0]
+    if not select_first:
+        merged, combines = _tree(level, merge, fan_in, names["merge"])
+        nodes += combines
     if finish is None:
         return nodes, merged
-    fin_name = f"{key_prefix}-finish-{token}"
     if finish_keys is None:
-        out = delayed(finish, pure=True)(merged, dask_key_name=(fin_name, 0))
+        out = delayed(finish, pure=True)(merged, dask_key_name=(names["finish"], 0))
         return nodes + [out], out
     outputs = {}
     for j, k in enumerate(finish_keys):
-        arg = merged
-        if select is not None:
-            arg = delayed(select, pure=True)(
-                merged, k, dask_key_name=(f"{key_prefix}-select-{token}", j)
-            )
-            nodes.append(arg)
-        if finish_slots:
+        if select_first:
+            parts = []
+            for i, node in enumerate(level):
+                with _prefer(pin, i):
+                    parts.append(delayed(select, pure=True)(
+                        node, k, dask_key_name=(names["select"], j, i)
+                    ))
+            nodes += parts
             # Spread over the workers: left alone, the scheduler runs every finishing task
             # where the merged partial is, since its default bandwidth (100 MB/s) prices each
             # class's ~200 MB grids far above the task (measured at box 128, K = 3, 2 workers:
             # three 1.5 s M-steps in a row on one worker, the other idle).
-            where = dask.annotate(workers=[finish_slots[j % len(finish_slots)]],
-                                  allow_other_workers=True)
+            with _prefer(slots, j):
+                arg, combines = _tree(parts, merge, fan_in, names["merge"], (j,))
+            nodes += combines
+        elif select is not None:
+            arg = delayed(select, pure=True)(merged, k, dask_key_name=(names["select"], j))
+            nodes.append(arg)
         else:
-            where = contextlib.nullcontext()
-        with where:
-            outputs[k] = delayed(finish[k], pure=True)(arg, dask_key_name=(fin_name, j))
-        nodes.append(outputs[k])
+            arg = merged
+        steps = finish[k] if isinstance(finish[k], Sequence) else (finish[k],)
+        for s, step in enumerate(steps):
+            last = s == len(steps) - 1
+            key = (names["finish"], j) if last else (names["finish"], j, s)
+            with _prefer(slots if s == 0 else None, j):  # later steps go wherever is free
+                arg = delayed(step, pure=True)(arg, dask_key_name=key)
+            nodes.append(arg)
+        outputs[k] = arg
     return nodes, outputs
 
 
@@ -253,21 +293,24 @@ def map_reduce(
     partitions: Sequence,
     merge: Callable,
     fan_in: int = 8,
-    finish: Callable | Mapping[Hashable, Callable] | None = None,
+    finish: Callable | Mapping[Hashable, Callable | Sequence[Callable]] | None = None,
     select: Callable | None = None,
     key_prefix: str = "map_reduce",
     token: str | None = None,
     progress: bool | None = False,
     after_map: Callable[[], Any] | None = None,
+    select_first: bool = False,
 ):
     """Run process -> tree merge -> finish as one graph; return the finished results.
 
     ``client``: a ``distributed.Client``, or None for Dask's synchronous
     scheduler in this process (same results, for tests and debugging).
     ``finish``: None (return the merged partial), a callable (one task,
-    return its result) or a dict key -> callable (one task each; return a
-    dict key -> result). ``select(merged, key)`` feeds each keyed finishing
-    task only its part. ``token`` names the graph (default: a hash of the
+    return its result) or a dict key -> callable or chain of callables (see
+    :func:`build_graph`; return a dict key -> result); with a client, the
+    chains start spread over the task threads. ``select(merged, key)`` feeds
+    each keyed finishing task only its part; ``select_first``: select
+    before merging, one tree per key (see :func:`build_graph`). ``token`` names the graph (default: a hash of the
     arguments); pass e.g. ``f"it{iteration}"`` to make keys readable.
     ``progress``: one bar per stage (None: only when stderr is a terminal).
     ``after_map``: driver work that needs no result (e.g. writing particle
@@ -280,7 +323,8 @@ def map_reduce(
     if client is not None and isinstance(finish, Mapping) and len(finish) > 1:
         slots = _task_slots(client)
     nodes, outputs = build_graph(
-        process, partitions, merge, fan_in, finish, select, key_prefix, token, slots
+        process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
+        select_first,
     )
     finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
     side = _DriverSide(after_map)

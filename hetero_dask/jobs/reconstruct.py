@@ -418,34 +418,46 @@ def backproject_range(
     return partial.to(np)
 
 
-def finish_class(
-    part_k, k: int, out_dir: str, symmetry_ops, tau2_fudge: float, psize_A: float, mask_path
-):
-    """M-step task of class ``k``: maps written to ``OUT/class_{k}``; returns a small summary."""
-    from hetero_dask.core.fsc import fsc_set, resolution_A
-    from hetero_dask.io.mrc import read_map
+def finish_class(part_k, k: int, out_dir: str, symmetry_ops, tau2_fudge: float, psize_A: float):
+    """M-step task of class ``k``: maps written to ``OUT/class_{k}``; returns its summary and
+    half-maps for :func:`class_fsc_set` (the next task of the class's chain)."""
     from hetero_dask.jobs.mstep import mstep_class
     from hetero_dask.jobs.outputs import write_class_maps
 
     res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A)
     write_class_maps(out_dir, k, res, psize_A)
-    n = res.vol_full.shape[-1]
-    curves = {}
-    if not res.empty:
-        user = None if mask_path is None else read_map(mask_path)[0]
-        try:
-            curves = fsc_set(res.vol_A, res.vol_B, psize_A, user_mask=user)
-        except ValueError:  # a map with nothing above its mask threshold (e.g. one empty half)
-            curves = {"no_mask": res.fsc}
-    resolutions = {name: resolution_A(c, n, psize_A) for name, c in curves.items()}
     return {
         "class": k,
         "weight_sum": float(res.weight_sum),
         "empty": bool(res.empty),
         "resolution_A": float(res.resolution_A),
-        "resolutions_A": resolutions,
-        "fsc": {name: np.asarray(c, dtype=np.float64) for name, c in curves.items()},
+        "fsc_no_mask": res.fsc,
+        "half_maps": None if res.empty else (res.vol_A, res.vol_B),
     }
+
+
+def class_fsc_set(summary: dict, psize_A: float, mask_path):
+    """FSC curves of a class's half-maps (no mask, spherical, loose, tight, corrected, user
+    mask) and their resolutions: the summary :func:`finish_class` started, without the maps."""
+    from hetero_dask.core.fsc import fsc_set, resolution_A
+    from hetero_dask.io.mrc import read_map
+
+    out = dict(summary)
+    maps = out.pop("half_maps")
+    no_mask = out.pop("fsc_no_mask")
+    curves = {}
+    if maps is not None:
+        user = None if mask_path is None else read_map(mask_path)[0]
+        try:
+            curves = fsc_set(*maps, psize_A, user_mask=user)
+        except ValueError:  # a map with nothing above its mask threshold (e.g. one empty half)
+            curves = {"no_mask": no_mask}
+        n = maps[0].shape[-1]
+        out["resolutions_A"] = {name: resolution_A(c, n, psize_A) for name, c in curves.items()}
+    else:
+        out["resolutions_A"] = {}
+    out["fsc"] = {name: np.asarray(c, dtype=np.float64) for name, c in curves.items()}
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -600,15 +612,22 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         seed=p.random_seed,
         batch_size=batch,
     )
+    # Per class: the M-step (maps written), then its FSC set as a second, light task that
+    # runs wherever a core is free (3 classes on 2 workers: the FSCs fill the idle core).
+    fsc_task = functools.partial(
+        class_fsc_set, psize_A=psize_out, mask_path=None if mask_out is None else str(mask_out)
+    )
     finish = {
-        k: functools.partial(
-            finish_class,
-            k=k,
-            out_dir=str(out_dir),
-            symmetry_ops=ops,
-            tau2_fudge=p.tau2_fudge,
-            psize_A=psize_out,
-            mask_path=None if mask_out is None else str(mask_out),
+        k: (
+            functools.partial(
+                finish_class,
+                k=k,
+                out_dir=str(out_dir),
+                symmetry_ops=ops,
+                tau2_fudge=p.tau2_fudge,
+                psize_A=psize_out,
+            ),
+            fsc_task,
         )
         for k in range(layout.n_classes)
     }
@@ -645,6 +664,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         key_prefix="reconstruct",
         progress=progress,
         after_map=write_particle_files,
+        select_first=True,
     )
     timings["reconstruct_s"] = time.perf_counter() - t
 
