@@ -579,7 +579,7 @@ def test_select_first_and_chains_equal_merge_then_select(use_client, client3):
 def test_select_first_pins_each_partition_and_its_selects_to_one_slot():
     """With select_first, process i and its selects prefer the same task thread (so the selects
     never pull a whole partial across), and key j's tree and first finishing step prefer
-    slot j; the later steps of a chain are left to the scheduler."""
+    slot j, and the later steps continue the round robin over the slots."""
     parts = partition_ranges(100, 3)
     finish = {k: (_total, _with_count) for k in ("a", "b")}
     nodes, outs = build_graph(toy_process, parts, toy_merge, fan_in=4, finish=finish,
@@ -597,6 +597,6 @@ def test_select_first_pins_each_partition_and_its_selects_to_one_slot():
     for j in range(2):
         assert prefers[("map_reduce-merge-pin", j, 0, 0)] == [["w0", "w1"][j]]
         assert prefers[("map_reduce-finish-pin", j, 0)] == [["w0", "w1"][j]]
-        assert prefers[("map_reduce-finish-pin", j)] is None
+        assert prefers[("map_reduce-finish-pin", j)] == [["w0", "w1"][(2 + j) % 2]]
     with pytest.raises(ValueError, match="select_first"):
         build_graph(toy_process, parts, toy_merge, select_first=True)

@@ -213,8 +213,9 @@ def build_graph(
     ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each,
     ``f2(f1(part))``, so the light later steps of one key interleave with the
     heavy first steps of others. ``slots``: worker addresses, one per task
-    thread; keyed finishing chain ``j`` starts on slot ``j % len(slots)`` (any
-    worker may still run it). ``select_first`` (needs ``select`` and keyed
+    thread; step ``s`` of keyed finishing chain ``j`` prefers slot
+    ``(s * len(finish) + j) % len(slots)`` (any worker may still run it), at
+    priority ``-s`` (first steps and merges before the later steps). ``select_first`` (needs ``select`` and keyed
     ``finish``): cut each process partial into its keys' parts where it was
     computed and merge each key in its own tree, next to that key's
     finishing chain (process ``i`` and its selects prefer slot ``i``), so the
@@ -280,7 +281,13 @@ def build_graph(
         for s, step in enumerate(steps):
             last = s == len(steps) - 1
             key = (names["finish"], j) if last else (names["finish"], j, s)
-            with _prefer(slots if s == 0 else None, j):  # later steps go wherever is free
+            # Step s of chain j prefers slot s * K + j (round robin over all steps): left to
+            # the scheduler, a light later step stays next to its input, and at box 128, K = 3
+            # on 2 workers one worker ran three FSC steps after its M-steps while the other
+            # sat idle for 1.6 s.
+            # Later steps also yield to the merges and first steps of the other chains (on the
+            # critical path): measured there, an FSC step ran before the last class's M-step.
+            with _prefer(slots, s * len(finish_keys) + j), dask.annotate(priority=-s):
                 arg = delayed(step, pure=True)(arg, dask_key_name=key)
             nodes.append(arg)
         outputs[k] = arg
