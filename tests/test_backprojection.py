@@ -232,6 +232,14 @@ def test_compiled_kernel_equals_array_path(monkeypatch):
         cpu_kernels.backproject_trilinear(
             g.data, g.weight, R[:1], np.array([40.0]), np.array([0.0]), vals[:1, :1], wts[:1, :1], 2, g.half_width
         )
+    # The fused image kernel checks the reach of all samples once per call instead.
+    acc = np.zeros(g.data.shape + (3,), np.float32)
+    one = np.ones((1, 1), np.float32)
+    args = (np.array([[1.0 + 0j]], np.complex64), one, one, [0], np.zeros((1, 2)), [1.0], n, 2)
+    cpu_kernels.backproject_images(acc, R[:1], np.array([11.0]), np.array([0.0]), *args)  # inside
+    for k, rot in [(40.0, R[:1]), (11.0, 1.5 * R[:1]), (np.nan, R[:1])]:
+        with pytest.raises(ValueError, match="outside a half-grid"):
+            cpu_kernels.backproject_images(acc, rot, np.array([k]), np.array([0.0]), *args)
 
 
 @pytest.mark.parametrize("r_max", [12.0, 16.0])

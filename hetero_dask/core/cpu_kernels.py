@@ -167,58 +167,74 @@ def _backproject_kernel(data, weight, rot, kx, ky, values, weights, pad, h, S, X
 
 
 @_jit
-def _prefetch_sample3(acc, a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X):
-    base = 3 * _lower_corner(a0, a1, b0, b1, c0, c1, kx, ky, pad, h, S, X)
-    for o in (0, 3 * X, 3 * S * X, 3 * (S * X + X)):
-        _prefetch(acc, base + o)
-        _prefetch(acc, base + o + 5)
-
-
-@_jit
-def _deposit3(acc, a0, a1, b0, b1, c0, c1, kx, ky, v, w, pad, h, S, X):
-    """:func:`_deposit` into an interleaved (re, im, weight) float32 grid."""
-    one = np.float32(1)
-    x, y, z, folded = _point(a0, a1, b0, b1, c0, c1, kx, ky, pad)
-    vr = v.real
-    vi = -v.imag if folded else v.imag
-    base, tx, ty, tz = _corner(x, y, z, h, S, X)
-    for dz in range(2):
-        wz = tz if dz else one - tz
-        for dy in range(2):
-            wzy = wz * (ty if dy else one - ty)
-            r = (base + dz * S * X + dy * X) * 3
-            w0 = wzy * (one - tx)
-            w1 = wzy * tx
-            acc[r] += w0 * vr
-            acc[r + 1] += w0 * vi
-            acc[r + 2] += w0 * w
-            acc[r + 3] += w1 * vr
-            acc[r + 4] += w1 * vi
-            acc[r + 5] += w1 * w
-
-
-@_jit
 def _backproject_images_kernel(acc, rot, kx, ky, Y, a, c, rows, shifts, w, n, pad, h, S, X, ahead):
+    # One flat loop, measured at box 128 (one core, random orientations): 0.20 ms per particle,
+    # against 0.23 with the same steps in helper functions returning tuples (and a per-sample
+    # bounds check); 0.67 without the prefetch. The fold to x >= 0 multiplies by s = +-1 instead of branching (a coin toss
+    # per sample); the caller has checked that every sample lands inside the grid.
     P = rows.shape[0]
     M = kx.shape[0]
     o = n // 2
+    one = np.float32(1.0)
+    row, plane = X, S * X
     ex = np.empty(n, np.complex64)
     ey = np.empty(n, np.complex64)
     for p in range(P):
         r = rows[p]
-        a0, a1 = rot[p, 0, 0], rot[p, 0, 1]
-        b0, b1 = rot[p, 1, 0], rot[p, 1, 1]
-        c0, c1 = rot[p, 2, 0], rot[p, 2, 1]
+        p0, p1 = rot[p, 0, 0] * pad, rot[p, 0, 1] * pad  # rows of the pad-scaled rotation
+        q0, q1 = rot[p, 1, 0] * pad, rot[p, 1, 1] * pad
+        r0, r1 = rot[p, 2, 0] * pad, rot[p, 2, 1] * pad
         for j in range(n):  # exp(-2 pi i s k / n) per axis, k = j - n/2
             ex[j] = np.exp(np.complex64(-2j * np.pi / n) * np.float32(shifts[p, 0] * (j - o)))
             ey[j] = np.exp(np.complex64(-2j * np.pi / n) * np.float32(shifts[p, 1] * (j - o)))
         wp = w[p]
         for m in range(M):
-            if m + ahead < M:
-                _prefetch_sample3(acc, a0, a1, b0, b1, c0, c1, kx[m + ahead], ky[m + ahead], pad, h, S, X)
+            if m + ahead < M:  # the 4 corner rows of the sample `ahead` on, 2 lines each
+                fx, fy = kx[m + ahead], ky[m + ahead]
+                x = p0 * fx + p1 * fy
+                s = one if x >= 0 else -one
+                y = (q0 * fx + q1 * fy) * s
+                z = (r0 * fx + r1 * fy) * s
+                b = 3 * (((int(np.floor(z)) + h) * S + int(np.floor(y)) + h) * X + int(x * s))
+                _prefetch(acc, b)
+                _prefetch(acc, b + 5)
+                _prefetch(acc, b + 3 * row)
+                _prefetch(acc, b + 3 * row + 5)
+                _prefetch(acc, b + 3 * plane)
+                _prefetch(acc, b + 3 * plane + 5)
+                _prefetch(acc, b + 3 * (plane + row))
+                _prefetch(acc, b + 3 * (plane + row) + 5)
+            fx, fy = kx[m], ky[m]
             am = wp * a[r, m]
-            v = ex[int(kx[m]) + o] * ey[int(ky[m]) + o] * Y[r, m] * am
-            _deposit3(acc, a0, a1, b0, b1, c0, c1, kx[m], ky[m], v, am * c[r, m], pad, h, S, X)
+            v = ex[int(fx) + o] * ey[int(fy) + o] * Y[r, m] * am
+            wt = am * c[r, m]
+            x = p0 * fx + p1 * fy
+            s = one if x >= 0 else -one  # folded: the conjugate
+            x = x * s
+            y = (q0 * fx + q1 * fy) * s
+            z = (r0 * fx + r1 * fy) * s
+            vr = v.real
+            vi = v.imag * s
+            gx = np.floor(x)
+            gy = np.floor(y)
+            gz = np.floor(z)
+            tx = x - gx
+            ty = y - gy
+            tz = z - gz
+            b = ((int(gz) + h) * S + int(gy) + h) * X + int(gx)
+            for dz in range(2):
+                wz = tz if dz else one - tz
+                for dy in range(2):
+                    wzy = wz * (ty if dy else one - ty)
+                    q = (b + dz * plane + dy * row) * 3
+                    w0 = wzy * (one - tx)
+                    w1 = wzy * tx
+                    acc[q] += w0 * vr
+                    acc[q + 1] += w0 * vi
+                    acc[q + 2] += w0 * wt
+                    acc[q + 3] += w1 * vr
+                    acc[q + 4] += w1 * vi
+                    acc[q + 5] += w1 * wt
 
 
 def backproject_trilinear(data, weight, rotations, kx, ky, values, weights, pad: int, h: int) -> None:
@@ -324,6 +340,23 @@ def deinterleave(acc):
     return flat[: 2 * n].view(np.complex64).reshape(shape), flat[2 * n :].reshape(shape)
 
 
+def _check_inside(rotations, kx, ky, pad: int, h: int) -> None:
+    """The kernel does not check each sample: check here, once per call, that every sample
+    lands with its trilinear corners inside the half-grid. Rotations keep lengths, so the
+    largest ``pad * |k|`` with the rotations' largest column length bounds every point."""
+    if kx.size == 0 or rotations.shape[0] == 0:
+        return
+    radius = float(np.sqrt(np.max(kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2)))
+    cols = np.sqrt(np.sum(rotations[..., :2].astype(np.float64) ** 2, axis=-2))
+    reach = pad * radius * float(np.max(cols))
+    if not np.isfinite(reach) or reach >= h - 1e-3:
+        raise ValueError(
+            f"backprojection samples reach {reach:.2f} padded-grid voxels, outside a half-grid of "
+            f"half-width {h} (frequencies up to {radius:.1f}, pad {pad}, rotation columns up to "
+            f"{float(np.max(cols)):.4f} long)"
+        )
+
+
 def backproject_images(acc, rotations, kx, ky, Y, a, c, rows, shifts_px, w, n: int, pad: int):
     """:func:`backproject_trilinear` of image spectra into an interleaved grid, products fused in.
 
@@ -340,11 +373,15 @@ def backproject_images(acc, rotations, kx, ky, Y, a, c, rows, shifts_px, w, n: i
     if acc.dtype != np.float32 or acc.shape[-1] != 3 or not acc.flags.c_contiguous:
         raise ValueError("backproject_images needs a C-contiguous float32 (..., 3) accumulator")
     h = acc.shape[-2] - 1
+    rotations = np.ascontiguousarray(rotations, dtype=np.float32)
+    kx = np.ascontiguousarray(kx, dtype=np.float32)
+    ky = np.ascontiguousarray(ky, dtype=np.float32)
+    _check_inside(rotations, kx, ky, pad, h)
     _backproject_images_kernel(
         acc.reshape(-1),
-        np.ascontiguousarray(rotations, dtype=np.float32),
-        np.ascontiguousarray(kx, dtype=np.float32),
-        np.ascontiguousarray(ky, dtype=np.float32),
+        rotations,
+        kx,
+        ky,
         np.ascontiguousarray(Y, dtype=np.complex64),
         np.ascontiguousarray(a, dtype=np.float32),
         np.ascontiguousarray(c, dtype=np.float32),
