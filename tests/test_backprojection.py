@@ -235,7 +235,8 @@ def test_compiled_kernel_equals_array_path(monkeypatch):
     # The fused image kernel checks the reach of all samples once per call instead.
     acc = np.zeros(g.data.shape + (3,), np.float32)
     one = np.ones((1, 1), np.float32)
-    args = (np.array([[1.0 + 0j]], np.complex64), one, one, [0], np.zeros((1, 2)), [1.0], n, 2)
+    F = np.ones((1, n, n // 2 + 1), np.complex64)
+    args = (F, one, one, [0], np.zeros((1, 2)), [1.0], n, 2)
     cpu_kernels.backproject_images(acc, R[:1], np.array([11.0]), np.array([0.0]), *args)  # inside
     for k, rot in [(40.0, R[:1]), (11.0, 1.5 * R[:1]), (np.nan, R[:1])]:
         with pytest.raises(ValueError, match="outside a half-grid"):
@@ -323,6 +324,41 @@ def test_fused_particle_kernel_equals_array_path(monkeypatch):
         scale = max(np.abs(g.data).max(), 1e-30)
         assert np.abs(fast.grids[key].data - g.data).max() <= 1e-5 * scale, key
         assert np.abs(fast.grids[key].weight - g.weight).max() <= 1e-5 * max(g.weight.max(), 1e-30), key
+
+
+def test_backproject_classes_fused_equals_array_path(monkeypatch):
+    """mstep.backproject_classes (one FFT and CTF per batch for all classes, then the kernel by
+    row index) deposits what per-class backproject_particles calls on the array path deposit:
+    soft weights with zeros, an odd box (the centring is a phase, not a sign), two classes."""
+    from hetero_dask.core import cpu_kernels
+    from hetero_dask.jobs.mstep import accumulating, backproject_classes, empty_partial
+
+    if not cpu_kernels.enabled():
+        pytest.skip("numba not installed")
+    for n in (32, 33):
+        B, K = 30, 2
+        rng = np.random.default_rng(n)
+        imgs = rng.standard_normal((B, n, n)).astype(np.float32)
+        ctf = CTFParams(rng.uniform(8000, 20000, B), rng.uniform(8000, 20000, B), rng.uniform(0, 3, B))
+        rot = Rotation.random(B * K, random_state=n).as_matrix().reshape(B, K, 3, 3)
+        shifts = rng.uniform(-3, 3, (B, K, 2))
+        w = rng.random((B, K)).astype(np.float32)
+        w[::4, 0] = 0.0
+        w[1::3, 1] = 0.0
+        halves = rng.integers(0, 2, B)
+        fast = empty_partial(K, n, r_max=12.0)
+        with accumulating(fast):
+            backproject_classes(fast, imgs, ctf, 2.0, rot, shifts, w, halves)
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+        slow = empty_partial(K, n, r_max=12.0)
+        backproject_classes(slow, imgs, ctf, 2.0, rot, shifts, w, halves)
+        monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+        np.testing.assert_allclose(fast.weight_sum, slow.weight_sum, rtol=1e-6)
+        for key, g in slow.grids.items():
+            scale = np.abs(g.data).max()
+            assert scale > 0, key
+            assert np.abs(fast.grids[key].data - g.data).max() <= 1e-5 * scale, (n, key)
+            assert np.abs(fast.grids[key].weight - g.weight).max() <= 1e-5 * g.weight.max(), (n, key)
 
 
 def test_deinterleave_in_place():

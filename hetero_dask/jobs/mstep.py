@@ -306,6 +306,12 @@ def backproject_particles(
     shifts_px = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
     halves = xp.asarray(halves).reshape(B)
     r_max = grids0.r_max if r_max is None else min(float(r_max), grids0.r_max)
+    if _fused_cpu_path(partial, k):
+        # One compiled pass per (pose slot, half): products formed per sample, rows by index.
+        F, kx, ky, ctf, ctf_isig = _fused_inputs(images, ctf_params, psize_A, r_max, inv_sigma2)
+        _fused_deposit(partial, k, F, kx, ky, ctf_isig, ctf, np.arange(B), rotations, shifts_px,
+                       weights, halves)
+        return partial
     kx, ky, Y = half_plane_spectra(images, r_max)
     ctf = ctf_half_plane(ctf_params.to(xp), kx, ky, n, psize_A)
     if inv_sigma2 is not None:
@@ -313,19 +319,6 @@ def backproject_particles(
         ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
     else:
         ctf_isig = ctf
-    if _fused_cpu_path(partial, k):
-        # One compiled pass per (pose slot, half): products formed per sample, rows by index.
-        for p in range(weights.shape[1]):
-            w = weights[:, p]
-            for h in HALVES:
-                sel = np.nonzero((halves == h) & (w > 0))[0]
-                if sel.size:
-                    cpu_kernels.backproject_images(
-                        _accumulator(partial, (k, h)), rotations[sel, p], kx, ky, Y, ctf_isig, ctf,
-                        sel, shifts_px[sel, p], w[sel], n, partial.grids[(k, h)].pad,
-                    )
-        partial.weight_sum[k] += float(weights.sum())
-        return partial
     cy = ctf_isig * Y  # CTF * Y / sigma2, before centring
     c2 = ctf_isig * ctf  # CTF^2 / sigma2
     for p in range(weights.shape[1]):
@@ -344,6 +337,76 @@ def backproject_particles(
                 wc2 = c2[sel]
             backproject(partial.grids[(k, h)], rotations[sel, p], phase, wc2, kx, ky)
     partial.weight_sum[k] += float(xp.sum(weights))
+    return partial
+
+
+def _fused_inputs(images, ctf_params: CTFParams, psize_A: float, r_max, inv_sigma2):
+    """What the compiled kernel reads for a batch: real FFTs, half-plane frequencies, CTF and
+    CTF / sigma2 ``(B, M)`` (the same array when there is no noise model)."""
+    import scipy.fft  # noqa: PLC0415
+
+    images = np.asarray(images, dtype=np.float32)
+    n = images.shape[-1]
+    kx, ky, _ = half_plane_freqs(n, r_max)
+    F = scipy.fft.rfft2(images)
+    ctf = ctf_half_plane(ctf_params.to(np), kx, ky, n, psize_A)
+    ctf_isig = ctf
+    if inv_sigma2 is not None:
+        isig = np.asarray(inv_sigma2, dtype=np.float32)
+        ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
+    return F, kx, ky, ctf, ctf_isig
+
+
+def _fused_deposit(partial, k, F, kx, ky, a, c, rows, rotations, shifts_px, weights, halves):
+    """Kernel calls for class ``k``: images ``rows`` of ``F`` with per-row ``rotations``
+    ``(R, P, 3, 3)``, ``shifts_px`` ``(R, P, 2)``, ``weights`` ``(R, P)`` and ``halves``
+    ``(R,)``, one call per (pose slot, half-set)."""
+    n = F.shape[-2]
+    for p in range(weights.shape[1]):
+        w = weights[:, p]
+        for h in HALVES:
+            sel = np.nonzero((halves == h) & (w > 0))[0]
+            if sel.size:
+                cpu_kernels.backproject_images(
+                    _accumulator(partial, (k, h)), rotations[sel, p], kx, ky, F, a, c, rows[sel],
+                    shifts_px[sel, p], w[sel], n, partial.grids[(k, h)].pad,
+                )
+    partial.weight_sum[k] += float(weights.sum())
+
+
+def backproject_classes(
+    partial: ClassGridsPartial,
+    images,
+    ctf_params: CTFParams,
+    psize_A: float,
+    rotations,
+    shifts_px,
+    weights,
+    halves,
+) -> ClassGridsPartial:
+    """Backproject a batch into every class it has weight in: :func:`backproject_particles`
+    per class with ``rotations`` ``(B, K, 3, 3)``, ``shifts_px`` ``(B, K, 2)`` and
+    ``weights`` ``(B, K)`` (one pose per class; zeros skipped). On the compiled CPU path the
+    batch is Fourier transformed and its CTF computed once for all classes."""
+    K = weights.shape[1]
+    if all(_fused_cpu_path(partial, k) for k in range(K)):
+        F, kx, ky, ctf, _ = _fused_inputs(images, ctf_params, psize_A, partial.grids[(0, 0)].r_max, None)
+        halves = np.asarray(halves)
+        for k in range(K):
+            rows = np.flatnonzero(weights[:, k] > 0)
+            if rows.size:
+                _fused_deposit(partial, k, F, kx, ky, ctf, ctf, rows, rotations[rows, k][:, None],
+                               shifts_px[rows, k][:, None], weights[rows, k][:, None], halves[rows])
+        return partial
+    xp = xp_of(partial.grids[(0, 0)].data)
+    for k in range(K):
+        rows = np.flatnonzero(weights[:, k] > 0)
+        if rows.size:
+            backproject_particles(
+                partial, xp.asarray(images[rows]), ctf_params.subset(rows), psize_A,
+                rotations[rows, k][:, None], shifts_px[rows, k][:, None], weights[rows, k][:, None],
+                k, np.asarray(halves)[rows],
+            )
     return partial
 
 

@@ -381,7 +381,7 @@ def backproject_range(
 ):
     """Process task: class half-grids ``ClassGridsPartial`` of the particles in ``partition``."""
     from hetero_dask.core.backend import worker_xp
-    from hetero_dask.jobs.mstep import accumulating, backproject_particles, empty_partial
+    from hetero_dask.jobs.mstep import accumulating, backproject_classes, empty_partial
 
     store = _open_store(store_path)
     split = _split_of(store_path, random_split, seed)
@@ -396,24 +396,16 @@ def backproject_range(
     with accumulating(partial):
         for b0 in range(0, stop - start, batch_size):
             b1 = min(b0 + batch_size, stop - start)
-            images = store.images_at_box(box, start + b0, start + b1)
-            ctf = store.ctf(start + b0, start + b1)
-            for k in range(layout.n_classes):
-                w = post[b0:b1, k]
-                rows = np.flatnonzero(w > 0)
-                if rows.size == 0:
-                    continue
-                backproject_particles(
-                    partial,
-                    xp.asarray(images[rows]),
-                    ctf.subset(rows),
-                    psize_out,
-                    rot[b0:b1][rows, k][:, None],
-                    shifts[b0:b1][rows, k][:, None],
-                    w[rows][:, None],
-                    k,
-                    split[start + b0 : start + b1][rows],
-                )
+            backproject_classes(
+                partial,
+                store.images_at_box(box, start + b0, start + b1),
+                store.ctf(start + b0, start + b1),
+                psize_out,
+                rot[b0:b1],
+                shifts[b0:b1],
+                post[b0:b1],
+                split[start + b0 : start + b1],
+            )
     partial.n_particles = stop - start
     return partial.to(np)
 
