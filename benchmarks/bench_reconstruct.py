@@ -53,6 +53,14 @@ def _simulate(out: Path, n: int, box: int, k: int, psize: float, seed: int):
 
 def _worker_peak_rss_mb(client) -> float:
     def peak():
+        # VmHWM: this process's own peak. ru_maxrss survives exec on Linux, so a spawned
+        # worker reports its parent's peak if that was higher (this script after simulating).
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
     return max(client.run(peak).values())

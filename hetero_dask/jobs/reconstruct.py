@@ -15,10 +15,11 @@ Steps (DESIGN.md "Heterogeneous Reconstruction Only", issue 5):
 4. on Dask (:func:`hetero_dask.dist.engine.map_reduce`): one task per
    particle range backprojects every class into half-grids at the
    reconstruction box (Fourier crop/pad of the images; the pixel size
-   scales, shifts in A are kept), partial grids merge in a tree, and one
-   M-step task per class symmetrises, reconstructs (Wiener, FSC prior),
-   writes its maps and computes CryoSPARC's FSC curves; the driver gets
-   only these summaries;
+   scales, shifts in A are kept); each partial is cut into its classes where
+   it was computed and every class merges in its own tree next to its
+   M-step task (``select_first``), which symmetrises, reconstructs (Wiener,
+   FSC prior) and writes its maps; a second task per class computes
+   CryoSPARC's FSC curves; the driver gets only these summaries;
 5. outputs (see :func:`reconstruct`).
 """
 
