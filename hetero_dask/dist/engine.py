@@ -20,10 +20,14 @@ A job supplies three pure functions that know nothing about Dask:
     faulted memory (measured at box 128, K = 3: 1.6 s against 0.08 s in
     place, for two 630 MB partials).
 ``finish[key](merged) -> summary``
-    Optional per-key finishing tasks (e.g. one M-step per class and half
-    set), each a separate task; ``select(merged, key)`` optionally cuts the
-    merged partial down to what that task needs, in a small task next to
-    the data, so only that piece travels.
+    Optional per-key finishing tasks (e.g. one M-step per class), each a
+    separate task, or a chain of them (``(mstep, fsc)``: one task per step);
+    ``select(merged, key)`` optionally cuts the merged partial down to what
+    that key needs, in a small task next to the data, so only that piece
+    travels. With ``select_first`` the cut happens on every process partial
+    where it was computed, and each key merges in its own tree (see
+    :func:`build_graph`). With a client, the finishing steps are spread over
+    the task threads in turn.
 
 :func:`map_reduce` builds ONE graph per call: P process tasks, a tree of
 combine tasks with at most ``fan_in`` inputs each, and the finishing tasks;
