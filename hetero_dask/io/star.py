@@ -42,19 +42,30 @@ def read_star(path) -> dict:
     return dict(blocks)
 
 
-def write_star(path, blocks: dict) -> None:
-    """Write ``{name: DataFrame or dict}`` as a STAR file atomically (loop blocks as loops)."""
-    parts = [f"# Created by hetero_dask {__version__}\n\n\n"]
-    for name, block in dict(blocks).items():
-        if isinstance(block, pd.DataFrame):
-            parts.append(_loop_block(name, block))
-        elif isinstance(block, dict):
-            items = "".join(f"_{k}\t\t\t{_quote(_cell(v))}\n" for k, v in block.items())
-            parts.append(f"data_{name}\n\n{items}\n\n")
-        else:
+# Loop rows formatted and written at a time: a cell's text costs ~60 bytes as a Python
+# string, so formatting a whole 10^6-particle table with ~100 columns at once would hold
+# ~6 GB of strings; a block of this many rows holds ~400 MB at most.
+ROWS_PER_BLOCK = 65536
+
+
+def write_star(path, blocks: dict, rows_per_block: int = ROWS_PER_BLOCK) -> None:
+    """Write ``{name: DataFrame or dict}`` as a STAR file atomically (loop blocks as loops).
+
+    Loops are formatted and written ``rows_per_block`` rows at a time (memory bounded by
+    the block, not the table); the file is the same for any block size.
+    """
+    blocks = dict(blocks)
+    for name, block in blocks.items():
+        if not isinstance(block, pd.DataFrame | dict):
             raise TypeError(f"STAR block {name!r} must be a DataFrame or a dict, got {type(block).__name__}")
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text("".join(parts))
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(f"# Created by hetero_dask {__version__}\n\n\n")
+        for name, block in blocks.items():
+            if isinstance(block, pd.DataFrame):
+                _write_loop(f, name, block, max(1, int(rows_per_block)))
+            else:
+                items = "".join(f"_{k}\t\t\t{_quote(_cell(v))}\n" for k, v in block.items())
+                f.write(f"data_{name}\n\n{items}\n\n")
 
 
 def _quote(text: str) -> str:
@@ -84,11 +95,14 @@ def _column_strings(values: pd.Series) -> list:
     return [_quote(_cell(x)) for x in values.tolist()]
 
 
-def _loop_block(name: str, df: pd.DataFrame) -> str:
+def _write_loop(f, name: str, df: pd.DataFrame, rows_per_block: int) -> None:
     header = "".join(f"_{c} #{i}\n" for i, c in enumerate(df.columns, 1))
-    columns = [_column_strings(df[c]) for c in df.columns]
-    rows = "".join(f"{line}\n" for line in map("\t".join, zip(*columns, strict=True)))
-    return f"data_{name}\n\nloop_\n{header}{rows}\n\n"
+    f.write(f"data_{name}\n\nloop_\n{header}")
+    for start in range(0, len(df), rows_per_block):
+        part = df.iloc[start : start + rows_per_block]
+        columns = [_column_strings(part[c]) for c in part.columns]
+        f.write("".join(f"{line}\n" for line in map("\t".join, zip(*columns, strict=True))))
+    f.write("\n\n")
 
 
 def particle_blocks(blocks: dict, source=None):
