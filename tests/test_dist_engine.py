@@ -600,3 +600,46 @@ def test_select_first_pins_each_partition_and_its_selects_to_one_slot():
         assert prefers[("map_reduce-finish-pin", j)] == [["w0", "w1"][(2 + j) % 2]]
     with pytest.raises(ValueError, match="select_first"):
         build_graph(toy_process, parts, toy_merge, select_first=True)
+
+
+def _slow_total(part):
+    time.sleep(1.5)  # long enough to be killed in
+    return float(part["v"].sum())
+
+
+def test_worker_killed_during_finishing_recomputes_the_same_sums():
+    """Combines accumulate into their first input. A worker SIGKILLed while the finishing tasks
+    run (after those in-place merges) still gives the exact sums: what it held is recomputed
+    from scratch, and the surviving worker only ever sent copies."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster, Client(cluster) as client:
+            pids = client.run(os.getpid)
+            killed = []
+
+            def kill_one_finisher():
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not killed:
+                    for worker, keys in client.processing().items():
+                        if any("-finish-" in str(k) for k in keys):
+                            time.sleep(0.5)
+                            os.kill(pids[worker], signal.SIGKILL)
+                            killed.append(worker)
+                            return
+                    time.sleep(0.02)
+
+            killer = threading.Thread(target=kill_one_finisher, daemon=True)
+            killer.start()
+            keys = [(name, h) for name in ("sum", "sq") for h in (0, 1)]
+            got = map_reduce(client, toy_process, partition_ranges(N_PARTICLES, 6, 16),
+                             _merge_selected, fan_in=2, finish={k: _slow_total for k in keys},
+                             select=_select_half, key_prefix="killed", select_first=True)
+            killer.join()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert killed, "no finishing task was seen running: nothing was killed"
+    want = expected()
+    for name, h in keys:
+        assert got[(name, h)] == pytest.approx(want[name][h::2].sum(), rel=1e-12)
