@@ -643,3 +643,26 @@ def test_worker_killed_during_finishing_recomputes_the_same_sums():
     want = expected()
     for name, h in keys:
         assert got[(name, h)] == pytest.approx(want[name][h::2].sum(), rel=1e-12)
+
+
+def test_after_map_join_waits_for_a_start_under_way():
+    """The done-callback that starts after_map runs on the client's event loop; the caller's
+    join can come while that start is under way and must wait for it, not find the thread
+    flagged as started but not yet started (a race seen once in CI)."""
+    from hetero_dask.dist.engine import _DriverSide
+
+    ran = []
+    side = _DriverSide(lambda: ran.append(1))
+    real_start = side.thread.start
+
+    def slow_start():
+        time.sleep(0.3)
+        real_start()
+
+    side.thread.start = slow_start
+    starter = threading.Thread(target=side.start)
+    starter.start()
+    time.sleep(0.05)  # the start is under way, the thread not yet running
+    side.join()
+    starter.join()
+    assert ran == [1]

@@ -394,11 +394,14 @@ class _DriverSide:
             self.error = err
 
     def start(self):
+        # Under the lock: join() calls start() too, and must not find `started` set before the
+        # thread is (a done-callback on the client's event loop races the caller's join:
+        # "cannot join thread before it is started", seen once in CI).
         with self._lock:
             if self.fn is None or self.started:
                 return
             self.started = True
-        self.thread.start()
+            self.thread.start()
 
     def start_when_done(self, futures: list):
         """Start when every future is done; the futures are not kept (partials can be freed)."""
