@@ -353,6 +353,8 @@ def test_backproject_classes_fused_equals_array_path(monkeypatch):
         slow = empty_partial(K, n, r_max=12.0)
         backproject_classes(slow, imgs, ctf, 2.0, rot, shifts, w, halves)
         monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+        with pytest.raises(ValueError, match="box"):
+            backproject_classes(empty_partial(K, n + 2, r_max=12.0), imgs, ctf, 2.0, rot, shifts, w, halves)
         np.testing.assert_allclose(fast.weight_sum, slow.weight_sum, rtol=1e-6)
         for key, g in slow.grids.items():
             scale = np.abs(g.data).max()

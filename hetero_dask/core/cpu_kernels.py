@@ -15,10 +15,12 @@ check the two agree):
   it prefetches the cache lines of the sample ``PREFETCH_DISTANCE`` ahead
   (measured at box 128, one core: 0.56 -> 0.22 ms per particle,
   ``benchmarks/bench_backprojection.py``);
-* :func:`backproject_images`: the same deposit of image spectra, with the
-  shift phases, CTF, noise weights and posteriors multiplied in per sample
-  (no particle-by-frequency temporaries), into an interleaved (re, im,
-  weight) accumulator (see :func:`hetero_dask.jobs.mstep.accumulating`);
+* :func:`backproject_images`: the same deposit of image spectra, read
+  straight from the images' real FFTs, with the centring and shift phases,
+  CTF, noise weights and posteriors multiplied in per sample (no
+  particle-by-frequency temporaries), into an interleaved (re, im, weight)
+  accumulator (see :func:`hetero_dask.jobs.mstep.accumulating`); it checks
+  once per call that every sample lands inside the grid;
 * :func:`shell_sums` and :func:`wiener_spectrum`: the per-shell weight sums
   and the Wiener division of :func:`hetero_dask.core.reconstruction.reconstruct`,
   fused with the Hermitian completion of the x = 0 plane and the placement

@@ -389,6 +389,8 @@ def backproject_classes(
     ``weights`` ``(B, K)`` (one pose per class; zeros skipped). On the compiled CPU path the
     batch is Fourier transformed and its CTF computed once for all classes."""
     K = weights.shape[1]
+    if images.shape[-1] != partial.grids[(0, 0)].n:
+        raise ValueError(f"images of box {images.shape[-1]} for grids of box {partial.grids[(0, 0)].n}")
     if all(_fused_cpu_path(partial, k) for k in range(K)):
         F, kx, ky, ctf, _ = _fused_inputs(images, ctf_params, psize_A, partial.grids[(0, 0)].r_max, None)
         halves = np.asarray(halves)
