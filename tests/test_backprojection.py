@@ -205,6 +205,16 @@ def test_against_relion_reconstruct(tmp_path):
     assert abs(float((low_ours * low_theirs).sum() / (low_theirs**2).sum()) - 1) < 0.02
 
 
+def _random_slices(n: int, count: int, seed: int):
+    """Random rotations, half-plane frequencies of box ``n``, complex values and weights in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    R = Rotation.random(count, random_state=seed).as_matrix()
+    kx, ky, _ = half_plane_freqs(n)
+    shape = (count, kx.size)
+    vals = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    return R, kx, ky, vals, rng.random(shape).astype(np.float32)
+
+
 def test_compiled_kernel_equals_array_path(monkeypatch):
     """The numba kernel and the numpy scatter deposit the same sums (and both refuse bad input)."""
     from hetero_dask.core import cpu_kernels
@@ -212,13 +222,7 @@ def test_compiled_kernel_equals_array_path(monkeypatch):
     if not cpu_kernels.enabled():
         pytest.skip("numba not installed")
     n = 32
-    rng = np.random.default_rng(7)
-    R = Rotation.random(300, random_state=7).as_matrix()
-    kx, ky, _ = half_plane_freqs(n)
-    vals = (rng.standard_normal((300, kx.size)) + 1j * rng.standard_normal((300, kx.size))).astype(
-        np.complex64
-    )
-    wts = rng.random((300, kx.size)).astype(np.float32)
+    R, kx, ky, vals, wts = _random_slices(n, 300, seed=7)
     fast = backproject(new_grids(n, r_max=12.0), R, vals, wts, kx, ky)
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     slow = backproject(new_grids(n, r_max=12.0), R, vals, wts, kx, ky)
@@ -252,13 +256,8 @@ def test_compiled_reconstruction_equals_array_path(monkeypatch, r_max):
     if not cpu_kernels.enabled():
         pytest.skip("numba not installed")
     n = 32
-    rng = np.random.default_rng(11)
-    R = Rotation.random(400, random_state=11).as_matrix()
-    kx, ky, _ = half_plane_freqs(n)
-    vals = (rng.standard_normal((400, kx.size)) + 1j * rng.standard_normal((400, kx.size))).astype(
-        np.complex64
-    )
-    wts = (0.5 + rng.random((400, kx.size))).astype(np.float32)
+    R, kx, ky, vals, wts = _random_slices(n, 400, seed=11)
+    wts += 0.5
     grids = backproject(new_grids(n, r_max=r_max), R, vals, wts, kx, ky)
     fsc_prior = np.linspace(0.99, 0.0, n // 2 + 1)
     fast = [reconstruct(grids), reconstruct(grids, fsc_prior, 2.0)]
