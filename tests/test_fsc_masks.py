@@ -103,6 +103,10 @@ def test_fsc_set_curves():
         > curves["no_mask"][mid].mean()
     )
     assert np.allclose(curves["user"], fsc(v1, v2, user))
+    # The unmasked curve, when the caller has it, is used as it is: the same set.
+    again = fsc_set(v1, v2, psize_A=2.0, user_mask=user, no_mask=fsc(v1, v2))
+    for name, c in curves.items():
+        np.testing.assert_allclose(again[name], c, rtol=1e-12, atol=1e-12)
 
 
 def test_spherical_window_and_circular_mask():

@@ -183,20 +183,21 @@ def corrected_fsc(
     return xp.where(shells >= from_shell, (fsc_t - fsc_n) / denom, fsc_t)
 
 
-def fsc_set(v1, v2, psize_A: float, user_mask=None, rng=None) -> dict:
+def fsc_set(v1, v2, psize_A: float, user_mask=None, rng=None, no_mask=None) -> dict:
     """CryoSPARC's FSC curves of two half-maps: each ``(n // 2 + 1,)``.
 
     Keys: ``no_mask``, ``spherical`` (soft sphere, inner 0.85 of the box
     half-width, outer the box edge), ``loose``, ``tight`` (masks from the
     half-map average, see :mod:`.masks`), ``corrected`` (tight mask, noise
     substitution), and with a user mask ``user`` (masked) and
-    ``user_corrected``.
+    ``user_corrected``. ``no_mask``: ``fsc(v1, v2)`` when the caller has it
+    already (the M-step does), not computed again.
     """
     xp = xp_of(v1, v2)
     n = v1.shape[-1]
     avg = 0.5 * (v1 + v2)
     loose, tight = loose_and_tight_masks(avg, psize_A)
-    out = {"no_mask": fsc(v1, v2)}
+    out = {"no_mask": fsc(v1, v2) if no_mask is None else xp.asarray(no_mask)}
     out["spherical"] = fsc(v1, v2, spherical_window(n, 0.85, 1.0, xp))
     out["loose"] = fsc(v1, v2, loose)
     out["tight"] = fsc(v1, v2, tight)

@@ -219,8 +219,9 @@ def build_graph(
     heavy first steps of others. ``slots``: worker addresses, one per task
     thread; step ``s`` of keyed finishing chain ``j`` prefers slot
     ``(s * len(finish) + j) % len(slots)`` (any worker may still run it), at
-    priority ``-s`` (first steps and merges before the later steps). ``select_first`` (needs ``select`` and keyed
-    ``finish``): cut each process partial into its keys' parts where it was
+    priority ``-s`` (first steps and merges before the later steps).
+    ``select_first`` (needs ``select`` and keyed ``finish``): cut each
+    process partial into its keys' parts where it was
     computed and merge each key in its own tree, next to that key's
     finishing chain (process ``i`` and its selects prefer slot ``i``), so the
     keys' merges and transfers run in parallel and overlap the finishing
@@ -269,11 +270,7 @@ def build_graph(
                         node, k, dask_key_name=(names["select"], j, i)
                     ))
             nodes += parts
-            # Spread over the workers: left alone, the scheduler runs every finishing task
-            # where the merged partial is, since its default bandwidth (100 MB/s) prices each
-            # class's ~200 MB grids far above the task (measured at box 128, K = 3, 2 workers:
-            # three 1.5 s M-steps in a row on one worker, the other idle).
-            with _prefer(slots, j):
+            with _prefer(slots, j):  # key j's tree next to the first step of its chain
                 arg, combines = _tree(parts, merge, fan_in, names["merge"], (j,))
             nodes += combines
         elif select is not None:
@@ -321,7 +318,8 @@ def map_reduce(
     :func:`build_graph`; return a dict key -> result); with a client, the
     chains start spread over the task threads. ``select(merged, key)`` feeds
     each keyed finishing task only its part; ``select_first``: select
-    before merging, one tree per key (see :func:`build_graph`). ``token`` names the graph (default: a hash of the
+    before merging, one tree per key (see :func:`build_graph`). ``token``
+    names the graph (default: a hash of the
     arguments); pass e.g. ``f"it{iteration}"`` to make keys readable.
     ``progress``: one bar per stage (None: only when stderr is a terminal).
     ``after_map``: driver work that needs no result (e.g. writing particle
@@ -330,6 +328,10 @@ def map_reduce(
     instead of following them; joined (and its exception raised) before
     returning. Without a client it runs after the graph.
     """
+    # Keyed finishing tasks spread over the task threads: left alone, the scheduler runs
+    # every one where the merged partial is, since its default bandwidth (100 MB/s) prices
+    # each class's ~200 MB grids far above the task (measured at box 128, K = 3, 2 workers:
+    # three 1.5 s M-steps in a row on one worker, the other idle).
     slots = None
     if client is not None and isinstance(finish, Mapping) and len(finish) > 1:
         slots = _task_slots(client)

@@ -83,7 +83,7 @@ class ShardRowReader:
             inner = [int(s) for s in cfg["chunk_shape"]]
             encoding = meta.get("chunk_key_encoding", {"name": "default"})
             index_codecs = cfg.get("index_codecs", [])
-            np.dtype(meta["data_type"])
+            np.dtype(meta["data_type"])  # raises for a data type numpy does not know
             if not (
                 len(shape) >= 1
                 and outer[1:] == shape[1:]

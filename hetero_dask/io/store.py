@@ -248,10 +248,11 @@ class ParticleStore:
         stop = self.n if stop is None else min(stop, self.n)
         specs = self.attrs["fields"]
         if fields is not None:
-            unknown = set(fields) - {f[0] for f in specs}
+            wanted = set(fields)
+            unknown = wanted - {f[0] for f in specs}
             if unknown:
                 raise KeyError(f"particle store {self.path} has no field(s) {sorted(unknown)}")
-            specs = [f for f in specs if f[0] in set(fields)]
+            specs = [f for f in specs if f[0] in wanted]
         out = np.empty(max(stop - start, 0), dtype=_table_dtype(specs))
         for name in out.dtype.names:
             out[name] = self.column(name, start, stop)

@@ -314,11 +314,7 @@ def backproject_particles(
         return partial
     kx, ky, Y = half_plane_spectra(images, r_max)
     ctf = ctf_half_plane(ctf_params.to(xp), kx, ky, n, psize_A)
-    if inv_sigma2 is not None:
-        isig = xp.asarray(inv_sigma2, dtype=xp.float32)
-        ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
-    else:
-        ctf_isig = ctf
+    ctf_isig = _over_sigma2(ctf, kx, ky, inv_sigma2)
     cy = ctf_isig * Y  # CTF * Y / sigma2, before centring
     c2 = ctf_isig * ctf  # CTF^2 / sigma2
     for p in range(weights.shape[1]):
@@ -350,11 +346,16 @@ def _fused_inputs(images, ctf_params: CTFParams, psize_A: float, r_max, inv_sigm
     kx, ky, _ = half_plane_freqs(n, r_max)
     F = scipy.fft.rfft2(images)
     ctf = ctf_half_plane(ctf_params.to(np), kx, ky, n, psize_A)
-    ctf_isig = ctf
-    if inv_sigma2 is not None:
-        isig = np.asarray(inv_sigma2, dtype=np.float32)
-        ctf_isig = ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
-    return F, kx, ky, ctf, ctf_isig
+    return F, kx, ky, ctf, _over_sigma2(ctf, kx, ky, inv_sigma2)
+
+
+def _over_sigma2(ctf, kx, ky, inv_sigma2):
+    """``CTF / sigma2`` ``(B, M)`` with per-shell ``inv_sigma2`` (None: the CTF itself)."""
+    if inv_sigma2 is None:
+        return ctf
+    xp = xp_of(ctf)
+    isig = xp.asarray(inv_sigma2, dtype=xp.float32)
+    return ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
 
 
 def _fused_deposit(partial, k, F, kx, ky, a, c, rows, rotations, shifts_px, weights, halves):

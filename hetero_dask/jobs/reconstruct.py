@@ -442,7 +442,7 @@ def class_fsc_set(summary: dict, psize_A: float, mask_path):
     if maps is not None:
         user = None if mask_path is None else read_map(mask_path)[0]
         try:
-            curves = fsc_set(*maps, psize_A, user_mask=user)
+            curves = fsc_set(*maps, psize_A, user_mask=user, no_mask=no_mask)
         except ValueError:  # a map with nothing above its mask threshold (e.g. one empty half)
             curves = {"no_mask": no_mask}
         n = maps[0].shape[-1]
