@@ -136,6 +136,8 @@ def main(argv=None) -> int:
         "--n/--box/--classes/--seed); only the timed part runs again",
     )
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
 
     from hetero_dask.core.fsc import fsc
     from hetero_dask.io.mrc import read_map

@@ -245,6 +245,10 @@ def test_compiled_kernel_equals_array_path(monkeypatch):
     for k, rot in [(40.0, R[:1]), (11.0, 1.5 * R[:1]), (np.nan, R[:1])]:
         with pytest.raises(ValueError, match="outside a half-grid"):
             cpu_kernels.backproject_images(acc, rot, np.array([k]), np.array([0.0]), *args)
+    with pytest.raises(ValueError, match="real FFTs"):  # spectra of another box
+        cpu_kernels.backproject_images(acc, R[:1], np.array([1.0]), np.array([0.0]), F[:, :-1], *args[1:])
+    with pytest.raises(ValueError, match="outside a real FFT"):  # kx < 0: not a half-plane sample
+        cpu_kernels.backproject_images(acc, R[:1], np.array([-1.0]), np.array([0.0]), *args)
 
 
 @pytest.mark.parametrize("r_max", [12.0, 16.0])
