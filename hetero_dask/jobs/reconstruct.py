@@ -412,12 +412,15 @@ def backproject_range(
 
 
 def finish_class(part_k, k: int, out_dir: str, symmetry_ops, tau2_fudge: float, psize_A: float):
-    """M-step task of class ``k``: maps written to ``OUT/class_{k}``; returns its summary and
-    half-maps for :func:`class_fsc_set` (the next task of the class's chain)."""
+    """M-step task of class ``k``: the Wiener-filtered map and the unregularised half-maps
+    written to ``OUT/class_{k}``; returns its summary and the half-maps for
+    :func:`class_fsc_set` (the next task of the class's chain)."""
     from hetero_dask.jobs.mstep import mstep_class
     from hetero_dask.jobs.outputs import write_class_maps
 
-    res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A)
+    # Unregularised half-maps, as CryoSPARC writes them: the FSC set is measured on them (a
+    # Wiener-filtered pair keeps masked FSCs near 1 beyond the resolution, see core.fsc).
+    res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A, regularise_halves=False)
     write_class_maps(out_dir, k, res, psize_A)
     return {
         "class": k,
