@@ -84,6 +84,10 @@ class ReconstructParams:
     workers, scheduler: cluster for the Python API when no client is passed
         (None and None: run in this process, synchronously).
     stack_dir: where the particle stacks are, if not next to the file.
+    flip_contrast: multiply the images by -1 (``blob/sign`` negated in every
+        particle file written), for protein-dark stacks.
+    contrast_check: refuse, before any work, particles whose contrast looks
+        inverted (:func:`hetero_dask.jobs.contrast.check_contrast`).
     """
 
     class_prefix: str | None = None
@@ -103,6 +107,8 @@ class ReconstructParams:
     workers: int | None = None
     scheduler: str | None = None
     stack_dir: str | None = None
+    flip_contrast: bool = False
+    contrast_check: bool = True
 
     def __post_init__(self):
         from hetero_dask.core.symmetry import symmetry_group
@@ -566,6 +572,8 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         stack_dir=p.stack_dir,
         seed=p.random_seed,
         progress=progress is not False,
+        flip_contrast=p.flip_contrast,
+        contrast_check=p.contrast_check,
     )
     timings["import_s"] = time.perf_counter() - t0
 
