@@ -554,6 +554,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     from hetero_dask.jobs.mstep import merge_partials, select_class
     from hetero_dask.jobs.outputs import (
         fsc_figure,
+        map_figures,
         write_job_html,
         write_particles,
         write_report_json,
@@ -685,6 +686,8 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         [read_map(out_dir / f"class_{k}" / "map.mrc")[0] for k in range(layout.n_classes)]
     )
     outputs = {"volumes": write_volume_series(out_dir, vols, psize_out)}
+    maps_png = map_figures(out_dir, {f"class {k}": v for k, v in enumerate(vols)})
+    outputs.update(maps_png)
     del vols
     curves = {
         f"class {c['class']}" + (" (empty)" if c["empty"] else ""): c["fsc"]
@@ -727,6 +730,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
                 "n_particles_best": int(n_hard[c["class"]]),
                 "empty": c["empty"],
                 "resolution_A": c["resolution_A"],
+                "resolution_corrected_A": c["resolutions_A"].get("corrected", float("inf")),
                 "resolutions_A": c["resolutions_A"],
                 "fsc": c["fsc"],
                 "map": f"class_{c['class']}/map.mrc",
@@ -740,7 +744,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     }
     outputs["report"] = write_report_json(out_dir, report)
     outputs["report_html"] = write_job_html(
-        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png")]
+        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png"), *maps_png.values()]
     )
     return ReconstructResult(
         out_dir, layout.layout, layout.n_classes, box, psize_out, classes, outputs, report

@@ -950,8 +950,9 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
         "refine_box": box, "psize_A": psize,
         "initial_volumes": list(names),
         "classes": [
-            {"class": k, "fraction": float(np.mean(best == k)), "n_particles": int(np.sum(best == k)),
-             "resolution_A": float(results[k].resolution_A), "fsc": np.asarray(results[k].fsc).tolist()}
+            {"class": k, "fraction": float(np.mean(best == k)), "fraction_soft": float(np.mean(post[:, k])),
+             "n_particles": int(np.sum(best == k)), "resolution_A": float(results[k].resolution_A),
+             "fsc": _computed_fsc(results[k].fsc)}
             for k in range(K)
         ],
         "iterations": state.history,
@@ -964,8 +965,18 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
     return report
 
 
+def _computed_fsc(curve) -> np.ndarray:
+    """The FSC with NaN beyond the shells computed (mstep_task sets them to 0: beyond the
+    backprojection radius the half-maps hold no data)."""
+    c = np.asarray(curve, dtype=np.float64).copy()
+    nonzero = np.flatnonzero(c != 0)
+    c[(nonzero[-1] + 1 if nonzero.size else 1):] = np.nan
+    return c
+
+
 def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict:
     from hetero_dask.core.rotations import pose_to_matrix
+    from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report import plots
 
     hist = state.history
@@ -975,15 +986,19 @@ def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict
     iters = np.array([h["iteration"] for h in hist])
     out_plots = {}
     out_plots["fsc_plot"] = plots.plot_fsc_classes(
-        {f"class {k}": {"half maps": np.asarray(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+        {f"class {k}": {"half maps": _computed_fsc(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+    out_plots.update(map_figures(out, {f"class {k}": results[k].vol_full for k in range(K)}))
     views = []
     for k in range(K):
         sel = best == k
         R = pose_to_matrix(pose[sel, k].astype(np.float64)) if np.any(sel) else np.eye(3)[None]
         views.append(R[:, :, 2])
     out_plots["orientations_plot"] = plots.plot_orientation_distribution(
-        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png")
-    out_plots["class_fractions_plot"] = plots.plot_class_fractions(frac, out / "class_fractions.png", iterations=iters)
+        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png",
+        title="Viewing directions of each class's particles (best class)")
+    out_plots["class_fractions_plot"] = plots.plot_class_fractions(
+        frac, out / "class_fractions.png", iterations=iters,
+        title="Class fractions per iteration (soft: the class priors, mean posteriors)")
     out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters)
     out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters)
     return out_plots
