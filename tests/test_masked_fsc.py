@@ -135,11 +135,11 @@ def test_masked_fsc_agrees_with_relion_postprocess(noisy, tmp_path, mask_name):
         keep = np.r_[0:s, s + 2 : len(ours_c)]
         np.testing.assert_allclose(ours_c[keep], relion_c[keep], atol=0.05)
     # The corrected resolution (for the tight mask the job's reported curve) lands within
-    # one shell of RELION's (RELION reports the last shell at or above 0.143).
+    # one shell of RELION's (the last shell at or above 0.143; the median over its draws,
+    # which move it by a shell or two with this few voxels in a tight mask).
     if mask_name == "tight":
         ours = _radius(noisy["fsc"]["corrected"])
     else:
         ours = _radius(corrected_fsc(a, b, mask))
-    for t in tables:
-        last = int(np.argmax(t["rlnFourierShellCorrelationCorrected"].to_numpy() < 0.143)) - 1
-        assert abs(ours - last) <= 1.0, (ours, last)
+    last = [int(np.argmax(t["rlnFourierShellCorrelationCorrected"].to_numpy() < 0.143)) - 1 for t in tables]
+    assert abs(ours - np.median(last)) <= 1.0, (ours, last)
