@@ -82,8 +82,10 @@ def test_output_contract(dataset, refined):
     assert abs(sum(c["fraction"] for c in rep["classes"]) - 1) < 1e-6
     assert len(rep["iterations"]) >= 3
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
-    for png in ("fsc.png", "orientations.png", "class_fractions.png", "resolution.png", "class_changes.png"):
+    pngs = ("fsc.png", "class_maps.png", "orientations.png", "class_fractions.png", "resolution.png",
+            "class_changes.png")  # fmt: skip
+    assert page.count("data:image/png;base64,") == len(pngs)
+    for png in pngs:
         assert (out / png).stat().st_size > 1000
 
 
