@@ -269,6 +269,10 @@ def test_relion30_and_cs_of_same_particles_agree(shared_data):
             np.testing.assert_allclose(t[f], c[f], rtol=1e-6, err_msg=f)
     np.testing.assert_allclose(t["blob/psize_A"], c["blob/psize_A"], rtol=1e-6)  # 5 um / 38168
     np.testing.assert_allclose(t["ctf/amp_contrast"], c["ctf/amp_contrast"])
+    # The sign: a STAR file records none and reads +1 (RELION extractions hold protein
+    # bright); this stack holds it dark, as the .cs's -1 says and the data confirm
+    # (tests/test_contrast.py): such a .star needs --flip-contrast.
+    assert (t["blob/sign"] == 1).all() and (c["blob/sign"] == -1).all()
 
 
 def test_star_conventions(shared_data):

@@ -51,29 +51,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--serial", action="store_true", help="import in this process, without a Dask cluster"
     )
+    parser.add_argument(
+        "--flip-contrast",
+        action="store_true",
+        help="multiply the images by -1 (protein-dark stacks; blob/sign is negated in the store)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_cluster_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from hetero_dask.dist.cluster import client_from_args
+    from hetero_dask.io.particles import load_particles
     from hetero_dask.io.store import import_particles
 
+    particles = load_particles(
+        args.particles, stack_dir=args.stack_dir, flip_contrast=args.flip_contrast
+    )
     kwargs = dict(
         seed=args.seed,
-        stack_dir=args.stack_dir,
         crop_boxes=args.crop_box,
         progress=not args.quiet,
         chunk_mb=args.chunk_mb,
         shard_mb=args.shard_mb,
     )
     if args.serial:
-        store = import_particles(args.particles, args.out, **kwargs)
+        store = import_particles(particles, args.out, **kwargs)
     else:
         if args.gpus is None:
             args.gpus = 0  # reading stacks and writing Zarr is CPU and I/O work
         with client_from_args(args, quiet=args.quiet) as client:
-            store = import_particles(args.particles, args.out, client=client, **kwargs)
+            store = import_particles(particles, args.out, client=client, **kwargs)
     crops = ", crops " + " ".join(map(str, store.crop_boxes)) if store.crop_boxes else ""
     print(
         f"{store.path}: {store.n} particles, box {store.box}, {store.psize_A:g} A/px, "

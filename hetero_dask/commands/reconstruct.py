@@ -60,6 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stack-dir", default=None, help="folder of the particle stacks if not next to the file"
     )
+    parser.add_argument(
+        "--flip-contrast",
+        action="store_true",
+        help="multiply the images by -1 (protein-dark stacks; blob/sign is negated in the outputs)",
+    )
+    parser.add_argument(
+        "--no-contrast-check",
+        action="store_true",
+        help="do not refuse particles whose contrast looks inverted (e.g. particles not centred)",
+    )
     add_cluster_arguments(parser)
 
 
@@ -74,6 +84,8 @@ def main(args: argparse.Namespace) -> int:
         random_split=args.random_split,
         random_seed=args.seed,
         stack_dir=args.stack_dir,
+        flip_contrast=args.flip_contrast,
+        contrast_check=not args.no_contrast_check,
     )
     with client_from_args(args) as client:
         result = reconstruct(args.particles, args.out, client=client, params=params)

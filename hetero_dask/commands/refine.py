@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetry-convention", choices=("cryosparc", "relion"), default=d.symmetry_convention,
                         help="D<n> 2-fold along y (cryosparc) or x (relion)")
     parser.add_argument("--hard", action="store_true", help="force hard classification")
+    parser.add_argument("--flip-contrast", action="store_true",
+                        help="multiply the images by -1 (protein-dark stacks; blob/sign is negated in the outputs)")
     parser.add_argument("--mask-diameter", type=float, help="inner diameter of the spherical window mask (A)")
     parser.add_argument("--mask-diameter-outer", type=float, help="outer diameter (A; default 1.2x inner)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size_per_class,
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         num_random_iterations=args.random_iterations, initial_lowpass_A=args.initial_lowpass,
         max_iterations=args.iterations, seed=args.seed, initial_sigma_scale=args.sigma_scale,
         max_order=args.max_order, reference_mode=args.reference_mode,
-        final_sigma_scale=args.final_sigma_scale,
+        final_sigma_scale=args.final_sigma_scale, flip_contrast=args.flip_contrast,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
     if args.detach:

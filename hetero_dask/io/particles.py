@@ -224,6 +224,7 @@ def load_particles(
     allow_outside: bool = False,
     allow_ignore_aberrations: bool = False,
     ctf_defaults: dict | None = None,
+    flip_contrast: bool = False,
 ) -> ParticleSet:
     """Load particles from ``.cs`` or ``.star``; resolve and check their stacks.
 
@@ -232,11 +233,16 @@ def load_particles(
     ``>`` paths need ``project_dir``); paths leaving those folders are refused
     unless ``allow_outside``. ``psize_A`` supplies or overrides the pixel size
     (stack header voxel sizes are never used: they are often 0 or 1).
+    ``flip_contrast`` negates ``blob/sign`` (a STAR file does not record which
+    way round its stack's contrast is; ``.star`` particles read as +1).
     """
     path = Path(path)
     table = _read_table(path, psize_A, allow_ignore_aberrations, ctf_defaults)
     if len(table) == 0:
         raise InputError(path, "no particles", expected="at least one row")
+    if flip_contrast:
+        sign = table["blob/sign"] if "blob/sign" in table.dtype.names else np.ones(len(table))
+        table = with_fields(table, {"blob/sign": -np.asarray(sign, dtype=np.float32)})
     psizes = np.asarray(table["blob/psize_A"], dtype=np.float64)
     bad = ~(psizes > 0)
     if bad.any():

@@ -13,22 +13,44 @@ from pathlib import Path
 
 import numpy as np
 
+from hetero_dask.io.errors import InputError
 from hetero_dask.io.store import ParticleStore, ensure_store, fingerprint, is_store
 
 SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
 
 
 def open_particle_store(
-    particles, out_dir, client=None, stack_dir=None, seed: int = 0, progress: bool = True
+    particles,
+    out_dir,
+    client=None,
+    stack_dir=None,
+    seed: int = 0,
+    progress: bool = True,
+    flip_contrast: bool = False,
+    contrast_check: bool = False,
 ) -> ParticleStore:
     """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
 
     A file is imported into ``out_dir/particles.zarr`` (on ``client``'s
     workers when given), unless a complete store imported from the same
-    input (same fingerprint and ``seed``) is already there.
+    input (same fingerprint and ``seed``) is already there. ``flip_contrast``
+    negates ``blob/sign`` before the import; ``contrast_check`` refuses
+    inverted particles first (:func:`hetero_dask.jobs.contrast.check_contrast`).
     """
+    from hetero_dask.jobs.contrast import FLIP_OPTION, check_contrast
+
     if is_store(particles):
-        return ParticleStore.open(particles)
+        if flip_contrast:
+            raise InputError(
+                particles,
+                f"{FLIP_OPTION} cannot flip a particle store (its images were stored with "
+                "blob/sign applied)",
+                expected="the .cs/.star file, or a store made by hetero-dask import --flip-contrast",
+            )
+        store = ParticleStore.open(particles)
+        if contrast_check:
+            check_contrast(store, particles)
+        return store
     from hetero_dask.io.particles import load_particles
 
     path = Path(particles)
@@ -36,7 +58,9 @@ def open_particle_store(
         raise FileNotFoundError(
             f"particles {path} not found (expected a .cs, .star or .zarr store)"
         )
-    pset = load_particles(path, stack_dir=stack_dir)
+    pset = load_particles(path, stack_dir=stack_dir, flip_contrast=flip_contrast)
+    if contrast_check:
+        check_contrast(pset, path, seed)
     target = Path(out_dir) / "particles.zarr"
     if is_store(target):
         try:

@@ -84,6 +84,10 @@ class ReconstructParams:
     workers, scheduler: cluster for the Python API when no client is passed
         (None and None: run in this process, synchronously).
     stack_dir: where the particle stacks are, if not next to the file.
+    flip_contrast: multiply the images by -1 (``blob/sign`` negated in every
+        particle file written), for protein-dark stacks.
+    contrast_check: refuse, before any work, particles whose contrast looks
+        inverted (:func:`hetero_dask.jobs.contrast.check_contrast`).
     """
 
     class_prefix: str | None = None
@@ -103,6 +107,8 @@ class ReconstructParams:
     workers: int | None = None
     scheduler: str | None = None
     stack_dir: str | None = None
+    flip_contrast: bool = False
+    contrast_check: bool = True
 
     def __post_init__(self):
         from hetero_dask.core.symmetry import symmetry_group
@@ -412,12 +418,15 @@ def backproject_range(
 
 
 def finish_class(part_k, k: int, out_dir: str, symmetry_ops, tau2_fudge: float, psize_A: float):
-    """M-step task of class ``k``: maps written to ``OUT/class_{k}``; returns its summary and
-    half-maps for :func:`class_fsc_set` (the next task of the class's chain)."""
+    """M-step task of class ``k``: the Wiener-filtered map and the unregularised half-maps
+    written to ``OUT/class_{k}``; returns its summary and the half-maps for
+    :func:`class_fsc_set` (the next task of the class's chain)."""
     from hetero_dask.jobs.mstep import mstep_class
     from hetero_dask.jobs.outputs import write_class_maps
 
-    res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A)
+    # Unregularised half-maps, as CryoSPARC writes them: the FSC set is measured on them (a
+    # Wiener-filtered pair keeps masked FSCs near 1 beyond the resolution, see core.fsc).
+    res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A, regularise_halves=False)
     write_class_maps(out_dir, k, res, psize_A)
     return {
         "class": k,
@@ -545,6 +554,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     from hetero_dask.jobs.mstep import merge_partials, select_class
     from hetero_dask.jobs.outputs import (
         fsc_figure,
+        map_figures,
         write_job_html,
         write_particles,
         write_report_json,
@@ -563,6 +573,8 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         stack_dir=p.stack_dir,
         seed=p.random_seed,
         progress=progress is not False,
+        flip_contrast=p.flip_contrast,
+        contrast_check=p.contrast_check,
     )
     timings["import_s"] = time.perf_counter() - t0
 
@@ -674,6 +686,8 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         [read_map(out_dir / f"class_{k}" / "map.mrc")[0] for k in range(layout.n_classes)]
     )
     outputs = {"volumes": write_volume_series(out_dir, vols, psize_out)}
+    maps_png = map_figures(out_dir, {f"class {k}": v for k, v in enumerate(vols)})
+    outputs.update(maps_png)
     del vols
     curves = {
         f"class {c['class']}" + (" (empty)" if c["empty"] else ""): c["fsc"]
@@ -716,6 +730,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
                 "n_particles_best": int(n_hard[c["class"]]),
                 "empty": c["empty"],
                 "resolution_A": c["resolution_A"],
+                "resolution_corrected_A": c["resolutions_A"].get("corrected", float("inf")),
                 "resolutions_A": c["resolutions_A"],
                 "fsc": c["fsc"],
                 "map": f"class_{c['class']}/map.mrc",
@@ -729,7 +744,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     }
     outputs["report"] = write_report_json(out_dir, report)
     outputs["report_html"] = write_job_html(
-        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png")]
+        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png"), *maps_png.values()]
     )
     return ReconstructResult(
         out_dir, layout.layout, layout.n_classes, box, psize_out, classes, outputs, report

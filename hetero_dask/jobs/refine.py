@@ -142,6 +142,9 @@ class RefineParams:
     shift_range_px: float | None = None
     max_order: int = 4
     seed: int = 0
+    # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
+    # which the grey-scale fit refuses (_estimate_scales).
+    flip_contrast: bool = False
 
     def validate(self) -> None:
         if self.refine_box < 16 or self.refine_box % 2:
@@ -486,7 +489,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     run_dir = out / "run"
     run_dir.mkdir(exist_ok=True)
     t0 = time.time()
-    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed)
+    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed,
+                                flip_contrast=p.flip_contrast)
     vols_in, psize_vol, names = read_volume_group(volumes)
     K = vols_in.shape[0]
     box = min(p.refine_box, store.box)
@@ -518,7 +522,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         state.sigma2 = _initial_sigma2(store, box, psize, box / 2, mask_radius_px, 0, min(N, 500))
         if p.estimate_scale:
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
-            scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range)
+            scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range,
+                                      source=particles)
             print(f"reference grey scales: {np.round(scales, 4).tolist()}", flush=True)
             refs = refs * scales[:, None, None, None].astype(np.float32)
         if p.initial_split == "pca" and K > 1 and _identical(refs):
@@ -643,15 +648,23 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     return report
 
 
-def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, shift_range, n=256, rounds=3):
+def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, shift_range, source="particles",
+                     n=256, rounds=3):
     """Per-class grey scale of the references against the particles (median least-squares alpha).
 
     References from other programs come on arbitrary grey scales; the log-likelihood
     needs them in the units of the normalised particle images. A coarse search on
     ``n`` particles finds each class's best pose; alpha is the least-squares scale of
     that projection to the image. Repeated: poses found with a badly scaled reference
-    are poor, with a rescaled one good.
+    are poor, with a rescaled one good. First, the particles are scored against the maps
+    and the negated maps: most preferring the negated ones means inverted contrast,
+    refused naming the flag that flips it (``source``: the particles, for the message).
+    A class with a grey scale <= 0 keeps the scale given, with a warning.
     """
+    import warnings
+
+    from hetero_dask.jobs.contrast import refuse_inverted_fit
+
     stop = min(store.n, n)
     imgs = _normalised_images(store, box, 0, stop, mask_radius_px, np)
     band = alignment_band(box, r_align, np)
@@ -659,12 +672,20 @@ def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, s
                              mask_radius_px=mask_radius_px)
     search = SearchParams(radius_final=r_align, order_coarse=1, order_final=2, shift_range_px=shift_range,
                           shift_step_px=max(1.0, shift_range / 2.5))
-    scales = np.ones(refs.shape[0])
+    K = refs.shape[0]
+    sigma2 = _extend(sigma2, int(math.ceil(r_align)) + 2)
+    signed = [prepare_fourier_map(sign * refs[k], r_max=r_align + 1) for sign in (1, -1) for k in range(K)]
+    best = to_host(estep(prep, signed, sigma2, search).best_class)
+    refuse_inverted_fit(float(np.mean(best >= K)), stop, source)
+    scales = np.ones(K)
     for _ in range(rounds):
-        maps = [prepare_fourier_map(refs[k] * scales[k], r_max=r_align + 1) for k in range(refs.shape[0])]
-        res = estep(prep, maps, _extend(sigma2, int(math.ceil(r_align)) + 2), search)
-        alpha = np.median(to_host(res.alpha), axis=0)
+        maps = [prepare_fourier_map(refs[k] * scales[k], r_max=r_align + 1) for k in range(K)]
+        alpha = np.median(to_host(estep(prep, maps, sigma2, search).alpha), axis=0)
         scales *= np.where(alpha > 0, alpha, 1.0)
+    if np.any(alpha <= 0):
+        warnings.warn(f"the starting map(s) of class(es) {np.flatnonzero(alpha <= 0).tolist()} fit the particles "
+                      f"with a grey scale <= 0 ({np.round(alpha, 4).tolist()}): inverted or unrelated maps, "
+                      "kept at the scale given", stacklevel=2)
     return scales
 
 
@@ -929,8 +950,9 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
         "refine_box": box, "psize_A": psize,
         "initial_volumes": list(names),
         "classes": [
-            {"class": k, "fraction": float(np.mean(best == k)), "n_particles": int(np.sum(best == k)),
-             "resolution_A": float(results[k].resolution_A), "fsc": np.asarray(results[k].fsc).tolist()}
+            {"class": k, "fraction": float(np.mean(best == k)), "fraction_soft": float(np.mean(post[:, k])),
+             "n_particles": int(np.sum(best == k)), "resolution_A": float(results[k].resolution_A),
+             "fsc": _computed_fsc(results[k].fsc)}
             for k in range(K)
         ],
         "iterations": state.history,
@@ -943,8 +965,18 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
     return report
 
 
+def _computed_fsc(curve) -> np.ndarray:
+    """The FSC with NaN beyond the shells computed (mstep_task sets them to 0: beyond the
+    backprojection radius the half-maps hold no data)."""
+    c = np.asarray(curve, dtype=np.float64).copy()
+    nonzero = np.flatnonzero(c != 0)
+    c[(nonzero[-1] + 1 if nonzero.size else 1):] = np.nan
+    return c
+
+
 def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict:
     from hetero_dask.core.rotations import pose_to_matrix
+    from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report import plots
 
     hist = state.history
@@ -954,15 +986,19 @@ def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict
     iters = np.array([h["iteration"] for h in hist])
     out_plots = {}
     out_plots["fsc_plot"] = plots.plot_fsc_classes(
-        {f"class {k}": {"half maps": np.asarray(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+        {f"class {k}": {"half maps": _computed_fsc(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+    out_plots.update(map_figures(out, {f"class {k}": results[k].vol_full for k in range(K)}))
     views = []
     for k in range(K):
         sel = best == k
         R = pose_to_matrix(pose[sel, k].astype(np.float64)) if np.any(sel) else np.eye(3)[None]
         views.append(R[:, :, 2])
     out_plots["orientations_plot"] = plots.plot_orientation_distribution(
-        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png")
-    out_plots["class_fractions_plot"] = plots.plot_class_fractions(frac, out / "class_fractions.png", iterations=iters)
+        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png",
+        title="Viewing directions of each class's particles (best class)")
+    out_plots["class_fractions_plot"] = plots.plot_class_fractions(
+        frac, out / "class_fractions.png", iterations=iters,
+        title="Class fractions per iteration (soft: the class priors, mean posteriors)")
     out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters)
     out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters)
     return out_plots

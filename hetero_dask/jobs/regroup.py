@@ -634,7 +634,7 @@ def regroup(
         out_dir=out_dir,
         outputs=outputs,
     )
-    outputs.update(_write_plots(out_dir, result))
+    outputs.update(_write_plots(out_dir, result, vols))
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report = {
@@ -690,6 +690,7 @@ def regroup(
     from hetero_dask.jobs.outputs import write_job_html
 
     plots = [outputs.get(k) for k in ("plot_affinity", "plot_eigenvalues", "plot_class_table")]
+    plots += [v for key, v in outputs.items() if key.startswith(("plot_superclass_maps", "plot_class_maps"))]
     outputs["report_html"] = write_job_html(out_dir, "Regroup 3D Classes", report, plots)
     return result
 
@@ -787,12 +788,22 @@ def _write_zip(path: Path, maps, psize_A: float) -> Path:
     return path
 
 
-def _write_plots(out_dir: Path, result: RegroupResult) -> dict:
+def _write_plots(out_dir: Path, result: RegroupResult, vols) -> dict:
+    """Affinity, eigenvalues, class sizes, and sections and projections of the class maps
+    ``vols`` ``(K, n, n, n)`` and of the superclass maps."""
+    from hetero_dask.io.mrc import read_map
+    from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report.plots import plot_affinity, plot_class_table, plot_eigenvalues
 
     inc = result.included
     names = [str(c) for c in inc]
-    return {
+    superclass_maps = {
+        f"superclass {s}": read_map(result.outputs[f"superclass_{s}/map"])[0]
+        for s in range(int(result.superclass.max()) + 1)
+    }
+    maps = map_figures(out_dir, superclass_maps, name="superclass_maps")
+    maps |= map_figures(out_dir, {f"class {k}": v for k, v in enumerate(vols)}, name="class_maps")
+    return {f"plot_{stem}": path for stem, path in maps.items()} | {
         "plot_affinity": plot_affinity(
             result.affinity, result.superclass[inc], out_dir / "affinity.png", labels=names
         ),
