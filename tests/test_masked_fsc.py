@@ -87,7 +87,8 @@ def test_masked_curves_of_a_noisy_map_are_true(noisy):
 def _relion_postprocess(folder, half_a, half_b, mask, seed: int):
     """relion_postprocess --randomize_at_fsc 0.143 on the maps; its FSC table (pandas)."""
     import starfile
-    from relion_utils import run
+
+    from hetero_dask.testing.relion import run
 
     for name, vol in (("half1.mrc", half_a), ("half2.mrc", half_b), ("mask.mrc", mask)):
         if not (folder / name).exists():
