@@ -159,12 +159,14 @@ def make_local_cluster(
     this process has).
     """
     load_project_config()
-    dashboard_address = ":0" if dashboard else None
     protocol = "tls://" if security is not None and security.require_encryption else None
     common = dict(
         security=security,
         protocol=protocol,
-        dashboard_address=dashboard_address,
+        # A free port even without a dashboard: the scheduler's HTTP server (health,
+        # metrics) binds one anyway, and defaults to 8787, which a second cluster finds taken.
+        dashboard_address=":0",
+        scheduler_kwargs={"dashboard": dashboard},
         host=host,
         scheduler_port=scheduler_port,
         memory_limit=memory_limit,
