@@ -19,13 +19,20 @@ SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
 
 
 def open_particle_store(
-    particles, out_dir, client=None, stack_dir=None, seed: int = 0, progress: bool = True
+    particles,
+    out_dir,
+    client=None,
+    stack_dir=None,
+    seed: int = 0,
+    progress: bool = True,
+    particle_set=None,
 ) -> ParticleStore:
     """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
 
     A file is imported into ``out_dir/particles.zarr`` (on ``client``'s
     workers when given), unless a complete store imported from the same
-    input (same fingerprint and ``seed``) is already there.
+    input (same fingerprint and ``seed``) is already there. ``particle_set``:
+    the file already loaded (by the job's checks), so it is not read again.
     """
     if is_store(particles):
         return ParticleStore.open(particles)
@@ -36,7 +43,7 @@ def open_particle_store(
         raise FileNotFoundError(
             f"particles {path} not found (expected a .cs, .star or .zarr store)"
         )
-    pset = load_particles(path, stack_dir=stack_dir)
+    pset = particle_set if particle_set is not None else load_particles(path, stack_dir=stack_dir)
     target = Path(out_dir) / "particles.zarr"
     if is_store(target):
         try:
@@ -67,3 +74,15 @@ def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:
                 return split
     by_input = np.random.default_rng([int(seed), 2]).permutation(store.n) % 2
     return by_input[store.original_index].astype(np.int64)
+
+
+def output_table(store: ParticleStore, stack_dir=None) -> np.ndarray:
+    """The particles' metadata in input order, each stack named by its absolute path where found.
+
+    Output particle files are written from it, so the next job reads them from any
+    folder with no ``--stack-dir`` (:func:`hetero_dask.io.particles.locate_stacks`).
+    """
+    from hetero_dask.io.particles import locate_stacks
+
+    source = store.source_files[0] if store.source_files else None
+    return locate_stacks(store.to_input_order(store.table()), source=source, stack_dir=stack_dir)
