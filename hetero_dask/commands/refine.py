@@ -104,19 +104,16 @@ def resume_command(args: argparse.Namespace) -> str:
 def refine_job(job: dict, client) -> dict:
     """Driver of a detached refinement (:func:`hetero_dask.submit` runs it on a worker).
 
-    A failure is recorded in ``OUT/run/status.json`` (state ``failed``, the error), which
-    ``hetero-dask status`` shows; else the run would read ``running`` forever.
+    The run records its own failure or interruption in ``OUT/run/status.json``
+    (:func:`~hetero_dask.dist.checkpoint.run_status`). When the worker holding the
+    driver dies, Dask starts this function again elsewhere: finding its own run record
+    (``_detach`` refused a folder holding another run before submitting), it resumes.
     """
-    from hetero_dask.dist.checkpoint import write_status
-
-    try:
-        # The default client for code that looks one up (e.g. distributed.as_completed).
-        with client.as_current():
-            report = refine(job["particles"], job["volumes"], job["out"], client=client,
-                            stack_dir=job["stack_dir"], resume=job["resume"], progress=False, **job["params"])
-    except BaseException as exc:
-        write_status(Path(job["out"]) / "run", job="refine", state="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    resume = job["resume"] or (Path(job["out"]) / "run" / "run.json").is_file()
+    # The default client for code that looks one up (e.g. distributed.as_completed).
+    with client.as_current():
+        report = refine(job["particles"], job["volumes"], job["out"], client=client,
+                        stack_dir=job["stack_dir"], resume=resume, progress=False, **job["params"])
     return {"report": str(Path(job["out"]) / "report.json"),
             "resolution_A": [c["resolution_A"] for c in report["classes"]]}
 

@@ -194,7 +194,7 @@ def make_local_cluster(
             )
     n = workers or max(1, available_cores() // threads_per_worker)
     blas = blas_threads_per_worker(n, threads_per_worker)
-    # Worker processes inherit SIGINT ignored: Ctrl-C is the driver's to handle (dist.signals).
+    # Worker processes inherit SIGINT and SIGTERM ignored: the driver handles them (dist.signals).
     with _blas_env(blas), starting_workers():
         return LocalCluster(
             n_workers=n,
