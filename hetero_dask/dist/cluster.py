@@ -240,7 +240,8 @@ def open_client(
         )
         with Client(security=security, **target) as client:
             _announce(client, quiet)
-            yield client
+            with _quiet_when_interrupted():
+                yield client
         return
     cluster = make_local_cluster(
         workers=workers,
@@ -253,7 +254,22 @@ def open_client(
     with cluster, Client(cluster, security=security) as client:
         client.run(_quiet_cancellations)
         _announce(client, quiet or not dashboard)
-        yield client
+        with _quiet_when_interrupted():
+            yield client
+
+
+@contextlib.contextmanager
+def _quiet_when_interrupted() -> Iterator[None]:
+    """After Ctrl-C or SIGTERM the client and cluster close under running tasks: what Dask,
+    its event loop and the nanny then log is expected, not for the user (who gets one line)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        names = ["asyncio", "tornado", "distributed"]
+        names += [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+        for name in names:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        raise
 
 
 def _quiet_cancellations() -> None:
@@ -355,14 +371,7 @@ def job_client(client) -> Iterator[Client | None]:
     :class:`ClusterSpec` (started here, closed on exit)."""
     if isinstance(client, ClusterSpec):
         with client.open() as c:
-            try:
-                yield c
-            except KeyboardInterrupt:
-                # The cluster now closes under running tasks: what the client, its event
-                # loop and the scheduler say about that is expected, not for the user.
-                for name in ("distributed", "asyncio", "tornado"):
-                    logging.getLogger(name).setLevel(logging.CRITICAL)
-                raise
+            yield c
     else:
         yield client
 
