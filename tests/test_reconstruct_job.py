@@ -118,7 +118,7 @@ def test_one_worker_equals_three_workers_with_other_partitions(simset, tmp_path)
     )
     with (
         LocalCluster(
-            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None
+            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
         ) as lc,
         Client(lc) as client,
     ):

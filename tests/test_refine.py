@@ -91,10 +91,11 @@ def test_output_contract(dataset, refined):
 
 def test_bad_parameters_are_refused(dataset, tmp_path):
     d, vols, sim, refs = dataset
-    with pytest.raises(ValueError, match="refine_box"):
-        refine(str(d / "sim" / "particles.cs"), refs, tmp_path, refine_box=15)
-    with pytest.raises(ValueError, match="learning_rate"):
-        refine(str(d / "sim" / "particles.cs"), refs, tmp_path, learning_rate=0)
+    with pytest.raises(ValueError, match=r"--box \(refine_box\) = 15"):
+        refine(str(d / "sim" / "particles.cs"), refs, tmp_path / "out", refine_box=15)
+    with pytest.raises(ValueError, match="learning_rate = 0"):
+        refine(str(d / "sim" / "particles.cs"), refs, tmp_path / "out", learning_rate=0)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -154,5 +155,5 @@ def test_sigma_scale_schedule_and_bad_values():
     assert _sigma_scale(20, p, False) == 2.0
     assert _sigma_scale(1, p, True) == 2.0  # final passes
     for name in ("initial_sigma_scale", "final_sigma_scale"):
-        with pytest.raises(ValueError, match=f"{name} must be > 0"):
+        with pytest.raises(ValueError, match=rf"\({name}\) = 0.0: expected a value > 0"):
             RefineParams(**{name: 0.0}).validate()

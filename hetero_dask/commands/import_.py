@@ -11,6 +11,7 @@ new one is complete. Workers are CPU processes unless --gpus is given.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,30 +62,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hetero_dask.dist.cluster import client_from_args
-    from hetero_dask.io.particles import load_particles
+    from hetero_dask.dist.cluster import cluster_from_args
+    from hetero_dask.io.errors import InputError
+    from hetero_dask.io.paths import check_allowed
     from hetero_dask.io.store import import_particles
+    from hetero_dask.jobs.preflight import check_even_box, check_particles
 
-    particles = load_particles(
-        args.particles, stack_dir=args.stack_dir, flip_contrast=args.flip_contrast
-    )
+    # Everything is checked before a cluster starts or a byte is written.
+    checked = check_particles(args.particles, args.stack_dir, flip_contrast=args.flip_contrast)
+    if checked.particle_set is None:
+        raise InputError("--particles", f"{args.particles} is a particle store already",
+                         expected="a .star or .cs file to import")
+    check_allowed(Path(args.out), "--out")
+    for box in args.crop_box:
+        check_even_box("crop_box", box)
+    if args.gpus is None:
+        args.gpus = 0  # reading stacks and writing Zarr is CPU and I/O work
+    spec = None if args.serial else cluster_from_args(args, quiet=args.quiet)
     kwargs = dict(
         seed=args.seed,
         crop_boxes=args.crop_box,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,
         chunk_mb=args.chunk_mb,
         shard_mb=args.shard_mb,
     )
-    if args.serial:
-        store = import_particles(particles, args.out, **kwargs)
+    if spec is None:
+        store = import_particles(checked.particle_set, args.out, **kwargs)
     else:
-        if args.gpus is None:
-            args.gpus = 0  # reading stacks and writing Zarr is CPU and I/O work
-        with client_from_args(args, quiet=args.quiet) as client:
-            store = import_particles(particles, args.out, client=client, **kwargs)
+        with spec.open() as client:
+            store = import_particles(checked.particle_set, args.out, client=client, **kwargs)
     crops = ", crops " + " ".join(map(str, store.crop_boxes)) if store.crop_boxes else ""
     print(
         f"{store.path}: {store.n} particles, box {store.box}, {store.psize_A:g} A/px, "
         f"{len(store.shard_ranges())} shards of {store.shard_rows}{crops}"
     )
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return "interrupted; the shards written are kept: run the same command again to finish the import"

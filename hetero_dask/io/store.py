@@ -441,7 +441,7 @@ def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, prog
     g = zarr.open_group(str(path), mode="r")
     perm = g["original_index"][:]
     shard_rows = int(g.attrs[ATTR]["shard_rows"])
-    bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=not progress)
+    bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=None if progress is None else not progress)
     try:
         if client is None:
             for s in todo:

@@ -28,6 +28,7 @@ def open_particle_store(
     progress: bool = True,
     flip_contrast: bool = False,
     contrast_check: bool = False,
+    particle_set=None,
 ) -> ParticleStore:
     """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
 
@@ -36,6 +37,8 @@ def open_particle_store(
     input (same fingerprint and ``seed``) is already there. ``flip_contrast``
     negates ``blob/sign`` before the import; ``contrast_check`` refuses
     inverted particles first (:func:`hetero_dask.jobs.contrast.check_contrast`).
+    ``particle_set``: the file already loaded (by the job's checks, with
+    ``flip_contrast`` applied), so it is not read again.
     """
     from hetero_dask.jobs.contrast import FLIP_OPTION, check_contrast
 
@@ -58,7 +61,10 @@ def open_particle_store(
         raise FileNotFoundError(
             f"particles {path} not found (expected a .cs, .star or .zarr store)"
         )
-    pset = load_particles(path, stack_dir=stack_dir, flip_contrast=flip_contrast)
+    if particle_set is not None:
+        pset = particle_set
+    else:
+        pset = load_particles(path, stack_dir=stack_dir, flip_contrast=flip_contrast)
     if contrast_check:
         check_contrast(pset, path, seed)
     target = Path(out_dir) / "particles.zarr"
@@ -91,3 +97,15 @@ def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:
                 return split
     by_input = np.random.default_rng([int(seed), 2]).permutation(store.n) % 2
     return by_input[store.original_index].astype(np.int64)
+
+
+def output_table(store: ParticleStore, stack_dir=None) -> np.ndarray:
+    """The particles' metadata in input order, each stack named by its absolute path where found.
+
+    Output particle files are written from it, so the next job reads them from any
+    folder with no ``--stack-dir`` (:func:`hetero_dask.io.particles.locate_stacks`).
+    """
+    from hetero_dask.io.particles import locate_stacks
+
+    source = store.source_files[0] if store.source_files else None
+    return locate_stacks(store.to_input_order(store.table()), source=source, stack_dir=stack_dir)

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +55,7 @@ from hetero_dask.core.scoring import (
 from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.core.symmetry import symmetry_group
 from hetero_dask.dist import checkpoint as ckpt
+from hetero_dask.dist.cluster import job_client
 from hetero_dask.dist.engine import (
     Partition,
     map_reduce,
@@ -62,8 +64,8 @@ from hetero_dask.dist.engine import (
     task_rng,
     worker_cached,
 )
-from hetero_dask.io.volumes import read_volume_group
-from hetero_dask.jobs.common import open_particle_store, particle_split
+from hetero_dask.dist.progress import IterationProgress
+from hetero_dask.jobs.common import open_particle_store, output_table, particle_split
 from hetero_dask.jobs.mstep import (
     ClassGridsPartial,
     accumulating,
@@ -72,6 +74,12 @@ from hetero_dask.jobs.mstep import (
     merge_partials,
     mstep_class,
     select_class,
+)
+from hetero_dask.jobs.preflight import (
+    RefinePlan,
+    bad_value,
+    check_even_box,
+    check_refine,
 )
 
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
@@ -84,7 +92,7 @@ _SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
 class RefineParams:
     """Heterogeneous Refinement parameters, named after CryoSPARC's (defaults as CryoSPARC's)."""
 
-    refine_box: int = 128
+    refine_box: int | None = None  # None: the particles' box, at most 128 (preflight's box rule)
     symmetry: str = "C1"
     symmetry_convention: str = "cryosparc"
     force_hard_classification: bool = False
@@ -147,23 +155,29 @@ class RefineParams:
     flip_contrast: bool = False
 
     def validate(self) -> None:
-        if self.refine_box < 16 or self.refine_box % 2:
-            raise ValueError(f"refine_box must be an even number >= 16, got {self.refine_box}")
-        if self.batch_size_per_class < 1:
-            raise ValueError(f"batch_size_per_class must be >= 1, got {self.batch_size_per_class}")
+        """Refuse values no run can use; messages name the CLI option (:mod:`.preflight`)."""
+        if self.refine_box is not None:
+            check_even_box("refine_box", self.refine_box)
+        for name in ("batch_size_per_class", "learning_rate_halflife", "max_iterations", "max_order",
+                     "sigma_anneal_iterations", "split_particles"):
+            if getattr(self, name) < 1:
+                raise bad_value(name, getattr(self, name), "a whole number >= 1")
+        for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
+            if getattr(self, name) < 0:
+                raise bad_value(name, getattr(self, name), "a whole number >= 0")
         for name in ("learning_rate_init", "learning_rate"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {v}")
-        if self.reference_mode not in ("full", "half", "cross"):
-            raise ValueError(f"reference_mode must be 'full', 'half' or 'cross', got {self.reference_mode!r}")
-        if self.initial_split not in ("pca", "random"):
-            raise ValueError(f"initial_split must be 'pca' or 'random', got {self.initial_split!r}")
-        for name in ("initial_sigma_scale", "final_sigma_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                raise bad_value(name, getattr(self, name), "a value in (0, 1]")
+        for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",
+                     "backproject_factor"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+                raise bad_value(name, getattr(self, name), "a value > 0")
+        if self.shift_range_px is not None and self.shift_range_px < 0:
+            raise bad_value("shift_range_px", self.shift_range_px, "a shift in pixels >= 0")
+        if self.reference_mode not in ("full", "half", "cross"):
+            raise bad_value("reference_mode", self.reference_mode, "'full', 'half' or 'cross'")
+        if self.initial_split not in ("pca", "random"):
+            raise bad_value("initial_split", self.initial_split, "'pca' or 'random'")
 
 
 @dataclass
@@ -481,19 +495,37 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     ``.star``; ``volumes``: K initial volumes (MRC paths, a folder, or a
     ``volumes.zip``); ``client``: a ``distributed.Client`` (None: Dask's
     synchronous scheduler in this process); ``params``: :class:`RefineParams` fields.
+
+    Every input and parameter is checked first (:func:`~hetero_dask.jobs.preflight.check_refine`),
+    before a cluster starts (``client`` may be a
+    :class:`~hetero_dask.dist.cluster.ClusterSpec`) or a byte is written. ``out`` must be new or
+    empty; with ``resume`` it must hold a run of the same parameters and inputs, which continues
+    from its last completed iteration (a finished run is left as it is and its report returned).
+    ``progress``: None (a bar on a terminal, a line per iteration otherwise), False (silent).
     """
-    p = RefineParams(**params)
-    p.validate()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir = out / "run"
-    run_dir.mkdir(exist_ok=True)
+    plan = check_refine(particles, volumes, out, stack_dir=stack_dir, resume=resume, **params)
+    if plan.output.action == "finished":
+        print(f"{plan.output.out}: this refinement finished already; nothing to resume (its results are "
+              "unchanged)", file=sys.stderr, flush=True)
+        return load_report(plan.output.out)
+    with job_client(client) as client:
+        ckpt.write_run_record(plan.output.run_dir, plan.record)
+        with ckpt.run_status(plan.output.run_dir, "refine"):
+            return _refine(plan, client, progress)
+
+
+def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
+    p = plan.params
+    out = plan.output.out
+    resume = plan.output.action == "resume"
+    run_dir = plan.output.run_dir
     t0 = time.time()
-    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed,
+    store = open_particle_store(plan.particles.path, out, client=client, stack_dir=plan.stack_dir, seed=p.seed,
+                                progress=progress, particle_set=plan.particles.particle_set,
                                 flip_contrast=p.flip_contrast)
-    vols_in, psize_vol, names = read_volume_group(volumes)
+    vols_in, psize_vol, names = plan.volumes, plan.volumes_psize_A, plan.volume_names
     K = vols_in.shape[0]
-    box = min(p.refine_box, store.box)
+    box = plan.box
     psize = store.psize_at_box(box)
     N = store.n
     mask = _mask_for(p, box, psize)
@@ -512,6 +544,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     random_its = p.num_random_iterations
     assignment_file = run_dir / "assignment.npy"  # the split's groups (-1: not in the split)
     last = ckpt.load_latest(run_dir) if resume else None
+    bar = IterationProgress("refine", p.max_iterations, done=0 if last is None else last.meta["iteration"],
+                            enabled=progress)
     if last is not None:
         state = _restore_state(last)
         if assignment_file.exists():
@@ -523,8 +557,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         if p.estimate_scale:
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
             scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range,
-                                      source=particles)
-            print(f"reference grey scales: {np.round(scales, 4).tolist()}", flush=True)
+                                      source=plan.particles.path)
+            bar.note(f"reference grey scales: {np.round(scales, 4).tolist()}")
             refs = refs * scales[:, None, None, None].astype(np.float32)
         if p.initial_split == "pca" and K > 1 and _identical(refs):
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
@@ -534,14 +568,13 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
             assignment[: groups.size] = groups
             np.save(assignment_file, assignment)
             random_its = 0
-            print(f"identical references: {groups.size} particles split by their variability into groups of "
-                  f"{np.bincount(groups, minlength=K).tolist()}, held for {p.split_iterations} iterations",
-                  flush=True)
+            bar.note(f"identical references: {groups.size} particles split by their variability into groups of "
+                     f"{np.bincount(groups, minlength=K).tolist()}, held for {p.split_iterations} iterations")
         state.volumes = np.repeat(refs[:, None], 2, axis=1)
         state.class_prior = np.full(K, 1.0 / K)
         state.resolution_A = np.full(K, p.initial_lowpass_A)
     assigned_its = p.split_iterations if assignment_file.exists() else 0
-    ckpt.write_status(run_dir, job="refine", state="running", n_iterations=p.max_iterations)
+    ckpt.write_status(run_dir, iteration=state.iteration, n_iterations=p.max_iterations)
 
     def run_iteration(it: int, start: int, stop: int, full_pass: bool, decay: float, random: bool):
         r_nyq = box / 2 - 1
@@ -583,7 +616,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         t_it = time.time()
         results = map_reduce(client, partial(estep_task, ctx=ctx), parts, merge_partials, fan_in=8,
                              finish=finish, select=select_class, key_prefix="refine",
-                             token=f"it{it}-{start}-{stop}", progress=progress)
+                             token=f"it{it}-{start}-{stop}", progress=False)
         # Every class's task returns the merged (small) statistics too: take class 0's.
         stats = results[0][1]
         results = [results[k][0] for k in range(K)]
@@ -619,10 +652,10 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
             "class_change_fraction": changed, "r_align": info["r_align"], "healpix_order": info["order"],
             "seconds": info["t"], "particle_iterations_per_s": info["n"] / max(info["t"], 1e-9),
         })
-        print(f"iteration {it}: particles {start}-{stop} res {np.round(state.resolution_A, 1).tolist()} A "
-              f"fractions {np.round(state.class_prior, 3).tolist()} changed "
-              f"{'-' if changed is None else f'{changed:.3f}'} "
-              f"({info['t']:.1f} s) r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}", flush=True)
+        bar.iteration_done(f"particles {start}-{stop} res {np.round(state.resolution_A, 1).tolist()} A "
+                           f"fractions {np.round(state.class_prior, 3).tolist()} changed "
+                           f"{'-' if changed is None else f'{changed:.3f}'} "
+                           f"r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}")
         state.batch_start = 0 if stop >= N else stop
         it += 1
         state.iteration = it
@@ -637,14 +670,22 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         ):
             state.converged_at = it
         prev_res_radius = res_radius
+        if done or it >= p.max_iterations:
+            break
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         _checkpoint(run_dir, state)
         _prune_iteration_files(run_dir, it - 2)
         ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
-        if done or it >= p.max_iterations + p.final_full_passes:
-            break
-    report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir)
-    ckpt.write_status(run_dir, state="done", results={"report": str(out / "report.json")})
+    bar.close()
+    bar.note(f"writing outputs to {out}")
+    ckpt.write_status(run_dir, message="writing outputs")
+    report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir, plan.stack_dir)
+    # The last iteration's checkpoint follows its outputs: a run stopped while writing them
+    # resumes from the one before, repeats the last iteration and writes them.
+    _checkpoint(run_dir, state)
+    _prune_iteration_files(run_dir, it - 2)
+    ckpt.write_status(run_dir, state="done", iteration=it, message="finished",
+                      results={"report": str(out / "report.json"), "report_html": str(out / "report.html")})
     return report
 
 
@@ -924,7 +965,7 @@ def _restore_state(last) -> _State:
 
 
 def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, box, psize, K, names, t0,
-                   run_dir: Path) -> dict:
+                   run_dir: Path, stack_dir) -> dict:
     from hetero_dask.jobs import outputs
 
     res = zarr.open_group(run_dir / "results.zarr", mode="r")
@@ -932,7 +973,7 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
     pose = store.to_input_order(res["pose"][:])
     shift = store.to_input_order(res["shift"][:])
     best = store.to_input_order(res["best_class"][:])
-    table = store.to_input_order(store.table())
+    table = output_table(store, stack_dir)
     extra = {"ll": store.to_input_order(res["ll"][:]), "alpha": store.to_input_order(res["alpha"][:]),
              "pose_ess": store.to_input_order(res["pose_ess"][:])}
     paths = outputs.write_particles(out, table, post, pose, shift, psize, best_class=best, extra_fields=extra)
