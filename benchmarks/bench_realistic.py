@@ -170,6 +170,56 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_plots(rows: list[dict], folder: Path) -> None:
+    """``accuracy.png`` (oracle, ours, RELION per scenario, mean and seeds) and
+    ``calibration.png`` (our reliability curve per scenario, all seeds pooled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("variant", "{}") == "{}"]
+    names = sorted({r["scenario"] for r in rows})
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    for j, (who, colour) in enumerate((("oracle", "0.6"), ("ours", "C0"), ("relion", "C3"))):
+        for i, name in enumerate(names):
+            acc = [r[who]["accuracy"] for r in rows if r["scenario"] == name and "accuracy" in r.get(who, {})]
+            if acc:
+                x = i + (j - 1) * 0.25
+                ax.bar(x, np.mean(acc), 0.25, color=colour)
+                ax.plot([x] * len(acc), acc, "k.", ms=3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("0.6", "C0", "C3")]
+    ax.legend(handles, ["oracle ceiling", "hetero_dask (defaults)", "RELION Class3D"], loc="lower left", fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("class accuracy")
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        cal = [r["ours"]["calibration"] for r in rows if r["scenario"] == name and "ours" in r]
+        count = np.sum([c["count"] for c in cal], axis=0)
+        mean = np.sum([np.multiply(c["mean_posterior"], c["count"]) for c in cal], axis=0) / np.maximum(count, 1)
+        right = np.sum([np.multiply(c["fraction_right"], c["count"]) for c in cal], axis=0) / np.maximum(count, 1)
+        ok = count > 0
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1)
+        ax.plot(mean[ok], right[ok], "o-", ms=3)
+        ece = np.mean([c["ece"] for c in cal])
+        ax.set_title(f"{name}\nECE {ece:.3f}", fontsize=7)
+        ax.set_xlim(0.3, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_xlabel("class posterior", fontsize=7)
+    axes[0][0].set_ylabel("fraction right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "calibration.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", nargs="+", default=[n for n in S.SCENARIOS if n not in LARGE],
@@ -201,6 +251,7 @@ def main() -> None:
                 rows.append(row)
             log.write_text(json.dumps(rows, indent=1, default=str))
             write_table(rows, args.out / "results.md")
+            write_plots(rows, args.out)
     print((args.out / "results.md").read_text())
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from hetero_dask.dist.checkpoint import read_status
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args, cluster_from_args
 from hetero_dask.jobs.preflight import check_refine, describe_run
-from hetero_dask.jobs.refine import RefineParams, refine
+from hetero_dask.jobs.refine import REFERENCE_MODES, RefineParams, refine
 from hetero_dask.report.summary import print_summary
 
 
@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "correlated Fourier coefficients; 1 = CryoSPARC's)")
     parser.add_argument("--max-order", type=int, default=d.max_order,
                         help=f"finest HEALPix order of the pose search (default {d.max_order})")
-    parser.add_argument("--reference-mode", choices=("full", "half", "cross"), default=d.reference_mode,
-                        help="score each half-set against the full map, its own half-map, or the other half's")
+    parser.add_argument("--reference-mode", choices=REFERENCE_MODES, default=d.reference_mode,
+                        help="score each half-set against the other half's maps (cross), its own (half) or the "
+                             "full map (full)")
     parser.add_argument("--iterations", type=int, default=d.max_iterations,
                         help=f"at most this many EM iterations in all, the {d.final_full_passes} final full "
                              f"passes included (default {d.max_iterations}); the run ends earlier when it "

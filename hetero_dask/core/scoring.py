@@ -121,6 +121,19 @@ def circular_mask(n: int, radius_px: float, width_px: float, xp=np):
     return soft_edge(radius_2d(n, xp), radius_px, width_px)
 
 
+def mask_temperature(mask) -> float:
+    """Temperature ``1 / mean(mask^2)`` of the log-likelihood of images zero-masked by ``mask``.
+
+    Masking white noise of variance ``s0^2`` by ``m`` leaves ``mean(m^2) s0^2`` of power per
+    Fourier coefficient, which is what a per-shell noise estimate measures; but the masked
+    coefficients are correlated, and a likelihood that counts them as independent is the
+    pixel likelihood of the masked image divided by ``mean(m^2)``: posteriors that much too
+    confident. Multiplying ``sigma2`` by this temperature undoes it.
+    """
+    xp = xp_of(mask)
+    return float(1.0 / xp.mean(xp.asarray(mask, dtype=xp.float64) ** 2))
+
+
 def normalise_background(images, radius_px: float):
     """Images ``(B, n, n)`` with the pixels outside ``radius_px`` brought to mean 0, std 1 (float32)."""
     xp = xp_of(images)

@@ -491,8 +491,15 @@ def mstep_class(
     vA, vB, vF = (np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
     if half_empty:
         curve = np.zeros(n_shells)
+    elif prior is None:
+        curve = fsc_curve(vA, vB)  # the maps are unregularised
+    elif fsc_prior is None:
+        curve = prior  # measured above on the unregularised maps
     else:
-        curve = prior if raw_halves else fsc_curve(vA, vB)
+        # The FSC of Wiener-filtered half-maps overstates the data's: the filter damps the
+        # voxels with little weight (mostly noise) more than the others. Fed back as the next
+        # prior it would regularise less and less. Measure it on the unregularised maps.
+        curve = fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves))
     return ClassResult(
         vF,
         vA,

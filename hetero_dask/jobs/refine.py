@@ -5,19 +5,20 @@ E-step tasks over contiguous particle ranges of the permuted store (score
 every class at every pose of a coarse-to-fine search, write the per-particle
 results to disjoint regions of the run's Zarr results, backproject into
 per-class, per-half partial grids), a tree reduction of the partials, and one
-M-step task per class (running half-map statistics with decay, gold-standard
-FSC, Wiener reconstruction). Class volumes reach the workers through files
+M-step task per class (running half-map statistics with decay, half-map FSC,
+Wiener reconstruction). Class volumes reach the workers through files
 in the run directory, read once per worker per iteration.
 
-Schedule (CryoSPARC's defaults, DESIGN.md): online EM on batches of
-``batch_size_per_class * K`` particles (contiguous ranges), learning rate 0.2
-during the ``num_random_iterations`` random-assignment iterations, then 0.1
-halving every ``learning_rate_halflife`` iterations; noise sigma scale 3
-annealed to 1; class fractions as priors; backprojection to 1.5x the best
-class resolution; all classes filtered with the max FSC across classes;
-convergence when fewer than 5% of a batch change class and the resolution
-moves by at most one shell, then ``final_full_passes`` passes over every
-particle.
+Schedule (:class:`RefineParams`): online EM on batches of ``batch_size_per_class * K``
+particles (contiguous ranges), learning rate 0.1 halving every
+``learning_rate_halflife`` iterations; a batch that covers every particle is a full
+pass, damped by ``full_pass_learning_rate``; each half-set classified against the other
+half's maps; the likelihood's temperature that of the image mask (sigma scale 1); class
+fractions as priors; backprojection to 1.5x the best class resolution; all classes
+filtered with the max FSC across classes; convergence when the class posteriors move by
+less than 5% (total variation, averaged over particles), the class fractions by less
+than 1 point and the resolution by at most one shell, then ``final_full_passes`` passes
+over every particle.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from hetero_dask.core.rotations import matrix_to_pose
 from hetero_dask.core.scoring import (
     alignment_band,
     circular_mask,
+    mask_temperature,
     normalise_background,
     phase_ramp,
     prepare_particles,
@@ -82,6 +84,7 @@ from hetero_dask.jobs.preflight import (
     check_refine,
 )
 
+REFERENCE_MODES = ("cross", "half", "full")
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
 # Split of identical references (_split_by_variability): poses kept per particle, subspace
 # iterations, rounds of classification in the linear model.
@@ -90,7 +93,13 @@ _SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
 
 @dataclass
 class RefineParams:
-    """Heterogeneous Refinement parameters, named after CryoSPARC's (defaults as CryoSPARC's)."""
+    """Heterogeneous Refinement parameters, named after CryoSPARC's.
+
+    Defaults are CryoSPARC's except where measured otherwise on particles this project did
+    not make (``benchmarks/bench_realistic.py``; the measurements are in
+    ``benchmarks/results/realistic``): no random-assignment iterations, sigma scale 1
+    throughout, each half-set classified against the other half's maps, damped full passes.
+    """
 
     refine_box: int | None = None  # None: the particles' box, at most 128 (preflight's box rule)
     symmetry: str = "C1"
@@ -99,50 +108,46 @@ class RefineParams:
     mask_diameter_A: float | None = None
     mask_diameter_outer_A: float | None = None
     batch_size_per_class: int = 1000
-    num_random_iterations: int = 5
+    # CryoSPARC's random assignments (5 iterations) replace the starting maps by random
+    # halves of the data: distinct starting maps are lost, and identical ones are split by
+    # their variability instead (initial_split "pca").
+    num_random_iterations: int = 0
     learning_rate_init: float = 0.2
     learning_rate: float = 0.1
     learning_rate_halflife: int = 50
+    # Weight of a pass over every particle before convergence (CryoSPARC: batch EM, 1). A
+    # particle's class comes from the other half-set's maps (reference_mode "cross"), whose
+    # classes came from this half's maps the iteration before: two interleaved chains that
+    # need not settle on the same answer. Half of the new statistics on half of the running
+    # ones merges them into one.
+    full_pass_learning_rate: float = 0.5
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True
     convergence_class_change: float = 0.05
     convergence_res_shells: float = 1.0
     final_full_passes: int = 2
-    initial_sigma_scale: float = 3.0
+    # CryoSPARC anneals the noise model from a sigma scale of 3 to 1. The likelihood here
+    # already carries the temperature of the image mask (core.scoring.mask_temperature),
+    # the one way a masked image's Fourier coefficients are not independent; on top of it
+    # any scale above 1 flattens the posteriors, classes take each other's particles and
+    # the largest one grows.
+    initial_sigma_scale: float = 1.0
     sigma_anneal_iterations: int = 10
-    # The sigma scale of the final full passes (CryoSPARC: 1), approached linearly from
-    # initial_sigma_scale before convergence. The likelihood counts every Fourier
-    # coefficient of a masked image as independent (the mask alone makes it ~1.6x too
-    # large: sigma scale 1.26 at box 64) and ignores the maps' own errors, so posteriors
-    # come out overconfident and EM settles on class maps that keep each other's
-    # particles. Accuracy on 2-class SNR-0.05 sets (bench_refine.py, 800 particles, from
-    # the truth low-passed to 30 A, initial scale 1), final scale 1 -> 2:
-    # swing 180 seeds 0, 1, 2 (bounds .946, .964, .954): .889 -> .924, .916 -> .944,
-    # .900 -> .924; swing 90 (bound .826): .777 -> .789. Consensus start (identical
-    # references, swing 180 seed 0): .608 -> .671. A constant 2 from the first iteration
-    # does as well from references but loses the consensus split (CI set .60).
-    final_sigma_scale: float = 2.0
+    final_sigma_scale: float = 1.0
     tau2_fudge: float = 1.0
     estimate_scale: bool = True
-    # What each half-set is scored against: "full" (the class's full map), "half" (its own
-    # half-map: strict gold standard) or "cross" (the OTHER half's map: no particle is ever
-    # scored against a map it contributed to, so a random partition cannot perpetuate itself).
-    reference_mode: str = "full"
+    # What each half-set is scored against: "cross" (the OTHER half's maps: no particle votes
+    # for a map it is part of, which would lock every class in), "half" (its own half-maps:
+    # the strict gold standard, whose FSC is independent of the other half) or "full" (the
+    # class's full map).
+    reference_mode: str = "cross"
     # Identical initial volumes (a consensus map given K times): "pca" splits the first
     # split_particles particles into K groups by their 3D variability against the
-    # consensus (_split_by_variability) and starts each class from the consensus plus its
-    # group's mean difference; "random" keeps CryoSPARC's random assignments. With "pca",
-    # the random-assignment iterations are skipped and the groups are held for
-    # split_iterations iterations (each class refines its poses and map on its own group)
-    # before the particles are classified. Issue 7's consensus start (swing 180, SNR 0.05,
-    # 800 particles, seeds 0-4, bounds .946 .964 .954 .966 .955; sigma scale 3 -> 2): the
-    # previous split (one consensus pose per particle, equal-size cut along the top
-    # principal component) ended at .671 on seed 0; this split is .85-.89 right, and with
-    # the groups held 0 / 2 / 3 iterations the refinement ends at .891 .896 .876 .899 .896
-    # / .917 .936 .912 .932 .927 / .914 .936 .921 .925 .925. From the true groups (an
-    # oracle in place of the split; sigma scale 1 -> 2) it ends at .951 on average: the
-    # split's errors are what is left of the gap to the bound.
+    # consensus (_split_by_variability), starts each class from the consensus plus its
+    # group's mean difference, and holds the groups for split_iterations iterations (each
+    # class refines its poses and map on its own group) before the particles are
+    # classified; "random" keeps CryoSPARC's random assignments.
     initial_split: str = "pca"
     split_particles: int = 4000
     split_iterations: int = 2
@@ -165,7 +170,7 @@ class RefineParams:
         for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
             if getattr(self, name) < 0:
                 raise bad_value(name, getattr(self, name), "a whole number >= 0")
-        for name in ("learning_rate_init", "learning_rate"):
+        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate"):
             if not 0 < getattr(self, name) <= 1:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
         for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",
@@ -174,8 +179,8 @@ class RefineParams:
                 raise bad_value(name, getattr(self, name), "a value > 0")
         if self.shift_range_px is not None and self.shift_range_px < 0:
             raise bad_value("shift_range_px", self.shift_range_px, "a shift in pixels >= 0")
-        if self.reference_mode not in ("full", "half", "cross"):
-            raise bad_value("reference_mode", self.reference_mode, "'full', 'half' or 'cross'")
+        if self.reference_mode not in REFERENCE_MODES:
+            raise bad_value("reference_mode", self.reference_mode, " or ".join(map(repr, REFERENCE_MODES)))
         if self.initial_split not in ("pca", "random"):
             raise bad_value("initial_split", self.initial_split, "'pca' or 'random'")
 
@@ -200,7 +205,7 @@ class _Context:
     r_band: float
     mask_radius_px: float
     random_assignment: bool
-    cross_halves: bool
+    reference_mode: str
     write_results: bool
     seed: int
     symmetry_ops: np.ndarray | None = None
@@ -275,7 +280,7 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
             images[sel_x], ctf.subset(sel), ctx.psize_A, band, normalize=False,
             mask_radius_px=ctx.mask_radius_px,
         )
-        ref = 1 - h if ctx.cross_halves else h
+        ref = 1 - h if ctx.reference_mode == "cross" else h
         res = estep(prep, [maps[k][ref] for k in range(K)], xp.asarray(ctx.sigma2), ctx.search,
                     class_prior=xp.asarray(ctx.class_prior))
         p = to_host(res.class_posterior)
@@ -333,9 +338,16 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
     written_at = res_group["class_iteration"][start:stop]
     rerun = written_at == ctx.iteration
     prev = np.where(rerun, res_group["previous_class"][start:stop], res_group["best_class"][start:stop])
+    prev_post = np.where(rerun[:, None], res_group["previous_posterior"][start:stop],
+                         res_group["class_posterior"][start:stop])
     best = post.argmax(axis=1).astype(np.int32)
     seen = prev >= 0
-    out.extra["class_changed"] = np.array([float(np.sum(seen & (prev != best))), float(np.sum(seen))])
+    # Soft class change (total variation between the posteriors): for hard posteriors the
+    # fraction of particles that changed class, but a particle on the fence between two
+    # similar states that flips from 0.51 to 0.49 counts 0.02, not 1: EM has converged when
+    # the posteriors stop moving, which their argmax on the fence never does.
+    change = 0.5 * np.abs(post - prev_post).sum(axis=1)
+    out.extra["class_changed"] = np.array([float(np.sum(change[seen])), float(np.sum(seen))])
     out.extra["posterior_sum"] = post.sum(axis=0).astype(np.float64)
     out.extra["alpha_sum"] = (alpha * post).sum(axis=0).astype(np.float64)
     out.extra["sigma2_num"] = sig_num
@@ -343,6 +355,7 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
     out.extra["n_evaluated"] = np.array([float(n_eval.sum())])
     if ctx.write_results:
         res_group["previous_class"][start:stop] = prev
+        res_group["previous_posterior"][start:stop] = prev_post
         res_group["class_iteration"][start:stop] = np.full(B, ctx.iteration, np.int32)
         res_group["best_class"][start:stop] = best
         res_group["class_posterior"][start:stop] = post
@@ -531,6 +544,8 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
     mask = _mask_for(p, box, psize)
     mask_radius_px = 0.85 * box / 2 if p.mask_diameter_A is None else min(
         0.5 * p.mask_diameter_A / psize, box / 2 - 2)
+    # The E-step's images are masked twice (_normalised_images, then prepare_particles).
+    mask_T = mask_temperature(circular_mask(box, mask_radius_px, 4.0) ** 2)
     ops = symmetry_group(p.symmetry, p.symmetry_convention)
     ops = None if len(ops) == 1 else ops
     split = particle_split(store, p.seed)
@@ -563,7 +578,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
         if p.initial_split == "pca" and K > 1 and _identical(refs):
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
             refs, groups = _split_by_variability(store, refs[0], K, box, psize, mask_radius_px, r0, shift_range,
-                                                 state.sigma2, p, mask, n=min(N, p.split_particles))
+                                                 state.sigma2 * mask_T, p, mask, n=min(N, p.split_particles))
             assignment = np.full(N, -1, np.int16)
             assignment[: groups.size] = groups
             np.save(assignment_file, assignment)
@@ -585,7 +600,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
         search = SearchParams(
             radius_final=r_align, radius_coarse=max(4.0, 0.6 * r_align), order_coarse=order_c,
             order_final=order_f, shift_range_px=shift_range, shift_step_px=max(1.0, shift_range / 2.5),
-            sigma2_scale=_sigma_scale(it, p, state.converged_at is not None) ** 2,
+            sigma2_scale=mask_T * _sigma_scale(it, p, state.converged_at is not None) ** 2,
             hard=p.force_hard_classification,
         )
         r_band = max(r_align, r_bp)
@@ -597,7 +612,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
             psize_A=psize, n_classes=K, search=search, sigma2=_extend(state.sigma2, int(math.ceil(r_band)) + 2),
             class_prior=state.class_prior, r_backproject=r_bp, r_band=r_band,
             mask_radius_px=mask_radius_px, random_assignment=random,
-            cross_halves=p.reference_mode == "cross", write_results=True, seed=p.seed,
+            reference_mode=p.reference_mode, write_results=True, seed=p.seed,
             assignment_file=str(assignment_file) if it < assigned_its else None,
         )
         n_parts = max(1, min(2 * slots, (stop - start) // ALIGN))
@@ -637,7 +652,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
             start = state.batch_start
             stop = min(N, start + batch)
         random = it < random_its and K > 1
-        lr = 1.0 if full else _learning_rate(it, p)
+        lr = p.full_pass_learning_rate if full else _learning_rate(it, p)
         decay = 0.0 if (full and state.converged_at is not None) else 1.0 - lr
         if it == 0:
             decay = 0.0
@@ -665,7 +680,8 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
             done = final_passes_done >= p.final_full_passes
         elif not random and it > assigned_its and (
             (changed is not None and changed < p.convergence_class_change and prev_res_radius is not None
-             and abs(res_radius - prev_res_radius) <= p.convergence_res_shells)
+             and abs(res_radius - prev_res_radius) <= p.convergence_res_shells
+             and _fractions_settled(state.history, p.convergence_class_change))
             or it >= p.max_iterations - p.final_full_passes
         ):
             state.converged_at = it
@@ -897,12 +913,23 @@ def _init_results(path: Path, N: int, K: int, resume: bool) -> Path:
     g.create_array("previous_class", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
     g.create_array("class_iteration", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
     g.create_array("class_posterior", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
+    g.create_array("previous_posterior", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
     g.create_array("pose", shape=(N, K, 3), chunks=c + (K, 3), dtype="f4", fill_value=0)
     g.create_array("shift", shape=(N, K, 2), chunks=c + (K, 2), dtype="f4", fill_value=0)
     g.create_array("ll", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
     g.create_array("alpha", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
     g.create_array("pose_ess", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
     return path
+
+
+def _fractions_settled(history: list, class_change: float) -> bool:
+    """Whether no class fraction moved by more than a fifth of ``class_change`` in the last
+    iteration. EM on overlapping classes can move few particles per iteration and still
+    drift steadily towards other fractions: that is not convergence."""
+    if len(history) < 2:
+        return False
+    a, b = (np.asarray(h["class_fraction"]) for h in history[-2:])
+    return float(np.max(np.abs(a - b))) <= class_change / 5
 
 
 def _class_change(stats) -> float | None:
@@ -976,7 +1003,9 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
     table = output_table(store, stack_dir)
     extra = {"ll": store.to_input_order(res["ll"][:]), "alpha": store.to_input_order(res["alpha"][:]),
              "pose_ess": store.to_input_order(res["pose_ess"][:])}
-    paths = outputs.write_particles(out, table, post, pose, shift, psize, best_class=best, extra_fields=extra)
+    split = store.to_input_order(np.load(run_dir / "split.npy", allow_pickle=False))
+    paths = outputs.write_particles(out, table, post, pose, shift, psize, best_class=best, extra_fields=extra,
+                                    split=split)
     vols = []
     for k in range(K):
         outputs.write_class_maps(out, k, results[k], psize)

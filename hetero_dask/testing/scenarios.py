@@ -10,7 +10,8 @@ to a relabelling of the classes, junk recall, calibration of the posteriors, and
 class maps against the true maps.
 
 SNR: the mean over particles of the variance of the noise-free image (CTF applied)
-within the disc of radius box / 2, over the noise variance.
+within the particle's disc (diameter ``particle_diameter_A``), over the noise variance:
+the same particle at the same SNR is as noisy in a large box as in a small one.
 
 Coloured noise has the power spectrum ``PSD(f) = 0.25 + 1 / (1 + (f / 0.08)^2)``
 (``f`` in cycles per pixel, normalised to mean 1 over the image spectrum): four times
@@ -65,7 +66,7 @@ class Scenario:
     n_particles: int
     box: int = 64
     psize_A: float = 1.5
-    snr: float = 0.03
+    snr: float = 0.04
     noise: str = "white"
     noise_images: float = 0.0
     refine_box: int | None = None
@@ -231,7 +232,7 @@ def build(scenario: Scenario, seed: int, folder: Path | str, reuse: bool = True)
 
     from hetero_dask.simulate import disc_variance  # noqa: PLC0415
 
-    signal = disc_variance(clean[~noise_image], n / 2).mean()
+    signal = disc_variance(clean[~noise_image], min(n / 2, sc.particle_diameter_A / (2 * sc.psize_A))).mean()
     sigma = float(np.sqrt(signal / sc.snr))
     psd = noise_psd_2d(n, sc.noise)
     images = _add_noise(clean, sigma, psd, rng)
@@ -429,7 +430,9 @@ def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, ma
 
     sc, n = data.scenario, data.scenario.box
     maps, curves = oracle_maps(data, workdir)
-    r = min(n / 2 - 1, min(resolution_radius(c) for c in curves))
+    # One band for all states, to where the best-resolved one has signal; each map is Wiener-
+    # filtered by its own FSC, so a poorly resolved state contributes nothing beyond its resolution.
+    r = min(n / 2 - 1, max(resolution_radius(c) for c in curves))
     shell = np.rint(np.linalg.norm(np.indices((n,) * 3) - n // 2, axis=0)).astype(int)
     filtered = []
     for s in range(len(maps)):
