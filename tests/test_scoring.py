@@ -78,6 +78,20 @@ def test_project_fast_path_equals_uncropped_map():
         project_band(cropped, R, wide.kx, wide.ky)
 
 
+def test_project_band_blocks_equal_one_pass(monkeypatch):
+    """On a CPU project_band projects the rotations in blocks: the same slices as one pass,
+    also for a last, shorter block."""
+    from hetero_dask.core import scoring
+
+    fmap = prepare_fourier_map(_blobs(24, 0), r_max=8)
+    band = alignment_band(24, 8)
+    R = Rotation.random(50, random_state=1).as_matrix().astype(np.float32)
+    monkeypatch.setattr(scoring, "PROJECT_BLOCK_POINTS", 7 * band.kx.shape[0])  # 7 rotations
+    np.testing.assert_array_equal(
+        project_band(fmap, R, band.kx, band.ky), project(fmap, R, band.kx, band.ky)
+    )
+
+
 def _brute_force(prep, projs_c, shifts, sigma2, prior):
     """Explicit loops in float64 over classes, rotations and shifts; returns posteriors (B, K, R, T)."""
     band = prep.band
