@@ -1,22 +1,29 @@
-"""E-step benchmark: dense-stage GFLOP/s vs a same-run GEMM peak, and particle-iterations/s vs RELION.
+"""E-step benchmark: dense-stage GFLOP/s vs a same-run GEMM peak; one E-step pass vs RELION's.
 
-    python benchmarks/bench_estep.py --particles 200 --threads 2
+    python benchmarks/bench_estep.py --particles 400 --seeds 0 1 2 --threads 2
 
 (1) Dense stage (HEALPix order 2 = 4608 rotations x 21 shifts, K classes) of
 :func:`hetero_dask.core.scoring.score_dense` on random data at the alignment
 radius; flops = B*K*R*(4*M*T + 2*M). Peak: a float32 GEMM
 (B*T x 2M) @ (2M x R) timed in the same run.
 
-(2) One E-step pass at RELION's sampling on the SAME simulated particles
-(moving-domain phantoms, K=4, box 64): ours (coarse order 2 -> fine order 3,
-offset range 5 step 2, band to ``--ini-high``) against ``relion_refine --K 4
+(2) One E-step pass at RELION's sampling on the SAME simulated particles,
+one set of ``--particles`` per seed (moving-domain phantoms, K=4, box 64,
+SNR 0.5, shifts up to 3 px): ours (coarse order 2 -> fine order 3, offset
+range 5 step 2, band to ``--ini-high``) against ``relion_refine --K 4
 --iter 1`` (HEALPix order 2, oversampling 1, same offsets, ``--ctf``,
 ``--tau2_fudge 4``, ``--ini_high``), both given the 4 true class volumes as
 references (``--ref refs.star``): with a single reference RELION's first
 iteration scores only one random class per particle (seed generation), a
 quarter of the work. ``--ctf_corrected_ref``: the references are true
 structures (without it RELION's first iteration uses |CTF| on them and
-aligns nothing). RELION's time is its own "Expectation iteration 1"
+aligns nothing). Both read the images as written, on the true maps'
+greyscale: RELION with ``--dont_check_norm``, ours without background
+normalisation (``prepare_particles(normalize=False)``); normalised images
+against maps on the raw greyscale would make every projection
+``noise_sigma`` times too bright (the refine job normalises the particles and
+fits the maps' greyscale to them, ``RefineParams.estimate_scale``).
+RELION's time is its own "Expectation iteration 1"
 progress-bar seconds (start-up, noise estimation and the M-step excluded;
 the whole run's wall time is printed too). Our time is image preparation +
 :func:`hetero_dask.core.search.estep` (projections included), measured
@@ -27,6 +34,12 @@ K x 4608 rotations x 21 translations (its log's ``NrHiddenVariableSamplingPoints
 at oversampling 0) and then, for each significant coarse sample
 (``rlnNrOfSignificantSamples``, adaptive fraction 0.999), 2^3 rotations x
 2^2 translations = 32 oversampled ones.
+
+Per set: class accuracy (best class against the truth) and median pose error
+(the best class's rotation against the true one, degrees). Pooled over the
+sets: 95% bootstrap intervals (particles resampled), the paired differences
+ours - RELION on the same particles, and the speed ratio from the summed
+times of the same run.
 """
 
 from __future__ import annotations
@@ -139,7 +152,10 @@ def run_ours(sim, volumes, psize_A: float, radius: float, mask_radius_px: float,
         shift_step_px=SHIFT_STEP_PX,
     )
     t0 = time.perf_counter()
-    prep = prepare_particles(sim.images, sim.ctf, psize_A, band, mask_radius_px=mask_radius_px)
+    # The images as written, as RELION reads them: the true maps are on their greyscale.
+    prep = prepare_particles(
+        sim.images, sim.ctf, psize_A, band, mask_radius_px=mask_radius_px, normalize=False
+    )
     sigma2 = sigma2_from_residuals(prep.y, band.shell, int(radius) + 2)  # RELION's start too
     res = estep(prep, fmaps, sigma2, params)
     return time.perf_counter() - t0, res
@@ -192,9 +208,106 @@ def run_relion(work: Path, parts: Path, refs: Path, args) -> dict:
     }
 
 
+def ci95(stat, *arrays, n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of ``stat(*arrays)``, particles resampled (paired across arrays)."""
+    rng = np.random.default_rng(0)
+    n = len(arrays[0])
+    draws = [stat(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, (n_boot, n))]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def one_set(args, volumes, seed: int, radius: float, mask_px: float, r_coarse: float) -> dict:
+    """Ours and (unless skipped) RELION on one simulated set; per-particle results and times."""
+    K = args.classes
+    sim = simulate(
+        volumes, args.psize, -(-args.particles // K), args.snr, seed=seed, shift_range_px=3
+    )
+    t_before, res = run_ours(sim, volumes, args.psize, radius, mask_px, r_coarse)
+    R_true = pose_to_matrix(sim.poses)
+    R_ours = res.rotation[np.arange(sim.n), res.best_class].astype(np.float64)
+    out = {
+        "n": sim.n,
+        "ours_ok": np.asarray(res.best_class) == sim.classes,
+        "ours_err": np.rad2deg(angle_between(R_ours, R_true)),
+        "ours_poses": float(np.mean(res.n_poses_evaluated)),
+        "t_ours": [t_before],
+    }
+    line = (
+        f"    seed {seed}: {sim.n} particles; ours {t_before:.1f} s, {out['ours_poses']:.0f} poses "
+        f"evaluated per particle, class accuracy {out['ours_ok'].mean():.3f}, median pose error "
+        f"{np.median(out['ours_err']):.2f} deg"
+    )
+    if not args.run_relion:
+        print(line, flush=True)
+        return out
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="bench_estep_"))) / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    parts, refs = write_relion_inputs(work, sim, volumes)
+    rel = run_relion(work, parts, refs, args)
+    t_after, _ = run_ours(sim, volumes, args.psize, radius, mask_px, r_coarse)
+    out["t_ours"].append(t_after)
+    out.update(
+        rel_ok=rel["classes"] == sim.classes,
+        rel_err=np.rad2deg(angle_between(rel["rotations"], R_true)),
+        rel=rel,
+    )
+    print(
+        f"{line} ({t_after:.1f} s after RELION); RELION expectation {rel['expectation_s']:.0f} s "
+        f"({rel['wall_s']:.0f} s whole run), poses per particle {rel['poses']:.0f} = "
+        f"{rel['coarse']} coarse + {rel['fine_factor']} x {rel['n_sig']:.2f} significant, class "
+        f"accuracy {out['rel_ok'].mean():.3f}, median pose error {np.median(out['rel_err']):.2f} deg",
+        flush=True,
+    )
+    if args.workdir is None:
+        shutil.rmtree(work.parent)
+    return out
+
+
+def summarise(sets: list[dict], run_relion: bool) -> None:
+    """Pooled accuracy and pose error with 95% intervals, paired differences, same-run speed ratio."""
+    cat = {k: np.concatenate([s[k] for s in sets]) for k in sets[0] if k.endswith(("_ok", "_err"))}
+    n = sum(s["n"] for s in sets)
+    t_ours = sum(float(np.mean(s["t_ours"])) for s in sets)
+
+    def fmt(x, ci, digits, sign=""):
+        return f"{x:{sign}.{digits}f} [{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
+
+    ok, err = cat["ours_ok"].astype(np.float64), cat["ours_err"]
+    print(
+        f"    pooled, {n} particles (95% bootstrap intervals): ours class accuracy "
+        f"{fmt(ok.mean(), ci95(np.mean, ok), 3)}, median pose error "
+        f"{fmt(np.median(err), ci95(np.median, err), 2)} deg; {n / t_ours:.1f} particle-iterations/s"
+    )
+    if not run_relion:
+        return
+    rok, rerr = cat["rel_ok"].astype(np.float64), cat["rel_err"]
+    t_rel = sum(s["rel"]["expectation_s"] for s in sets)
+    wall_rel = sum(s["rel"]["wall_s"] for s in sets)
+
+    def d_med(a, b):
+        return np.median(a) - np.median(b)
+
+    print(
+        f"    RELION class accuracy {fmt(rok.mean(), ci95(np.mean, rok), 3)}, median pose error "
+        f"{fmt(np.median(rerr), ci95(np.median, rerr), 2)} deg; {n / t_rel:.2f} particle-iterations/s"
+    )
+    print(
+        f"    ours - RELION (paired): class accuracy {fmt((ok - rok).mean(), ci95(np.mean, ok - rok), 3, '+')} "
+        f"({int(np.sum(ok > rok))} particles right in ours only, {int(np.sum(rok > ok))} in RELION's "
+        f"only); median pose error {fmt(d_med(err, rerr), ci95(d_med, err, rerr), 2, '+')} deg"
+    )
+    print(
+        f"    speed ratio ours/RELION {t_rel / t_ours:.1f}x (expectation; whole RELION run "
+        f"{wall_rel / t_ours:.1f}x); per set: "
+        + ", ".join(f"{s['rel']['expectation_s'] / np.mean(s['t_ours']):.1f}x" for s in sets)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--particles", type=int, default=200, help="simulated particles (RELION run)")
+    ap.add_argument("--particles", type=int, default=400, help="simulated particles per set")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one set per seed")
     ap.add_argument("--dense-particles", type=int, default=256)
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--classes", type=int, default=4)
@@ -206,55 +319,25 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="kept if given")
     ap.add_argument("--skip-relion", action="store_true")
     args = ap.parse_args()
+    args.run_relion = not args.skip_relion and shutil.which("relion_refine") is not None
     n, K = args.box, args.classes
     # RELION rounds ini_high to a whole Fourier shell; use the same band radius.
     radius = float(round(n * args.psize / args.ini_high))
     dense_stage(args.dense_particles, n, K, radius)
 
     volumes = moving_domain_phantoms(n, args.psize, K)
-    sim = simulate(volumes, args.psize, -(-args.particles // K), args.snr, seed=0, shift_range_px=3)
     mask_px = args.particle_diameter / (2 * args.psize)
     r_coarse = relion_coarse_radius(n, args.psize, args.particle_diameter, radius)
-    t_before, res = run_ours(sim, volumes, args.psize, radius, mask_px, r_coarse)
-    ours_poses = float(np.mean(res.n_poses_evaluated))
-    acc = float(np.mean(res.best_class == sim.classes))
-    R_true = pose_to_matrix(sim.poses)
-    R_ours = res.rotation[np.arange(sim.n), res.best_class].astype(np.float64)
-    err = np.median(np.rad2deg(angle_between(R_ours, R_true)))
     print(
-        f"(2) ours: {sim.n} particles, K={K}, box {n}, band radius {radius:g} "
-        f"({n * args.psize / radius:.1f} A; coarse pass {r_coarse:g}, as RELION's coarse_size): "
-        f"{sim.n / t_before:.1f} particle-iterations/s "
-        f"({t_before:.1f} s), {ours_poses:.0f} poses evaluated per particle, "
-        f"class accuracy {acc:.2f}, median pose error {err:.1f} deg"
+        f"(2) E-step pass, K={K}, box {n}, band radius {radius:g} ({n * args.psize / radius:.1f} A; "
+        f"coarse pass {r_coarse:g}, as RELION's coarse_size), SNR {args.snr}, seeds {args.seeds}"
     )
-    if args.skip_relion or shutil.which("relion_refine") is None:
-        print("relion_refine skipped (not requested or not on PATH)")
-        return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_estep_"))
-    work.mkdir(parents=True, exist_ok=True)
-    parts, refs = write_relion_inputs(work, sim, volumes)
-    rel = run_relion(work, parts, refs, args)
-    t_after, _ = run_ours(sim, volumes, args.psize, radius, mask_px, r_coarse)
-    t_ours = 0.5 * (t_before + t_after)
-    rel_rate = sim.n / rel["expectation_s"]
-    ours_rate = sim.n / t_ours
-    print(f"    RELION: {rel['cmd']}  (in {work})")
-    print(
-        f"    RELION expectation {rel['expectation_s']:.0f} s ({rel['wall_s']:.0f} s whole run): "
-        f"{rel_rate:.2f} particle-iterations/s; poses per particle {rel['poses']:.0f} "
-        f"= {rel['coarse']} coarse + {rel['fine_factor']} x {rel['n_sig']:.2f} significant; "
-        f"class accuracy {np.mean(rel['classes'] == sim.classes):.2f}, median pose error "
-        f"{np.median(np.rad2deg(angle_between(rel['rotations'], R_true))):.1f} deg"
-    )
-    print(
-        f"    ours {t_before:.1f} s before / {t_after:.1f} s after RELION: {ours_rate:.1f} "
-        f"particle-iterations/s; ratio ours/RELION {ours_rate / rel_rate:.1f}x "
-        f"(whole RELION run: {ours_rate * rel['wall_s'] / sim.n:.1f}x); poses per particle "
-        f"ours {ours_poses:.0f} vs RELION {rel['poses']:.0f}"
-    )
-    if args.workdir is None:
-        shutil.rmtree(work)
+    if not args.run_relion:
+        print("    relion_refine skipped (not requested or not on PATH)")
+    sets = [one_set(args, volumes, s, radius, mask_px, r_coarse) for s in args.seeds]
+    summarise(sets, args.run_relion)
+    if args.run_relion:
+        print(f"    RELION: {sets[0]['rel']['cmd']}")
 
 
 if __name__ == "__main__":

@@ -196,11 +196,18 @@ def phase_ramp(kx, ky, shifts_px, n: int):
     return (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
 
 
+# Rotations x frequencies per projection block on a CPU: project()'s dozen float32
+# temporaries then stay in cache (half the time of one pass over 6000 rotations at
+# box 64 and at box 128; blocks of 2^15 to 2^18 points all do).
+PROJECT_BLOCK_POINTS = 2**17
+
+
 def project_band(fmap: FourierMap, rotations, kx, ky):
     """Central slices ``(R, M)`` complex64 at band frequencies: :func:`.projector.project`.
 
     Refuses frequencies beyond the map's ``r_max`` (they would read as zero and
     silently bias the scores): prepare the map at the alignment radius or more.
+    On a CPU the rotations go in blocks of :data:`PROJECT_BLOCK_POINTS` points.
     """
     xp = xp_of(fmap.data)
     kx = xp.asarray(kx, dtype=xp.float32)
@@ -209,7 +216,14 @@ def project_band(fmap: FourierMap, rotations, kx, ky):
         raise ValueError(
             f"band radius exceeds the Fourier map's r_max={fmap.r_max}; prepare it larger"
         )
-    return project(fmap, rotations, kx, ky)
+    R = rotations.shape[0]
+    step = R if xp is not np else max(1, PROJECT_BLOCK_POINTS // max(kx.size, 1))
+    if step >= R:
+        return project(fmap, rotations, kx, ky)
+    out = xp.empty((R, kx.size), dtype=xp.complex64)
+    for r0 in range(0, R, step):
+        out[r0 : r0 + step] = project(fmap, rotations[r0 : r0 + step], kx, ky)
+    return out
 
 
 PRECISIONS = ("float32", "tf32", "3xtf32")

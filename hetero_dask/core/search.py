@@ -3,13 +3,13 @@
 Stage 0 scores every particle against the whole HEALPix grid of
 ``order_coarse`` x the shift grid at a low radius (one shared set of class
 projections, dense products). Each later stage keeps, per particle, the
-``max_poses`` best poses of each class among the classes holding
-``keep_mass`` of the class posterior (the best pose of the others) and
-evaluates their 8 children at the next order, each child with a 3 x 3 shift
-grid at half the previous step centred on its PARENT's own best shift, at a
-higher radius. Then a hill climb: the ``climb_neighbours`` grid rotations
-nearest to each class's best pose (same order, shifts 3 x 3 around its
-shift), repeated while the best pose moves (at most ``climb_steps`` times).
+``max_poses`` best poses of EVERY class and evaluates their 8 children at the
+next order, each child with a 3 x 3 shift grid at half the previous step
+centred on its PARENT's own best shift, at a higher radius. Then, for the
+classes holding ``keep_mass`` of the class posterior, a hill climb: the
+``climb_neighbours`` grid rotations nearest to each class's best pose (same
+order, shifts 3 x 3 around its shift), repeated while the best pose moves (at
+most ``climb_steps`` times).
 The climb matters: a fine rotation is the child of one coarse cell only,
 and when the likelihood peak sits near a cell's edge that cell often ranks
 far down the coarse list (order 2 -> 3, box 32, SNR 1: children alone agree
@@ -19,7 +19,14 @@ stage (the distinct set over all particles) and scored with batched
 products; no Python loop runs per particle.
 
 Pose priors are uniform within a stage, so posteriors compare scores of the
-same stage. Class posteriors and pose weights come from the final stage.
+same stage. Class posteriors and pose weights come from the final stage, so
+each class's evidence there must sum over a comparable set of poses: a coarse
+grid ranks classes poorly when their likelihood peaks fall between its points,
+and a class refined from its best coarse pose alone would lose the rest of its
+mass, and with it particles that an exhaustive search gives it. Children of
+``max_poses`` parents for every class cost 8 x ``max_poses`` x 9 poses per
+class (576 at the defaults; an order-2 dense stage scores 4608 rotations x
+the shift grid per class).
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ class SearchParams:
     ``max_poses``: parents kept per class between stages (children: 8 each);
     ``climb_steps`` / ``climb_neighbours``: hill-climb iterations at each fine
     stage and the grid neighbours scored around the best pose per iteration
-    (0 steps: children only). ``precision``: of the scoring products,
+    (0 steps: children only), for the classes that together hold ``keep_mass``
+    of the class posterior. ``precision``: of the scoring products,
     ``"float32"`` (default), ``"tf32"`` or ``"3xtf32"`` (:func:`.scoring.scoring_matmul`;
     TF32 tensor cores on CuPy, emulated on numpy). ``threads``: on a CPU, particle
     blocks scored concurrently, each with single-threaded BLAS (None:
@@ -147,19 +155,6 @@ def _class_keep(class_lse, log_prior, keep_mass: float, xp):
     n_keep = xp.sum(xp.cumsum(srt, axis=1) < keep_mass, axis=1) + 1
     thresh = xp.take_along_axis(srt, xp.minimum(n_keep, p.shape[1])[:, None] - 1, axis=1)
     return p >= thresh
-
-
-def _significant(stage: _Stage, log_prior, keep_mass: float, xp):
-    """Mask (B, K, Q): every scored pose of the classes that together hold ``keep_mass``, else the best.
-
-    Coarse grids misplace sharp likelihood peaks, so the posterior over coarse
-    poses is not a reliable guide within a class: the caller keeps its top
-    ``max_poses``. Classes outside the mass keep only their best pose (for
-    their per-class pose output).
-    """
-    cls_keep = _class_keep(stage.class_lse, log_prior, keep_mass, xp)
-    best = stage.logw == stage.logw.max(axis=2, keepdims=True)
-    return (cls_keep[:, :, None] | best) & (stage.ids >= 0) & xp.isfinite(stage.logw)
 
 
 def _logsumexp(a, xp, axis):
@@ -314,13 +309,13 @@ def _local_stage(
     then a hill climb over grid neighbours of each class's best pose (``params.climb_steps``)."""
     band = prep.band
     B, K, _ = prev.ids.shape
-    sig = _significant(prev, log_prior, params.keep_mass, xp)
-    # Parents: at most max_poses per class, the significant ones with the largest weights.
-    lw = xp.where(sig, prev.logw, -np.inf)
+    # Parents: the max_poses scored poses of largest weight, per class.
+    valid = (prev.ids >= 0) & xp.isfinite(prev.logw)
+    lw = xp.where(valid, prev.logw, -np.inf)
     C = min(params.max_poses, lw.shape[2])
     sel = xp.argsort(-lw, axis=2)[..., :C]
     par_ids = xp.where(
-        xp.take_along_axis(sig, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1
+        xp.take_along_axis(valid, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1
     )
     par_shift = xp.take_along_axis(prev.shift, sel[..., None], axis=2)  # (B, K, C, 2)
     order = prev.order + 1
