@@ -32,6 +32,35 @@ def test_rows_equal_zarr_with_empty_chunks_and_missing_shards(tmp_path):
     assert reader.read(200, 400).shape == (3, 6, 6)  # clipped like slicing
 
 
+def test_take_equals_zarr_for_any_rows(tmp_path):
+    a, path = _array(tmp_path)
+    data = np.random.default_rng(1).normal(size=a.shape).astype(np.float32)
+    data[20:28] = 0  # inner chunks of fill value (not stored)
+    a[:48] = data[:48]
+    a[64:] = data[64:]  # shard 3 never written
+    data[48:64] = 0
+    reader = ShardRowReader.for_array(path)
+    rng = np.random.default_rng(2)
+    for rows in [rng.permutation(203), rng.integers(0, 203, 57), np.arange(10, 40), [202, 0, 0, 50],
+                 []]:
+        np.testing.assert_array_equal(reader.take(rows), data[np.asarray(rows, dtype=int)])
+    with pytest.raises(IndexError):
+        reader.take([203])
+
+
+def test_array_removed_while_reading_is_an_error(tmp_path):
+    """A missing shard file reads as the fill value only while the array is still there."""
+    import shutil
+
+    a, path = _array(tmp_path, n=32)
+    a[:] = 1.0
+    reader = ShardRowReader.for_array(path)
+    shutil.rmtree(path)
+    for read in (lambda: reader.read(0, 32), lambda: reader.take([3, 1])):
+        with pytest.raises(FileNotFoundError, match="removed"):
+            read()
+
+
 def test_rewritten_shard_is_read_again(tmp_path):
     a, path = _array(tmp_path, n=32)
     a[:] = 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.io.cache import add_cache_argument
 from hetero_dask.jobs.reconstruct import ReconstructParams, reconstruct
 
 
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stack-dir", default=None, help="folder of the particle stacks if not next to the file"
     )
+    add_cache_argument(parser)
     add_cluster_arguments(parser)
 
 
@@ -74,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         random_split=args.random_split,
         random_seed=args.seed,
         stack_dir=args.stack_dir,
+        cache_dir=args.cache_dir,
     )
     with client_from_args(args) as client:
         result = reconstruct(args.particles, args.out, client=client, params=params)

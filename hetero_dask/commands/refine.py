@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.io.cache import add_cache_argument, names_folder
 from hetero_dask.jobs.refine import RefineParams, refine
 
 
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detach", action="store_true",
                         help="with --scheduler: run the job on the cluster and return at once; it survives "
                              "this command exiting (follow it with hetero-dask status OUT/run)")
+    add_cache_argument(parser)
     add_cluster_arguments(parser)
 
 
@@ -70,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         return _detach(args, volumes, params)
     with client_from_args(args) as client:
         report = refine(args.particles, volumes, args.out, client=client, stack_dir=args.stack_dir,
-                        resume=args.resume, progress=None if not args.quiet else False, **params)
+                        cache_dir=args.cache_dir, resume=args.resume, progress=None if not args.quiet else False, **params)
     print(json.dumps({c["class"]: {"fraction": round(c["fraction"], 3), "resolution_A": c["resolution_A"]}
                       for c in report["classes"]}))
     print(f"results in {args.out} (report.json, particles.cs, particles.star, class_*/map.mrc)")
@@ -89,7 +91,8 @@ def refine_job(job: dict, client) -> dict:
         # The default client for code that looks one up (e.g. distributed.as_completed).
         with client.as_current():
             report = refine(job["particles"], job["volumes"], job["out"], client=client,
-                            stack_dir=job["stack_dir"], resume=job["resume"], progress=False, **job["params"])
+                            stack_dir=job["stack_dir"], cache_dir=job.get("cache_dir"), resume=job["resume"],
+                            progress=False, **job["params"])
     except BaseException as exc:
         write_status(Path(job["out"]) / "run", job="refine", state="failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -108,7 +111,8 @@ def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.
     out = Path(absolute(args.out))
     job = dict(particles=absolute(args.particles),
                volumes=absolute(volumes) if isinstance(volumes, str) else [absolute(v) for v in volumes],
-               out=str(out), stack_dir=absolute(args.stack_dir), resume=args.resume, params=params)
+               out=str(out), stack_dir=absolute(args.stack_dir), resume=args.resume, params=params,
+               cache_dir=absolute(args.cache_dir) if names_folder(args.cache_dir) else args.cache_dir)
     with client_from_args(args, quiet=True) as client:
         handle = submit(refine_job, job, client, run_dir=out / "run")
         deadline = time.monotonic() + wait_s

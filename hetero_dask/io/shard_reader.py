@@ -103,6 +103,11 @@ class ShardRowReader:
             return None
         return cls(Path(path), meta)
 
+    def _check_exists(self) -> None:
+        """A missing shard is the fill value only while the array itself is still there."""
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(f"array {self.path} was removed while being read")
+
     def _shard_file(self, shard: int) -> Path:
         key = self.separator.join(["c", str(shard)] + ["0"] * self.n_trailing)
         return self.path / key
@@ -156,6 +161,7 @@ class ShardRowReader:
             try:
                 f = open(file, "rb", buffering=0)  # noqa: SIM115 - closed below
             except FileNotFoundError:  # a shard never written holds the fill value
+                self._check_exists()
                 out[row - start : end - start] = self.fill_value
                 row = end
                 continue
@@ -163,6 +169,45 @@ class ShardRowReader:
                 index = self._index_of(shard, f, file)
                 row = self._read_runs(f, index, shard, row, end, start, flat, out)
         return out
+
+    def take(self, rows) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed) as a new array ``(len(rows), ...)``.
+
+        Each shard file is opened once and every run of consecutive rows is
+        read with one call: a random selection costs one read per run, not
+        one pass over the shards it touches.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"rows must be in [0, {self.shape[0]}), got {rows.min()}..{rows.max()}")
+        wanted, inverse = np.unique(rows, return_inverse=True)
+        buf = np.empty((wanted.size,) + self.shape[1:], self.dtype)
+        flat = buf.reshape(-1).view(np.uint8)
+        shards = wanted // self.shard_rows
+        breaks = np.flatnonzero((np.diff(wanted) != 1) | (np.diff(shards) != 0)) + 1
+        run_starts = np.concatenate([[0], breaks]).astype(np.int64)
+        run_stops = np.concatenate([breaks, [wanted.size]]).astype(np.int64)
+        for shard in np.unique(shards):
+            in_shard = np.flatnonzero(shards[run_starts] == shard)
+            file = self._shard_file(int(shard))
+            try:
+                f = open(file, "rb", buffering=0)  # noqa: SIM115 - closed below
+            except FileNotFoundError:  # a shard never written holds the fill value
+                self._check_exists()
+                for r in in_shard:
+                    buf[run_starts[r] : run_stops[r]] = self.fill_value
+                continue
+            with f:
+                index = self._index_of(int(shard), f, file)
+                for r in in_shard:
+                    pos0, pos1 = int(run_starts[r]), int(run_stops[r])
+                    first = int(wanted[pos0])
+                    # rows [first, first + n) land at buf[pos0:pos1]: offset the output origin
+                    self._read_runs(f, index, int(shard), first, first + pos1 - pos0,
+                                    first - pos0, flat, buf)
+        if wanted.size == rows.size and np.array_equal(wanted, rows):
+            return buf  # already sorted and unique
+        return buf[inverse.reshape(-1)]
 
     def _read_runs(self, f, index, shard, row, end, start, flat, out) -> int:
         """Read rows ``[row, end)`` of one shard; consecutive inner chunks stored back to back

@@ -15,6 +15,14 @@ Layout of ``S.zarr`` (one Zarr v3 group)::
                               bytes fields are stored as uint8 (N, width)
     import_done               (n_shards,) uint8, one chunk per shard: per-shard done markers
 
+A **view** (what a job writes into ``OUT/particles.zarr`` when its images
+come from the particle cache, :mod:`hetero_dask.io.cache`) has the same
+``original_index`` and ``meta/`` but no images: ``attributes["images_from"]``
+names the store holding them (``path``, its ``image_key``) and, unless view
+row i is that store's row i, ``image_rows`` ``(N,)`` int64 gives the row of
+the other store showing view row i. Every store records ``image_key``: what
+its images were read from (see :func:`hetero_dask.io.cache.image_key`).
+
 Order: rows are a seeded random permutation of the input (``perm =
 default_rng(seed).permutation(N)``), so an online-EM batch is a contiguous
 range and a full pass streams the store; results go back to the input order
@@ -118,6 +126,14 @@ def fingerprint(table: np.ndarray, box: int, psize_A: float) -> str:
     return h.hexdigest()
 
 
+def store_version(path) -> tuple[int, int]:
+    """Identifies the store now at ``path`` (its ``zarr.json``'s inode and modification time):
+    a store replaced at the same path (a job re-run with other input) gets another, so
+    caches of opened stores can key on ``(path, store_version(path))``."""
+    st = (Path(path) / "zarr.json").stat()
+    return st.st_ino, st.st_mtime_ns
+
+
 class ParticleStore:
     """Read access to a complete particle store (see the module docstring).
 
@@ -131,6 +147,15 @@ class ParticleStore:
         self.attrs: dict = dict(group.attrs[ATTR])
         self._orig: np.ndarray | None = None
         self._readers: dict[str, ShardRowReader | None] = {}
+        self._source: ParticleStore | None = None  # a view's image store
+        link = self.attrs.get("images_from")
+        if link:
+            self._source = ParticleStore.open(link["path"])
+            if self._source.attrs.get("image_key") != link["image_key"]:
+                raise ValueError(
+                    f"particle store {self.path} takes its images from {link['path']}, which now "
+                    "holds other images: run the job again (it imports the particles again)"
+                )
 
     @classmethod
     def open(cls, path) -> ParticleStore:
@@ -159,6 +184,12 @@ class ParticleStore:
             raise ValueError(
                 f"particle store {p} is incomplete (its import was interrupted): "
                 "re-run `hetero-dask import` with the same arguments to finish it"
+            )
+        link = attrs.get("images_from")
+        if link and not (Path(link["path"]) / "zarr.json").is_file():
+            raise FileNotFoundError(
+                f"particle store {p} takes its images from {link['path']}, which is gone (evicted "
+                "from the particle cache?): run the job again (it imports the particles again)"
             )
         return cls(p, group)
 
@@ -206,14 +237,29 @@ class ParticleStore:
         return self._image_rows("images", start, stop)
 
     def _image_rows(self, name: str, start, stop) -> np.ndarray:
-        # Straight from the shard files when the layout allows (io.shard_reader: ~7x less
-        # time than through zarr), else through zarr.
-        if name not in self._readers:
-            self._readers[name] = ShardRowReader.for_array(self.path / name)
-        reader = self._readers[name]
+        if self._source is not None:
+            if "image_rows" not in self._group:  # view row i is the source's row i
+                return self._source._image_rows(name, start, stop)
+            return self._source._take(name, self._group["image_rows"][start:stop])
+        reader = self._reader(name)
         if reader is None:
             return self._group[name][start:stop]
         return reader.read(start, stop)
+
+    def _take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Images of store rows ``rows`` (any order) of array ``name``."""
+        reader = self._reader(name)
+        if reader is None:
+            wanted, inverse = np.unique(rows, return_inverse=True)
+            return self._group[name].oindex[wanted][inverse.reshape(-1)]
+        return reader.take(rows)
+
+    def _reader(self, name: str) -> ShardRowReader | None:
+        # Straight from the shard files when the layout allows (io.shard_reader: ~7x less
+        # time than through zarr), else None: read through zarr.
+        if name not in self._readers:
+            self._readers[name] = ShardRowReader.for_array(self.path / name)
+        return self._readers[name]
 
     def images_at_box(self, box: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Images at ``box``: the full box, a stored crop, or Fourier-resized on the fly."""
@@ -326,12 +372,15 @@ def _create_layout(
     sources: list[str],
     fp: str,
     crop_boxes: Sequence[int],
-    chunk_mb: float,
-    shard_mb: float,
+    chunk: int,
+    shard: int,
+    image_key: str | None,
+    images: bool = True,
+    extra_attrs: dict | None = None,
 ) -> zarr.Group:
-    """Create the empty store (arrays, order, metadata columns) at ``path``; not yet complete."""
+    """Create the store (order, metadata columns; empty image arrays unless ``images`` is
+    False, as for a view) at ``path``; not yet complete."""
     n = len(table)
-    chunk, shard = store_layout(n, box, chunk_mb, shard_mb)
     n_shards = -(-n // shard)
     specs = _field_specs(table.dtype)
     attrs = {
@@ -348,9 +397,11 @@ def _create_layout(
         "fields": specs,
         "complete": False,
         "meta_written": False,
+        "image_key": image_key,
+        **(extra_attrs or {}),
     }
     g = zarr.open_group(str(path), mode="w", attributes={ATTR: attrs})
-    for b in [box, *crop_boxes]:
+    for b in [box, *crop_boxes] if images else []:
         g.create_array(
             "images" if b == box else f"images_{b}",
             shape=(n, b, b),
@@ -359,7 +410,8 @@ def _create_layout(
             shards=(shard, b, b),
             compressors=None,
         )
-    g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+    if images:
+        g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     mrows = shard * max(1, _META_SHARD_ROWS // shard)
     g.create_array("original_index", data=perm, chunks=(shard,), shards=(mrows,))
@@ -497,6 +549,8 @@ def import_particles(
     progress: bool = True,
     chunk_mb: float = CHUNK_MB,
     shard_mb: float = SHARD_MB,
+    image_key: str | None = None,
+    extra_attrs: dict | None = None,
 ) -> ParticleStore:
     """Copy particles into a Zarr store at ``out_path`` and return it opened.
 
@@ -507,6 +561,8 @@ def import_particles(
     runs on the cluster (the ParticleSet is broadcast once); without, shards
     are written in this process. Memory per task is one shard of images.
     Resumable and safe against interruption (see the module docstring).
+    ``image_key`` is recorded (and must match for a resumed or reused store),
+    and so are ``extra_attrs`` (from the start: no store lacks them).
     """
     out = Path(out_path)
     if isinstance(source, (str, os.PathLike)):
@@ -539,6 +595,7 @@ def import_particles(
         "crop_boxes": crop_boxes,
         "chunk_rows": chunk_rows,
         "shard_rows": shard_rows,
+        "image_key": image_key,
     }
     if is_store(out) and _matches(out, {**expected, "complete": True}):
         return ParticleStore.open(out)  # already imported from the same input
@@ -557,13 +614,20 @@ def import_particles(
             sources,
             fp,
             crop_boxes,
-            chunk_mb,
-            shard_mb,
+            chunk_rows,
+            shard_rows,
+            image_key,
+            extra_attrs=extra_attrs,
         )
     todo = [int(s) for s in np.flatnonzero(g["import_done"][:] == 0)]
     _run_shards(partial, todo, particles, crop_boxes, client, progress)
     if not (g["import_done"][:] == 1).all():
         raise RuntimeError(f"import into {partial} left shards unfinished; re-run to finish")
+    return _finish(g, partial, out)
+
+
+def _finish(g: zarr.Group, partial: Path, out: Path) -> ParticleStore:
+    """Mark the store built at ``partial`` complete, then swap it in at ``out``."""
     attrs = dict(g.attrs[ATTR])
     attrs["complete"] = True
     g.attrs[ATTR] = attrs  # written last: the store is complete from here on
@@ -574,6 +638,50 @@ def import_particles(
     if old.exists():
         shutil.rmtree(old)
     return ParticleStore.open(out)
+
+
+def write_view(
+    table: np.ndarray,
+    out_path,
+    source: ParticleStore,
+    source_rows: np.ndarray,
+    seed: int,
+    image_key: str,
+    sources: Sequence[str] = (),
+) -> ParticleStore:
+    """A view at ``out_path``: ``table``'s metadata, images read from ``source``.
+
+    ``source_rows[j]`` is the row of ``source`` holding the image of input
+    particle ``j`` (row ``j`` of ``table``). The view's rows are in the same
+    seeded order an import of ``table`` would give, so a job's results do not
+    depend on which store its images come from. Written under a temporary
+    name and swapped in like an import (see the module docstring).
+    """
+    out = Path(out_path)
+    if out.exists() and not is_store(out):
+        raise ValueError(f"{out} exists and is not a hetero_dask particle store")
+    n = len(table)
+    perm = np.random.default_rng(seed).permutation(n)
+    image_rows = np.asarray(source_rows, dtype=np.int64)[perm]
+    same_rows = n == source.n and np.array_equal(image_rows, np.arange(n))
+    if same_rows:  # share the source's partitioning: tasks then read whole shards of it
+        chunk, shard = int(source.attrs["chunk_rows"]), source.shard_rows
+    else:
+        chunk, shard = store_layout(n, source.box)
+    partial = _partial_path(out)
+    if partial.exists():
+        shutil.rmtree(partial)
+    fp = fingerprint(table, source.box, source.psize_A)
+    g = _create_layout(partial, table, source.box, source.psize_A, seed, list(sources), fp,
+                       source.crop_boxes, chunk, shard, image_key, images=False)
+    if not same_rows:
+        mrows = shard * max(1, _META_SHARD_ROWS // shard)
+        g.create_array("image_rows", data=image_rows, chunks=(shard,), shards=(mrows,))
+    attrs = dict(g.attrs[ATTR])
+    attrs["images_from"] = {"path": str(source.path.resolve()),
+                            "image_key": source.attrs["image_key"]}
+    g.attrs[ATTR] = attrs
+    return _finish(g, partial, out)
 
 
 def ensure_store(

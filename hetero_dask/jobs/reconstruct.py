@@ -84,6 +84,8 @@ class ReconstructParams:
     workers, scheduler: cluster for the Python API when no client is passed
         (None and None: run in this process, synchronously).
     stack_dir: where the particle stacks are, if not next to the file.
+    cache_dir: the particle cache's folder, or "off" (None: ``$HETERO_DASK_CACHE``
+        or the default; see :mod:`hetero_dask.io.cache`).
     """
 
     class_prefix: str | None = None
@@ -103,6 +105,7 @@ class ReconstructParams:
     workers: int | None = None
     scheduler: str | None = None
     stack_dir: str | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self):
         from hetero_dask.core.symmetry import symmetry_group
@@ -351,13 +354,14 @@ def check_posteriors(post, tolerance: float, source="particles", order=None) -> 
 
 def _open_store(path: str):
     from hetero_dask.dist.engine import worker_cached
-    from hetero_dask.io.store import ParticleStore
+    from hetero_dask.io.store import ParticleStore, store_version
 
-    return worker_cached(("store", path), lambda: ParticleStore.open(path))
+    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path))
 
 
 def _split_of(path: str, random_split: bool, seed: int):
     from hetero_dask.dist.engine import worker_cached
+    from hetero_dask.io.store import store_version
     from hetero_dask.jobs.common import particle_split
 
     def load():
@@ -367,7 +371,7 @@ def _split_of(path: str, random_split: bool, seed: int):
             return by_input[store.original_index].astype(np.int64)
         return particle_split(store, seed)
 
-    return worker_cached(("split", path, bool(random_split), int(seed)), load)
+    return worker_cached(("split", path, store_version(path), bool(random_split), int(seed)), load)
 
 
 def backproject_range(
@@ -563,6 +567,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         stack_dir=p.stack_dir,
         seed=p.random_seed,
         progress=progress is not False,
+        cache_dir=p.cache_dir,
     )
     timings["import_s"] = time.perf_counter() - t0
 

@@ -196,9 +196,10 @@ class _Context:
 
 
 def _open_store(path: str):
-    from hetero_dask.io.store import ParticleStore
+    from hetero_dask.io.store import ParticleStore, store_version
 
-    return worker_cached(("store", path), lambda: ParticleStore.open(path), max_entries=8)
+    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path),
+                         max_entries=8)
 
 
 def _normalised_images(store, box: int, start: int, stop: int, mask_radius_px: float, xp):
@@ -471,7 +472,7 @@ def _sigma_scale(it: int, params: RefineParams, converged: bool) -> float:
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
-           progress: bool | None = None, **params) -> dict:
+           progress: bool | None = None, cache_dir=None, **params) -> dict:
     """Run Heterogeneous Refinement; returns the report (also written to ``out/report.json``).
 
     ``particles``: a particle store (``.zarr``), a CryoSPARC ``.cs`` or a RELION
@@ -486,7 +487,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     run_dir = out / "run"
     run_dir.mkdir(exist_ok=True)
     t0 = time.time()
-    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed)
+    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed,
+                                cache_dir=cache_dir)
     vols_in, psize_vol, names = read_volume_group(volumes)
     K = vols_in.shape[0]
     box = min(p.refine_box, store.box)
