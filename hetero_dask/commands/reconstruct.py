@@ -77,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         random_seed=args.seed,
         stack_dir=args.stack_dir,
         cache_dir=args.cache_dir,
+        image_dtype=args.image_dtype,
     )
     with client_from_args(args) as client:
         result = reconstruct(args.particles, args.out, client=client, params=params)

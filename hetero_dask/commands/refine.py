@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         return _detach(args, volumes, params)
     with client_from_args(args) as client:
         report = refine(args.particles, volumes, args.out, client=client, stack_dir=args.stack_dir,
-                        cache_dir=args.cache_dir, resume=args.resume, progress=None if not args.quiet else False, **params)
+                        cache_dir=args.cache_dir, image_dtype=args.image_dtype, resume=args.resume, progress=None if not args.quiet else False, **params)
     print(json.dumps({c["class"]: {"fraction": round(c["fraction"], 3), "resolution_A": c["resolution_A"]}
                       for c in report["classes"]}))
     print(f"results in {args.out} (report.json, particles.cs, particles.star, class_*/map.mrc)")
@@ -91,7 +91,8 @@ def refine_job(job: dict, client) -> dict:
         # The default client for code that looks one up (e.g. distributed.as_completed).
         with client.as_current():
             report = refine(job["particles"], job["volumes"], job["out"], client=client,
-                            stack_dir=job["stack_dir"], cache_dir=job.get("cache_dir"), resume=job["resume"],
+                            stack_dir=job["stack_dir"], cache_dir=job.get("cache_dir"),
+                            image_dtype=job.get("image_dtype", "float32"), resume=job["resume"],
                             progress=False, **job["params"])
     except BaseException as exc:
         write_status(Path(job["out"]) / "run", job="refine", state="failed", error=f"{type(exc).__name__}: {exc}")
@@ -112,7 +113,8 @@ def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.
     job = dict(particles=absolute(args.particles),
                volumes=absolute(volumes) if isinstance(volumes, str) else [absolute(v) for v in volumes],
                out=str(out), stack_dir=absolute(args.stack_dir), resume=args.resume, params=params,
-               cache_dir=absolute(args.cache_dir) if names_folder(args.cache_dir) else args.cache_dir)
+               cache_dir=absolute(args.cache_dir) if names_folder(args.cache_dir) else args.cache_dir,
+               image_dtype=args.image_dtype)
     with client_from_args(args, quiet=True) as client:
         handle = submit(refine_job, job, client, run_dir=out / "run")
         deadline = time.monotonic() + wait_s

@@ -65,7 +65,9 @@ import zarr
 from .store import (
     ATTR,
     FORMAT_VERSION,
+    IMAGE_DTYPES,
     ParticleStore,
+    check_image_dtype,
     fingerprint,
     import_particles,
     is_store,
@@ -81,7 +83,7 @@ _LAST_USED = "last_used"  # file in an entry whose modification time is its last
 
 
 def add_cache_argument(parser) -> None:
-    """``--cache-dir`` for the job commands that read particle images."""
+    """``--cache-dir`` and ``--image-dtype`` for the job commands that read particle images."""
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -89,6 +91,13 @@ def add_cache_argument(parser) -> None:
         help=f"particle cache folder: images are imported there once and shared by every job "
         f"('off': import into OUT/particles.zarr; default ${ENV_DIR} or "
         f"~/.cache/hetero_dask/particles; size cap ${ENV_MAX_GB}, default half the disk)",
+    )
+    parser.add_argument(
+        "--image-dtype",
+        default="float32",
+        choices=IMAGE_DTYPES,
+        help="how imported particle images are stored: float16 halves the disk and the reads "
+        "(results change by less than float32's noise; see the README) (default float32)",
     )
 
 
@@ -110,16 +119,17 @@ def stack_identity(path) -> tuple[str, int, int]:
     return str(p), int(st.st_size), int(st.st_mtime_ns)
 
 
-def image_key(pset, seed: int) -> str:
+def image_key(pset, seed: int, image_dtype: str = "float32") -> str:
     """SHA-256 naming the images a store of ``pset`` (a ParticleSet) holds, in its order.
 
     Covers what :meth:`ParticleSet.read_images` depends on (the rows' image
-    fields, each stack's identity, the common box and pixel size) and the
-    store's seed (its row order); not the rest of the table.
+    fields, each stack's identity, the common box and pixel size), the
+    store's seed (its row order) and image dtype; not the rest of the table.
     """
     h = hashlib.sha256()
     stacks = [stack_identity(s) for s in pset.stacks]
-    h.update(repr((FORMAT_VERSION, int(pset.box), float(pset.psize_A), int(seed), stacks)).encode())
+    head = (FORMAT_VERSION, int(pset.box), float(pset.psize_A), int(seed), image_dtype, stacks)
+    h.update(repr(head).encode())
     h.update(np.ascontiguousarray(pset.stack_of_row, dtype=np.int64).tobytes())
     for name in _IMAGE_FIELDS:
         if name in pset.table.dtype.names:
@@ -234,13 +244,18 @@ class ParticleCache:
             return None
         return store, lease
 
-    def _find_superset(self, pset) -> tuple[ParticleStore, np.ndarray, _Lease] | None:
+    def _find_superset(self, pset, image_dtype: str):
         """An entry holding every image of ``pset`` (possibly more, in another order):
-        ``(entry, entry row of each input row, lease)``."""
+        ``(entry, entry row of each input row, lease)``, or None."""
         ours = [stack_identity(s) for s in pset.stacks]
         for e in self.entries():
             a = e.attrs
-            if not e.complete or a.get("box") != pset.box or a.get("psize_A") != float(pset.psize_A):
+            if not (
+                e.complete
+                and a.get("box") == pset.box
+                and a.get("psize_A") == float(pset.psize_A)
+                and a.get("image_dtype", "float32") == image_dtype
+            ):
                 continue
             theirs = {tuple(s): i for i, s in enumerate(a.get("stacks", []))}
             if not all(s in theirs for s in ours):
@@ -285,18 +300,19 @@ class ParticleCache:
                 lease.close()
 
     # -- the job's store ------------------------------------------------------
-    def images_for(self, pset, seed: int, client=None, progress: bool = True):
+    def images_for(self, pset, seed: int, client=None, progress: bool = True,
+                   image_dtype: str = "float32"):
         """``(entry, entry row of each input row, lease)`` for ``pset``, importing it if no
         entry holds its images; None when it would not fit under the cap."""
-        key = image_key(pset, seed)
+        key = image_key(pset, seed, image_dtype)
         found = self._lease_entry(key)
         if found is not None:
             _touch(found[0].path)
             return found[0], _entry_rows(found[0], pset.n), found[1]
-        superset = self._find_superset(pset)
+        superset = self._find_superset(pset, image_dtype)
         if superset is not None:
             return superset
-        need = _estimate_bytes(pset)
+        need = _estimate_bytes(pset, image_dtype)
         if need > self.max_bytes:
             return None
         # One import of a key at a time: a second job waits here, then finds the entry.
@@ -311,6 +327,7 @@ class ParticleCache:
                     store = import_particles(
                         _identity_set(pset), self.entry_path(key), client=client, seed=seed,
                         progress=progress, image_key=key, extra_attrs={"stacks": stacks},
+                        image_dtype=image_dtype,
                     )
                 except BaseException:
                     lease.close()
@@ -350,8 +367,8 @@ def _row_map(entry: ParticleStore, pset, stack_map: np.ndarray) -> np.ndarray | 
     return rows
 
 
-def _estimate_bytes(pset) -> int:
-    return int(pset.n) * 4 * int(pset.box) ** 2
+def _estimate_bytes(pset, image_dtype: str) -> int:
+    return int(pset.n) * np.dtype(image_dtype).itemsize * int(pset.box) ** 2
 
 
 def _du(path: Path) -> int:
@@ -388,7 +405,7 @@ def _is_stale(e: _Entry) -> bool:
 
 
 def job_store(pset, out_dir, client=None, seed: int = 0, progress: bool = True,
-              cache_dir=None) -> ParticleStore:
+              cache_dir=None, image_dtype: str = "float32") -> ParticleStore:
     """A job's particle store for ``pset`` in ``out_dir/particles.zarr``.
 
     Reuses a complete store already there made from the same table, images
@@ -398,7 +415,8 @@ def job_store(pset, out_dir, client=None, seed: int = 0, progress: bool = True,
     The returned store holds a shared lease on its cache entry while it lives.
     """
     target = Path(out_dir) / "particles.zarr"
-    key = image_key(pset, seed)
+    image_dtype = check_image_dtype(image_dtype)
+    key = image_key(pset, seed, image_dtype)
     fp = fingerprint(pset.table, pset.box, pset.psize_A)
     try:
         cache = ParticleCache.from_settings(cache_dir)
@@ -416,16 +434,16 @@ def job_store(pset, out_dir, client=None, seed: int = 0, progress: bool = True,
             if leased is not None and leased[0].path.resolve() == entry:
                 _touch(entry)
                 return _held(ParticleStore.open(target), leased[1])
-    found = None if cache is None else cache.images_for(pset, seed, client, progress)
+    found = None if cache is None else cache.images_for(pset, seed, client, progress, image_dtype)
     if found is None:
         if cache is not None:
             warnings.warn(
-                f"particles ({_estimate_bytes(pset) / 1e9:.1f} GB) exceed the particle cache's cap "
+                f"particles ({_estimate_bytes(pset, image_dtype) / 1e9:.1f} GB) exceed the particle cache's cap "
                 f"({cache.max_bytes / 1e9:.1f} GB, ${ENV_MAX_GB}): importing into {target}",
                 stacklevel=2,
             )
         return import_particles(pset, target, client=client, seed=seed, progress=progress,
-                                image_key=key)
+                                image_key=key, image_dtype=image_dtype)
     entry, rows, lease = found
     if progress:
         print(f"particle images: {entry.path}", file=sys.stderr)

@@ -4,10 +4,11 @@ Layout of ``S.zarr`` (one Zarr v3 group)::
 
     zarr.json                 attributes["hetero_dask_store"]: format_version, n, box,
                               psize_A, seed, source_files, fingerprint, chunk_rows,
-                              shard_rows, crop_boxes, fields, complete
-    images                    (N, box, box) float32, chunks (chunk_rows, box, box),
+                              shard_rows, crop_boxes, fields, complete, image_dtype
+    images                    (N, box, box) float32 (or float16: half the disk; read
+                              back as float32), chunks (chunk_rows, box, box),
                               shards (shard_rows, box, box), uncompressed
-    images_<b>                (N, b, b) float32 Fourier-cropped copies (optional),
+    images_<b>                (N, b, b) Fourier-cropped copies (optional),
                               same chunk/shard rows, pixel size psize_A * box / b
     original_index            (N,) int64: store row i holds input particle original_index[i]
     meta/<field>              one array per field of the CryoSPARC-style table (e.g.
@@ -31,7 +32,8 @@ with :meth:`ParticleStore.to_input_order`.
 Sizes (the rule): an image is ``4 box^2`` bytes; ``chunk_rows`` holds about
 ``chunk_mb`` (default 2 MiB, at least one image) and ``shard_rows`` is a
 multiple of it holding about ``shard_mb`` (default 128 MiB), capped at what N
-needs. At box 128: 32 images per chunk, 2048 per shard. Shards are the unit
+needs. At box 128: 32 images per chunk, 2048 per shard (a float16 store keeps
+the rows of a float32 one, in half the bytes). Shards are the unit
 of import tasks, of resumption and of Dask partitions
 (:meth:`ParticleStore.shard_ranges`). Images are stored uncompressed (noisy
 float32 pixels gain only a few percent from compression and cost CPU on
@@ -73,6 +75,22 @@ SHARD_MB = 128.0
 _META_SHARD_ROWS = 1 << 20  # metadata columns: one Zarr shard per ~1M rows
 _READ_BYTES = 16 << 20  # images read from the stacks per call during import
 _CTF_OPTIONAL = {"phase_shift_rad": 0.0, "bfactor": 0.0, "scale": 1.0}
+
+
+# float16 keeps 11 significant bits (relative rounding error <= 2^-11): noise-dominated
+# particle images lose nothing measurable (tests/test_float16_store.py states the tolerance).
+IMAGE_DTYPES = ("float32", "float16")
+
+
+def check_image_dtype(image_dtype) -> str:
+    """The name (``"float32"`` or ``"float16"``) of a store's image dtype; refuse others."""
+    try:
+        name = np.dtype(image_dtype).name
+    except TypeError:
+        name = None
+    if name not in IMAGE_DTYPES:
+        raise ValueError(f"image dtype {image_dtype!r}: expected one of {', '.join(IMAGE_DTYPES)}")
+    return name
 
 
 def store_layout(
@@ -215,6 +233,11 @@ class ParticleStore:
         return list(self.attrs["source_files"])
 
     @property
+    def image_dtype(self) -> np.dtype:
+        """How the images are stored (float32, or float16: half the disk, same reads)."""
+        return np.dtype(self.attrs.get("image_dtype", "float32"))
+
+    @property
     def crop_boxes(self) -> list[int]:
         return [int(b) for b in self.attrs["crop_boxes"]]
 
@@ -233,7 +256,8 @@ class ParticleStore:
 
     # -- images -------------------------------------------------------------
     def images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Images ``(stop - start, box, box)`` float32 of rows ``[start, stop)``."""
+        """Images ``(stop - start, box, box)`` float32 of rows ``[start, stop)`` (a float16
+        store's values widened)."""
         return self._image_rows("images", start, stop)
 
     def _image_rows(self, name: str, start, stop) -> np.ndarray:
@@ -242,17 +266,18 @@ class ParticleStore:
                 return self._source._image_rows(name, start, stop)
             return self._source._take(name, self._group["image_rows"][start:stop])
         reader = self._reader(name)
-        if reader is None:
-            return self._group[name][start:stop]
-        return reader.read(start, stop)
+        rows = self._group[name][start:stop] if reader is None else reader.read(start, stop)
+        return rows.astype(np.float32, copy=False)
 
     def _take(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Images of store rows ``rows`` (any order) of array ``name``."""
         reader = self._reader(name)
         if reader is None:
             wanted, inverse = np.unique(rows, return_inverse=True)
-            return self._group[name].oindex[wanted][inverse.reshape(-1)]
-        return reader.take(rows)
+            taken = self._group[name].oindex[wanted][inverse.reshape(-1)]
+        else:
+            taken = reader.take(rows)
+        return taken.astype(np.float32, copy=False)
 
     def _reader(self, name: str) -> ShardRowReader | None:
         # Straight from the shard files when the layout allows (io.shard_reader: ~7x less
@@ -377,6 +402,7 @@ def _create_layout(
     image_key: str | None,
     images: bool = True,
     extra_attrs: dict | None = None,
+    image_dtype: str = "float32",
 ) -> zarr.Group:
     """Create the store (order, metadata columns; empty image arrays unless ``images`` is
     False, as for a view) at ``path``; not yet complete."""
@@ -398,6 +424,7 @@ def _create_layout(
         "complete": False,
         "meta_written": False,
         "image_key": image_key,
+        "image_dtype": image_dtype,
         **(extra_attrs or {}),
     }
     g = zarr.open_group(str(path), mode="w", attributes={ATTR: attrs})
@@ -405,7 +432,7 @@ def _create_layout(
         g.create_array(
             "images" if b == box else f"images_{b}",
             shape=(n, b, b),
-            dtype="float32",
+            dtype=image_dtype,
             chunks=(chunk, b, b),
             shards=(shard, b, b),
             compressors=None,
@@ -429,45 +456,69 @@ def _create_layout(
     return g
 
 
-def _shard_task(
-    path: str, shard: int, particles, read_rows, dest, crop_boxes: Sequence[int]
-) -> int:
+def _shard_task(path: str, shard: int, particles, read_rows, crop_boxes: Sequence[int]) -> int:
     """Read one shard's images, write it (and its crops), then mark it done.
 
-    ``particles.read_images(read_rows[i])`` is the image of shard row
-    ``dest[i]``; ``read_rows`` are ascending so stacks are read sequentially.
+    ``particles.read_images(read_rows[i])`` is the image of shard row ``i``. A
+    ParticleSet reads straight into the shard's buffer (its stacks in file
+    order within each read) and has checked the pixels are finite; other
+    sources are checked here.
     """
+    from .particles import ParticleSet
+
     g = zarr.open_group(path, mode="r+")
     a = g.attrs[ATTR]
     start = shard * int(a["shard_rows"])
     stop = min(start + int(a["shard_rows"]), int(a["n"]))
     imgs = np.empty((stop - start, a["box"], a["box"]), dtype=np.float32)
     step = max(1, _READ_BYTES // (4 * a["box"] ** 2))  # bounded temporaries beyond the shard
-    for b in range(0, len(dest), step):
-        imgs[dest[b : b + step]] = particles.read_images(read_rows[b : b + step])
+    checked = isinstance(particles, ParticleSet)
+    for b in range(0, len(read_rows), step):
+        if checked:
+            particles.read_images(read_rows[b : b + step], out=imgs[b : b + step])
+        else:
+            imgs[b : b + step] = particles.read_images(read_rows[b : b + step])
     # float64 sums of float32 pixels cannot overflow: a non-finite sum means NaN/inf pixels
-    bad = ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
-    if bad.any():
+    bad = None if checked else ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
+    if bad is not None and bad.any():
         first = int(g["original_index"][start + int(np.argmax(bad))])
         raise ValueError(
             f"particle {first} (0-based, input order) has NaN or inf pixels; "
             f"{int(bad.sum())} such particle(s) in store rows {start}-{stop - 1}"
         )
-    g["images"][start:stop] = imgs
+    dtype = np.dtype(a.get("image_dtype", "float32"))
+    if dtype == np.float16:
+        peak = float(np.abs(imgs).max())
+        if peak > np.finfo(np.float16).max:
+            first = int(g["original_index"][start + int(np.argmax(np.abs(imgs).max(axis=(1, 2))))])
+            raise ValueError(
+                f"particle {first} (0-based, input order) has pixel values up to {peak:.4g}, "
+                f"beyond float16's {np.finfo(np.float16).max:.0f}: import as float32"
+            )
+    _write_rows(g, "images", shard, start, stop, imgs)
     chunk = int(a["chunk_rows"])
     for b in crop_boxes:
-        g[f"images_{b}"][start:stop] = np.concatenate(
-            [
-                fourier_resize(imgs[i : i + chunk], int(b), ndim=2)
-                for i in range(0, len(imgs), chunk)
-            ]
+        crops = np.concatenate(
+            [fourier_resize(imgs[i : i + chunk], int(b), ndim=2) for i in range(0, len(imgs), chunk)]
         )
+        _write_rows(g, f"images_{b}", shard, start, stop, crops)
     g["import_done"][shard] = 1
     return stop - start
 
 
+def _write_rows(g: zarr.Group, name: str, shard: int, start: int, stop: int, rows) -> None:
+    """Rows ``[start, stop)`` (all of shard ``shard``) of image array ``name``: one shard file
+    written directly when the layout allows (see :mod:`.shard_reader`), else through zarr."""
+    writer = ShardRowReader.for_array(Path(g.store.root) / name)
+    if writer is not None and writer.shard_rows == int(g.attrs[ATTR]["shard_rows"]):
+        writer.write_shard(shard, rows)
+    else:
+        g[name][start:stop] = rows
+
+
 def _shard_inputs(particles, perm: np.ndarray, shard: int, shard_rows: int):
-    """``(particles_for_task, read_rows, dest)`` of one shard.
+    """``(particles_for_task, read_rows)`` of one shard: ``read_rows[i]`` is the row of
+    ``particles_for_task`` that shard row ``i`` holds.
 
     A :class:`~hetero_dask.io.particles.ParticleSet` is cut to the shard's
     rows, so a task carries only its own metadata (worker memory independent
@@ -475,32 +526,42 @@ def _shard_inputs(particles, perm: np.ndarray, shard: int, shard_rows: int):
     """
     from .particles import ParticleSet
 
-    idx = perm[shard * shard_rows : (shard + 1) * shard_rows]
-    dest = np.argsort(idx, kind="stable")
-    rows = idx[dest]
+    rows = perm[shard * shard_rows : (shard + 1) * shard_rows]
     if isinstance(particles, ParticleSet):
         sub = dataclasses.replace(
             particles, table=particles.table[rows], stack_of_row=particles.stack_of_row[rows]
         )
-        return sub, np.arange(rows.size), dest
-    return particles, rows, dest
+        return sub, np.arange(rows.size)
+    return particles, rows
 
 
 def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
-    """Run the shard tasks, in this process or on ``client`` (at most 2 per worker thread queued)."""
+    """Run the shard tasks on ``client`` (at most 2 per worker thread queued), or in threads of
+    this process (one per core: reading, copying and writing release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     g = zarr.open_group(str(path), mode="r")
     perm = g["original_index"][:]
     shard_rows = int(g.attrs[ATTR]["shard_rows"])
     bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=not progress)
+    pending = list(todo)
     try:
         if client is None:
-            for s in todo:
-                _shard_task(
-                    str(path), s, *_shard_inputs(particles, perm, s, shard_rows), crop_boxes
-                )
-                bar.update(1)
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+            def task(s):  # a shard's inputs are cut when it starts: memory stays one shard
+                return _shard_task(str(path), s, *_shard_inputs(particles, perm, s, shard_rows),
+                                   crop_boxes)
+
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                try:
+                    for _ in pool.map(task, pending):  # raises a task's error here
+                        bar.update(1)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)
+                    raise
             return
         from distributed import as_completed
 
@@ -509,9 +570,8 @@ def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, prog
         if not isinstance(particles, ParticleSet):
             particles = client.scatter(particles, broadcast=True)
         window = 2 * max(1, sum(client.nthreads().values()))
-        pending = list(todo)
 
-        def submit(s):
+        def submit_remote(s):
             return client.submit(
                 _shard_task,
                 str(path),
@@ -521,13 +581,15 @@ def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, prog
                 pure=False,
             )
 
-        running = as_completed([submit(pending.pop(0)) for _ in range(min(window, len(pending)))])
+        running = as_completed(
+            [submit_remote(pending.pop(0)) for _ in range(min(window, len(pending)))]
+        )
         try:
             for fut in running:
                 fut.result()  # re-raise a worker's error here
                 bar.update(1)
                 if pending:
-                    running.add(submit(pending.pop(0)))
+                    running.add(submit_remote(pending.pop(0)))
         finally:
             client.cancel(list(running.futures))
     finally:
@@ -551,6 +613,7 @@ def import_particles(
     shard_mb: float = SHARD_MB,
     image_key: str | None = None,
     extra_attrs: dict | None = None,
+    image_dtype: str = "float32",
 ) -> ParticleStore:
     """Copy particles into a Zarr store at ``out_path`` and return it opened.
 
@@ -563,7 +626,9 @@ def import_particles(
     Resumable and safe against interruption (see the module docstring).
     ``image_key`` is recorded (and must match for a resumed or reused store),
     and so are ``extra_attrs`` (from the start: no store lacks them).
+    ``image_dtype`` ``"float16"`` halves the store (see :data:`IMAGE_DTYPES`).
     """
+    image_dtype = check_image_dtype(image_dtype)
     out = Path(out_path)
     if isinstance(source, (str, os.PathLike)):
         from .particles import load_particles
@@ -596,6 +661,7 @@ def import_particles(
         "chunk_rows": chunk_rows,
         "shard_rows": shard_rows,
         "image_key": image_key,
+        "image_dtype": image_dtype,
     }
     if is_store(out) and _matches(out, {**expected, "complete": True}):
         return ParticleStore.open(out)  # already imported from the same input
@@ -618,6 +684,7 @@ def import_particles(
             shard_rows,
             image_key,
             extra_attrs=extra_attrs,
+            image_dtype=image_dtype,
         )
     todo = [int(s) for s in np.flatnonzero(g["import_done"][:] == 0)]
     _run_shards(partial, todo, particles, crop_boxes, client, progress)
@@ -673,7 +740,8 @@ def write_view(
         shutil.rmtree(partial)
     fp = fingerprint(table, source.box, source.psize_A)
     g = _create_layout(partial, table, source.box, source.psize_A, seed, list(sources), fp,
-                       source.crop_boxes, chunk, shard, image_key, images=False)
+                       source.crop_boxes, chunk, shard, image_key, images=False,
+                       image_dtype=source.image_dtype.name)
     if not same_rows:
         mrows = shard * max(1, _META_SHARD_ROWS // shard)
         g.create_array("image_rows", data=image_rows, chunks=(shard,), shards=(mrows,))

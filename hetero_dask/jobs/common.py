@@ -22,13 +22,14 @@ SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
 
 def open_particle_store(
     particles, out_dir, client=None, stack_dir=None, seed: int = 0, progress: bool = True,
-    cache_dir=None,
+    cache_dir=None, image_dtype: str = "float32",
 ) -> ParticleStore:
     """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
 
     A file gets ``out_dir/particles.zarr`` (see the module doc; ``cache_dir``:
     the particle cache's folder, ``"off"``, or None for ``$HETERO_DASK_CACHE``
-    or the default); imports run on ``client``'s workers when given.
+    or the default; ``image_dtype``: float32 or float16 images); imports run on
+    ``client``'s workers when given.
     """
     if is_store(particles):
         return ParticleStore.open(particles)
@@ -42,7 +43,7 @@ def open_particle_store(
         )
     pset = load_particles(path, stack_dir=stack_dir)
     return job_store(pset, out_dir, client=client, seed=seed, progress=progress,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, image_dtype=image_dtype)
 
 
 def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:

@@ -86,6 +86,7 @@ class ReconstructParams:
     stack_dir: where the particle stacks are, if not next to the file.
     cache_dir: the particle cache's folder, or "off" (None: ``$HETERO_DASK_CACHE``
         or the default; see :mod:`hetero_dask.io.cache`).
+    image_dtype: how imported images are stored, "float32" or "float16".
     """
 
     class_prefix: str | None = None
@@ -106,6 +107,7 @@ class ReconstructParams:
     scheduler: str | None = None
     stack_dir: str | None = None
     cache_dir: str | None = None
+    image_dtype: str = "float32"
 
     def __post_init__(self):
         from hetero_dask.core.symmetry import symmetry_group
@@ -568,6 +570,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         seed=p.random_seed,
         progress=progress is not False,
         cache_dir=p.cache_dir,
+        image_dtype=p.image_dtype,
     )
     timings["import_s"] = time.perf_counter() - t0
 

@@ -472,7 +472,8 @@ def _sigma_scale(it: int, params: RefineParams, converged: bool) -> float:
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
-           progress: bool | None = None, cache_dir=None, **params) -> dict:
+           progress: bool | None = None, cache_dir=None, image_dtype: str = "float32",
+           **params) -> dict:
     """Run Heterogeneous Refinement; returns the report (also written to ``out/report.json``).
 
     ``particles``: a particle store (``.zarr``), a CryoSPARC ``.cs`` or a RELION
@@ -488,7 +489,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     run_dir.mkdir(exist_ok=True)
     t0 = time.time()
     store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, image_dtype=image_dtype)
     vols_in, psize_vol, names = read_volume_group(volumes)
     K = vols_in.shape[0]
     box = min(p.refine_box, store.box)
