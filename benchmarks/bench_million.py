@@ -9,16 +9,17 @@ simulator, in chunks of --chunk particles (one .mrcs stack each, written by
 with the same size, box and seed), plus a CryoSPARC .cs. Each size N runs
 on the first N particles (a .cs of those rows), with its own particle cache,
 every stage on a fresh local cluster of --workers single-threaded worker
-processes (cluster start excluded from the stage times):
+processes (cluster start and the workers' imports excluded from the stage
+times):
 
 * import: the job's particle store (the cache imports the images), next to
   ``cat`` reading the same stacks;
 * reconstruct: Heterogeneous Reconstruction Only, 2 classes, hard, from the
   cached store;
 * refine: --refine-iterations online-EM iterations of Heterogeneous
-  Refinement (K = 2, batches of 1000 per class, no final full pass: an
-  iteration's time and memory do not depend on N), references = the truth
-  low-passed to 30 A.
+  Refinement (K = 2, batches of 1000 per class, HEALPix order up to 3, no
+  final full pass: an iteration's time and memory do not depend on N),
+  references = the truth low-passed to 30 A.
 
 Printed (JSON, one object per size, then a summary): each stage's wall
 time, particles/s (refine: particles of the online-EM iterations per
@@ -51,6 +52,9 @@ from pathlib import Path
 import numpy as np
 
 BOX, PSIZE, SNR, K = 64, 3.0, 0.1, 2
+# The iterations of every size then search the same grids (sizes see other particles, so
+# their resolutions, and without a cap the order of their last iterations, may differ).
+MAX_ORDER = 3
 
 
 def _simulate_chunk(workdir: str, index: int, n: int, box: int, psize: float, seed: int):
@@ -124,13 +128,20 @@ def _cat_mb_s(files) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def _load_modules() -> None:
+    import hetero_dask.jobs.reconstruct  # noqa: F401
+    import hetero_dask.jobs.refine  # noqa: F401
+
+
 def _stage(workers: int, fn) -> tuple[object, float, float]:
-    """``fn(client)`` on a fresh local cluster: ``(result, wall s, largest worker peak MB)``."""
+    """``fn(client)`` on a fresh local cluster whose workers have imported the jobs' modules
+    (start-up is not the stage's): ``(result, wall s, largest worker peak MB)``."""
     from distributed import Client
 
     from hetero_dask.dist.cluster import make_local_cluster
 
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
+        client.run(_load_modules)
         t0 = time.perf_counter()
         result = fn(client)
         wall = time.perf_counter() - t0
@@ -170,7 +181,8 @@ def run_size(cs_all: Path, refs, n: int, workers: int, iterations: int, work: Pa
 
     report, wall, peak = _stage(workers, lambda c: refine(
         cs, refs, jobs / "refine", client=c, progress=False, cache_dir=str(cache),
-        refine_box=BOX, num_random_iterations=1, max_iterations=iterations, final_full_passes=0))
+        refine_box=BOX, num_random_iterations=1, max_iterations=iterations, final_full_passes=0,
+        max_order=MAX_ORDER))
     its = report["iterations"]
     per_it = [h["seconds"] for h in its]
     batch = int(np.median([h["particles"][1] - h["particles"][0] for h in its]))

@@ -63,8 +63,8 @@ def test_array_removed_while_reading_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("n", [203, 192, 5])
 def test_written_shards_are_the_files_zarr_writes(tmp_path, n):
-    """write_shard gives zarr's bytes: full shards, a last partial inner chunk (padded) and
-    inner chunks past the end (recorded as missing)."""
+    """create_shard then write_rows in any order give zarr's bytes: full shards, a last
+    partial inner chunk (padded) and inner chunks past the end (recorded as missing)."""
     import filecmp
 
     data = np.random.default_rng(4).normal(size=(n, 6, 6)).astype(np.float32)
@@ -73,12 +73,16 @@ def test_written_shards_are_the_files_zarr_writes(tmp_path, n):
     _, path = _array(tmp_path / "w", n=n)
     writer = ShardRowReader.for_array(path)
     for shard in range(-(-n // 16)):
-        writer.write_shard(shard, data[shard * 16 : (shard + 1) * 16])
+        writer.create_shard(shard)
+    rows = np.random.default_rng(5).permutation(n)
+    for part in np.array_split(rows, 3):  # three writers, random rows each
+        writer.write_rows(part, data[part])
+    for shard in range(-(-n // 16)):
         key = f"c/{shard}/0/0"
         assert filecmp.cmp(tmp_path / "z" / "s.zarr" / "images" / key, path / key, shallow=False)
     np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[:], data)
-    with pytest.raises(ValueError, match="holds"):
-        writer.write_shard(0, data[:3])
+    with pytest.raises(ValueError, match="expected"):
+        writer.write_rows([0, 1], data[:3])
 
 
 def test_rewritten_shard_is_read_again(tmp_path):

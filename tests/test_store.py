@@ -122,10 +122,9 @@ def test_dask_import_equals_serial_import(particles, tmp_path):
 def test_resume_after_crash_and_completion_marker(particles, tmp_path):
     out = tmp_path / "s.zarr"
     clean = import_particles(particles, tmp_path / "clean.zarr", seed=9, progress=False, **SMALL)
-    crash_row = 4 * clean.shard_rows + 3  # in the 5th shard (shards start in order)
-    bad = MemoryParticles(
-        particles.images, particles.table, PSIZE, fail_on=int(clean.original_index[crash_row])
-    )
+    # input particle 163 is in the 5th import block (a shard's worth of input rows each, in
+    # file order, which is input order for this source; blocks start in order)
+    bad = MemoryParticles(particles.images, particles.table, PSIZE, fail_on=4 * clean.shard_rows + 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         import_particles(bad, out, seed=9, progress=False, **SMALL)
     assert not out.exists()
@@ -135,7 +134,7 @@ def test_resume_after_crash_and_completion_marker(particles, tmp_path):
     assert is_store(partial)
     with pytest.raises(ValueError, match="incomplete"):
         ParticleStore.open(partial)
-    # re-run: only the unfinished shards (the 5th, and those not started: shards run on one
+    # re-run: only the unfinished blocks (the 5th, and those not started: blocks run on one
     # thread per core) are read again, and the result equals a clean import
     done = zarr.open_group(str(partial), mode="r")["import_done"][:]
     assert done[:4].all() and not done[4]

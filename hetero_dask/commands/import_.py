@@ -1,9 +1,10 @@
 """Copy particles (.star or .cs + stacks) into a Zarr particle store for fast parallel reads.
 
 The store holds the images (float32, or float16 with --image-dtype, chunked
-and sharded along the particle axis) in a seeded random order, every metadata field of the input as a
-column, and optional Fourier-cropped copies. The import runs one task per
-shard on a Dask cluster, resumes where an interrupted run stopped (re-run
+and sharded along the particle axis) in a seeded random order, every
+metadata field of the input as a column, and optional Fourier-cropped
+copies. The import reads the stacks sequentially in blocks, one task per
+block on a Dask cluster, resumes where an interrupted run stopped (re-run
 the same command), and replaces an existing store at --out only once the
 new one is complete. Workers are CPU processes unless --gpus is given.
 """
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard-mb",
         type=float,
         default=SHARD_MB,
-        help=f"Zarr shard size in MiB, the unit of import tasks and job partitions (default {SHARD_MB:g})",
+        help=f"Zarr shard size in MiB, the unit of job partitions and the size of import blocks (default {SHARD_MB:g})",
     )
     parser.add_argument(
         "--image-dtype",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
-from hetero_dask.io.cache import add_cache_argument
+from hetero_dask.io.cache import add_store_arguments
 from hetero_dask.jobs.reconstruct import ReconstructParams, reconstruct
 
 
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stack-dir", default=None, help="folder of the particle stacks if not next to the file"
     )
-    add_cache_argument(parser)
+    add_store_arguments(parser)
     add_cluster_arguments(parser)
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
-from hetero_dask.io.cache import add_cache_argument, names_folder
+from hetero_dask.io.cache import add_store_arguments, names_folder
 from hetero_dask.jobs.refine import RefineParams, refine
 
 
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detach", action="store_true",
                         help="with --scheduler: run the job on the cluster and return at once; it survives "
                              "this command exiting (follow it with hetero-dask status OUT/run)")
-    add_cache_argument(parser)
+    add_store_arguments(parser)
     add_cluster_arguments(parser)
 
 

@@ -18,7 +18,8 @@ CryoSPARC's SSD cache, but shared).
 particles, identified by :func:`image_key`: the rows' image fields of the
 particle file (``blob/idx``, ``blob/sign``, ``blob/psize_A``, ``blob/shape``
 and which stack each row is in) and each stack's resolved path, size and
-modification time, the common box and pixel size, and the store's seed.
+modification time, the common box and pixel size, the store's seed and its
+image dtype (float32 or float16).
 A job whose particles hash to an existing entry reuses it as it is; one
 whose particles are a subset of an entry's (or the same particles under
 another seed) reads its images from that entry through a row map; other
@@ -82,7 +83,7 @@ _STACK_FIELD = "cache/stack"  # an entry's column: which of its stacks a row is 
 _LAST_USED = "last_used"  # file in an entry whose modification time is its last use
 
 
-def add_cache_argument(parser) -> None:
+def add_store_arguments(parser) -> None:
     """``--cache-dir`` and ``--image-dtype`` for the job commands that read particle images."""
     parser.add_argument(
         "--cache-dir",
@@ -97,7 +98,7 @@ def add_cache_argument(parser) -> None:
         default="float32",
         choices=IMAGE_DTYPES,
         help="how imported particle images are stored: float16 halves the disk and the reads "
-        "(results change by less than float32's noise; see the README) (default float32)",
+        "(results within stated tolerances of float32's; see the README) (default float32)",
     )
 
 

@@ -14,7 +14,8 @@ Layout of ``S.zarr`` (one Zarr v3 group)::
     meta/<field>              one array per field of the CryoSPARC-style table (e.g.
                               meta/ctf/df1_A, meta/alignments3D/pose (N, 3)); fixed-width
                               bytes fields are stored as uint8 (N, width)
-    import_done               (n_shards,) uint8, one chunk per shard: per-shard done markers
+    import_done               (n_shards,) uint8: done markers of the import blocks (a
+                              shard's worth of input rows each, in file order)
 
 A **view** (what a job writes into ``OUT/particles.zarr`` when its images
 come from the particle cache, :mod:`hetero_dask.io.cache`) has the same
@@ -33,18 +34,24 @@ Sizes (the rule): an image is ``4 box^2`` bytes; ``chunk_rows`` holds about
 ``chunk_mb`` (default 2 MiB, at least one image) and ``shard_rows`` is a
 multiple of it holding about ``shard_mb`` (default 128 MiB), capped at what N
 needs. At box 128: 32 images per chunk, 2048 per shard (a float16 store keeps
-the rows of a float32 one, in half the bytes). Shards are the unit
-of import tasks, of resumption and of Dask partitions
-(:meth:`ParticleStore.shard_ranges`). Images are stored uncompressed (noisy
+the rows of a float32 one, in half the bytes). Shards are the unit of Dask
+partitions (:meth:`ParticleStore.shard_ranges`). Images are stored uncompressed (noisy
 float32 pixels gain only a few percent from compression and cost CPU on
 every read); metadata columns use Zarr's default compressor.
 
+Import: the input is read in **blocks** of a shard's worth of particles in
+file order (stack, then index: every stack read sequentially, one ``preadv``
+per run of images), and each image is written straight to its place in the
+(preallocated) shard files, wherever the random order puts it
+(:meth:`~hetero_dask.io.shard_reader.ShardRowReader.write_rows`): a stream
+in, page-cache writes out, one task per block, in parallel.
+
 Import safety: the store is built in ``<out>.partial`` and marked complete
-(attribute written last) only after every shard's done marker is set; then
+(attribute written last) only after every block's done marker is set; then
 it is renamed to ``<out>``. An existing store at ``<out>`` stays untouched
 until that final swap (``<out>`` -> ``<out>.old-<pid>``, partial -> ``<out>``,
 old removed), so an interrupted import never damages it. Re-running the
-same import resumes the partial store, skipping shards already done; a
+same import resumes the partial store, skipping blocks already done; a
 partial store built from different input (other fingerprint, seed or
 sizes) is discarded and rebuilt. Importing into a complete store built from
 the same input, seed and sizes returns it as it is (a job importing on the
@@ -73,8 +80,8 @@ ATTR = "hetero_dask_store"
 CHUNK_MB = 2.0
 SHARD_MB = 128.0
 _META_SHARD_ROWS = 1 << 20  # metadata columns: one Zarr shard per ~1M rows
-_READ_BYTES = 16 << 20  # images read from the stacks per call during import
 _CTF_OPTIONAL = {"phase_shift_rad": 0.0, "bfactor": 0.0, "scale": 1.0}
+_IMPORT_UNIT = "block"  # import_done marks blocks of input rows in file order
 
 
 # float16 keeps 11 significant bits (relative rounding error <= 2^-11): noise-dominated
@@ -425,6 +432,7 @@ def _create_layout(
         "meta_written": False,
         "image_key": image_key,
         "image_dtype": image_dtype,
+        "import_unit": _IMPORT_UNIT,
         **(extra_attrs or {}),
     }
     g = zarr.open_group(str(path), mode="w", attributes={ATTR: attrs})
@@ -438,6 +446,11 @@ def _create_layout(
             compressors=None,
         )
     if images:
+        for b in [box, *crop_boxes]:
+            files = _shard_files(g, "images" if b == box else f"images_{b}")
+            for s in range(n_shards):
+                files.create_shard(s)
+        # one marker per import block: a shard's worth of input rows in file order
         g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     mrows = shard * max(1, _META_SHARD_ROWS // shard)
@@ -456,104 +469,110 @@ def _create_layout(
     return g
 
 
-def _shard_task(path: str, shard: int, particles, read_rows, crop_boxes: Sequence[int]) -> int:
-    """Read one shard's images, write it (and its crops), then mark it done.
+def _shard_files(g: zarr.Group, name: str) -> ShardRowReader:
+    files = ShardRowReader.for_array(Path(g.store.root) / name)
+    if files is None:  # the layout _create_layout made; anything else is a bug
+        raise RuntimeError(f"{Path(g.store.root) / name}: not the sharded layout of an import")
+    return files
 
-    ``particles.read_images(read_rows[i])`` is the image of shard row ``i``. A
-    ParticleSet reads straight into the shard's buffer (its stacks in file
-    order within each read) and has checked the pixels are finite; other
-    sources are checked here.
+
+def _block_task(
+    path: str, block: int, particles, read_rows, dest, input_rows, crop_boxes: Sequence[int]
+) -> int:
+    """Read one import block and write its images (and crops) where they go, then mark it done.
+
+    ``particles.read_images(read_rows[i])`` is input particle ``input_rows[i]``,
+    which goes to store row ``dest[i]``. A block's rows are consecutive in the
+    stacks (file order), so they are read sequentially; they land all over
+    the store (its order is random), written into the shard files in place.
+    A ParticleSet has checked its pixels are finite; other sources are
+    checked here.
     """
     from .particles import ParticleSet
 
     g = zarr.open_group(path, mode="r+")
     a = g.attrs[ATTR]
-    start = shard * int(a["shard_rows"])
-    stop = min(start + int(a["shard_rows"]), int(a["n"]))
-    imgs = np.empty((stop - start, a["box"], a["box"]), dtype=np.float32)
-    step = max(1, _READ_BYTES // (4 * a["box"] ** 2))  # bounded temporaries beyond the shard
-    checked = isinstance(particles, ParticleSet)
-    for b in range(0, len(read_rows), step):
-        if checked:
-            particles.read_images(read_rows[b : b + step], out=imgs[b : b + step])
-        else:
-            imgs[b : b + step] = particles.read_images(read_rows[b : b + step])
-    # float64 sums of float32 pixels cannot overflow: a non-finite sum means NaN/inf pixels
-    bad = None if checked else ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
-    if bad is not None and bad.any():
-        first = int(g["original_index"][start + int(np.argmax(bad))])
-        raise ValueError(
-            f"particle {first} (0-based, input order) has NaN or inf pixels; "
-            f"{int(bad.sum())} such particle(s) in store rows {start}-{stop - 1}"
-        )
-    dtype = np.dtype(a.get("image_dtype", "float32"))
-    if dtype == np.float16:
-        peak = float(np.abs(imgs).max())
-        if peak > np.finfo(np.float16).max:
-            first = int(g["original_index"][start + int(np.argmax(np.abs(imgs).max(axis=(1, 2))))])
+    imgs = np.asarray(particles.read_images(read_rows), dtype=np.float32)
+    if not isinstance(particles, ParticleSet):
+        # float64 sums of float32 pixels cannot overflow: a non-finite sum means NaN/inf pixels
+        bad = ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
+        if bad.any():
             raise ValueError(
-                f"particle {first} (0-based, input order) has pixel values up to {peak:.4g}, "
-                f"beyond float16's {np.finfo(np.float16).max:.0f}: import as float32"
+                f"particle {int(input_rows[int(np.argmax(bad))])} (0-based, input order) has NaN "
+                f"or inf pixels; {int(bad.sum())} such particle(s) in this import block"
             )
-    _write_rows(g, "images", shard, start, stop, imgs)
+    if np.dtype(a.get("image_dtype", "float32")) == np.float16:
+        peaks = np.abs(imgs).max(axis=(1, 2))
+        if peaks.max() > np.finfo(np.float16).max:
+            raise ValueError(
+                f"particle {int(input_rows[int(np.argmax(peaks))])} (0-based, input order) has "
+                f"pixel values up to {float(peaks.max()):.4g}, beyond float16's "
+                f"{np.finfo(np.float16).max:.0f}: import as float32"
+            )
+    _shard_files(g, "images").write_rows(dest, imgs)
     chunk = int(a["chunk_rows"])
     for b in crop_boxes:
         crops = np.concatenate(
             [fourier_resize(imgs[i : i + chunk], int(b), ndim=2) for i in range(0, len(imgs), chunk)]
         )
-        _write_rows(g, f"images_{b}", shard, start, stop, crops)
-    g["import_done"][shard] = 1
-    return stop - start
+        _shard_files(g, f"images_{b}").write_rows(dest, crops)
+    g["import_done"][block] = 1
+    return len(dest)
 
 
-def _write_rows(g: zarr.Group, name: str, shard: int, start: int, stop: int, rows) -> None:
-    """Rows ``[start, stop)`` (all of shard ``shard``) of image array ``name``: one shard file
-    written directly when the layout allows (see :mod:`.shard_reader`), else through zarr."""
-    writer = ShardRowReader.for_array(Path(g.store.root) / name)
-    if writer is not None and writer.shard_rows == int(g.attrs[ATTR]["shard_rows"]):
-        writer.write_shard(shard, rows)
-    else:
-        g[name][start:stop] = rows
+def _file_order(particles) -> np.ndarray:
+    """Input rows sorted by where their images are (stack, then index in it)."""
+    from .particles import ParticleSet
+
+    if isinstance(particles, ParticleSet):
+        idx = np.asarray(particles.table["blob/idx"], dtype=np.int64)
+        return np.lexsort((idx, particles.stack_of_row)).astype(np.int64)
+    return np.arange(len(particles.table), dtype=np.int64)
 
 
-def _shard_inputs(particles, perm: np.ndarray, shard: int, shard_rows: int):
-    """``(particles_for_task, read_rows)`` of one shard: ``read_rows[i]`` is the row of
-    ``particles_for_task`` that shard row ``i`` holds.
+def _block_inputs(particles, rows: np.ndarray, store_row: np.ndarray):
+    """``(particles_for_task, read_rows, dest, input_rows)`` of the block of input ``rows``.
 
-    A :class:`~hetero_dask.io.particles.ParticleSet` is cut to the shard's
+    A :class:`~hetero_dask.io.particles.ParticleSet` is cut to the block's
     rows, so a task carries only its own metadata (worker memory independent
     of N); other sources are used whole.
     """
     from .particles import ParticleSet
 
-    rows = perm[shard * shard_rows : (shard + 1) * shard_rows]
+    dest = store_row[rows]
     if isinstance(particles, ParticleSet):
         sub = dataclasses.replace(
             particles, table=particles.table[rows], stack_of_row=particles.stack_of_row[rows]
         )
-        return sub, np.arange(rows.size)
-    return particles, rows
+        return sub, np.arange(rows.size), dest, rows
+    return particles, rows, dest, rows
 
 
-def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
-    """Run the shard tasks on ``client`` (at most 2 per worker thread queued), or in threads of
-    this process (one per core: reading, copying and writing release the GIL)."""
+def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
+    """Run the import blocks on ``client`` (at most 2 per worker thread queued), or in threads
+    of this process (one per core: reading, copying and writing release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     g = zarr.open_group(str(path), mode="r")
     perm = g["original_index"][:]
-    shard_rows = int(g.attrs[ATTR]["shard_rows"])
-    bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=not progress)
+    store_row = np.empty_like(perm)
+    store_row[perm] = np.arange(perm.size)
+    order = _file_order(particles)
+    block_rows = int(g.attrs[ATTR]["shard_rows"])
+
+    def inputs(blk):
+        return _block_inputs(particles, order[blk * block_rows : (blk + 1) * block_rows], store_row)
+
+    bar = tqdm(total=len(todo), desc="import", unit="block", disable=not progress)
     pending = list(todo)
     try:
         if client is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
-            def task(s):  # a shard's inputs are cut when it starts: memory stays one shard
-                return _shard_task(str(path), s, *_shard_inputs(particles, perm, s, shard_rows),
-                                   crop_boxes)
+            def task(blk):  # a block's inputs are cut when it starts: memory stays one block
+                return _block_task(str(path), blk, *inputs(blk), crop_boxes)
 
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 try:
@@ -571,25 +590,18 @@ def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, prog
             particles = client.scatter(particles, broadcast=True)
         window = 2 * max(1, sum(client.nthreads().values()))
 
-        def submit_remote(s):
+        def submit(blk):
             return client.submit(
-                _shard_task,
-                str(path),
-                s,
-                *_shard_inputs(particles, perm, s, shard_rows),
-                list(crop_boxes),
-                pure=False,
+                _block_task, str(path), blk, *inputs(blk), list(crop_boxes), pure=False
             )
 
-        running = as_completed(
-            [submit_remote(pending.pop(0)) for _ in range(min(window, len(pending)))]
-        )
+        running = as_completed([submit(pending.pop(0)) for _ in range(min(window, len(pending)))])
         try:
             for fut in running:
                 fut.result()  # re-raise a worker's error here
                 bar.update(1)
                 if pending:
-                    running.add(submit_remote(pending.pop(0)))
+                    running.add(submit(pending.pop(0)))
         finally:
             client.cancel(list(running.futures))
     finally:
@@ -620,9 +632,10 @@ def import_particles(
     ``source``: a ``.cs``/``.star`` path (read with
     :func:`hetero_dask.io.particles.load_particles`, stacks resolved with
     ``stack_dir``) or a ParticleSet (``.table``, ``.box``, ``.psize_A``,
-    ``.read_images(indices)``). With a Dask ``client`` one task per shard
-    runs on the cluster (the ParticleSet is broadcast once); without, shards
-    are written in this process. Memory per task is one shard of images.
+    ``.read_images(indices)``). One task per import block (see the module
+    docstring), on ``client``'s cluster (a ParticleSet is cut per block;
+    other sources are broadcast once) or on threads of this process. Memory
+    per task is one block of images.
     Resumable and safe against interruption (see the module docstring).
     ``image_key`` is recorded (and must match for a resumed or reused store),
     and so are ``extra_attrs`` (from the start: no store lacks them).
@@ -668,6 +681,8 @@ def import_particles(
     g = None
     if is_store(partial) and _matches(partial, {**expected, "meta_written": True}):
         g = zarr.open_group(str(partial), mode="r+")
+    if g is not None and g.attrs[ATTR].get("import_unit") != _IMPORT_UNIT:
+        g = None  # its done markers mean something else
     if g is None:
         if partial.exists():
             shutil.rmtree(partial)
@@ -687,9 +702,9 @@ def import_particles(
             image_dtype=image_dtype,
         )
     todo = [int(s) for s in np.flatnonzero(g["import_done"][:] == 0)]
-    _run_shards(partial, todo, particles, crop_boxes, client, progress)
+    _run_blocks(partial, todo, particles, crop_boxes, client, progress)
     if not (g["import_done"][:] == 1).all():
-        raise RuntimeError(f"import into {partial} left shards unfinished; re-run to finish")
+        raise RuntimeError(f"import into {partial} left blocks unfinished; re-run to finish")
     return _finish(g, partial, out)
 
 

@@ -394,24 +394,25 @@ def backproject_range(
     split = _split_of(store_path, random_split, seed)
     start, stop = partition.start, partition.stop
     psize_out = store.psize_at_box(box)
-    cols = {name: store.column(name, start, stop) for name in layout.columns()}
-    post, rot, shifts = class_inputs(cols, layout, store.psize_A, psize_out)
-    if hard:
-        post = np.eye(layout.n_classes, dtype=np.float32)[np.argmax(post, axis=1)]
     xp = worker_xp()
     partial = empty_partial(layout.n_classes, box, xp=xp)
     with accumulating(partial):
-        for b0 in range(0, stop - start, batch_size):
-            b1 = min(b0 + batch_size, stop - start)
+        # Everything per batch, metadata too: a task's memory does not grow with its range.
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            cols = {name: store.column(name, lo, hi) for name in layout.columns()}
+            post, rot, shifts = class_inputs(cols, layout, store.psize_A, psize_out)
+            if hard:
+                post = np.eye(layout.n_classes, dtype=np.float32)[np.argmax(post, axis=1)]
             backproject_classes(
                 partial,
-                store.images_at_box(box, start + b0, start + b1),
-                store.ctf(start + b0, start + b1),
+                store.images_at_box(box, lo, hi),
+                store.ctf(lo, hi),
                 psize_out,
-                rot[b0:b1],
-                shifts[b0:b1],
-                post[b0:b1],
-                split[start + b0 : start + b1],
+                rot,
+                shifts,
+                post,
+                split[lo:hi],
             )
     partial.n_particles = stop - start
     return partial.to(np)
