@@ -71,15 +71,15 @@ def _simulate_chunk(workdir: str, index: int, n: int, box: int, psize: float, se
     return simulation_table(sim, name, seed=seed * 100_003 + index)
 
 
-def simulate_set(workdir: Path, n: int, box: int, chunk: int, workers: int, seed: int) -> Path:
-    """``workdir/particles.cs`` of ``n`` simulated particles (reused when already there)."""
+def simulate_set(workdir: Path, n: int, box: int, chunk: int, workers: int, seed: int):
+    """``(workdir/particles.cs, reused)``: ``n`` simulated particles (reused when there)."""
     from hetero_dask.io.cs import write_cs
 
     manifest = workdir / "simulation.json"
     want = {"n": n, "box": box, "psize_A": PSIZE, "snr": SNR, "chunk": chunk, "seed": seed}
     cs = workdir / "particles.cs"
     if manifest.is_file() and json.loads(manifest.read_text()) == want and cs.is_file():
-        return cs
+        return cs, True
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = [min(chunk, n - s) for s in range(0, n, chunk)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -90,7 +90,7 @@ def simulate_set(workdir: Path, n: int, box: int, chunk: int, workers: int, seed
     table["uid"] = np.arange(1, n + 1, dtype=np.uint64)
     write_cs(cs, table)
     manifest.write_text(json.dumps(want))
-    return cs
+    return cs, False
 
 
 def _references(workdir: Path, box: int) -> list[str]:
@@ -260,9 +260,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{work}: {free_gb:.0f} GB free, about {need_gb:.0f} GB needed")
 
     t0 = time.perf_counter()
-    cs = simulate_set(work / "simulation", n_max, BOX, args.chunk, args.workers, args.seed)
+    cs, reused = simulate_set(work / "simulation", n_max, BOX, args.chunk, args.workers, args.seed)
     simulate_s = time.perf_counter() - t0
-    print(json.dumps({"simulate": {"n": n_max, "wall_s": round(simulate_s, 1),
+    print(json.dumps({"simulate": {"n": n_max, "reused": reused, "wall_s": round(simulate_s, 1),
                                    "particles_per_s": round(n_max / simulate_s)}}), flush=True)
     refs = _references(work, BOX)
     results = []
