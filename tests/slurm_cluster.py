@@ -187,8 +187,9 @@ class SlurmTestCluster:
             time.sleep(0.5)
         raise TimeoutError(f"SLURM job {job_id} still {states.get(job_id)} after {timeout_s} s")
 
-    def stop(self, timeout_s: float = 30) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and munged (in that order)."""
+    def stop(self, timeout_s: float = 30, keep_files: bool = False) -> None:
+        """Cancel every job, stop slurmd, slurmctld and munged (in that order), then remove
+        the cluster's folder unless ``keep_files`` (its logs tell why a start failed)."""
         if self.conf.is_file():
             subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)
             deadline = time.monotonic() + timeout_s
@@ -211,3 +212,5 @@ class SlurmTestCluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self._pid_files.clear()
+        if not keep_files:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -50,7 +50,7 @@ def slurm(tmp_path_factory):
     try:
         cluster.start()
     except BaseException:
-        cluster.stop()
+        cluster.stop(keep_files=True)  # its logs, named in the error
         raise
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)  # for dask-jobqueue's sbatch/scancel calls
