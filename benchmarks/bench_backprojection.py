@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,16 +34,6 @@ import numpy as np  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from relion_utils import (  # noqa: E402
-    read_mrc,
-    relion_project,
-    relion_reconstruct,
-    run,
-    write_relion_star,
-)
 
 from hetero_dask.core.backprojector import merge_grids  # noqa: E402
 from hetero_dask.core.ctf import CTFParams  # noqa: E402
@@ -54,6 +43,13 @@ from hetero_dask.core.masks import spherical_window  # noqa: E402
 from hetero_dask.core.reconstruction import reconstruct  # noqa: E402
 from hetero_dask.core.rotations import euler_to_matrix, matrix_to_euler  # noqa: E402
 from hetero_dask.jobs.mstep import accumulating, backproject_particles, empty_partial  # noqa: E402
+from hetero_dask.testing.relion import (  # noqa: E402
+    read_mrc,
+    relion_project,
+    relion_reconstruct,
+    run,
+    write_relion_star,
+)
 
 HAND_MAP = ROOT.parent / "shared" / "data" / "maps" / "hand-vol.mrc"
 PSIZE_64_A = 2.0

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def _run_ours(store, out: Path, workers: int, warm_store) -> dict:
     from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.reconstruct import reconstruct
 
+    for name in (f"warm_{workers}", f"ours_{workers}"):  # a job refuses a finished run's folder
+        shutil.rmtree(out / name, ignore_errors=True)
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
         reconstruct(
             warm_store,

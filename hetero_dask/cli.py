@@ -10,6 +10,9 @@ import argparse
 import importlib
 import sys
 
+from hetero_dask.dist.progress import close_bars
+from hetero_dask.dist.signals import Terminated, sigterm_raises
+
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "info": "hetero_dask.commands.info",
@@ -45,16 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    args.argv = argv
     try:
-        rc = args._module.main(args)
+        with sigterm_raises():
+            rc = args._module.main(args)
+    except KeyboardInterrupt as exc:
+        close_bars()
+        print(f"hetero-dask {args.command}: {_stopped(args, exc)}", file=sys.stderr, flush=True)
+        return 143 if isinstance(exc, Terminated) else 130
     except (ValueError, FileNotFoundError, PermissionError, OSError) as exc:
+        close_bars()
         print(f"hetero-dask {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _stopped(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """One line for Ctrl-C or SIGTERM: where the command stopped and how to go on.
+
+    A command module may say it with ``interrupted(args)``; the others leave
+    nothing half-written and are simply run again.
+    """
+    say = getattr(args._module, "interrupted", None)
+    line = say(args) if say is not None else "interrupted; nothing is left half-written: run the same command again"
+    if isinstance(exc, Terminated):
+        line = line.replace("interrupted", "terminated (SIGTERM)", 1)
+    return line
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data in ../shared/data and the RELION oracle."""
+"""Shared fixtures: the real data files in tests/data and the RELION oracle."""
 
 from __future__ import annotations
 
@@ -8,17 +8,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("HETERO_DASK_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"
 RELION_TOOLS = ("relion_project", "relion_reconstruct", "relion_refine")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Folder of real .cs/.star/.mrcs/maps written by other programs (see MANIFEST.md)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared test data not found at {SHARED_DATA} (set HETERO_DASK_SHARED_DATA)")
-    return SHARED_DATA
+    """Folder of real .cs/.star/.mrcs/maps written by other programs (sources: data/NOTICE.md)."""
+    return DATA
 
 
 def pytest_collection_modifyitems(config, items):

@@ -169,7 +169,7 @@ def test_cupy_matches_numpy():
 @pytest.mark.relion
 def test_against_relion_reconstruct(tmp_path):
     """Same noisy relion_project particles: our map ~ relion_reconstruct's, and as close to the truth."""
-    from relion_utils import relion_project, relion_reconstruct, write_relion_star
+    from hetero_dask.testing.relion import relion_project, relion_reconstruct, write_relion_star
 
     n, P = 40, 1500
     vol = smooth_volume(n, 2.3, seed=6)

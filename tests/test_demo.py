@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -29,10 +30,22 @@ def test_demo_cli_recovers_classes(tmp_path):
     assert summary["refine"]["class_purity"] >= 0.85
     # the two starting maps made from the two true states end in different superclasses
     assert sorted(summary["regroup"]["superclass_of_class"][:2]) == [0, 1]
+    maps = {"refine": ["class_maps"], "reconstruct": ["class_maps"], "regroup": ["class_maps", "superclass_maps"]}
     for job in ("refine", "regroup", "reconstruct"):
         assert (out / job / "report.json").is_file(), job
         page = (out / job / "report.html").read_text()
         assert "data:image/png;base64," in page, job
+        assert "<h2>Parameters</h2>" in page, job
+        # every class map's sections and projections, embedded in the page
+        for name in maps[job]:
+            png = base64.b64encode((out / job / f"{name}.png").read_bytes()).decode()
+            assert png in page, (job, name)
+    refine = json.loads((out / "refine" / "report.json").read_text())
+    page = (out / "refine" / "report.html").read_text()
+    assert "fraction (hard: best class)" in page and "fraction (soft: mean posterior)" in page
+    assert abs(sum(c["fraction_soft"] for c in refine["classes"]) - 1) < 1e-5
+    # FSC shells beyond the backprojection radius were not computed: null, not 0
+    assert all(c["fsc"][-1] is None and c["fsc"][1] > 0.9 for c in refine["classes"])
     for k in range(2):
         assert (out / "reconstruct" / f"class_{k}" / "map.mrc").is_file()
     for name in ("particles.cs", "particles.star", "volumes.zip"):

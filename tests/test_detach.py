@@ -2,7 +2,7 @@
 
 The CLI runs in a subprocess that exits right after submitting (its client
 disconnects); the refinement must still finish on the cluster, and
-``hetero-dask status OUT/run`` must follow it from the run directory.
+``hetero-dask status OUT`` must follow it from the run directory.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def test_detach_survives_client_exit_and_status_follows(dataset):
         assert info["status"]["results"]["report"] == str(out / "report.json")
 
         assert json.loads(hetero_dask("status", str(run_dir), "--json").stdout)["status"]["state"] == "done"
-        text = hetero_dask("status", str(run_dir)).stdout
-        assert f"{run_dir}: refine done" in text and "last complete iteration: 3" in text
+        text = hetero_dask("status", str(out)).stdout
+        assert text.startswith(f"{out}: Heterogeneous Refinement, finished\nHeterogeneous Refinement: ")
+        assert f"report: {out / 'report.html'}" in text
 
         # A new client reattaches to the job by id and gets its summary.
         with Client(cluster) as client:

@@ -69,7 +69,7 @@ def assert_partial_close(got: dict, want: dict) -> None:
 def client3():
     """Three in-process workers: enough for scheduling tests, starts in a fraction of a second."""
     with LocalCluster(
-        n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
     ) as c:
         with Client(c) as client:
             yield client
@@ -205,7 +205,7 @@ def test_finish_tasks_per_key_with_select(client3):
 
 def test_one_worker_and_three_workers_with_different_partitions_agree(client3):
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
     ) as c1:
         with Client(c1) as client1:
             r1 = map_reduce(client1, toy_process, partition_ranges(N_PARTICLES, 3, 64), toy_merge)
@@ -399,7 +399,7 @@ def toy_job(params: dict, client) -> dict:
 
 def test_submitted_job_survives_client_disconnect(tmp_path):
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
     ) as c:
         first = Client(c, set_as_default=False)
         params = {"run_dir": str(tmp_path), "n_iterations": 6, "pause_s": 0.2}
@@ -437,7 +437,8 @@ def test_status_command(tmp_path, capsys):
     )
     assert cli_main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "reconstruct running iteration 4 of 9" in out and "last complete iteration: 3" in out
+    assert f"{tmp_path}: Heterogeneous Reconstruction Only, running in iteration 5 of at most 9" in out
+    assert "4 iteration(s) completed" in out
     assert cli_main(["status", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (
@@ -527,7 +528,7 @@ def test_finish_tasks_are_spread_over_the_workers():
     """Keyed finishing tasks prefer one task thread each in turn: left to itself, the scheduler
     runs them all next to the merged partial (its default bandwidth makes moving it look slow)."""
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         finish = {k: _where_it_ran for k in range(4)}
         ran = map_reduce(client, _big_process, partition_ranges(4, 2), np.add, finish=finish)
@@ -614,7 +615,7 @@ def test_worker_killed_during_finishing_recomputes_the_same_sums():
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         with LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster, Client(cluster) as client:
             pids = client.run(os.getpid)
             killed = []

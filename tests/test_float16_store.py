@@ -97,7 +97,7 @@ def test_float16_refine_within_tolerance(dataset, tmp_path):
         out = tmp_path / dtype
         refine(dataset["cs"], dataset["refs"], out, progress=False, image_dtype=dtype,
                cache_dir=str(tmp_path / "cache"), refine_box=BOX, batch_size_per_class=100,
-               max_iterations=1, num_random_iterations=1, max_order=2)
+               max_iterations=3, num_random_iterations=0, max_order=2)
         assert ParticleStore.open(out / "particles.zarr").image_dtype == np.dtype(dtype)
         classes[dtype] = np.asarray(read_cs(out / "particles.cs")["alignments3D/class"])
         maps[dtype] = _maps(out)

@@ -16,13 +16,13 @@ from hetero_dask.core.fsc import (
     shell_counts,
 )
 from hetero_dask.core.masks import (
+    MIN_EDGE_PX,
     loose_and_tight_masks,
-    loose_mask,
     mask_from_map,
     soft_circular_mask_2d,
     spherical_window,
-    tight_mask,
 )
+from hetero_dask.phantoms import moving_domain_phantoms
 
 N = 32
 
@@ -134,11 +134,72 @@ def test_mask_from_map_dilation_and_edge():
 
 def test_loose_contains_tight():
     v = blob_map(seed=7)
-    loose, tight = loose_mask(v, 2.0), tight_mask(v, 2.0)
+    loose, tight = loose_and_tight_masks(v, 2.0)
     assert np.all(loose >= tight - 1e-6)
     assert loose.sum() > tight.sum() > 0
     assert np.all(tight[v > 0.5 * v.max()] == 1.0)
-    # fsc_set's shared-distance-transform pair is the same two masks.
-    pair = loose_and_tight_masks(v, 2.0)
-    np.testing.assert_array_equal(pair[0], loose)
-    np.testing.assert_array_equal(pair[1], tight)
+    # At 2 A/px CryoSPARC's distances hold: tight 1 within 6 A (3 px), 0 beyond 12 A (6 px).
+    c = N // 2
+    point = np.zeros((N, N, N), np.float32)
+    point[c, c, c] = 1.0
+    loose, tight = loose_and_tight_masks(point, 2.0)
+    assert tight[c, c, c + 3] == 1.0 and tight[c, c, c + 6] == 0.0 and 0 < tight[c, c, c + 4] < 1
+    assert loose[c, c, c + 12] == 1.0 and loose[c, c, c + 15] < 1.0  # 25 A = 12.5 px
+
+
+def test_mask_edges_at_least_min_edge_px_at_coarse_pixels():
+    """At 4 A/px CryoSPARC's tight fall (6 A -> 12 A) would be 1.5 px: it is MIN_EDGE_PX wide."""
+    c = N // 2
+    point = np.zeros((N, N, N), np.float32)
+    point[c, c, c] = 1.0
+    _, tight = loose_and_tight_masks(point, 4.0)
+    profile = tight[c, c, c:]
+    falling = np.flatnonzero((profile > 0) & (profile < 1))
+    assert profile[1] == 1.0 and profile[2] < 1.0  # 1 within 6 A = 1.5 px
+    assert falling.size >= MIN_EDGE_PX - 1 and profile[int(1.5 + MIN_EDGE_PX) + 1] == 0.0
+
+
+def _noisy_halves(noise: float, box: int = 48, psize_A: float = 4.0, seed: int = 0):
+    """Two half-maps of a phantom with independent white noise of ``noise`` x its maximum."""
+    rng = np.random.default_rng(seed)
+    truth = moving_domain_phantoms(box, psize_A, 1)[0]
+    sd = noise * float(truth.max())
+    return truth, [truth + sd * rng.standard_normal(truth.shape).astype(np.float32) for _ in range(2)]
+
+
+NOISE = 0.3  # x the phantom's maximum: a ~35 A pair at 4 A/px
+
+
+def test_masks_of_a_noisy_map_follow_the_molecule():
+    """The raw average of noisy half-maps has noise peaks above half its maximum; the masks
+    come from the average low-pass filtered to the resolution, so they hug the molecule."""
+    truth, (a, b) = _noisy_halves(NOISE)
+    res_A = resolution_A(fsc(a, b), 48, 4.0)
+    assert 30 < res_A < 40  # a noisy, low-resolution pair
+    loose, tight = loose_and_tight_masks(0.5 * (a + b), 4.0, res_A)
+    molecule = truth > 0.2 * truth.max()
+    assert loose[molecule].min() > 0.99  # the loose mask holds all of it
+    # ... and not the box: the molecule dilated by 25-40 A is ~10% of it (from the raw
+    # average, whose noise peaks pass half its maximum all over the box: 35%).
+    assert loose.mean() < 0.2
+    assert np.all(loose >= tight - 1e-6) and (tight[truth > 0.5 * truth.max()] > 0.99).mean() > 0.9
+    # Masks remove solvent noise: each masked FSC crosses 0.143 further out than the
+    # unmasked one, and the masked curve follows its expectation for white noise,
+    # sum |m T|^2 / (sum |m T|^2 + noise power x sum m^2) per shell.
+    for m in (loose, tight):
+        masked = fsc(a, b, m)
+        assert resolution_A(masked, 48, 4.0) < res_A
+        sig = _shell_power(m * truth)
+        noise_power = (NOISE * float(truth.max())) ** 2 * float((m**2).sum())
+        expected = sig / (sig + noise_power)
+        assert np.abs(masked - expected)[1:].max() < 0.15
+
+
+def _shell_power(v):
+    """Mean |FFT|^2 per Fourier voxel of each shell (numpy's full FFT, shells by rounded radius)."""
+    n = v.shape[0]
+    k = np.fft.fftfreq(n, 1.0 / n)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    idx = np.minimum(np.rint(r).astype(int), n // 2 + 1).ravel()
+    power = np.bincount(idx, np.abs(np.fft.fftn(v)).ravel() ** 2, minlength=n // 2 + 2)
+    return (power / np.maximum(np.bincount(idx, minlength=n // 2 + 2), 1))[: n // 2 + 1]

@@ -179,7 +179,7 @@ def test_array_module_chosen_on_the_worker(tmp_path):
         if __name__ == "__main__":
             assert worker_xp().__name__ == "numpy" and "cupy" not in sys.modules
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                              dashboard_address=None, preload=[{str(preload)!r}]) as cl, Client(cl) as c:
+                              dashboard_address=":0", preload=[{str(preload)!r}]) as cl, Client(cl) as c:
                 name, where, grids = c.submit(task, pure=False).result()
             assert "cupy" not in sys.modules
             print(name, where, type(grids.data).__module__, float(np.abs(grids.weight).sum()))

@@ -173,22 +173,23 @@ def test_interrupted_cs_write_keeps_previous_file(shared_data, tmp_path, monkeyp
 
 
 def test_blob_path_resolution(tmp_path, monkeypatch):
+    """RELION: absolute as written, relative to the working directory then the file's folder;
+    CryoSPARC: '>' and project paths against --stack-dir; last, the name in --stack-dir."""
     project = tmp_path / "proj"
     (project / "J1" / "imported").mkdir(parents=True)
     stack = project / "J1" / "imported" / "s.mrcs"
     stack.write_bytes(b"x")
     (tmp_path / "secret.mrcs").write_bytes(b"x")
     monkeypatch.chdir(tmp_path / "proj")
-    assert resolve_blob_path(b">J1/imported/s.mrcs", project_dir=project) == stack
-    with pytest.raises(InputError, match="project-relative.*project_dir"):
+    assert resolve_blob_path(b">J1/imported/s.mrcs", stack_dir=project) == stack
+    with pytest.raises(InputError, match="relative to the CryoSPARC project folder.*--stack-dir"):
         resolve_blob_path(b">J1/imported/s.mrcs")
+    assert resolve_blob_path("J1/imported/s.mrcs") == stack  # the working directory first
     assert resolve_blob_path("imported/s.mrcs", stack_dir=project / "J1") == stack
-    with pytest.raises(InputError, match="outside the allowed folders.*allow_outside"):
-        resolve_blob_path(b">../secret.mrcs", project_dir=project)
-    with pytest.raises(InputError, match="outside the allowed folders"):
-        resolve_blob_path(str(tmp_path / "secret.mrcs"), stack_dir=project)
-    got = resolve_blob_path(b">../secret.mrcs", project_dir=project, allow_outside=True)
-    assert got == tmp_path / "secret.mrcs"
+    assert resolve_blob_path("s.mrcs", source=stack.parent / "p.star") == stack
+    assert resolve_blob_path(b">../secret.mrcs", stack_dir=project) == tmp_path / "secret.mrcs"
+    assert resolve_blob_path(str(tmp_path / "secret.mrcs")) == tmp_path / "secret.mrcs"
+    assert resolve_blob_path("/moved/away/s.mrcs", stack_dir=project / "J1" / "imported") == stack
     with pytest.raises(InputError, match="'J1/nothing.mrcs' not found; tried"):
         resolve_blob_path("J1/nothing.mrcs", stack_dir=project)
 
@@ -269,6 +270,10 @@ def test_relion30_and_cs_of_same_particles_agree(shared_data):
             np.testing.assert_allclose(t[f], c[f], rtol=1e-6, err_msg=f)
     np.testing.assert_allclose(t["blob/psize_A"], c["blob/psize_A"], rtol=1e-6)  # 5 um / 38168
     np.testing.assert_allclose(t["ctf/amp_contrast"], c["ctf/amp_contrast"])
+    # The sign: a STAR file records none and reads +1 (RELION extractions hold protein
+    # bright); this stack holds it dark, as the .cs's -1 says and the data confirm
+    # (tests/test_contrast.py): such a .star needs --flip-contrast.
+    assert (t["blob/sign"] == 1).all() and (c["blob/sign"] == -1).all()
 
 
 def test_star_conventions(shared_data):

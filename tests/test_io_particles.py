@@ -59,9 +59,9 @@ def test_project_relative_paths(shared_data, tmp_path):
     arr = read_cs(shared_data / "cryosparc" / "empiar_10076_7.cs")
     arr = with_fields(arr, {"blob/path": np.full(len(arr), b">J1/imported/e.mrc")})
     write_cs(tmp_path / "p.cs", arr)
-    with pytest.raises(InputError, match=r"p\.cs: row 0: field 'blob/path.*project-relative"):
+    with pytest.raises(InputError, match=r"p\.cs: row 0: field 'blob/path.*CryoSPARC project folder"):
         load_particles(tmp_path / "p.cs")
-    ps = load_particles(tmp_path / "p.cs", project_dir=project)
+    ps = load_particles(tmp_path / "p.cs", stack_dir=project)
     assert ps.read_images([6]).shape == (1, 320, 320)
 
 

@@ -68,7 +68,7 @@ def test_handedness_hand_volume(shared_data):
 @pytest.mark.relion
 def test_relion_project_convention(shared_data, tmp_path):
     """relion_project --ctf images equal CTF * project(R = A.T) * exp(+2 pi i k.s / N)."""
-    from relion_utils import relion_project, write_relion_star
+    from hetero_dask.testing.relion import relion_project, write_relion_star
 
     vol = read_hand(shared_data)
     n, psize, P = vol.shape[-1], 2.0, 60

@@ -118,7 +118,7 @@ def test_one_worker_equals_three_workers_with_other_partitions(simset, tmp_path)
     )
     with (
         LocalCluster(
-            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None
+            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
         ) as lc,
         Client(lc) as client,
     ):
@@ -269,7 +269,7 @@ def test_agrees_with_relion_reconstruct_per_class(vols, tmp_path):
     prior, we regularise with the FSC prior; at high SNR the two must agree
     on everything else (conventions, CTF, shifts, gridding) to 0.7 Nyquist.
     """
-    from relion_utils import run
+    from hetero_dask.testing.relion import run
 
     sim = simulate(vols, PSIZE, PER_CLASS, snr=1000.0, seed=4, shift_range_px=2.0)
     write_simulation(tmp_path, sim, vols)
@@ -305,12 +305,12 @@ def test_box128_agrees_with_relion_to_nyquist(tmp_path):
     (STAR import, rlnClassNumber) and relion_reconstruct: the maps must agree
     to 0.85 Nyquist, and be as close to the truth as RELION's.
     """
-    from relion_utils import relion_project, relion_reconstruct, write_relion_star
     from scipy.spatial.transform import Rotation
 
     from hetero_dask.core.fourier import lowpass
     from hetero_dask.core.masks import spherical_window
     from hetero_dask.core.rotations import matrix_to_euler
+    from hetero_dask.testing.relion import relion_project, relion_reconstruct, write_relion_star
 
     n, P, psize = 128, 3000, 1.5
     rng = np.random.default_rng(3)

@@ -537,8 +537,8 @@ def test_cli_with_map_files_and_bad_input_messages(tmp_path, capsys):
     capsys.readouterr()
     # bad input: the error names the value
     for extra, needle in (
-        (["--superclasses", "12"], "num_superclasses=12"),
-        (["--superclasses", "0"], "num_superclasses=0"),
+        (["--superclasses", "12"], "--superclasses (num_superclasses) = 12"),
+        (["--superclasses", "0"], "--superclasses (num_superclasses) = 0"),
         (["--superclasses", "2", "--exclude", "3,12"], "[12]"),
     ):
         assert main([*base, *extra, "--out", str(tmp_path / "bad")]) == 2
@@ -553,25 +553,25 @@ def test_bad_inputs_are_named(tmp_path):
     table = particle_table(np.full(3, 10))
     kw = dict(volumes_psize_A=PSIZE_A, num_superclasses=1)
     with pytest.raises(ValueError, match="3 classes .* but 2 volumes"):
-        regroup(table, vols[:2], tmp_path, **kw)
+        regroup(table, vols[:2], tmp_path / "out", **kw)
     with pytest.raises(ValueError, match="every class is set aside"):
-        regroup(table, vols, tmp_path, exclude_classes=(0, 1, 2), **kw)
-    with pytest.raises(ValueError, match="num_superclasses=3 is out of range.*1..2"):
-        regroup(table, vols, tmp_path, volumes_psize_A=PSIZE_A, num_superclasses=3)
+        regroup(table, vols, tmp_path / "out", exclude_classes=(0, 1, 2), **kw)
+    with pytest.raises(ValueError, match=r"--superclasses \(num_superclasses\) = 3: expected 1..2"):
+        regroup(table, vols, tmp_path / "out", volumes_psize_A=PSIZE_A, num_superclasses=3)
     only_class = particle_table(np.full(3, 10), layout="class")
     with pytest.raises(ValueError, match="class 2 but only 2 volumes"):
-        regroup(only_class, vols[:2], tmp_path, **kw)
+        regroup(only_class, vols[:2], tmp_path / "out", **kw)
     write_map(tmp_path / "a.mrc", vols[0], PSIZE_A)
     write_map(tmp_path / "b.mrc", vols[1], PSIZE_A * 1.1)
     write_map(tmp_path / "c.mrc", vols[2][:30, :30, :30], PSIZE_A)
     maps = [tmp_path / n for n in ("a.mrc", "b.mrc")]
     with pytest.raises(ValueError, match="b.mrc"):
-        regroup(table, [*maps, tmp_path / "a.mrc"], tmp_path, num_superclasses=1)
+        regroup(table, [*maps, tmp_path / "a.mrc"], tmp_path / "out", num_superclasses=1)
     with pytest.raises(ValueError, match="c.mrc"):
         regroup(
             table,
             [tmp_path / "a.mrc", tmp_path / "a.mrc", tmp_path / "c.mrc"],
-            tmp_path,
+            tmp_path / "out",
             num_superclasses=1,
         )
 

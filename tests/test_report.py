@@ -30,7 +30,7 @@ from hetero_dask.report import (
     plot_eigenvalues,
     plot_fsc,
     plot_fsc_classes,
-    plot_map_slices,
+    plot_map_views,
     plot_orientation_distribution,
     plot_resolution_history,
     render_html,
@@ -72,7 +72,7 @@ def _make_plots(out: Path) -> dict[str, Path]:
             out / "orientations.png",
             weights={"class 0": rng.random(500), "class 1": np.ones(300)},
         ),
-        "maps": plot_map_slices(
+        "maps": plot_map_views(
             {"class 0": _ball(24, (12, 12, 12)), "class 1": _ball(24, (12, 8, 16))},
             out / "maps.png",
         ),
@@ -215,7 +215,7 @@ def test_html_report_is_self_contained_and_escaped(plots, tmp_path):
     # Each image is its file's bytes, base64-encoded.
     for src, p in zip(srcs, plots.values(), strict=True):
         assert base64.b64decode(src.removeprefix("data:image/png;base64,")) == p.read_bytes()
-    assert "12.35" in text and "<td>1.5</td>" in text and "<td></td>" in text
+    assert "12.35" in text and "<td>1.5</td>" in text and "<td>—</td>" in text
 
 
 def test_html_report_errors(tmp_path):
@@ -287,3 +287,83 @@ def test_report_renders_in_chromium_without_broken_images(chromium, plots, tmp_p
     )
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2400, 1200) and pixels[..., :3].var() > 1e-3
+
+
+# ---------------------------------------------------------------- what a user reads
+
+
+def test_fsc_is_drawn_over_the_computed_shells_only():
+    """Shells not computed (NaN) are not drawn as FSC 0; a curve that never drops below
+    0.143 where computed says "≤" its last shell."""
+    from hetero_dask.jobs.refine import _computed_fsc
+    from hetero_dask.report.plots import _fsc_figure
+
+    n_shells = BOX // 2 + 1
+    # The refinement's M-step leaves shells beyond its backprojection radius at exactly 0.
+    curve = _computed_fsc(np.r_[_linear_fsc(12, 14.0), np.zeros(n_shells - 12)])
+    assert np.isfinite(curve[:12]).all() and np.isnan(curve[12:]).all()
+    fig = _fsc_figure({"class 0": {"half maps": curve}}, PSIZE_A, BOX, "", 0.143)
+    line = fig.axes[0].lines[0]
+    assert len(line.get_xdata()) == 12
+    assert fig.axes[0].get_xlim()[1] == pytest.approx((n_shells - 1) / (BOX * PSIZE_A))
+    high = np.r_[np.linspace(1.0, 0.5, 10), np.full(n_shells - 10, np.nan)]
+    assert fsc_label("x", high, BOX, PSIZE_A) == f"x: ≤ {BOX * PSIZE_A / 9:.2f} Å"
+
+
+def test_viewing_directions_one_colour_scale_per_class():
+    """A class of 20 particles in one direction next to one of 4000 spread over the sphere:
+    each panel has its own colour bar and scale, so the large class is not left dark."""
+    from hetero_dask.report.plots import _orientation_figure
+
+    rng = np.random.default_rng(3)
+    views = {"small": np.tile([0.0, 0.0, 1.0], (20, 1)), "large": rng.normal(size=(4000, 3))}
+    fig = _orientation_figure(views, None, "", None, None)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    meshes = [ax.collections[0] for ax in panels]
+    assert len(panels) == 2 and len(fig.axes) == 4  # two panels, two colour bars
+    for mesh in meshes:
+        assert mesh.get_clim()[1] == pytest.approx(float(np.nanmax(mesh.get_array())))
+    assert meshes[0].get_clim()[1] > 5 * meshes[1].get_clim()[1]
+    # ~2 directions per bin by default: the large class gets coarse enough bins to be read.
+    assert np.mean(meshes[1].get_array()) == pytest.approx(1.0, rel=0.05)
+    assert np.mean(np.asarray(meshes[1].get_array()) > 0) > 0.8
+
+
+def test_job_report_rounds_numbers_labels_columns_and_lists_parameters(tmp_path):
+    from hetero_dask.jobs.outputs import write_job_html
+
+    report = {
+        "seconds": 22.929094552993774,
+        "classes": [{"class": 0, "fraction": 0.4583333333, "fraction_soft": 0.45871, "resolution_A": 19.7205867}],
+        "timings": {"total_s": 2.346789},
+        "params": {"num_superclasses": 2, "exclude_classes": []},
+    }
+    text = write_job_html(tmp_path, "Regroup 3D Classes", report, []).read_text()
+    assert "22.93" in text and "22.929" not in text and "19.72" in text and "0.4583" in text
+    assert "fraction (hard: best class)" in text and "fraction (soft: mean posterior)" in text
+    assert "<h2>Timings</h2>" in text and "2.347" in text
+    assert "<h2>Parameters</h2>" in text and "<th>num_superclasses</th><td>2</td>" in text
+    assert "<th>exclude_classes</th><td>—</td>" in text
+
+
+_WIDTH_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const d = document.createElement('pre');
+  d.id = 'width-check';
+  d.textContent = `page=${document.documentElement.scrollWidth} window=${window.innerWidth}`;
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def test_wide_tables_fit_the_page_in_chromium(chromium, tmp_path):
+    """A 16-column iteration table scrolls inside its box; the page itself never gets wider
+    than the window."""
+    rows = [{f"a_long_column_name_{j}": 1234.5678 * i for j in range(16)} for i in range(5)]
+    html = render_html("Wide", [Section("Iterations", [Table.from_records(rows)])])
+    page = tmp_path / "wide.html"
+    page.write_text(html.replace("</body>", _WIDTH_SCRIPT + "</body>"), encoding="utf-8")
+    dom = _chromium(chromium, page, tmp_path / "profile", "--dump-dom", "--window-size=1000,800")
+    m = re.search(r"page=(\d+) window=(\d+)", dom)
+    assert m, dom[-300:]
+    assert int(m[1]) <= int(m[2])

@@ -1,8 +1,10 @@
-"""Security of user inputs at job level: no unpickling, no stack paths outside the given folders.
+"""Security of user inputs at job level: no unpickling; stack paths inside an operator's allow-list.
 
-- ``blob/path`` entries that leave the stack/metadata folder (``../``, absolute
+- Without an allow-list, stacks are read wherever the particle file says (as RELION
+  and CryoSPARC do). Where an operator sets one (``HETERO_DASK_ALLOWED_PATHS``, a
+  shared cluster service), ``blob/path`` entries leaving it (``../``, absolute
   paths elsewhere) are refused by ``load_particles``, by ``hetero-dask import``
-  and by a job (``refine``), before any image is read; ``allow_outside=True`` permits them.
+  and by a job (``refine``), before any image is read or anything written.
 - A ``.cs`` holding pickled Python objects is refused without being unpickled:
   the pickle's payload (it would create a folder) never runs.
 """
@@ -21,6 +23,7 @@ from hetero_dask.io.cs import read_cs, write_cs
 from hetero_dask.io.errors import InputError
 from hetero_dask.io.mrc import write_map
 from hetero_dask.io.particles import load_particles
+from hetero_dask.io.paths import ENV
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
 from hetero_dask.simulate import simulate, write_simulation
@@ -58,35 +61,39 @@ def escaping_paths(layout: Path) -> list[str]:
             "sub/../../outside/particles.mrcs"]
 
 
-def test_stack_paths_cannot_leave_the_given_folders(layout):
+def test_stack_paths_outside_the_allow_list_are_refused(layout, monkeypatch):
     assert len(load_particles(layout / "meta" / "particles.cs").table) == 20  # the honest file loads
     for bad in escaping_paths(layout):
         cs = with_blob_path(layout, bad)
-        with pytest.raises(InputError, match="outside the allowed folders") as info:
+        # No allow-list (a user's own machine): read where the file says, as RELION does.
+        assert load_particles(cs, stack_dir=layout / "meta").n == 20
+        monkeypatch.setenv(ENV, str(layout / "meta"))
+        with pytest.raises(InputError, match="outside the folders this installation allows") as info:
             load_particles(cs, stack_dir=layout / "meta")
-        assert "blob/path" in str(info.value)
-        # The same file, explicitly allowed, loads (the refusal is the containment check).
-        assert load_particles(cs, stack_dir=layout / "meta", allow_outside=True).n == 20
+        assert "blob/path" in str(info.value) and ENV in str(info.value)
+        monkeypatch.delenv(ENV)
 
 
-def test_import_and_jobs_refuse_escaping_stack_paths(layout, capsys):
+def test_import_and_jobs_refuse_stack_paths_outside_the_allow_list(layout, capsys, monkeypatch):
+    monkeypatch.setenv(ENV, f"{layout / 'meta'}{os.pathsep}{layout / 'work'}")
     for bad in escaping_paths(layout):
         cs = with_blob_path(layout, bad)
-        out = layout / f"import_{abs(hash(bad))}"
+        out = layout / "work" / f"import_{abs(hash(bad))}"
         rc = cli.main(["import", "--particles", str(cs), "--out", str(out / "particles.zarr"), "--serial",
                        "--stack-dir", str(layout / "meta")])
-        assert rc == 2 and "outside the allowed folders" in capsys.readouterr().err
+        assert rc == 2 and "outside the folders this installation allows" in capsys.readouterr().err
         assert not out.exists(), "a store was written from refused stacks"
-        with pytest.raises(InputError, match="outside the allowed folders"):
-            refine(str(cs), [str(layout / "ref.mrc")] * 2, layout / "refine_out", stack_dir=layout / "meta",
-                   refine_box=BOX, max_iterations=1, progress=False)
-        assert not (layout / "refine_out" / "particles.zarr").exists()
+        with pytest.raises(InputError, match="outside the folders this installation allows"):
+            refine(str(cs), [str(layout / "ref.mrc")] * 2, layout / "work" / "refine_out",
+                   stack_dir=layout / "meta", refine_box=BOX, max_iterations=4, progress=False)
+        assert not (layout / "work" / "refine_out").exists()
 
 
 def test_absolute_path_refused_when_cwd_is_root(layout, monkeypatch):
     monkeypatch.chdir("/")
+    monkeypatch.setenv(ENV, str(layout / "meta"))
     cs = with_blob_path(layout, str(layout / "outside" / "particles.mrcs"))
-    with pytest.raises(InputError, match="outside the allowed folders"):
+    with pytest.raises(InputError, match="outside the folders this installation allows"):
         load_particles(cs, stack_dir=layout / "meta")
 
 
@@ -124,7 +131,7 @@ def test_cs_with_pickled_objects_is_refused_unexecuted(layout, capsys):
     assert rc == 2 and "pickle" in capsys.readouterr().err
     with pytest.raises(InputError, match="pickle"):
         refine(str(cs), [str(layout / "ref.mrc")] * 2, layout / "refine_out", refine_box=BOX,
-               max_iterations=1, progress=False)
+               max_iterations=4, progress=False)
     assert not marker.exists(), "the pickle payload ran"
     # Sanity of the oracle: unpickling the same file does run the payload.
     np.load(cs, allow_pickle=True)

@@ -9,7 +9,13 @@ from hetero_dask.core.ctf import CTFParams
 from hetero_dask.core.fourier import fft2c
 from hetero_dask.core.symmetry import symmetry_group
 from hetero_dask.phantoms import moving_domain_phantoms, symmetric_phantom
-from hetero_dask.simulate import disc_variance, random_rotations, render_clean, simulate
+from hetero_dask.simulate import (
+    disc_variance,
+    oracle_accuracy,
+    random_rotations,
+    render_clean,
+    simulate,
+)
 
 BOX, PSIZE = 32, 4.0
 
@@ -148,3 +154,14 @@ def test_relion_reconstructs_the_simulated_star(tmp_path, vols):
     rec, psize = read_map(tmp_path / "rec.mrc")
     assert psize == pytest.approx(PSIZE)
     assert fsc(rec, vols[2])[1 : BOX // 4 + 1].min() > 0.9
+
+
+def test_oracle_accuracy_is_our_e_step_given_the_truth(vols):
+    """Chance on two copies of one map (nothing tells them apart), near 1 on distinct maps at
+    high SNR: the accuracy of the E-step handed the true maps and noise, not a bound."""
+    two = vols[[0, 2]]
+    sim = simulate(two, PSIZE, 40, snr=2.0, seed=5, shift_range_px=1.0)
+    assert oracle_accuracy(two, sim, 1.0) >= 0.9
+    same = np.stack([vols[0], vols[0]])
+    sim = simulate(same, PSIZE, 40, snr=2.0, seed=5, shift_range_px=1.0)
+    assert abs(oracle_accuracy(same, sim, 1.0) - 0.5) < 0.15

@@ -10,6 +10,8 @@ recovered against the simulation's truth (also in OUT/demo_summary.json).
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, help="local Dask workers (default: one per core)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted demo in --out (without it, an earlier demo there is replaced)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         progress=False if args.quiet else None,
+        resume=args.resume,
     )
     t = s["timings_s"]
     print()
@@ -60,4 +68,20 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"total {t['total_s']:.0f} s (refine {t['refine_s']:.0f} s); summary in {args.out}/demo_summary.json"
     )
+    for job, page in s["reports"].items():
+        print(f"report of {job}: {page}")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """Where the demo stopped, and the command that continues it."""
+    from hetero_dask.commands.refine import resume_command
+    from hetero_dask.dist.checkpoint import read_status
+    from hetero_dask.jobs.preflight import describe_run
+
+    status = read_status(Path(args.out) / "refine" / "run")
+    where = "before the refinement"
+    if status is not None and status.get("pid") == os.getpid():
+        where = ("after the refinement" if status.get("state") == "done"
+                 else "during the refinement, " + describe_run(status).replace("interrupted ", "", 1))
+    return f"interrupted {where}; continue with: {resume_command(args)}"

@@ -12,6 +12,7 @@ new one is complete. Workers are CPU processes unless --gpus is given.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,30 +61,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="import in this process (one thread per core), without a Dask cluster",
     )
+    parser.add_argument(
+        "--flip-contrast",
+        action="store_true",
+        help="multiply the images by -1 (protein-dark stacks; blob/sign is negated in the store)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_cluster_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from hetero_dask.dist.cluster import client_from_args
+    from hetero_dask.dist.cluster import cluster_from_args
+    from hetero_dask.io.errors import InputError
+    from hetero_dask.io.paths import check_allowed
     from hetero_dask.io.store import import_particles
+    from hetero_dask.jobs.preflight import check_even_box, check_particles
 
+    # Everything is checked before a cluster starts or a byte is written.
+    checked = check_particles(args.particles, args.stack_dir, flip_contrast=args.flip_contrast)
+    if checked.particle_set is None:
+        raise InputError("--particles", f"{args.particles} is a particle store already",
+                         expected="a .star or .cs file to import")
+    check_allowed(Path(args.out), "--out")
+    for box in args.crop_box:
+        check_even_box("crop_box", box)
+    if args.gpus is None:
+        args.gpus = 0  # reading stacks and writing Zarr is CPU and I/O work
+    spec = None if args.serial else cluster_from_args(args, quiet=args.quiet)
     kwargs = dict(
         seed=args.seed,
-        stack_dir=args.stack_dir,
         crop_boxes=args.crop_box,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,
         chunk_mb=args.chunk_mb,
         shard_mb=args.shard_mb,
         image_dtype=args.image_dtype,
     )
-    if args.serial:
-        store = import_particles(args.particles, args.out, **kwargs)
+    if spec is None:
+        store = import_particles(checked.particle_set, args.out, **kwargs)
     else:
-        if args.gpus is None:
-            args.gpus = 0  # reading stacks and writing Zarr is CPU and I/O work
-        with client_from_args(args, quiet=args.quiet) as client:
-            store = import_particles(args.particles, args.out, client=client, **kwargs)
+        with spec.open() as client:
+            store = import_particles(checked.particle_set, args.out, client=client, **kwargs)
     crops = ", crops " + " ".join(map(str, store.crop_boxes)) if store.crop_boxes else ""
     print(
         f"{store.path}: {store.n} particles, box {store.box}, {store.psize_A:g} A/px, "
@@ -91,3 +108,7 @@ def main(args: argparse.Namespace) -> int:
         f"{len(store.shard_ranges())} shards of {store.shard_rows}{crops}"
     )
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return "interrupted; the shards written are kept: run the same command again to finish the import"

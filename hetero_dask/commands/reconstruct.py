@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.dist.cluster import add_cluster_arguments, cluster_from_args
 from hetero_dask.io.cache import add_store_arguments
 from hetero_dask.jobs.reconstruct import ReconstructParams, reconstruct
+from hetero_dask.report.summary import print_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="reconstruction box (Fourier crop/pad; the pixel size scales; default: the particles' box)",
+        help="reconstruction box, even and >= 16 (Fourier crop/pad; the pixel size scales; default: the "
+        "particles' box)",
     )
     parser.add_argument(
         "--mask", default=None, help="mask .mrc (reconstruction box) for an extra FSC"
@@ -59,8 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=d.random_seed, help="random seed (default 0)")
     parser.add_argument(
-        "--stack-dir", default=None, help="folder of the particle stacks if not next to the file"
+        "--stack-dir",
+        default=None,
+        help="folder of the particle stacks when not where the file says (CryoSPARC: the project folder)",
     )
+    parser.add_argument(
+        "--flip-contrast",
+        action="store_true",
+        help="multiply the images by -1 (protein-dark stacks; blob/sign is negated in the outputs)",
+    )
+    parser.add_argument(
+        "--no-contrast-check",
+        action="store_true",
+        help="do not refuse particles whose contrast looks inverted (e.g. particles not centred)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     add_store_arguments(parser)
     add_cluster_arguments(parser)
 
@@ -76,14 +91,18 @@ def main(args: argparse.Namespace) -> int:
         random_split=args.random_split,
         random_seed=args.seed,
         stack_dir=args.stack_dir,
+        flip_contrast=args.flip_contrast,
+        contrast_check=not args.no_contrast_check,
         cache_dir=args.cache_dir,
         image_dtype=args.image_dtype,
     )
-    with client_from_args(args) as client:
-        result = reconstruct(args.particles, args.out, client=client, params=params)
-    print(f"class layout: {result.layout} ({result.n_classes} classes)")
-    for c in result.classes:
-        status = "EMPTY" if c["empty"] else f"{c['resolution_A']:.2f} A"
-        print(f"class {c['class']}: weight {c['weight_sum']:.1f}, {status}")
-    print(f"outputs in {result.out_dir}")
+    result = reconstruct(
+        args.particles,
+        args.out,
+        client=cluster_from_args(args, quiet=args.quiet),
+        params=params,
+        progress=False if args.quiet else None,
+    )
+    print(f"class layout: {result.layout}")
+    print_summary(result.report, result.out_dir)
     return 0

@@ -7,13 +7,17 @@ Example: hetero-dask refine --particles J42_particles.cs --volumes a.mrc b.mrc c
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shlex
 import time
 from pathlib import Path
 
-from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.dist.checkpoint import read_status
+from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args, cluster_from_args
 from hetero_dask.io.cache import add_store_arguments, names_folder
+from hetero_dask.jobs.preflight import check_refine, describe_run
 from hetero_dask.jobs.refine import RefineParams, refine
+from hetero_dask.report.summary import print_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="initial volumes: one .mrc per class, a folder, or a volumes.zip of another run")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--stack-dir", help="folder to find particle stacks in (if not beside the metadata)")
-    parser.add_argument("--box", type=int, default=d.refine_box, help=f"refinement box size (default {d.refine_box})")
+    parser.add_argument("--box", type=int, default=d.refine_box,
+                        help="refinement box (even, >= 16): the particles are Fourier-cropped or padded to it "
+                             "(default: the particles' box, at most 128)")
     parser.add_argument("--symmetry", default=d.symmetry, help="point group: C<n>, D<n>, T, O, I (default C1)")
     parser.add_argument("--symmetry-convention", choices=("cryosparc", "relion"), default=d.symmetry_convention,
                         help="D<n> 2-fold along y (cryosparc) or x (relion)")
     parser.add_argument("--hard", action="store_true", help="force hard classification")
+    parser.add_argument("--flip-contrast", action="store_true",
+                        help="multiply the images by -1 (protein-dark stacks; blob/sign is negated in the outputs)")
     parser.add_argument("--mask-diameter", type=float, help="inner diameter of the spherical window mask (A)")
     parser.add_argument("--mask-diameter-outer", type=float, help="outer diameter (A; default 1.2x inner)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size_per_class,
@@ -46,13 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"finest HEALPix order of the pose search (default {d.max_order})")
     parser.add_argument("--reference-mode", choices=("full", "half", "cross"), default=d.reference_mode,
                         help="score each half-set against the full map, its own half-map, or the other half's")
-    parser.add_argument("--iterations", type=int, default=d.max_iterations, help="cap on EM iterations")
-    parser.add_argument("--resume", action="store_true", help="continue from the last completed iteration")
+    parser.add_argument("--iterations", type=int, default=d.max_iterations,
+                        help=f"at most this many EM iterations in all, the {d.final_full_passes} final full "
+                             f"passes included (default {d.max_iterations}); the run ends earlier when it "
+                             "converges")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last completed iteration (same parameters "
+                             "and inputs)")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (bars or lines)")
     parser.add_argument("--detach", action="store_true",
                         help="with --scheduler: run the job on the cluster and return at once; it survives "
-                             "this command exiting (follow it with hetero-dask status OUT/run)")
+                             "this command exiting (follow it with hetero-dask status OUT)")
     add_store_arguments(parser)
     add_cluster_arguments(parser)
 
@@ -65,38 +78,49 @@ def main(args: argparse.Namespace) -> int:
         num_random_iterations=args.random_iterations, initial_lowpass_A=args.initial_lowpass,
         max_iterations=args.iterations, seed=args.seed, initial_sigma_scale=args.sigma_scale,
         max_order=args.max_order, reference_mode=args.reference_mode,
-        final_sigma_scale=args.final_sigma_scale,
+        final_sigma_scale=args.final_sigma_scale, flip_contrast=args.flip_contrast,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
     if args.detach:
         return _detach(args, volumes, params)
-    with client_from_args(args) as client:
-        report = refine(args.particles, volumes, args.out, client=client, stack_dir=args.stack_dir,
-                        cache_dir=args.cache_dir, image_dtype=args.image_dtype, resume=args.resume, progress=None if not args.quiet else False, **params)
-    print(json.dumps({c["class"]: {"fraction": round(c["fraction"], 3), "resolution_A": c["resolution_A"]}
-                      for c in report["classes"]}))
-    print(f"results in {args.out} (report.json, particles.cs, particles.star, class_*/map.mrc)")
+    report = refine(args.particles, volumes, args.out, client=cluster_from_args(args, quiet=args.quiet),
+                    stack_dir=args.stack_dir, cache_dir=args.cache_dir, image_dtype=args.image_dtype,
+                    resume=args.resume, progress=False if args.quiet else None,
+                    **params)
+    print_summary(report, args.out)
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """Where an interrupted run stopped, and the command that continues it."""
+    status = read_status(Path(args.out) / "run") if (Path(args.out) / "run").is_dir() else None
+    if status is None or status.get("pid") != os.getpid():
+        return "interrupted before the run started; nothing was written or changed"
+    where = describe_run(status).replace("interrupted ", "", 1)
+    return f"interrupted {where}; continue with: {resume_command(args)}"
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command the user typed, with ``--resume``."""
+    argv = list(getattr(args, "argv", None) or [args.command, "--out", str(args.out)])
+    return shlex.join(["hetero-dask", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def refine_job(job: dict, client) -> dict:
     """Driver of a detached refinement (:func:`hetero_dask.submit` runs it on a worker).
 
-    A failure is recorded in ``OUT/run/status.json`` (state ``failed``, the error), which
-    ``hetero-dask status`` shows; else the run would read ``running`` forever.
+    The run records its own failure or interruption in ``OUT/run/status.json``
+    (:func:`~hetero_dask.dist.checkpoint.run_status`). When the worker holding the
+    driver dies, Dask starts this function again elsewhere: finding its own run record
+    (``_detach`` refused a folder holding another run before submitting), it resumes.
     """
-    from hetero_dask.dist.checkpoint import write_status
-
-    try:
-        # The default client for code that looks one up (e.g. distributed.as_completed).
-        with client.as_current():
-            report = refine(job["particles"], job["volumes"], job["out"], client=client,
-                            stack_dir=job["stack_dir"], cache_dir=job.get("cache_dir"),
-                            image_dtype=job.get("image_dtype", "float32"), resume=job["resume"],
-                            progress=False, **job["params"])
-    except BaseException as exc:
-        write_status(Path(job["out"]) / "run", job="refine", state="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    resume = job["resume"] or (Path(job["out"]) / "run" / "run.json").is_file()
+    # The default client for code that looks one up (e.g. distributed.as_completed).
+    with client.as_current():
+        report = refine(job["particles"], job["volumes"], job["out"], client=client,
+                        stack_dir=job["stack_dir"], cache_dir=job.get("cache_dir"),
+                        image_dtype=job.get("image_dtype", "float32"), resume=resume, progress=False,
+                        **job["params"])
     return {"report": str(Path(job["out"]) / "report.json"),
             "resolution_A": [c["resolution_A"] for c in report["classes"]]}
 
@@ -107,6 +131,8 @@ def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.
 
     if not args.scheduler:
         raise ValueError("--detach needs --scheduler ADDRESS (a local cluster ends with this command)")
+    # Checked here, before the job is submitted: the workers see the same files (shared filesystem).
+    check_refine(args.particles, volumes, args.out, stack_dir=args.stack_dir, resume=args.resume, **params)
     # Workers may run elsewhere: absolute paths (on a filesystem they share).
     absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
     out = Path(absolute(args.out))
@@ -122,5 +148,5 @@ def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.
             time.sleep(0.2)  # until the driver runs: the scheduler holds the job, not this client
         state = handle.status()["state"]
     print(f"job {handle.job_id} submitted to {args.scheduler} ({state})")
-    print(f"run dir {out / 'run'} (follow with: hetero-dask status {out / 'run'})")
+    print(f"run dir {out / 'run'} (follow with: hetero-dask status {out})")
     return 0

@@ -8,9 +8,11 @@ Example: hetero-dask regroup --particles J42_particles.cs --volumes J42_volumes.
 from __future__ import annotations
 
 import argparse
+import json
 
-from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args
+from hetero_dask.dist.cluster import add_cluster_arguments, cluster_from_args
 from hetero_dask.jobs.regroup import RegroupParams, regroup
+from hetero_dask.report.summary import print_summary
 
 
 def _index_list(text: str) -> tuple[int, ...]:
@@ -83,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--crop-box",
         type=int,
         default=d.crop_box,
-        help=f"box the volumes are compared at (default {d.crop_box})",
+        help=f"box the volumes are compared at, even and >= 16 (default {d.crop_box})",
     )
     parser.add_argument(
         "--lowpass",
@@ -125,28 +127,14 @@ def main(args: argparse.Namespace) -> int:
         prefix=args.prefix,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes
-    if params.align_pairs:
-        with client_from_args(args) as client:
-            result = regroup(
-                args.particles,
-                volumes,
-                args.out,
-                params,
-                mask=args.mask,
-                volumes_psize_A=args.psize,
-                client=client,
-            )
-    else:
-        result = regroup(
-            args.particles, volumes, args.out, params, mask=args.mask, volumes_psize_A=args.psize
-        )
-    for m in range(params.num_superclasses):
-        members = [int(c) for c in (result.superclass == m).nonzero()[0]]
-        n = int(result.class_sizes[members].sum())
-        print(f"superclass {m}: classes {members}, {n} particles")
-    aside = [int(c) for c in (result.superclass < 0).nonzero()[0]]
-    print(f"remaining: classes {aside}, {int(result.class_sizes[aside].sum())} particles")
-    if result.flipped_pairs:
-        print(f"hand-flipped pairs: {result.flipped_pairs}")
-    print(f"outputs in {result.out_dir}")
+    result = regroup(
+        args.particles,
+        volumes,
+        args.out,
+        params,
+        mask=args.mask,
+        volumes_psize_A=args.psize,
+        client=cluster_from_args(args),  # started only for --align-pairs, once the inputs are checked
+    )
+    print_summary(json.loads((result.out_dir / "report.json").read_text()), result.out_dir)
     return 0

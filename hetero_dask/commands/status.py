@@ -1,4 +1,8 @@
-"""Report on a run directory: state, iteration, last checkpoint, results."""
+"""Say where a job's run stands: hetero-dask status OUT (the job's --out folder, or OUT/run).
+
+Running, finished (with the job's summary and its report), interrupted or failed
+(and how to go on), and how many iterations are done of at most how many.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +11,67 @@ import json
 from pathlib import Path
 
 from hetero_dask.dist.checkpoint import read_marker, read_status
+from hetero_dask.jobs.preflight import JOB_TITLES, describe_run
 
 
-def gather(run_dir: Path) -> dict:
-    """Status and checkpoint marker of ``run_dir`` in one dict."""
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+def gather(path: Path) -> dict:
+    """Status, checkpoint marker and (when finished) report of the run in ``path`` (OUT or OUT/run)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist (expected a job's --out folder)")
+    run_dir = path / "run" if (path / "run").is_dir() else path
+    out = run_dir.parent if run_dir.name == "run" else run_dir
     status = read_status(run_dir)
     marker = read_marker(run_dir)
     if status is None and marker is None:
         raise FileNotFoundError(
-            f"{run_dir} has neither status.json nor checkpoint.json: not a run directory"
+            f"{path} holds no run (no run/status.json): expected the --out folder of a "
+            "refine, reconstruct or regroup job"
         )
+    report = None
+    if (status or {}).get("state") == "done" and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
     return {
+        "out": str(out),
         "run_dir": str(run_dir),
         "status": status or {},
         "last_complete_iteration": None if marker is None else marker["last_complete_iteration"],
         "checkpoint": marker,
+        "report": report,
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="the job's output/run directory")
+    parser.add_argument("out", type=Path, help="the job's --out folder (or its run/ folder)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def main(args: argparse.Namespace) -> int:
-    info = gather(args.run_dir)
+    from hetero_dask.report.summary import summary_lines
+
+    info = gather(args.out)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     s = info["status"]
-    it, n_it = s.get("iteration"), s.get("n_iterations")
-    progress = "" if it is None else f" iteration {it}" + ("" if n_it is None else f" of {n_it}")
-    print(f"{info['run_dir']}: {s.get('job', 'job')} {s.get('state', 'unknown')}{progress}")
-    if s.get("message"):
-        print(f"  {s['message']}")
-    if s.get("error"):
-        print(f"  error: {s['error']}")
-    last = info["last_complete_iteration"]
-    print(f"  last complete iteration: {'none' if last is None else last}")
+    title = JOB_TITLES.get(s.get("job"), s.get("job", "job"))
+    print(f"{info['out']}: {title}, {describe_run(s)}")
+    state = s.get("state")
+    if info["report"] is not None:
+        print("\n".join(summary_lines(info["report"], info["out"])))
+    elif state in ("interrupted", "failed") or (state == "running" and "stopped" in describe_run(s)):
+        if s.get("error"):
+            print(f"  error: {s['error']}")
+        done = s.get("iteration")
+        if done is not None:
+            print(f"  {done} iteration(s) completed and kept")
+        how = ("run the same command with --resume to continue it" if s.get("job") == "refine"
+               else "run the same command again")
+        print(f"  {how}")
+    elif state == "running":
+        done = s.get("iteration")
+        if done is not None:
+            print(f"  {done} iteration(s) completed")
     if s.get("updated"):
-        print(f"  updated {s['updated']} on {s.get('host', '?')} (pid {s.get('pid', '?')})")
-    for name, path in (s.get("results") or {}).items():
-        print(f"  {name}: {path}")
+        print(f"  last update {s['updated']} on {s.get('host', '?')} (process {s.get('pid', '?')})")
     return 0

@@ -6,9 +6,18 @@ rounds to ``s``; curves have ``n // 2 + 1`` entries, shells ``0 .. n // 2``
 the DC term.
 
 The corrected FSC is Chen et al. (2013) noise substitution as CryoSPARC
-computes it: both half-maps get random phases beyond the shell where the
-unmasked FSC first drops below 0.143, the tight mask is applied, and
-``FSC_true = (FSC_t - FSC_n) / (1 - FSC_n)`` beyond that shell.
+computes it: both half-maps get random phases beyond the shell ``s`` where the
+unmasked FSC first drops below 0.143 (every Fourier voxel of radius >= ``s``,
+as ``relion_postprocess`` randomises), the mask is applied, and
+``FSC_true = (FSC_t - FSC_n) / (1 - FSC_n)`` from shell ``s`` on. RELION
+keeps the masked FSC for two more shells (``s`` and ``s + 1``); elsewhere the
+curves agree with ``relion_postprocess --randomize_at_fsc 0.143`` on the same
+maps and mask (tests/test_masked_fsc.py).
+
+The curves are meant for unregularised half-maps (CryoSPARC's half-maps, and
+what Heterogeneous Reconstruction Only writes): a Wiener-filtered half-map has
+almost no power beyond its resolution, so the little a mask leaks there from
+the strong low shells is all that is left, and every masked curve stays near 1.
 """
 
 from __future__ import annotations
@@ -144,7 +153,7 @@ def full_map_fsc(fsc_half):
 
 
 def phase_randomise(vol, from_shell: int, rng: np.random.Generator):
-    """``vol`` with the Fourier phases of shells ``>= from_shell`` replaced by random ones.
+    """``vol`` with the Fourier phases at radius ``>= from_shell`` (cycles per box) replaced by random ones.
 
     The random phases are those of a real white-noise volume, so the result
     stays real; amplitudes are kept. Single precision.
@@ -154,9 +163,23 @@ def phase_randomise(vol, from_shell: int, rng: np.random.Generator):
     F = _rfftn(vol, xp)
     N = _rfftn(xp.asarray(rng.standard_normal(vol.shape, dtype=np.float32)), xp)
     phase = N / xp.maximum(xp.abs(N), 1e-30)
-    beyond = xp.rint(_radius_rfft(n, xp)) >= from_shell
+    beyond = _radius_rfft(n, xp) >= from_shell
     F = xp.where(beyond, xp.abs(F) * phase, F)
     return _irfftn(F, n, xp).astype(vol.dtype)
+
+
+def randomisation_shell(fsc_unmasked, threshold: float = 0.143) -> int | None:
+    """The shell from which :func:`corrected_fsc` randomises phases: the first (>= 1) where the
+    unmasked FSC drops below ``threshold`` (None if it never does)."""
+    return _first_below(to_host(fsc_unmasked), threshold)
+
+
+def randomised_fsc(v1, v2, mask, from_shell: int, rng=None):
+    """FSC ``(n // 2 + 1,)`` of the two maps with random phases from ``from_shell`` on
+    (independent draws), both then masked: the correlation the mask alone creates
+    (RELION's ``rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps``)."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    return fsc(phase_randomise(v1, from_shell, rng), phase_randomise(v2, from_shell, rng), mask)
 
 
 def corrected_fsc(
@@ -164,40 +187,40 @@ def corrected_fsc(
 ):
     """Mask-corrected FSC ``(n // 2 + 1,)`` by high-resolution noise substitution.
 
-    ``from_shell`` defaults to the first shell where the unmasked FSC drops
-    below 0.143 (CryoSPARC); below it the masked FSC is returned unchanged.
-    ``rng`` (default seed 0) draws the random phases. ``fsc_unmasked`` /
+    ``from_shell`` defaults to :func:`randomisation_shell` of the unmasked FSC
+    (CryoSPARC); below it the masked FSC is returned unchanged. ``rng``
+    (default seed 0) draws the random phases. ``fsc_unmasked`` /
     ``fsc_masked``: those curves, if already computed.
     """
-    rng = np.random.default_rng(0) if rng is None else rng
     xp = xp_of(v1, v2)
     fsc_t = fsc(v1, v2, mask) if fsc_masked is None else xp.asarray(fsc_masked)
     if from_shell is None:
-        unmasked = fsc(v1, v2) if fsc_unmasked is None else fsc_unmasked
-        from_shell = _first_below(to_host(unmasked), 0.143)
+        from_shell = randomisation_shell(fsc(v1, v2) if fsc_unmasked is None else fsc_unmasked)
     if from_shell is None or from_shell >= len(fsc_t):
         return fsc_t
-    fsc_n = fsc(phase_randomise(v1, from_shell, rng), phase_randomise(v2, from_shell, rng), mask)
+    fsc_n = randomised_fsc(v1, v2, mask, from_shell, rng)
     shells = xp.arange(len(fsc_t))
     denom = xp.where(1.0 - fsc_n > 1e-6, 1.0 - fsc_n, 1e-6)
     return xp.where(shells >= from_shell, (fsc_t - fsc_n) / denom, fsc_t)
 
 
 def fsc_set(v1, v2, psize_A: float, user_mask=None, rng=None, no_mask=None) -> dict:
-    """CryoSPARC's FSC curves of two half-maps: each ``(n // 2 + 1,)``.
+    """CryoSPARC's FSC curves of two unregularised half-maps: each ``(n // 2 + 1,)``.
 
     Keys: ``no_mask``, ``spherical`` (soft sphere, inner 0.85 of the box
     half-width, outer the box edge), ``loose``, ``tight`` (masks from the
-    half-map average, see :mod:`.masks`), ``corrected`` (tight mask, noise
-    substitution), and with a user mask ``user`` (masked) and
-    ``user_corrected``. ``no_mask``: ``fsc(v1, v2)`` when the caller has it
-    already (the M-step does), not computed again.
+    half-map average low-pass filtered to the unmasked resolution, see
+    :mod:`.masks`), ``corrected`` (tight mask, noise substitution), and with a
+    user mask ``user`` (masked) and ``user_corrected``. ``no_mask``:
+    ``fsc(v1, v2)`` when the caller has it already (the M-step does), not
+    computed again.
     """
     xp = xp_of(v1, v2)
     n = v1.shape[-1]
-    avg = 0.5 * (v1 + v2)
-    loose, tight = loose_and_tight_masks(avg, psize_A)
     out = {"no_mask": fsc(v1, v2) if no_mask is None else xp.asarray(no_mask)}
+    loose, tight = loose_and_tight_masks(
+        0.5 * (v1 + v2), psize_A, resolution_A(out["no_mask"], n, psize_A)
+    )
     out["spherical"] = fsc(v1, v2, spherical_window(n, 0.85, 1.0, xp))
     out["loose"] = fsc(v1, v2, loose)
     out["tight"] = fsc(v1, v2, tight)

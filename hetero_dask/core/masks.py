@@ -5,7 +5,13 @@ outside). Real-space coordinates are centred at index ``n // 2`` (the
 convention of :mod:`hetero_dask.core.fourier`). The loose and tight masks
 follow CryoSPARC's FSC masks: threshold the map at half its maximum, then 1
 within a distance of the thresholded region and a cosine fall to 0 over a
-second distance (loose 25 A -> 40 A, tight 6 A -> 12 A).
+second distance (loose 25 A -> 40 A, tight 6 A -> 12 A). Two departures, both
+for noisy maps at coarse pixels: the map is first low-pass filtered to its
+resolution (the average of two raw half-maps has noise peaks above half its
+maximum, which scatter the mask over the box), and the cosine fall is at least
+``MIN_EDGE_PX`` pixels wide (at 4 A/px CryoSPARC's tight fall is 1.5 px: such a
+steep edge puts the mask's own spectrum into every shell, and the tight FSC of
+a 20 A map stays near 1 to Nyquist).
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import xp_of
-from .fourier import freq_1d, soft_edge
+from .fourier import freq_1d, lowpass, soft_edge
 
 LOOSE_MASK_A = (25.0, 40.0)
 TIGHT_MASK_A = (6.0, 12.0)
+MIN_EDGE_PX = 3.0
 
 
 def _radius_real(n: int, ndim: int, xp):
@@ -77,22 +84,18 @@ def auto_threshold(vol, fraction: float = 0.5) -> float:
     return fraction * float(vol.max())
 
 
-def loose_mask(vol, psize_A: float):
-    """CryoSPARC's loose FSC mask: threshold at half max, 1 within 25 A, 0 beyond 40 A."""
-    near_A, far_A = LOOSE_MASK_A
-    return mask_from_map(vol, auto_threshold(vol), near_A / psize_A, (far_A - near_A) / psize_A)
+def loose_and_tight_masks(vol, psize_A: float, resolution_A: float | None = None):
+    """CryoSPARC's loose and tight FSC masks ``(n, n, n)`` float32 of a map (see the module doc).
 
-
-def loose_and_tight_masks(vol, psize_A: float):
-    """``(loose_mask(vol), tight_mask(vol))`` from one distance transform."""
+    ``resolution_A``: the map is low-pass filtered to it before the threshold
+    (half the maximum); None uses the map as it is. Loose: 1 within 25 A of the
+    thresholded region, 0 beyond 40 A; tight: 6 A and 12 A; cosine falls at
+    least ``MIN_EDGE_PX`` wide.
+    """
+    if resolution_A is not None and resolution_A > 2 * psize_A:
+        vol = lowpass(vol, resolution_A, psize_A, ndim=3)
     dist = _distance_to_region(vol, auto_threshold(vol))
     return tuple(
-        soft_edge(dist, near_A / psize_A, (far_A - near_A) / psize_A)
+        soft_edge(dist, near_A / psize_A, max((far_A - near_A) / psize_A, MIN_EDGE_PX))
         for near_A, far_A in (LOOSE_MASK_A, TIGHT_MASK_A)
     )
-
-
-def tight_mask(vol, psize_A: float):
-    """CryoSPARC's tight FSC mask: threshold at half max, 1 within 6 A, 0 beyond 12 A."""
-    near_A, far_A = TIGHT_MASK_A
-    return mask_from_map(vol, auto_threshold(vol), near_A / psize_A, (far_A - near_A) / psize_A)

@@ -7,6 +7,8 @@ Layout::
                                             per-particle results); attrs["meta"] holds
                                             JSON metadata (parameters, RNG state, ...)
     RUN_DIR/status.json                     what `hetero-dask status RUN_DIR` shows
+    RUN_DIR/run.json                        the run's parameters and input fingerprints
+                                            (``--resume`` refuses changes to either)
 
 An iteration is written to a temporary folder, renamed into place, and only
 then is ``checkpoint.json`` replaced (temp file + fsync + rename) to point at
@@ -35,6 +37,7 @@ import zarr
 
 MARKER = "checkpoint.json"
 STATUS = "status.json"
+RUN_RECORD = "run.json"
 ITERATIONS = "iterations"
 
 # Set by hetero_dask.dist.submit while a submitted job's driver runs, so that status
@@ -256,8 +259,8 @@ def write_status(run_dir: str | os.PathLike, **fields) -> dict:
     """Merge ``fields`` into ``RUN_DIR/status.json`` (atomic) and return the new status.
 
     Conventional fields: ``job``, ``state`` (``running``, ``done``,
-    ``failed``), ``iteration``, ``n_iterations``, ``message``, ``results``
-    (name -> path). ``updated``, ``host`` and ``pid`` are filled in. Inside a
+    ``failed``, ``interrupted``), ``iteration`` (iterations completed),
+    ``n_iterations`` (at most), ``message``, ``results`` (name -> path). ``updated``, ``host`` and ``pid`` are filled in. Inside a
     job started by :func:`hetero_dask.submit` the status is also published
     to the submitting client's handle.
     """
@@ -283,3 +286,53 @@ def read_status(run_dir: str | os.PathLike) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def write_run_record(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Keep what defines the run (job, parameters, input fingerprints) in ``RUN_DIR/run.json``."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(run_dir) / RUN_RECORD, dict(record))
+
+
+def read_run_record(run_dir: str | os.PathLike) -> dict | None:
+    path = Path(run_dir) / RUN_RECORD
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_live(status: Mapping | None) -> bool:
+    """True when ``status`` says running and its process still runs on this host.
+
+    A run whose process died without a word (killed, machine rebooted) still reads
+    ``running``; on another host there is no telling, and it counts as not live.
+    """
+    if not status or status.get("state") != "running" or status.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_status(run_dir: str | os.PathLike, job: str, **fields):
+    """Mark the run ``running`` now, and ``interrupted`` or ``failed`` if the body raises.
+
+    The body writes ``done`` itself when its results are complete. An interrupt
+    (Ctrl-C, or SIGTERM: :class:`hetero_dask.dist.signals.Terminated`) keeps the
+    ``iteration`` reached, so ``hetero-dask status`` and ``--resume`` agree.
+    """
+    write_status(run_dir, job=job, state="running", error=None, stopped_by=None, **fields)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        write_status(run_dir, state="interrupted", error=None, stopped_by=str(exc) or "Ctrl-C")
+        raise
+    except BaseException as exc:
+        write_status(run_dir, state="failed", error=f"{type(exc).__name__}: {exc}")
+        raise

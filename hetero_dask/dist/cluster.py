@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
 import yaml
 from distributed import Client, LocalCluster
 from distributed.security import Security
+
+from hetero_dask.dist.signals import starting_workers
 
 # Found next to the package in a source checkout; the Docker image installs the same
 # file as /etc/dask/hetero_dask.yaml, which Dask reads on its own.
@@ -135,7 +139,7 @@ def _gpu_ids(gpus) -> list[int]:
     if isinstance(gpus, int):
         visible = _visible_gpus()
         if gpus > len(visible):
-            raise ValueError(f"{gpus} GPU(s) requested but {len(visible)} visible")
+            raise ValueError(f"--gpus {gpus}: {gpus} GPU(s) requested but {len(visible)} visible")
         return visible[:gpus]
     return [int(g) for g in gpus]
 
@@ -159,12 +163,14 @@ def make_local_cluster(
     this process has).
     """
     load_project_config()
-    dashboard_address = ":0" if dashboard else None
     protocol = "tls://" if security is not None and security.require_encryption else None
     common = dict(
         security=security,
         protocol=protocol,
-        dashboard_address=dashboard_address,
+        # A free port even without a dashboard: the scheduler's HTTP server (health,
+        # metrics) binds one anyway, and defaults to 8787, which a second cluster finds taken.
+        dashboard_address=":0",
+        scheduler_kwargs={"dashboard": dashboard},
         host=host,
         scheduler_port=scheduler_port,
         memory_limit=memory_limit,
@@ -178,7 +184,7 @@ def make_local_cluster(
         from dask_cuda import LocalCUDACluster
 
         blas = blas_threads_per_worker(len(gpu_ids), 1)
-        with _blas_env(blas):
+        with _blas_env(blas), starting_workers():
             return LocalCUDACluster(
                 CUDA_VISIBLE_DEVICES=gpu_ids,
                 threads_per_worker=1,
@@ -188,7 +194,8 @@ def make_local_cluster(
             )
     n = workers or max(1, available_cores() // threads_per_worker)
     blas = blas_threads_per_worker(n, threads_per_worker)
-    with _blas_env(blas):
+    # Worker processes inherit SIGINT and SIGTERM ignored: the driver handles them (dist.signals).
+    with _blas_env(blas), starting_workers():
         return LocalCluster(
             n_workers=n,
             threads_per_worker=threads_per_worker,
@@ -244,7 +251,8 @@ def open_client(
         )
         with Client(security=security, **target) as client:
             _announce(client, quiet)
-            yield client
+            with _quiet_when_interrupted():
+                yield client
         return
     cluster = make_local_cluster(
         workers=workers,
@@ -255,8 +263,30 @@ def open_client(
         processes=processes,
     )
     with cluster, Client(cluster, security=security) as client:
+        client.run(_quiet_cancellations)
         _announce(client, quiet or not dashboard)
-        yield client
+        with _quiet_when_interrupted():
+            yield client
+
+
+@contextlib.contextmanager
+def _quiet_when_interrupted() -> Iterator[None]:
+    """After Ctrl-C or SIGTERM the client and cluster close under running tasks: what Dask,
+    its event loop and the nanny then log is expected, not for the user (who gets one line)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        names = ["asyncio", "tornado", "distributed"]
+        names += [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+        for name in names:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        raise
+
+
+def _quiet_cancellations() -> None:
+    """On a worker of a job's own cluster: no warning for each task cancelled when the job
+    stops (Ctrl-C) and closes the cluster under it."""
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
 
 
 def _announce(client: Client, quiet: bool) -> None:
@@ -318,9 +348,56 @@ def security_from_args(args: argparse.Namespace) -> Security | None:
     return make_security(ca, cert, key)
 
 
-def client_from_args(args: argparse.Namespace, quiet: bool = False):
-    """``open_client`` configured from :func:`add_cluster_arguments`' options."""
-    return open_client(
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where a job is to run, decided before it starts: :func:`open_client`'s arguments.
+
+    Jobs take one as ``client``, check every input, and only then start the
+    cluster (:func:`job_client`), so a mistake costs no cluster start.
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    gpus: int | None = None
+    security: Security | None = None
+    dashboard: bool = True
+    quiet: bool = False
+
+    def open(self):
+        return open_client(
+            scheduler=self.scheduler,
+            workers=self.workers,
+            threads_per_worker=self.threads_per_worker,
+            gpus=self.gpus,
+            security=self.security,
+            dashboard=self.dashboard,
+            quiet=self.quiet,
+        )
+
+
+@contextlib.contextmanager
+def job_client(client) -> Iterator[Client | None]:
+    """The client a job runs on: None (this process), a ``Client`` (as is), or a
+    :class:`ClusterSpec` (started here, closed on exit)."""
+    if isinstance(client, ClusterSpec):
+        with client.open() as c:
+            yield c
+    else:
+        yield client
+
+
+def cluster_from_args(args: argparse.Namespace, quiet: bool = False) -> ClusterSpec:
+    """The :class:`ClusterSpec` of :func:`add_cluster_arguments`' options, checked (nothing started)."""
+    for flag, value in (("--workers", args.workers), ("--threads-per-worker", args.threads_per_worker)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: expected a number >= 1")
+    if args.gpus is not None:
+        if args.gpus < 0:
+            raise ValueError(f"--gpus {args.gpus}: expected 0 (CPU only) or a number of GPUs")
+        if args.scheduler is None and args.gpus > 0:
+            _gpu_ids(args.gpus)  # refuses more GPUs than are visible
+    return ClusterSpec(
         scheduler=args.scheduler,
         workers=args.workers,
         threads_per_worker=args.threads_per_worker,
@@ -329,3 +406,8 @@ def client_from_args(args: argparse.Namespace, quiet: bool = False):
         dashboard=not args.no_dashboard,
         quiet=quiet,
     )
+
+
+def client_from_args(args: argparse.Namespace, quiet: bool = False):
+    """``open_client`` configured from :func:`add_cluster_arguments`' options."""
+    return cluster_from_args(args, quiet).open()

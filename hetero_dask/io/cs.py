@@ -291,73 +291,47 @@ def multi_class_fields(pose, shift, class_posterior, split=None) -> dict:
 # ---------------------------------------------------------------- blob paths
 
 
-def _inside(path: str, base: str) -> bool:
-    return os.path.commonpath([path, base]) == base
+def resolve_blob_path(blob_path, *, source=None, stack_dir=None) -> Path:
+    """Resolve one ``blob/path`` (or RELION stack path) to an existing file.
 
+    Tried in order, as RELION and CryoSPARC resolve them:
 
-def resolve_blob_path(
-    blob_path,
-    *,
-    source=None,
-    project_dir=None,
-    stack_dir=None,
-    allow_outside: bool = False,
-    must_exist: bool = True,
-) -> Path:
-    """Resolve one ``blob/path`` (or RELION stack path) to a file.
+    * an absolute path: as written;
+    * a relative path: against the working directory (RELION's project folder),
+      the folder of ``source`` (the .cs/.star file), then ``stack_dir`` (for
+      CryoSPARC, the project folder: ``J19/extract/x.mrc``);
+    * ``>J1/imported/x.mrcs`` (CryoSPARC export): against ``stack_dir``, the project folder;
+    * last, the file's name in ``stack_dir`` (stacks moved to one folder).
 
-    * ``>J1/imported/x.mrcs``: project-relative, needs ``project_dir``.
-    * relative paths: tried, in order, relative to the working directory (as RELION
-      does; only when the user gave neither ``stack_dir`` nor ``project_dir``, which
-      then bound where stacks may be), to the folder of ``source`` (the .cs/.star
-      file), to ``stack_dir`` and to ``project_dir``.
-
-    For safety a path that leaves its base folder (``../``, or an absolute path
-    outside every base) is refused unless ``allow_outside=True``; containment is
-    checked on the written path (symlinks inside the project, as CryoSPARC
-    imports make, are allowed). With ``must_exist`` a missing file raises an
-    :class:`InputError` listing the places tried.
+    The file found must be inside the operator's allow-list when one is set
+    (:mod:`hetero_dask.io.paths`). A missing file raises :class:`InputError`
+    listing every place tried.
     """
+    from .paths import check_allowed
+
     p = blob_path.decode() if isinstance(blob_path, bytes) else str(blob_path)
     where = source if source is not None else "blob/path"
     if p.startswith(">"):
-        if project_dir is None:
+        if stack_dir is None:
             raise InputError(
                 where,
-                f"path {p!r} is project-relative ('>' prefix)",
+                f"path {p!r} is relative to the CryoSPARC project folder ('>' prefix)",
                 field="blob/path",
-                expected="project_dir (--project-dir) to be given",
+                expected="the project folder as --stack-dir",
             )
-        bases = [Path(project_dir)]
-        rel = p[1:]
+        tried = [os.path.join(stack_dir, p[1:])]
+    elif os.path.isabs(p):
+        tried = [p]
     else:
-        # With a stack or project folder given, the working directory is no base: on a
-        # worker whose working directory is '/', it would let every absolute path in.
-        bases = [Path.cwd()] if stack_dir is None and project_dir is None else []
-        if source is not None:
-            bases.append(Path(source).parent)
-        if stack_dir is not None:
-            bases.append(Path(stack_dir))
-        if project_dir is not None:  # CryoSPARC paths such as J19/extract/x.mrc
-            bases.append(Path(project_dir))
-        rel = p
-    tried = []
-    for base in bases:
-        base_abs = os.path.abspath(base)
-        cand = os.path.normpath(os.path.join(base_abs, rel))
-        if not allow_outside and not _inside(cand, base_abs):
-            tried.append(f"{cand} (outside {base_abs}; refused)")
-            continue
-        tried.append(cand)
-        if not must_exist or os.path.exists(cand):
-            return Path(cand)
-    if not allow_outside and all("refused" in t for t in tried):
-        raise InputError(
-            where,
-            f"stack path {p!r} points outside the allowed folders {[str(b) for b in bases]}",
-            field="blob/path",
-            expected="a path inside the project/stack folder; pass allow_outside=True to permit it",
-        )
+        bases = [Path.cwd()] + ([Path(source).parent] if source is not None else [])
+        tried = [os.path.join(b, p) for b in bases + ([Path(stack_dir)] if stack_dir is not None else [])]
+    if stack_dir is not None:
+        tried.append(os.path.join(stack_dir, os.path.basename(p.lstrip(">"))))
+    tried = list(dict.fromkeys(os.path.normpath(os.path.abspath(t)) for t in tried))
+    for cand in tried:
+        if os.path.isfile(cand):
+            return check_allowed(Path(cand), "stack", source=where, field="blob/path")
+    hint = "" if stack_dir is not None else " (give the folder that holds the stacks as --stack-dir)"
     raise InputError(
-        where, f"stack file {p!r} not found; tried: {', '.join(tried)}", field="blob/path"
+        where, f"stack file {p!r} not found; tried: {', '.join(tried)}{hint}", field="blob/path"
     )

@@ -11,6 +11,7 @@ then centre-cropped/padded to its box.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +78,10 @@ class ParticleSet:
             scale=col("ctf/scale", 1),
         )
 
-    def read_images(self, indices, out=None) -> np.ndarray:
+    def read_images(self, indices) -> np.ndarray:
         """Images of rows ``indices`` as float32 ``(k, box, box)``, times ``blob/sign``, on the common grid.
 
-        Reads each stack once, its images in file order; ``out`` (float32
-        ``(k, box, box)``) receives them if given. NaN/inf pixels raise
+        Reads each stack once, its images in file order. NaN/inf pixels raise
         :class:`InputError` naming the stack file and the row.
         """
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -89,8 +89,7 @@ class ParticleSet:
             raise IndexError(
                 f"particle rows must be in [0, {self.n}), got {rows.min()}..{rows.max()}"
             )
-        if out is None:
-            out = np.empty((rows.size, self.box, self.box), dtype=np.float32)
+        out = np.empty((rows.size, self.box, self.box), dtype=np.float32)
         t = self.table
         stack_ids = self.stack_of_row[rows]
         order = np.argsort(stack_ids, kind="stable")
@@ -217,25 +216,29 @@ def _check_stacks(path, table, stacks, stack_of_row):
 def load_particles(
     path,
     stack_dir=None,
-    project_dir=None,
     psize_A: float | None = None,
     *,
-    allow_outside: bool = False,
     allow_ignore_aberrations: bool = False,
     ctf_defaults: dict | None = None,
+    flip_contrast: bool = False,
 ) -> ParticleSet:
     """Load particles from ``.cs`` or ``.star``; resolve and check their stacks.
 
-    Stack paths are tried relative to the working directory (as RELION does),
-    the particle file's folder, ``stack_dir``, then ``project_dir`` (CryoSPARC
-    ``>`` paths need ``project_dir``); paths leaving those folders are refused
-    unless ``allow_outside``. ``psize_A`` supplies or overrides the pixel size
+    Stack paths are resolved as RELION and CryoSPARC do (:func:`.cs.resolve_blob_path`:
+    absolute paths as written; relative ones against the working directory, the
+    particle file's folder, then ``stack_dir``, which is also the CryoSPARC project
+    folder of ``>`` paths). ``psize_A`` supplies or overrides the pixel size
     (stack header voxel sizes are never used: they are often 0 or 1).
+    ``flip_contrast`` negates ``blob/sign`` (a STAR file does not record which
+    way round its stack's contrast is; ``.star`` particles read as +1).
     """
     path = Path(path)
     table = _read_table(path, psize_A, allow_ignore_aberrations, ctf_defaults)
     if len(table) == 0:
         raise InputError(path, "no particles", expected="at least one row")
+    if flip_contrast:
+        sign = table["blob/sign"] if "blob/sign" in table.dtype.names else np.ones(len(table))
+        table = with_fields(table, {"blob/sign": -np.asarray(sign, dtype=np.float32)})
     psizes = np.asarray(table["blob/psize_A"], dtype=np.float64)
     bad = ~(psizes > 0)
     if bad.any():
@@ -251,13 +254,7 @@ def load_particles(
     for s, name in enumerate(names):
         try:
             stacks.append(
-                resolve_blob_path(
-                    name,
-                    source=path,
-                    project_dir=project_dir,
-                    stack_dir=stack_dir,
-                    allow_outside=allow_outside,
-                )
+                resolve_blob_path(name, source=path, stack_dir=stack_dir)
             )
         except InputError as err:
             row = int(np.argmax(stack_of_row == s))
@@ -284,9 +281,30 @@ def load_particles(
             )
     return ParticleSet(
         table=table,
-        source=str(path),
+        source=os.path.abspath(path),
         box=box0,
         psize_A=psize0,
         stacks=stacks,
         stack_of_row=stack_of_row.reshape(-1),
     )
+
+
+def locate_stacks(table: np.ndarray, source=None, stack_dir=None) -> np.ndarray:
+    """``table`` with each ``blob/path`` made the absolute path of the stack it names.
+
+    Resolved as :func:`load_particles` does (``source``: the file the table came
+    from); a stack not found where it was (e.g. particles read from a store whose
+    stacks have moved) keeps its path as written. Jobs write their output particle
+    files from this table, so the next job reads them from any working directory
+    without ``--stack-dir``.
+    """
+    if "blob/path" not in (table.dtype.names or ()):
+        return table
+    names, row_of = np.unique(table["blob/path"], return_inverse=True)
+    located = []
+    for name in names:
+        try:
+            located.append(str(resolve_blob_path(name, source=source, stack_dir=stack_dir)).encode())
+        except InputError:
+            located.append(name)
+    return with_fields(table, {"blob/path": np.array(located)[row_of.reshape(-1)]})

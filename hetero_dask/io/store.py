@@ -565,7 +565,8 @@ def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, prog
     def inputs(blk):
         return _block_inputs(particles, order[blk * block_rows : (blk + 1) * block_rows], store_row)
 
-    bar = tqdm(total=len(todo), desc="import", unit="block", disable=not progress)
+    bar = tqdm(total=len(todo), desc="import", unit="block",
+               disable=None if progress is None else not progress)
     pending = list(todo)
     try:
         if client is None:

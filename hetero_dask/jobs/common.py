@@ -15,24 +15,50 @@ from pathlib import Path
 
 import numpy as np
 
+from hetero_dask.io.errors import InputError
 from hetero_dask.io.store import ParticleStore, is_store
 
 SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
 
 
 def open_particle_store(
-    particles, out_dir, client=None, stack_dir=None, seed: int = 0, progress: bool = True,
-    cache_dir=None, image_dtype: str = "float32",
+    particles,
+    out_dir,
+    client=None,
+    stack_dir=None,
+    seed: int = 0,
+    progress: bool = True,
+    flip_contrast: bool = False,
+    contrast_check: bool = False,
+    particle_set=None,
+    cache_dir=None,
+    image_dtype: str = "float32",
 ) -> ParticleStore:
     """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
 
     A file gets ``out_dir/particles.zarr`` (see the module doc; ``cache_dir``:
     the particle cache's folder, ``"off"``, or None for ``$HETERO_DASK_CACHE``
     or the default; ``image_dtype``: float32 or float16 images); imports run on
-    ``client``'s workers when given.
+    ``client``'s workers when given. ``flip_contrast`` negates ``blob/sign``
+    before the import; ``contrast_check`` refuses inverted particles first
+    (:func:`hetero_dask.jobs.contrast.check_contrast`). ``particle_set``: the
+    file already loaded (by the job's checks, with ``flip_contrast``
+    applied), so it is not read again.
     """
+    from hetero_dask.jobs.contrast import FLIP_OPTION, check_contrast
+
     if is_store(particles):
-        return ParticleStore.open(particles)
+        if flip_contrast:
+            raise InputError(
+                particles,
+                f"{FLIP_OPTION} cannot flip a particle store (its images were stored with "
+                "blob/sign applied)",
+                expected="the .cs/.star file, or a store made by hetero-dask import --flip-contrast",
+            )
+        store = ParticleStore.open(particles)
+        if contrast_check:
+            check_contrast(store, particles)
+        return store
     from hetero_dask.io.cache import job_store
     from hetero_dask.io.particles import load_particles
 
@@ -41,7 +67,12 @@ def open_particle_store(
         raise FileNotFoundError(
             f"particles {path} not found (expected a .cs, .star or .zarr store)"
         )
-    pset = load_particles(path, stack_dir=stack_dir)
+    if particle_set is not None:
+        pset = particle_set
+    else:
+        pset = load_particles(path, stack_dir=stack_dir, flip_contrast=flip_contrast)
+    if contrast_check:
+        check_contrast(pset, path, seed)
     return job_store(pset, out_dir, client=client, seed=seed, progress=progress,
                      cache_dir=cache_dir, image_dtype=image_dtype)
 
@@ -61,3 +92,15 @@ def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:
                 return split
     by_input = np.random.default_rng([int(seed), 2]).permutation(store.n) % 2
     return by_input[store.original_index].astype(np.int64)
+
+
+def output_table(store: ParticleStore, stack_dir=None) -> np.ndarray:
+    """The particles' metadata in input order, each stack named by its absolute path where found.
+
+    Output particle files are written from it, so the next job reads them from any
+    folder with no ``--stack-dir`` (:func:`hetero_dask.io.particles.locate_stacks`).
+    """
+    from hetero_dask.io.particles import locate_stacks
+
+    source = store.source_files[0] if store.source_files else None
+    return locate_stacks(store.to_input_order(store.table()), source=source, stack_dir=stack_dir)

@@ -14,6 +14,11 @@ Steps (each writes its own folder under ``out``):
 5. ``reconstruct/``: Heterogeneous Reconstruction Only (:func:`hetero_dask.reconstruct`) of the
    regrouped particles, hard classes.
 
+The folder is the demo's own: run again into it, the demo replaces its earlier
+results (only the files and folders above); with ``resume`` it continues an interrupted
+demo (the refinement from its last completed iteration). A folder holding anything
+else is refused.
+
 Class accuracy is measured against the simulation's truth, matched by particle ``uid``:
 for the K refined classes, the fraction of particles whose class's majority true state is
 their own (purity); for the two superclasses, the fraction correctly labelled under the best
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,18 +133,55 @@ def _initial_volumes(
     return paths
 
 
+MARKER = "demo.json"
+PARTS = ("simulation", "initial_volumes", "refine", "regroup", "reconstruct", "demo_summary.json", MARKER)
+
+
+def _claim_folder(out: Path, size: str, seed: int, resume: bool) -> bool:
+    """Check (and, for a new run, clear) the demo's folder; True when its refinement is to resume."""
+    from hetero_dask.io.errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} is a file", expected="a folder for the demo")
+    marker = out / MARKER
+    if not marker.is_file():
+        if resume:
+            raise InputError("--out", f"--resume: {out} holds no demo to resume",
+                             expected="the --out of an earlier demo, or no --resume")
+        if out.is_dir() and any(out.iterdir()):
+            raise InputError("--out", f"{out} is not empty and holds no demo",
+                             expected="a new or empty folder, or the folder of an earlier demo")
+        return False
+    earlier = json.loads(marker.read_text())
+    if resume:
+        if (earlier.get("size"), earlier.get("seed")) != (size, seed):
+            raise InputError("--resume", f"the demo in {out} ran with --size {earlier.get('size')} --seed "
+                             f"{earlier.get('seed')}", expected="the same --size and --seed to resume it")
+        return (out / "refine" / "run").is_dir()
+    print(f"replacing the earlier demo in {out}", flush=True)
+    for name in PARTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return False
+
+
 def run_demo(
     out,
     size: str = "default",
     workers: int | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run the demo into ``out`` and return its summary (also written to ``out/demo_summary.json``).
 
     ``size``: ``"default"`` (box 64, 1600 particles, SNR 0.15; a few minutes on 2 cores)
     or ``"ci"`` (box 48, 600 particles, SNR 0.5); ``workers``: local Dask workers
-    (None: Dask's choice for this machine).
+    (None: Dask's choice for this machine); ``resume``: continue the interrupted demo in
+    ``out`` (else an earlier demo there is replaced; see the module doc).
     """
     from hetero_dask.dist.cluster import open_client
     from hetero_dask.io.cs import read_cs
@@ -149,26 +192,37 @@ def run_demo(
     from hetero_dask.simulate import simulate, write_simulation
 
     if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        raise ValueError(f"--size {size!r}: expected one of {sorted(SIZES)}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers {workers}: expected a number >= 1")
     s = SIZES[size]
     out = Path(out)
+    resume_refine = _claim_folder(out, size, seed, resume)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"size": size, "seed": seed}))
+    for job in ("regroup", "reconstruct"):  # quick: always run again
+        shutil.rmtree(out / job, ignore_errors=True)
     timings = {}
     t0 = time.perf_counter()
 
     vols = moving_domain_phantoms(s.box, s.psize_A, n_classes=2, swing_deg=s.swing_deg)
     sim = simulate(vols, s.psize_A, s.n_per_class, s.snr, seed=seed, shift_range_px=2.0)
-    sim_paths = write_simulation(out / "simulation", sim, vols, seed=seed)
-    init = _initial_volumes(vols, s.psize_A, s.initial_lowpass_A, out / "initial_volumes")
+    if resume_refine:  # the refinement read these files: they are complete
+        sim_paths = {"cs": out / "simulation" / "particles.cs"}
+        init = sorted((out / "initial_volumes").glob("initial_*.mrc"))
+    else:
+        sim_paths = write_simulation(out / "simulation", sim, vols, seed=seed)
+        init = _initial_volumes(vols, s.psize_A, s.initial_lowpass_A, out / "initial_volumes")
     truth = _true_class_by_uid(read_cs(sim_paths["cs"]))
     timings["simulate_s"] = time.perf_counter() - t0
-    print(
-        f"simulated {sim.n} particles (2 states, box {s.box}, {s.psize_A} A/px, SNR {s.snr}) "
-        f"in {out / 'simulation'}",
-        flush=True,
-    )
+    if progress is not False:
+        print(
+            f"simulated {sim.n} particles (2 states, box {s.box}, {s.psize_A} A/px, SNR {s.snr}) "
+            f"in {out / 'simulation'}",
+            flush=True,
+        )
 
-    with open_client(workers=workers) as client:
+    with open_client(workers=workers, quiet=progress is False) as client:
         t = time.perf_counter()
         refine_report = refine(
             sim_paths["cs"],
@@ -176,6 +230,7 @@ def run_demo(
             out / "refine",
             client=client,
             progress=progress,
+            resume=resume_refine,
             refine_box=s.refine_box,
             batch_size_per_class=s.batch_size_per_class,
             max_iterations=s.max_iterations,
@@ -200,7 +255,6 @@ def run_demo(
             client=client,
             progress=progress,
             force_hard_classification=True,
-            stack_dir=str(out / "simulation"),
         )
         timings["reconstruct_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -234,6 +288,8 @@ def run_demo(
             "resolution_A": [c.get("resolution_A") for c in rec.report.get("classes", [])],
             "folder": str(out / "reconstruct"),
         },
+        "reports": {job: str((out / job / "report.html").resolve())
+                    for job in ("refine", "regroup", "reconstruct")},
         "chance_accuracy": float(max(np.bincount(sim.classes)) / sim.n),
         "timings_s": timings,
         "workers": workers,

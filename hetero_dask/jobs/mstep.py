@@ -443,6 +443,7 @@ def mstep_class(
     fsc_prior=None,
     min_weight: float = 1e-6,
     regularise: bool = True,
+    regularise_halves: bool = True,
 ) -> ClassResult:
     """Half-maps and full map of class ``k`` from its grids (see the module docstring).
 
@@ -450,8 +451,11 @@ def mstep_class(
     RELION's T; ``psize_A``: pixel size of the maps (for ``resolution_A``);
     ``fsc_prior`` ``(n // 2 + 1,)``: half-map FSC for the Wiener prior (default:
     measured from unregularised half-maps); ``regularise=False`` returns the
-    plain ``B / W`` maps. A class whose weight is below ``min_weight`` gives
-    zero maps, resolution inf and ``empty=True``. Returns numpy arrays.
+    plain ``B / W`` maps; ``regularise_halves=False`` (without ``fsc_prior``)
+    regularises the full map only and returns the unregularised half-maps and
+    their FSC, the curves :func:`hetero_dask.core.fsc.fsc_set` is meant for.
+    A class whose weight is below ``min_weight`` gives zero maps, resolution
+    inf and ``empty=True``. Returns numpy arrays.
     """
     if psize_A is None or not psize_A > 0:
         raise ValueError(f"mstep_class needs the maps' pixel size psize_A > 0, got {psize_A}")
@@ -476,14 +480,19 @@ def mstep_class(
             prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
         else:
             prior = np.asarray(fsc_prior, dtype=np.float64)
+    raw_halves = prior is not None and fsc_prior is None and not regularise_halves
     if prior is None:
         vA, vB = (reconstruct(g) for g in halves)
         vF = reconstruct(full)
     else:
-        vA, vB = (reconstruct(g, prior, tau2_fudge) for g in halves)
+        if not raw_halves:
+            vA, vB = (reconstruct(g, prior, tau2_fudge) for g in halves)
         vF = reconstruct(full, xp.asarray(to_host(full_map_fsc(prior))), tau2_fudge)
     vA, vB, vF = (np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
-    curve = fsc_curve(vA, vB) if not half_empty else np.zeros(n_shells)
+    if half_empty:
+        curve = np.zeros(n_shells)
+    else:
+        curve = prior if raw_halves else fsc_curve(vA, vB)
     return ClassResult(
         vF,
         vA,

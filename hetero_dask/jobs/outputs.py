@@ -290,27 +290,75 @@ def fsc_figure(out_dir, curves, psize_A: float, box: int, name: str = "fsc.png")
     return plot_fsc_classes(curves, psize_A, box, Path(out_dir) / name)
 
 
+# Column titles of the report tables (report.json keeps the short keys).
+_COLUMN_TITLES = {
+    "fraction": "fraction (hard: best class)",
+    "fraction_soft": "fraction (soft: mean posterior)",
+    "n_particles": "particles (best class)",
+    "n_particles_best": "particles (best class)",
+    "weight_sum": "particles (soft: sum of posteriors)",
+    "resolution_A": "resolution (Å, no mask)",
+    "resolution_corrected_A": "resolution (Å, corrected)",
+    "full_pass": "full pass",
+    "random_assignment": "random",
+    "split_assignment": "split",
+    "learning_rate": "learning rate",
+    "class_change_fraction": "changed class",
+    "r_align": "align radius (shells)",
+    "healpix_order": "HEALPix order",
+    "seconds": "s",
+    "particle_iterations_per_s": "particles / s",
+    "hand_flipped_to_reference": "hand flipped",
+    "reference_class": "reference class",
+}
+_PARAMETER_KEYS = ("parameters", "params")
+
+
+def map_figures(out_dir, volumes: dict, name: str = "class_maps", per_figure: int = 16) -> dict[str, Path]:
+    """Central sections and projections of every map ``label -> (n, n, n)``
+    (:func:`hetero_dask.report.plots.plot_map_views`), ``per_figure`` maps per PNG:
+    ``OUT/{name}.png``, ``OUT/{name}_2.png``, ...; returns ``{file stem: path}``."""
+    from hetero_dask.report.plots import plot_map_views
+
+    items = list(volumes.items())
+    paths = {}
+    for i in range(0, len(items), per_figure):
+        stem = name if i == 0 else f"{name}_{i // per_figure + 1}"
+        title = name.replace("_", " ").capitalize()
+        paths[stem] = plot_map_views(dict(items[i : i + per_figure]), Path(out_dir) / f"{stem}.png", title)
+    return paths
+
+
 def write_job_html(out_dir, title: str, report: dict, images, name: str = "report.html") -> Path:
     """``OUT/report.html``: a self-contained page of a job's plots and report.json tables.
 
     ``images``: PNG paths shown first. Scalars of ``report`` form a summary; its
     ``classes``/``superclasses``/``iterations`` lists become tables (list-valued
-    cells, such as FSC curves, are left to report.json); ``parameters`` a key-value table.
+    cells, such as FSC curves, are left to report.json) with the column titles of
+    ``_COLUMN_TITLES``; other mappings (timings, inputs) key-value tables; the
+    job's parameters (``parameters`` or ``params``) a last key-value table.
     """
     from hetero_dask.report.html import Image, KeyValues, Section, Table, write_html_report
 
     def flat(record: dict) -> dict:
-        return {k: v for k, v in _jsonable(record).items() if not isinstance(v, (list, dict))}
+        return {
+            _COLUMN_TITLES.get(k, k): v
+            for k, v in _jsonable(record).items()
+            if not isinstance(v, (list, dict))
+        }
 
     sections = [Section("Plots", [Image(Path(p)) for p in images if p is not None and Path(p).is_file()])]
-    summary = {k: str(v) for k, v in _jsonable(report).items() if not isinstance(v, (list, dict))}
+    summary = {k: v for k, v in _jsonable(report).items() if not isinstance(v, (list, dict))}
     if summary:
         sections.append(Section("Summary", [KeyValues(summary)]))
     for key in ("classes", "superclasses", "iterations"):
         rows = report.get(key)
         if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
             sections.append(Section(key.capitalize(), [Table.from_records([flat(r) for r in rows])]))
-    if isinstance(report.get("parameters"), dict):
-        params = {k: str(v) for k, v in _jsonable(report["parameters"]).items()}
-        sections.append(Section("Parameters", [KeyValues(params)]))
+    for key, value in _jsonable(report).items():
+        if isinstance(value, dict) and key not in _PARAMETER_KEYS and key != "outputs" and flat(value):
+            sections.append(Section(key.replace("_", " ").capitalize(), [KeyValues(flat(value))]))
+    params = next((report[k] for k in _PARAMETER_KEYS if isinstance(report.get(k), dict)), None)
+    if params is not None:
+        sections.append(Section("Parameters", [KeyValues(_jsonable(params))]))
     return write_html_report(Path(out_dir) / name, title, sections)

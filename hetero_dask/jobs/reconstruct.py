@@ -84,6 +84,10 @@ class ReconstructParams:
     workers, scheduler: cluster for the Python API when no client is passed
         (None and None: run in this process, synchronously).
     stack_dir: where the particle stacks are, if not next to the file.
+    flip_contrast: multiply the images by -1 (``blob/sign`` negated in every
+        particle file written), for protein-dark stacks.
+    contrast_check: refuse, before any work, particles whose contrast looks
+        inverted (:func:`hetero_dask.jobs.contrast.check_contrast`).
     cache_dir: the particle cache's folder, or "off" (None: ``$HETERO_DASK_CACHE``
         or the default; see :mod:`hetero_dask.io.cache`).
     image_dtype: how imported images are stored, "float32" or "float16".
@@ -106,35 +110,37 @@ class ReconstructParams:
     workers: int | None = None
     scheduler: str | None = None
     stack_dir: str | None = None
+    flip_contrast: bool = False
+    contrast_check: bool = True
     cache_dir: str | None = None
     image_dtype: str = "float32"
 
     def __post_init__(self):
-        from hetero_dask.core.symmetry import symmetry_group
+        from hetero_dask.io.store import IMAGE_DTYPES
+        from hetero_dask.jobs.preflight import bad_value, check_even_box, check_symmetry
 
-        problems = []
         if self.class_prefix is not None and self.class_prefix not in _PREFIXES:
-            problems.append(
-                f"class_prefix={self.class_prefix!r} (expected one of alignments_class_, "
-                "alignments_class3D_, alignments3D_multi, alignments3D)"
+            raise bad_value(
+                "class_prefix",
+                self.class_prefix,
+                "alignments_class_, alignments_class3D_, alignments3D_multi or alignments3D",
             )
-        if self.box_size is not None and int(self.box_size) < 8:
-            problems.append(f"box_size={self.box_size} (must be >= 8)")
-        if not 2 <= self.fan_in <= 64:
-            problems.append(f"fan_in={self.fan_in} (must be 2..64)")
-        if self.partitions is not None and self.partitions < 1:
-            problems.append(f"partitions={self.partitions} (must be >= 1)")
-        if self.partitions_per_worker < 1:
-            problems.append(f"partitions_per_worker={self.partitions_per_worker} (must be >= 1)")
-        if self.batch_size is not None and self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} (must be >= 1)")
-        if not self.tau2_fudge > 0:
-            problems.append(f"tau2_fudge={self.tau2_fudge} (must be > 0)")
-        if not self.posterior_tolerance > 0:
-            problems.append(f"posterior_tolerance={self.posterior_tolerance} (must be > 0)")
-        if problems:
-            raise ValueError("reconstruct: " + "; ".join(problems))
-        symmetry_group(self.symmetry, self.symmetry_convention)  # refuse bad names early
+        if self.box_size is not None:
+            check_even_box("box_size", int(self.box_size))
+        for name, least in (("fan_in", 2), ("partitions_per_worker", 1)):
+            if getattr(self, name) < least:
+                raise bad_value(name, getattr(self, name), f"a whole number >= {least}")
+        if self.fan_in > 64:
+            raise bad_value("fan_in", self.fan_in, "2..64")
+        for name in ("partitions", "batch_size", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad_value(name, getattr(self, name), "a whole number >= 1")
+        for name in ("tau2_fudge", "posterior_tolerance"):
+            if not getattr(self, name) > 0:
+                raise bad_value(name, getattr(self, name), "a value > 0")
+        if self.image_dtype not in IMAGE_DTYPES:
+            raise bad_value("image_dtype", self.image_dtype, " or ".join(IMAGE_DTYPES))
+        check_symmetry(self.symmetry, self.symmetry_convention)  # refuse bad names early
         if self.mask is not None:
             self.mask = str(self.mask)
 
@@ -419,12 +425,15 @@ def backproject_range(
 
 
 def finish_class(part_k, k: int, out_dir: str, symmetry_ops, tau2_fudge: float, psize_A: float):
-    """M-step task of class ``k``: maps written to ``OUT/class_{k}``; returns its summary and
-    half-maps for :func:`class_fsc_set` (the next task of the class's chain)."""
+    """M-step task of class ``k``: the Wiener-filtered map and the unregularised half-maps
+    written to ``OUT/class_{k}``; returns its summary and the half-maps for
+    :func:`class_fsc_set` (the next task of the class's chain)."""
     from hetero_dask.jobs.mstep import mstep_class
     from hetero_dask.jobs.outputs import write_class_maps
 
-    res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A)
+    # Unregularised half-maps, as CryoSPARC writes them: the FSC set is measured on them (a
+    # Wiener-filtered pair keeps masked FSCs near 1 beyond the resolution, see core.fsc).
+    res = mstep_class(part_k, k, symmetry_ops, tau2_fudge, psize_A, regularise_halves=False)
     write_class_maps(out_dir, k, res, psize_A)
     return {
         "class": k,
@@ -535,23 +544,28 @@ def reconstruct(
     ``OUT/fsc.png`` and ``OUT/report.json``. An empty class gives a warning
     and zero maps marked ``"empty": true`` in the report.
     """
+    from hetero_dask.dist.checkpoint import run_status
+    from hetero_dask.dist.cluster import ClusterSpec, job_client
+    from hetero_dask.jobs.preflight import check_reconstruct
+
     p = params.pop("params", None) or ReconstructParams(**params)
+    plan = check_reconstruct(particles, out, p)  # everything, before a cluster starts or a byte is written
     if client is None and (p.workers is not None or p.scheduler is not None):
-        from hetero_dask.dist.cluster import open_client
-
-        with open_client(p.scheduler, workers=p.workers) as c:
-            return _run(particles, out, c, p, progress)
-    return _run(particles, out, client, p, progress)
+        client = ClusterSpec(scheduler=p.scheduler, workers=p.workers)
+    with job_client(client) as c, run_status(plan.output.run_dir, "reconstruct"):
+        return _run(particles, out, c, p, progress, plan)
 
 
-def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructResult:
+def _run(particles, out, client, p: ReconstructParams, progress, plan) -> ReconstructResult:
     from hetero_dask.core.symmetry import symmetry_group
+    from hetero_dask.dist.checkpoint import write_status
     from hetero_dask.dist.engine import default_partitions, map_reduce, partition_ranges
     from hetero_dask.io.mrc import read_map, write_map
-    from hetero_dask.jobs.common import open_particle_store
+    from hetero_dask.jobs.common import open_particle_store, output_table
     from hetero_dask.jobs.mstep import merge_partials, select_class
     from hetero_dask.jobs.outputs import (
         fsc_figure,
+        map_figures,
         write_job_html,
         write_particles,
         write_report_json,
@@ -569,7 +583,10 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         client,
         stack_dir=p.stack_dir,
         seed=p.random_seed,
-        progress=progress is not False,
+        progress=progress,
+        flip_contrast=p.flip_contrast,
+        contrast_check=p.contrast_check,
+        particle_set=plan.particles.particle_set,
         cache_dir=p.cache_dir,
         image_dtype=p.image_dtype,
     )
@@ -583,7 +600,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     if layout.n_classes < 1:
         raise InputError(source, "no particles with a class")
     cols = {name: light[name] for name in layout.columns()}
-    box = int(p.box_size or store.box)
+    box = plan.box
     psize_out = store.psize_at_box(box)
     post, rot, shifts = class_inputs(cols, layout, store.psize_A, psize_out)
     del rot
@@ -643,7 +660,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         written.update(
             write_particles(
                 out_dir,
-                to_input(store.table()),
+                output_table(store, p.stack_dir),
                 to_input(post),
                 to_input(class_poses(cols, layout)),
                 to_input(class_inputs(cols, layout, store.psize_A, store.psize_A)[2]),
@@ -683,6 +700,8 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
         [read_map(out_dir / f"class_{k}" / "map.mrc")[0] for k in range(layout.n_classes)]
     )
     outputs = {"volumes": write_volume_series(out_dir, vols, psize_out)}
+    maps_png = map_figures(out_dir, {f"class {k}": v for k, v in enumerate(vols)})
+    outputs.update(maps_png)
     del vols
     curves = {
         f"class {c['class']}" + (" (empty)" if c["empty"] else ""): c["fsc"]
@@ -725,6 +744,7 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
                 "n_particles_best": int(n_hard[c["class"]]),
                 "empty": c["empty"],
                 "resolution_A": c["resolution_A"],
+                "resolution_corrected_A": c["resolutions_A"].get("corrected", float("inf")),
                 "resolutions_A": c["resolutions_A"],
                 "fsc": c["fsc"],
                 "map": f"class_{c['class']}/map.mrc",
@@ -738,7 +758,13 @@ def _run(particles, out, client, p: ReconstructParams, progress) -> ReconstructR
     }
     outputs["report"] = write_report_json(out_dir, report)
     outputs["report_html"] = write_job_html(
-        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png")]
+        out_dir, "Heterogeneous Reconstruction Only", report, [outputs.get("fsc_png"), *maps_png.values()]
+    )
+    write_status(
+        out_dir / "run",
+        state="done",
+        message="finished",
+        results={"report": str(outputs["report"]), "report_html": str(outputs["report_html"])},
     )
     return ReconstructResult(
         out_dir, layout.layout, layout.n_classes, box, psize_out, classes, outputs, report

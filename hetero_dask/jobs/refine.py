@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +55,7 @@ from hetero_dask.core.scoring import (
 from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.core.symmetry import symmetry_group
 from hetero_dask.dist import checkpoint as ckpt
+from hetero_dask.dist.cluster import job_client
 from hetero_dask.dist.engine import (
     Partition,
     map_reduce,
@@ -62,8 +64,9 @@ from hetero_dask.dist.engine import (
     task_rng,
     worker_cached,
 )
-from hetero_dask.io.volumes import read_volume_group
-from hetero_dask.jobs.common import open_particle_store, particle_split
+from hetero_dask.dist.progress import IterationProgress
+from hetero_dask.io.store import IMAGE_DTYPES
+from hetero_dask.jobs.common import open_particle_store, output_table, particle_split
 from hetero_dask.jobs.mstep import (
     ClassGridsPartial,
     accumulating,
@@ -72,6 +75,12 @@ from hetero_dask.jobs.mstep import (
     merge_partials,
     mstep_class,
     select_class,
+)
+from hetero_dask.jobs.preflight import (
+    RefinePlan,
+    bad_value,
+    check_even_box,
+    check_refine,
 )
 
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
@@ -84,7 +93,7 @@ _SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
 class RefineParams:
     """Heterogeneous Refinement parameters, named after CryoSPARC's (defaults as CryoSPARC's)."""
 
-    refine_box: int = 128
+    refine_box: int | None = None  # None: the particles' box, at most 128 (preflight's box rule)
     symmetry: str = "C1"
     symmetry_convention: str = "cryosparc"
     force_hard_classification: bool = False
@@ -142,25 +151,34 @@ class RefineParams:
     shift_range_px: float | None = None
     max_order: int = 4
     seed: int = 0
+    # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
+    # which the grey-scale fit refuses (_estimate_scales).
+    flip_contrast: bool = False
 
     def validate(self) -> None:
-        if self.refine_box < 16 or self.refine_box % 2:
-            raise ValueError(f"refine_box must be an even number >= 16, got {self.refine_box}")
-        if self.batch_size_per_class < 1:
-            raise ValueError(f"batch_size_per_class must be >= 1, got {self.batch_size_per_class}")
+        """Refuse values no run can use; messages name the CLI option (:mod:`.preflight`)."""
+        if self.refine_box is not None:
+            check_even_box("refine_box", self.refine_box)
+        for name in ("batch_size_per_class", "learning_rate_halflife", "max_iterations", "max_order",
+                     "sigma_anneal_iterations", "split_particles"):
+            if getattr(self, name) < 1:
+                raise bad_value(name, getattr(self, name), "a whole number >= 1")
+        for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
+            if getattr(self, name) < 0:
+                raise bad_value(name, getattr(self, name), "a whole number >= 0")
         for name in ("learning_rate_init", "learning_rate"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {v}")
-        if self.reference_mode not in ("full", "half", "cross"):
-            raise ValueError(f"reference_mode must be 'full', 'half' or 'cross', got {self.reference_mode!r}")
-        if self.initial_split not in ("pca", "random"):
-            raise ValueError(f"initial_split must be 'pca' or 'random', got {self.initial_split!r}")
-        for name in ("initial_sigma_scale", "final_sigma_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                raise bad_value(name, getattr(self, name), "a value in (0, 1]")
+        for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",
+                     "backproject_factor"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+                raise bad_value(name, getattr(self, name), "a value > 0")
+        if self.shift_range_px is not None and self.shift_range_px < 0:
+            raise bad_value("shift_range_px", self.shift_range_px, "a shift in pixels >= 0")
+        if self.reference_mode not in ("full", "half", "cross"):
+            raise bad_value("reference_mode", self.reference_mode, "'full', 'half' or 'cross'")
+        if self.initial_split not in ("pca", "random"):
+            raise bad_value("initial_split", self.initial_split, "'pca' or 'random'")
 
 
 @dataclass
@@ -480,19 +498,40 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     ``.star``; ``volumes``: K initial volumes (MRC paths, a folder, or a
     ``volumes.zip``); ``client``: a ``distributed.Client`` (None: Dask's
     synchronous scheduler in this process); ``params``: :class:`RefineParams` fields.
+
+    Every input and parameter is checked first (:func:`~hetero_dask.jobs.preflight.check_refine`),
+    before a cluster starts (``client`` may be a
+    :class:`~hetero_dask.dist.cluster.ClusterSpec`) or a byte is written. ``out`` must be new or
+    empty; with ``resume`` it must hold a run of the same parameters and inputs, which continues
+    from its last completed iteration (a finished run is left as it is and its report returned).
+    ``progress``: None (a bar on a terminal, a line per iteration otherwise), False (silent).
     """
-    p = RefineParams(**params)
-    p.validate()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir = out / "run"
-    run_dir.mkdir(exist_ok=True)
+    if image_dtype not in IMAGE_DTYPES:
+        raise bad_value("image_dtype", image_dtype, " or ".join(IMAGE_DTYPES))
+    plan = check_refine(particles, volumes, out, stack_dir=stack_dir, resume=resume, **params)
+    if plan.output.action == "finished":
+        print(f"{plan.output.out}: this refinement finished already; nothing to resume (its results are "
+              "unchanged)", file=sys.stderr, flush=True)
+        return load_report(plan.output.out)
+    with job_client(client) as client:
+        ckpt.write_run_record(plan.output.run_dir, plan.record)
+        with ckpt.run_status(plan.output.run_dir, "refine"):
+            return _refine(plan, client, progress, cache_dir, image_dtype)
+
+
+def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dtype: str) -> dict:
+    p = plan.params
+    out = plan.output.out
+    resume = plan.output.action == "resume"
+    run_dir = plan.output.run_dir
     t0 = time.time()
-    store = open_particle_store(particles, out, client=client, stack_dir=stack_dir, seed=p.seed,
-                                cache_dir=cache_dir, image_dtype=image_dtype)
-    vols_in, psize_vol, names = read_volume_group(volumes)
+    store = open_particle_store(plan.particles.path, out, client=client, stack_dir=plan.stack_dir, seed=p.seed,
+                                progress=progress, particle_set=plan.particles.particle_set,
+                                flip_contrast=p.flip_contrast, cache_dir=cache_dir,
+                                image_dtype=image_dtype)
+    vols_in, psize_vol, names = plan.volumes, plan.volumes_psize_A, plan.volume_names
     K = vols_in.shape[0]
-    box = min(p.refine_box, store.box)
+    box = plan.box
     psize = store.psize_at_box(box)
     N = store.n
     mask = _mask_for(p, box, psize)
@@ -511,6 +550,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     random_its = p.num_random_iterations
     assignment_file = run_dir / "assignment.npy"  # the split's groups (-1: not in the split)
     last = ckpt.load_latest(run_dir) if resume else None
+    bar = IterationProgress("refine", p.max_iterations, done=0 if last is None else last.meta["iteration"],
+                            enabled=progress)
     if last is not None:
         state = _restore_state(last)
         if assignment_file.exists():
@@ -521,8 +562,9 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         state.sigma2 = _initial_sigma2(store, box, psize, box / 2, mask_radius_px, 0, min(N, 500))
         if p.estimate_scale:
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
-            scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range)
-            print(f"reference grey scales: {np.round(scales, 4).tolist()}", flush=True)
+            scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range,
+                                      source=plan.particles.path)
+            bar.note(f"reference grey scales: {np.round(scales, 4).tolist()}")
             refs = refs * scales[:, None, None, None].astype(np.float32)
         if p.initial_split == "pca" and K > 1 and _identical(refs):
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
@@ -532,14 +574,13 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
             assignment[: groups.size] = groups
             np.save(assignment_file, assignment)
             random_its = 0
-            print(f"identical references: {groups.size} particles split by their variability into groups of "
-                  f"{np.bincount(groups, minlength=K).tolist()}, held for {p.split_iterations} iterations",
-                  flush=True)
+            bar.note(f"identical references: {groups.size} particles split by their variability into groups of "
+                     f"{np.bincount(groups, minlength=K).tolist()}, held for {p.split_iterations} iterations")
         state.volumes = np.repeat(refs[:, None], 2, axis=1)
         state.class_prior = np.full(K, 1.0 / K)
         state.resolution_A = np.full(K, p.initial_lowpass_A)
     assigned_its = p.split_iterations if assignment_file.exists() else 0
-    ckpt.write_status(run_dir, job="refine", state="running", n_iterations=p.max_iterations)
+    ckpt.write_status(run_dir, iteration=state.iteration, n_iterations=p.max_iterations)
 
     def run_iteration(it: int, start: int, stop: int, full_pass: bool, decay: float, random: bool):
         r_nyq = box / 2 - 1
@@ -581,7 +622,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         t_it = time.time()
         results = map_reduce(client, partial(estep_task, ctx=ctx), parts, merge_partials, fan_in=8,
                              finish=finish, select=select_class, key_prefix="refine",
-                             token=f"it{it}-{start}-{stop}", progress=progress)
+                             token=f"it{it}-{start}-{stop}", progress=False)
         # Every class's task returns the merged (small) statistics too: take class 0's.
         stats = results[0][1]
         results = [results[k][0] for k in range(K)]
@@ -617,10 +658,10 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
             "class_change_fraction": changed, "r_align": info["r_align"], "healpix_order": info["order"],
             "seconds": info["t"], "particle_iterations_per_s": info["n"] / max(info["t"], 1e-9),
         })
-        print(f"iteration {it}: particles {start}-{stop} res {np.round(state.resolution_A, 1).tolist()} A "
-              f"fractions {np.round(state.class_prior, 3).tolist()} changed "
-              f"{'-' if changed is None else f'{changed:.3f}'} "
-              f"({info['t']:.1f} s) r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}", flush=True)
+        bar.iteration_done(f"particles {start}-{stop} res {np.round(state.resolution_A, 1).tolist()} A "
+                           f"fractions {np.round(state.class_prior, 3).tolist()} changed "
+                           f"{'-' if changed is None else f'{changed:.3f}'} "
+                           f"r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}")
         state.batch_start = 0 if stop >= N else stop
         it += 1
         state.iteration = it
@@ -635,26 +676,42 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
         ):
             state.converged_at = it
         prev_res_radius = res_radius
+        if done or it >= p.max_iterations:
+            break
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         _checkpoint(run_dir, state)
         _prune_iteration_files(run_dir, it - 2)
         ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
-        if done or it >= p.max_iterations + p.final_full_passes:
-            break
-    report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir)
-    ckpt.write_status(run_dir, state="done", results={"report": str(out / "report.json")})
+    bar.close()
+    bar.note(f"writing outputs to {out}")
+    ckpt.write_status(run_dir, message="writing outputs")
+    report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir, plan.stack_dir)
+    # The last iteration's checkpoint follows its outputs: a run stopped while writing them
+    # resumes from the one before, repeats the last iteration and writes them.
+    _checkpoint(run_dir, state)
+    _prune_iteration_files(run_dir, it - 2)
+    ckpt.write_status(run_dir, state="done", iteration=it, message="finished",
+                      results={"report": str(out / "report.json"), "report_html": str(out / "report.html")})
     return report
 
 
-def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, shift_range, n=256, rounds=3):
+def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, shift_range, source="particles",
+                     n=256, rounds=3):
     """Per-class grey scale of the references against the particles (median least-squares alpha).
 
     References from other programs come on arbitrary grey scales; the log-likelihood
     needs them in the units of the normalised particle images. A coarse search on
     ``n`` particles finds each class's best pose; alpha is the least-squares scale of
     that projection to the image. Repeated: poses found with a badly scaled reference
-    are poor, with a rescaled one good.
+    are poor, with a rescaled one good. First, the particles are scored against the maps
+    and the negated maps: most preferring the negated ones means inverted contrast,
+    refused naming the flag that flips it (``source``: the particles, for the message).
+    A class with a grey scale <= 0 keeps the scale given, with a warning.
     """
+    import warnings
+
+    from hetero_dask.jobs.contrast import refuse_inverted_fit
+
     stop = min(store.n, n)
     imgs = _normalised_images(store, box, 0, stop, mask_radius_px, np)
     band = alignment_band(box, r_align, np)
@@ -662,12 +719,20 @@ def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, s
                              mask_radius_px=mask_radius_px)
     search = SearchParams(radius_final=r_align, order_coarse=1, order_final=2, shift_range_px=shift_range,
                           shift_step_px=max(1.0, shift_range / 2.5))
-    scales = np.ones(refs.shape[0])
+    K = refs.shape[0]
+    sigma2 = _extend(sigma2, int(math.ceil(r_align)) + 2)
+    signed = [prepare_fourier_map(sign * refs[k], r_max=r_align + 1) for sign in (1, -1) for k in range(K)]
+    best = to_host(estep(prep, signed, sigma2, search).best_class)
+    refuse_inverted_fit(float(np.mean(best >= K)), stop, source)
+    scales = np.ones(K)
     for _ in range(rounds):
-        maps = [prepare_fourier_map(refs[k] * scales[k], r_max=r_align + 1) for k in range(refs.shape[0])]
-        res = estep(prep, maps, _extend(sigma2, int(math.ceil(r_align)) + 2), search)
-        alpha = np.median(to_host(res.alpha), axis=0)
+        maps = [prepare_fourier_map(refs[k] * scales[k], r_max=r_align + 1) for k in range(K)]
+        alpha = np.median(to_host(estep(prep, maps, sigma2, search).alpha), axis=0)
         scales *= np.where(alpha > 0, alpha, 1.0)
+    if np.any(alpha <= 0):
+        warnings.warn(f"the starting map(s) of class(es) {np.flatnonzero(alpha <= 0).tolist()} fit the particles "
+                      f"with a grey scale <= 0 ({np.round(alpha, 4).tolist()}): inverted or unrelated maps, "
+                      "kept at the scale given", stacklevel=2)
     return scales
 
 
@@ -906,7 +971,7 @@ def _restore_state(last) -> _State:
 
 
 def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, box, psize, K, names, t0,
-                   run_dir: Path) -> dict:
+                   run_dir: Path, stack_dir) -> dict:
     from hetero_dask.jobs import outputs
 
     res = zarr.open_group(run_dir / "results.zarr", mode="r")
@@ -914,7 +979,7 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
     pose = store.to_input_order(res["pose"][:])
     shift = store.to_input_order(res["shift"][:])
     best = store.to_input_order(res["best_class"][:])
-    table = store.to_input_order(store.table())
+    table = output_table(store, stack_dir)
     extra = {"ll": store.to_input_order(res["ll"][:]), "alpha": store.to_input_order(res["alpha"][:]),
              "pose_ess": store.to_input_order(res["pose_ess"][:])}
     paths = outputs.write_particles(out, table, post, pose, shift, psize, best_class=best, extra_fields=extra)
@@ -932,8 +997,9 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
         "refine_box": box, "psize_A": psize,
         "initial_volumes": list(names),
         "classes": [
-            {"class": k, "fraction": float(np.mean(best == k)), "n_particles": int(np.sum(best == k)),
-             "resolution_A": float(results[k].resolution_A), "fsc": np.asarray(results[k].fsc).tolist()}
+            {"class": k, "fraction": float(np.mean(best == k)), "fraction_soft": float(np.mean(post[:, k])),
+             "n_particles": int(np.sum(best == k)), "resolution_A": float(results[k].resolution_A),
+             "fsc": _computed_fsc(results[k].fsc)}
             for k in range(K)
         ],
         "iterations": state.history,
@@ -946,8 +1012,18 @@ def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, bo
     return report
 
 
+def _computed_fsc(curve) -> np.ndarray:
+    """The FSC with NaN beyond the shells computed (mstep_task sets them to 0: beyond the
+    backprojection radius the half-maps hold no data)."""
+    c = np.asarray(curve, dtype=np.float64).copy()
+    nonzero = np.flatnonzero(c != 0)
+    c[(nonzero[-1] + 1 if nonzero.size else 1):] = np.nan
+    return c
+
+
 def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict:
     from hetero_dask.core.rotations import pose_to_matrix
+    from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report import plots
 
     hist = state.history
@@ -957,15 +1033,19 @@ def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict
     iters = np.array([h["iteration"] for h in hist])
     out_plots = {}
     out_plots["fsc_plot"] = plots.plot_fsc_classes(
-        {f"class {k}": {"half maps": np.asarray(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+        {f"class {k}": {"half maps": _computed_fsc(results[k].fsc)} for k in range(K)}, psize, box, out / "fsc.png")
+    out_plots.update(map_figures(out, {f"class {k}": results[k].vol_full for k in range(K)}))
     views = []
     for k in range(K):
         sel = best == k
         R = pose_to_matrix(pose[sel, k].astype(np.float64)) if np.any(sel) else np.eye(3)[None]
         views.append(R[:, :, 2])
     out_plots["orientations_plot"] = plots.plot_orientation_distribution(
-        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png")
-    out_plots["class_fractions_plot"] = plots.plot_class_fractions(frac, out / "class_fractions.png", iterations=iters)
+        {f"class {k}": views[k] for k in range(K)}, out / "orientations.png",
+        title="Viewing directions of each class's particles (best class)")
+    out_plots["class_fractions_plot"] = plots.plot_class_fractions(
+        frac, out / "class_fractions.png", iterations=iters,
+        title="Class fractions per iteration (soft: the class priors, mean posteriors)")
     out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters)
     out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters)
     return out_plots

@@ -95,28 +95,25 @@ class RegroupParams:
     prefix: str = ""
 
     def __post_init__(self):
+        from hetero_dask.jobs.preflight import bad_value, check_even_box
+
         self.exclude_classes = tuple(int(k) for k in self.exclude_classes)
-        problems = []
         if self.num_superclasses < 1:
-            problems.append(f"num_superclasses={self.num_superclasses} (must be >= 1)")
+            raise bad_value("num_superclasses", self.num_superclasses, "a number >= 1")
         if self.min_class_size < 0:
-            problems.append(f"min_class_size={self.min_class_size} (must be >= 0)")
+            raise bad_value("min_class_size", self.min_class_size, "a number >= 0")
         if self.max_shift_A is not None and self.max_shift_A < 0:
-            problems.append(f"max_shift_A={self.max_shift_A} (must be >= 0)")
+            raise bad_value("max_shift_A", self.max_shift_A, "a shift in A >= 0")
         if self.mask_radius is not None and not 0 < self.mask_radius <= 1.5:
-            problems.append(
-                f"mask_radius={self.mask_radius} (a fraction of half the box, 0 < r <= 1.5)"
-            )
-        if self.crop_box < 8:
-            problems.append(f"crop_box={self.crop_box} (must be >= 8)")
+            raise bad_value("mask_radius", self.mask_radius, "a fraction of half the box, 0 < r <= 1.5")
+        check_even_box("crop_box", self.crop_box)
         if self.lowpass_res_A is not None and self.lowpass_res_A <= 0:
-            problems.append(f"lowpass_res_A={self.lowpass_res_A} (must be > 0)")
-        if self.affinity_neighbors < 1 or self.kmeans_starts < 1:
-            problems.append("affinity_neighbors and kmeans_starts must be >= 1")
+            raise bad_value("lowpass_res_A", self.lowpass_res_A, "a resolution in A > 0")
+        for name in ("affinity_neighbors", "kmeans_starts"):
+            if getattr(self, name) < 1:
+                raise bad_value(name, getattr(self, name), "a number >= 1")
         if any(k < 0 for k in self.exclude_classes):
-            problems.append(f"exclude_classes={list(self.exclude_classes)} (zero-based, >= 0)")
-        if problems:
-            raise ValueError("regroup: " + "; ".join(problems))
+            raise bad_value("exclude_classes", list(self.exclude_classes), "zero-based class indices >= 0")
 
 
 @dataclass
@@ -186,11 +183,13 @@ def class_assignments(table: np.ndarray, n_volumes: int, source="particles"):
 
 def select_classes(sizes: np.ndarray, params: RegroupParams) -> np.ndarray:
     """Indices of the classes to cluster; checks exclusions and M against them."""
+    from hetero_dask.jobs.preflight import bad_value, option
+
     k = len(sizes)
     bad = [c for c in params.exclude_classes if c >= k]
     if bad:
-        raise ValueError(
-            f"regroup: exclude_classes {bad} do not exist (there are {k} classes, indices 0..{k - 1})"
+        raise bad_value(
+            "exclude_classes", bad, f"existing classes: there are {k}, indices 0..{k - 1}"
         )
     keep = np.ones(k, dtype=bool)
     keep[list(params.exclude_classes)] = False
@@ -199,20 +198,23 @@ def select_classes(sizes: np.ndarray, params: RegroupParams) -> np.ndarray:
     if len(included) == 0:
         raise ValueError(
             f"regroup: every class is set aside (excluded {sorted(params.exclude_classes)}, "
-            f"min_class_size={params.min_class_size}, sizes {sizes.tolist()}): nothing to regroup"
+            f"{option('min_class_size')} {params.min_class_size}, sizes {sizes.tolist()}): "
+            "nothing to regroup"
         )
     m = params.num_superclasses
     if not 1 <= m <= len(included) - 1:
-        raise ValueError(
-            f"regroup: num_superclasses={m} is out of range: with {len(included)} included "
-            f"classes it must be in 1..{len(included) - 1}"
+        raise bad_value(
+            "num_superclasses", m, f"1..{len(included) - 1} (with {len(included)} included classes)"
         )
     holding = int(np.count_nonzero(sizes[included]))
     if params.weight_by_size and holding < m:
-        raise ValueError(
-            f"regroup: num_superclasses={m} but only {holding} included classes hold particles "
-            f"(min_class_size={params.min_class_size}); weighing classes by their particles "
-            "needs at least one per superclass (raise min_class_size or count classes once)"
+        raise bad_value(
+            "num_superclasses",
+            m,
+            f"at most {holding}: only {holding} included classes hold particles "
+            f"({option('min_class_size')} {params.min_class_size}); weighing classes by their "
+            "particles needs at least one per superclass (raise --min-class-size or use "
+            "--count-classes-once)",
         )
     return included
 
@@ -482,37 +484,48 @@ def _load_inputs(particles, volumes, mask, volumes_psize_A):
 
     Volumes of different boxes or voxel sizes are refused by ``read_volume_group``.
     """
+    from hetero_dask.io.errors import InputError
     from hetero_dask.io.mrc import read_map
+    from hetero_dask.io.paths import check_allowed
+    from hetero_dask.jobs.preflight import check_volumes, for_option
 
     if isinstance(particles, np.ndarray):
         table, source, is_star = particles, "particles", False
     else:
         source = str(particles)
         is_star = source.lower().endswith(".star")
-        if is_star:
-            from hetero_dask.io.convert import star_to_cs
-            from hetero_dask.io.star import read_star
+        try:
+            check_allowed(Path(source), "--particles")
+            if is_star:
+                from hetero_dask.io.convert import star_to_cs
+                from hetero_dask.io.star import read_star
 
-            table = star_to_cs(read_star(particles), source)
-        else:
-            from hetero_dask.io.cs import read_cs
+                table = star_to_cs(read_star(particles), source)
+            else:
+                from hetero_dask.io.cs import read_cs
 
-            table = read_cs(particles)
+                table = read_cs(particles)
+        except (InputError, ValueError, OSError) as exc:
+            raise for_option("--particles", exc) from None
     if isinstance(volumes, np.ndarray):
         if volumes_psize_A is None:
-            raise ValueError("regroup: volumes given as an array need volumes_psize_A")
+            raise ValueError("regroup: volumes given as an array need volumes_psize_A (--psize)")
         vols, psize_A = np.asarray(volumes, np.float32), float(volumes_psize_A)
     else:
-        from hetero_dask.io.volumes import read_volume_group
-
-        vols, psize_A, _ = read_volume_group(volumes, psize_A=volumes_psize_A)
+        vols, psize_A, _ = check_volumes(volumes, psize_A=volumes_psize_A)
     mask_vol = None
     if mask is not None:
-        mask_vol, mask_psize = read_map(mask, psize_A)
+        try:
+            check_allowed(Path(mask), "--mask")
+            mask_vol, mask_psize = read_map(mask, psize_A)
+        except (InputError, ValueError, OSError) as exc:
+            raise for_option("--mask", exc) from None
         if mask_vol.shape != vols.shape[1:] or abs(mask_psize - psize_A) > 1e-3 * psize_A:
-            raise ValueError(
-                f"regroup: mask {mask} is {mask_vol.shape[0]}^3 at {mask_psize} A but the volumes "
-                f"are {vols.shape[-1]}^3 at {psize_A} A"
+            raise InputError(
+                "--mask",
+                f"{mask} is {mask_vol.shape[0]}^3 at {mask_psize} A but the volumes "
+                f"are {vols.shape[-1]}^3 at {psize_A} A",
+                expected="a mask of the volumes' box and voxel size",
             )
     return table, source, is_star, vols, psize_A, mask_vol
 
@@ -545,16 +558,27 @@ def regroup(
         params = RegroupParams(**param_values)
     elif param_values:
         raise TypeError("regroup: pass either params or parameter keywords, not both")
+    from hetero_dask.dist.checkpoint import write_status
+    from hetero_dask.jobs.preflight import check_output, for_option
+
     t0 = time.perf_counter()
     timings = {}
+    # Everything is checked before a cluster starts or a byte is written.
+    output = check_output(out_dir, "regroup")
     table, source, is_star, vols, psize_A, mask_vol = _load_inputs(
         particles, volumes, mask, volumes_psize_A
     )
     k = len(vols)
-    labels, layout = class_assignments(table, k, source)
+    try:
+        labels, layout = class_assignments(table, k, source)
+    except ValueError as exc:
+        raise for_option("--particles", exc) from None
     sizes = np.bincount(labels, minlength=k)
     included = select_classes(sizes, params)
     timings["load_s"] = time.perf_counter() - t0
+    # No cleanup on failure or Ctrl-C: the status is left at running, and a rerun sees that
+    # its process is gone (preflight.check_output).
+    write_status(output.run_dir, job="regroup", state="running", error=None)
 
     t = time.perf_counter()
     prepared, psize_crop, _ = prepare_volumes(vols[included], psize_A, params, mask_vol)
@@ -565,11 +589,12 @@ def regroup(
     flipped = np.zeros((n_inc, n_inc), dtype=bool)
     max_shift_A = None
     if params.align_pairs:
-        from hetero_dask.dist.cluster import open_client
+        from hetero_dask.dist.cluster import ClusterSpec, job_client
 
         box_A = vols.shape[-1] * psize_A
         max_shift_A = 0.1 * box_A if params.max_shift_A is None else params.max_shift_A
-        with open_client(client or scheduler, workers=workers, quiet=client is not None) as c:
+        spec = client if client is not None else ClusterSpec(scheduler=scheduler, workers=workers)
+        with job_client(spec) as c:
             corr, shift_px, flipped = aligned_correlations(prepared, max_shift_A / psize_crop, c)
     else:
         corr = zero_shift_correlations(prepared)
@@ -634,7 +659,7 @@ def regroup(
         out_dir=out_dir,
         outputs=outputs,
     )
-    outputs.update(_write_plots(out_dir, result))
+    outputs.update(_write_plots(out_dir, result, vols))
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report = {
@@ -690,7 +715,10 @@ def regroup(
     from hetero_dask.jobs.outputs import write_job_html
 
     plots = [outputs.get(k) for k in ("plot_affinity", "plot_eigenvalues", "plot_class_table")]
+    plots += [v for key, v in outputs.items() if key.startswith(("plot_superclass_maps", "plot_class_maps"))]
     outputs["report_html"] = write_job_html(out_dir, "Regroup 3D Classes", report, plots)
+    write_status(output.run_dir, state="done", message="finished",
+                 results={"report": str(outputs["report"]), "report_html": str(outputs["report_html"])})
     return result
 
 
@@ -787,12 +815,22 @@ def _write_zip(path: Path, maps, psize_A: float) -> Path:
     return path
 
 
-def _write_plots(out_dir: Path, result: RegroupResult) -> dict:
+def _write_plots(out_dir: Path, result: RegroupResult, vols) -> dict:
+    """Affinity, eigenvalues, class sizes, and sections and projections of the class maps
+    ``vols`` ``(K, n, n, n)`` and of the superclass maps."""
+    from hetero_dask.io.mrc import read_map
+    from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report.plots import plot_affinity, plot_class_table, plot_eigenvalues
 
     inc = result.included
     names = [str(c) for c in inc]
-    return {
+    superclass_maps = {
+        f"superclass {s}": read_map(result.outputs[f"superclass_{s}/map"])[0]
+        for s in range(int(result.superclass.max()) + 1)
+    }
+    maps = map_figures(out_dir, superclass_maps, name="superclass_maps")
+    maps |= map_figures(out_dir, {f"class {k}": v for k, v in enumerate(vols)}, name="class_maps")
+    return {f"plot_{stem}": path for stem, path in maps.items()} | {
         "plot_affinity": plot_affinity(
             result.affinity, result.superclass[inc], out_dir / "affinity.png", labels=names
         ),

@@ -10,6 +10,7 @@ from hetero_dask.report.html import (
     write_html_report,
 )
 from hetero_dask.report.plots import (
+    computed_shells,
     fsc_label,
     orientation_histogram,
     plot_affinity,
@@ -19,7 +20,7 @@ from hetero_dask.report.plots import (
     plot_eigenvalues,
     plot_fsc,
     plot_fsc_classes,
-    plot_map_slices,
+    plot_map_views,
     plot_orientation_distribution,
     plot_resolution_history,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Paragraph",
     "Section",
     "Table",
+    "computed_shells",
     "fsc_label",
     "orientation_histogram",
     "plot_affinity",
@@ -39,7 +41,7 @@ __all__ = [
     "plot_eigenvalues",
     "plot_fsc",
     "plot_fsc_classes",
-    "plot_map_slices",
+    "plot_map_views",
     "plot_orientation_distribution",
     "plot_resolution_history",
     "render_html",

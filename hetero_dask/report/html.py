@@ -56,7 +56,7 @@ class Table:
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]], caption: str = "") -> Table:
         """Rows from dicts (e.g. one per iteration); columns in first-seen key order, missing
-        values left blank."""
+        values shown as "—"."""
         columns = list(dict.fromkeys(k for r in records for k in r))
         return cls(columns, [[r.get(c, "") for c in columns] for r in records], caption)
 
@@ -87,12 +87,14 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; co
 h1 { font-size: 1.7em; border-bottom: 2px solid #3b6ea5; padding-bottom: .3em; }
 h2 { font-size: 1.3em; margin-top: 1.8em; color: #244a73; }
 nav ol { columns: 2; font-size: .95em; }
-table { border-collapse: collapse; margin: .8em 0 1.2em; font-size: .9em; }
+table { border-collapse: collapse; margin: .8em 0 1.2em; font-size: .9em;
+        display: block; max-width: 100%; overflow-x: auto; }
 caption { text-align: left; font-weight: 600; padding-bottom: .3em; }
 th, td { border: 1px solid #d5dbe5; padding: .25em .7em; text-align: right; }
 th { background: #eef2f8; }
 table.kv th { text-align: left; font-weight: 500; }
-table.kv td { text-align: left; font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
+table.kv td { text-align: left; font-family: ui-monospace, "DejaVu Sans Mono", monospace;
+              word-break: break-all; }
 tbody tr:nth-child(even) { background: #f8f9fb; }
 figure { margin: 1em 0 1.5em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e7ee; }
@@ -102,10 +104,13 @@ footer { margin-top: 3em; font-size: .8em; color: #777; }
 
 
 def format_value(value: Any) -> str:
-    """Text for one table cell: floats to 4 significant digits, sequences comma-separated."""
+    """Text for one table cell: floats to 4 significant digits, sequences comma-separated,
+    "—" for nothing (None, an empty string or sequence)."""
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, bool) or value is None:
+    if value is None or (isinstance(value, str | list | tuple) and len(value) == 0):
+        return "—"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)

@@ -16,14 +16,17 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hetero_dask.core.fsc import resolution_A
 from hetero_dask.core.rotations import viewing_direction
 
 __all__ = [
+    "computed_shells",
     "fsc_label",
     "orientation_histogram",
     "plot_affinity",
@@ -33,7 +36,7 @@ __all__ = [
     "plot_eigenvalues",
     "plot_fsc",
     "plot_fsc_classes",
-    "plot_map_slices",
+    "plot_map_views",
     "plot_orientation_distribution",
     "plot_resolution_history",
 ]
@@ -102,10 +105,21 @@ def _iterations(iterations, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- FSC
 
 
+def computed_shells(curve) -> int:
+    """How many leading shells of an FSC curve were computed: NaN marks the rest."""
+    c = np.asarray(curve, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(c))
+    return int(bad[0]) if bad.size else int(c.size)
+
+
 def fsc_label(label: str, curve, box: int, psize_A: float, threshold: float = 0.143) -> str:
     """Legend text of an FSC curve: its label and its resolution (A) at ``threshold``
-    (``core.fsc.resolution_A``: interpolated crossing, shell i = i cycles per box)."""
-    return f"{label}: {resolution_A(curve, box, psize_A, threshold):.2f} Å"
+    (``core.fsc.resolution_A``: interpolated crossing, shell i = i cycles per box) over the
+    computed shells; a curve that stays above it there reads "≤ (its last shell)"."""
+    c = np.asarray(curve, dtype=np.float64)[: computed_shells(curve)]
+    res = resolution_A(c, box, psize_A, threshold)
+    crossed = c.size > 1 and bool(np.any(c[1:] < threshold))
+    return f"{label}: {res:.2f} Å" if crossed else f"{label}: ≤ {res:.2f} Å"
 
 
 def _draw_fsc(ax, curves: Mapping[str, np.ndarray], psize_A: float, box: int, threshold: float):
@@ -118,7 +132,8 @@ def _draw_fsc(ax, curves: Mapping[str, np.ndarray], psize_A: float, box: int, th
             raise ValueError(f"FSC curve {label!r} must be 1-D with >= 2 shells, got {c.shape}")
         freq = np.arange(c.size) / (box * psize_A)
         f_max = max(f_max, freq[-1])
-        ax.plot(freq, c, lw=1.4, label=fsc_label(label, c, box, psize_A, threshold))
+        n = computed_shells(c)  # shells beyond were not computed: not drawn (not 0)
+        ax.plot(freq[:n], c[:n], lw=1.4, label=fsc_label(label, c, box, psize_A, threshold))
     ax.axhline(threshold, color="0.35", ls="--", lw=0.9, label=f"FSC = {threshold:g}")
     ax.axhline(0.0, color="0.7", lw=0.6)
     ax.set_xlim(0.0, f_max)
@@ -146,8 +161,13 @@ def plot_fsc_classes(
     """One FSC panel per class. ``curves_by_class``: class label -> {curve label -> (n_shells,)}.
 
     Each legend entry carries the curve's resolution at ``threshold`` (see ``fsc_label``);
-    ``box`` and ``psize_A`` are those of the maps the curves were computed from.
+    ``box`` and ``psize_A`` are those of the maps the curves were computed from. NaN marks
+    shells that were not computed: a curve is drawn up to its first NaN.
     """
+    return _save(_fsc_figure(curves_by_class, psize_A, box, title, threshold), out)
+
+
+def _fsc_figure(curves_by_class, psize_A: float, box: int, title: str, threshold: float) -> Figure:
     if not curves_by_class:
         raise ValueError("no classes to plot")
     fig, axes = _new_figure(len(curves_by_class))
@@ -155,7 +175,7 @@ def plot_fsc_classes(
         _draw_fsc(ax, curves, psize_A, box, threshold)
         ax.set_title(str(name), fontsize=10)
     fig.suptitle(title)
-    return _save(fig, out)
+    return fig
 
 
 def plot_fsc(
@@ -173,12 +193,11 @@ def plot_fsc(
 # ---------------------------------------------------------------- maps
 
 
-def plot_map_slices(
-    volumes: Mapping[str, np.ndarray], out, title: str = "Central sections"
-) -> Path:
-    """Central sections of each map ``label -> (n, n, n)`` (axes z, y, x): one row per map,
-    columns the xy, xz and yz planes through the box centre ``n // 2``; each row on its own
-    grey scale (1st to 99.9th percentile)."""
+def plot_map_views(volumes: Mapping[str, np.ndarray], out, title: str = "Class maps") -> Path:
+    """Each map ``label -> (n, n, n)`` (axes z, y, x) as one row: its central sections (xy,
+    xz and yz planes through the box centre ``n // 2``) and its projections along z, y and x.
+    Sections and projections of a row have their own grey scales (1st to 99.9th percentile),
+    so a weak map is as visible as a strong one; protein is white."""
     if not volumes:
         raise ValueError("no maps to plot")
     rows = []
@@ -187,19 +206,22 @@ def plot_map_slices(
         if v.ndim != 3 or len(set(v.shape)) != 1:
             raise ValueError(f"map {name!r} must be a cube (n, n, n), got shape {v.shape}")
         c = v.shape[0] // 2
-        rows.append((name, (v[c], v[:, c], v[:, :, c])))
-    fig = Figure(figsize=(7.5, 2.6 * len(rows)), layout="constrained")
+        rows.append((str(name), (v[c], v[:, c], v[:, :, c]), tuple(v.sum(axis=a) for a in range(3))))
+    fig = Figure(figsize=(8.4, 1.45 * len(rows) + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), 3, squeeze=False)
-    for ax_row, (name, sections) in zip(axes, rows, strict=True):
-        lo, hi = np.percentile(np.concatenate([s.ravel() for s in sections]), [1, 99.9])
-        for ax, sec, plane in zip(
-            ax_row, sections, ("xy at z = n//2", "xz at y = n//2", "yz at x = n//2"), strict=True
-        ):
-            ax.imshow(sec, cmap="gray", vmin=lo, vmax=hi, origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{name}: {plane}" if name else plane, fontsize=9)
+    axes = fig.subplots(len(rows), 6, squeeze=False)
+    heads = ("section xy", "section xz", "section yz", "projection z", "projection y", "projection x")
+    for r, (ax_row, (name, sections, projections)) in enumerate(zip(axes, rows, strict=True)):
+        for group, cols in ((sections, range(3)), (projections, range(3, 6))):
+            lo, hi = np.percentile(np.concatenate([g.ravel() for g in group]), [1, 99.9])
+            for img, col in zip(group, cols, strict=True):
+                ax = ax_row[col]
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(heads[col], fontsize=8)
+        ax_row[0].set_ylabel(name, fontsize=9)
     fig.suptitle(title)
     return _save(fig, out)
 
@@ -248,16 +270,23 @@ def plot_orientation_distribution(
     out,
     weights=None,
     title: str = "Viewing direction distribution",
-    n_az: int = 72,
-    n_el: int = 36,
+    n_az: int | None = None,
+    n_el: int | None = None,
 ) -> Path:
     """Azimuth x elevation heat map of viewing directions, one panel per class.
 
     views: ``(N, 3)`` directions or ``(N, 3, 3)`` rotation matrices, or a mapping
     class label -> such an array. weights: None, ``(N,)``, or a mapping with the same
     labels (e.g. each class's posterior). Colour = density relative to uniform
-    (see ``orientation_histogram``), one colour scale for all panels.
+    (see ``orientation_histogram``), each panel on its own colour scale (a class of a few
+    particles has a high peak density that would leave the large classes dark). Bins:
+    ``n_az`` x ``n_el``, by default per panel about two directions per bin on average
+    (72 x 36 from 5184 directions on), so a small class is not a scatter of single hits.
     """
+    return _save(_orientation_figure(views, weights, title, n_az, n_el), out)
+
+
+def _orientation_figure(views, weights, title: str, n_az, n_el) -> Figure:
     if not isinstance(views, Mapping):
         views = {"": views}
         weights = None if weights is None else {"": weights}
@@ -265,14 +294,21 @@ def plot_orientation_distribution(
         raise ValueError("no viewing directions to plot")
     if weights is not None and set(weights) != set(views):
         raise ValueError(f"weights labels {sorted(weights)} differ from views {sorted(views)}")
+    def bins(v):
+        if n_az is not None and n_el is not None:
+            return n_az, n_el
+        az = int(np.clip(np.sqrt(len(v)), 8, 72)) // 2 * 2
+        return az, az // 2
+
     hists = {
-        name: orientation_histogram(v, None if weights is None else weights[name], n_az, n_el)
+        name: orientation_histogram(v, None if weights is None else weights[name], *bins(v))
         for name, v in views.items()
     }
-    vmax = max(float(h[0].max()) for h in hists.values()) or 1.0
-    fig, axes = _new_figure(len(hists), panel_in=(4.8, 2.9))
+    fig, axes = _new_figure(len(hists), panel_in=(5.2, 2.9))
     for ax, (name, (density, az_edges, el_edges)) in zip(axes, hists.items(), strict=True):
-        mesh = ax.pcolormesh(az_edges, el_edges, density, cmap="viridis", vmin=0, vmax=vmax)
+        mesh = ax.pcolormesh(az_edges, el_edges, density, cmap="viridis", vmin=0,
+                             vmax=float(density.max()) or 1.0)  # fmt: skip
+        fig.colorbar(mesh, ax=ax, label="density (uniform = 1)", shrink=0.9)
         ax.set_xlim(-180, 180)
         ax.set_ylim(-90, 90)
         ax.set_xticks(np.arange(-180, 181, 90))
@@ -281,9 +317,8 @@ def plot_orientation_distribution(
         ax.set_ylabel("elevation (°)")
         if name:
             ax.set_title(str(name), fontsize=10)
-    fig.colorbar(mesh, ax=axes, label="density (uniform = 1)", shrink=0.9)
     fig.suptitle(title)
-    return _save(fig, out)
+    return fig
 
 
 # ---------------------------------------------------------------- per-iteration histories
@@ -297,6 +332,7 @@ def _plot_history(values, out, labels, iterations, ylabel: str, title: str, ax_s
     for k, name in enumerate(names):
         ax.plot(it, a[:, k], marker="o", ms=3, lw=1.3, label=name)
     ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -398,7 +434,11 @@ def plot_affinity(
     names = [str(i) for i in range(k)] if labels is None else _class_labels(labels, k)
     s = np.asarray(superclass)[order]
     fig, (ax,) = _new_figure(1, panel_in=(5.6, 4.8))
-    im = ax.imshow(a[np.ix_(order, order)], cmap="magma", interpolation="nearest")
+    shown = a[np.ix_(order, order)].copy()
+    np.fill_diagonal(shown, np.nan)  # a class's affinity to itself is not used: drawn grey
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.8")
+    top = float(np.nanmax(shown)) if np.isfinite(shown).any() else 1.0
+    im = ax.imshow(shown, cmap=cmap, interpolation="nearest", vmin=0.0, vmax=top or 1.0)
     for b in np.flatnonzero(np.diff(s)) + 0.5:
         ax.axhline(b, color="cyan", lw=1.2)
         ax.axvline(b, color="cyan", lw=1.2)
@@ -430,6 +470,7 @@ def plot_eigenvalues(
         ax.axvline(n_superclasses + 0.5, color="C3", ls="--", lw=1.0, label=f"M = {n_superclasses}")
         ax.legend(fontsize=8)
     ax.set_xlabel("eigenvalue index")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("eigenvalue")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -467,6 +508,7 @@ def plot_class_table(
     ax.set_xticks(x, labels=[names[i] for i in order], fontsize=8, rotation=90 if k > 20 else 0)
     ax.set_xlabel("class")
     ax.set_ylabel("particles")
+    ax.set_ylim(0, 1.3 * max(float(n.max()), 1.0))  # headroom: the legend above the bars
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncols=min(3, len(np.unique(s))))
     return _save(fig, out)
