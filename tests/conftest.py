@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="RELION not installed (apt-get install -y relion)"))
         if "gpu" in item.keywords and not have_gpu:
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU visible"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _particle_cache(tmp_path_factory):
+    """Jobs in the tests cache particle images in a temporary folder, not the user's cache
+    (subprocesses inherit it); tests of the cache itself pass their own folders."""
+    saved = os.environ.get("HETERO_DASK_CACHE")
+    os.environ["HETERO_DASK_CACHE"] = str(tmp_path_factory.mktemp("particle-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("HETERO_DASK_CACHE", None)
+    else:
+        os.environ["HETERO_DASK_CACHE"] = saved

@@ -86,6 +86,24 @@ def test_stack_round_trip_and_indices(tmp_path):
         read_stack(path, [0, 6])
 
 
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", "<f2"])
+def test_stack_modes_and_extended_header(tmp_path, dtype):
+    """Direct reads (native float32) and memory-mapped ones (other modes) agree with mrcfile,
+    with an extended header before the data."""
+    rng = np.random.default_rng(3)
+    imgs = (rng.standard_normal((9, 8, 8)) * 100).astype(dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(imgs)
+        mrc.set_image_stack()
+        mrc.set_extended_header(np.arange(37, dtype=np.uint8).view("V1"))
+    with mrcfile.open(path, permissive=True) as mrc:
+        assert int(mrc.header.nsymbt) == 37
+        truth = np.asarray(mrc.data, dtype=np.float32)
+    for idx in ([8, 0, 3, 3, 4, 5, 1], [2, 3, 4], list(range(9)), []):
+        np.testing.assert_array_equal(read_stack(path, idx), truth[np.asarray(idx, dtype=int)])
+
+
 def test_stack_header_quirks(shared_data):
     # relion31.mrcs lacks the MAP id; empiar_10076_7.mrc has voxel size 0: both read.
     assert stack_info(shared_data / "relion" / "relion31.mrcs")[:3] == (5, 256, 256)

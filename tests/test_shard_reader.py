@@ -32,6 +32,59 @@ def test_rows_equal_zarr_with_empty_chunks_and_missing_shards(tmp_path):
     assert reader.read(200, 400).shape == (3, 6, 6)  # clipped like slicing
 
 
+def test_take_equals_zarr_for_any_rows(tmp_path):
+    a, path = _array(tmp_path)
+    data = np.random.default_rng(1).normal(size=a.shape).astype(np.float32)
+    data[20:28] = 0  # inner chunks of fill value (not stored)
+    a[:48] = data[:48]
+    a[64:] = data[64:]  # shard 3 never written
+    data[48:64] = 0
+    reader = ShardRowReader.for_array(path)
+    rng = np.random.default_rng(2)
+    for rows in [rng.permutation(203), rng.integers(0, 203, 57), np.arange(10, 40), [202, 0, 0, 50],
+                 []]:
+        np.testing.assert_array_equal(reader.take(rows), data[np.asarray(rows, dtype=int)])
+    with pytest.raises(IndexError):
+        reader.take([203])
+
+
+def test_array_removed_while_reading_is_an_error(tmp_path):
+    """A missing shard file reads as the fill value only while the array is still there."""
+    import shutil
+
+    a, path = _array(tmp_path, n=32)
+    a[:] = 1.0
+    reader = ShardRowReader.for_array(path)
+    shutil.rmtree(path)
+    for read in (lambda: reader.read(0, 32), lambda: reader.take([3, 1])):
+        with pytest.raises(FileNotFoundError, match="removed"):
+            read()
+
+
+@pytest.mark.parametrize("n", [203, 192, 5])
+def test_written_shards_are_the_files_zarr_writes(tmp_path, n):
+    """create_shard then write_rows in any order give zarr's bytes: full shards, a last
+    partial inner chunk (padded) and inner chunks past the end (recorded as missing)."""
+    import filecmp
+
+    data = np.random.default_rng(4).normal(size=(n, 6, 6)).astype(np.float32)
+    by_zarr, _ = _array(tmp_path / "z", n=n)
+    by_zarr[:] = data
+    _, path = _array(tmp_path / "w", n=n)
+    writer = ShardRowReader.for_array(path)
+    for shard in range(-(-n // 16)):
+        writer.create_shard(shard)
+    rows = np.random.default_rng(5).permutation(n)
+    for part in np.array_split(rows, 3):  # three writers, random rows each
+        writer.write_rows(part, data[part])
+    for shard in range(-(-n // 16)):
+        key = f"c/{shard}/0/0"
+        assert filecmp.cmp(tmp_path / "z" / "s.zarr" / "images" / key, path / key, shallow=False)
+    np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[:], data)
+    with pytest.raises(ValueError, match="expected"):
+        writer.write_rows([0, 1], data[:3])
+
+
 def test_rewritten_shard_is_read_again(tmp_path):
     a, path = _array(tmp_path, n=32)
     a[:] = 1.0

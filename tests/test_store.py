@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 from hetero_dask.core.fourier import fourier_resize
 from hetero_dask.io.store import ParticleStore, import_particles, is_store, store_layout
@@ -121,10 +122,9 @@ def test_dask_import_equals_serial_import(particles, tmp_path):
 def test_resume_after_crash_and_completion_marker(particles, tmp_path):
     out = tmp_path / "s.zarr"
     clean = import_particles(particles, tmp_path / "clean.zarr", seed=9, progress=False, **SMALL)
-    crash_row = 4 * clean.shard_rows + 3  # in the 5th shard (serial import runs shards in order)
-    bad = MemoryParticles(
-        particles.images, particles.table, PSIZE, fail_on=int(clean.original_index[crash_row])
-    )
+    # input particle 163 is in the 5th import block (a shard's worth of input rows each, in
+    # file order, which is input order for this source; blocks start in order)
+    bad = MemoryParticles(particles.images, particles.table, PSIZE, fail_on=4 * clean.shard_rows + 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         import_particles(bad, out, seed=9, progress=False, **SMALL)
     assert not out.exists()
@@ -134,10 +134,14 @@ def test_resume_after_crash_and_completion_marker(particles, tmp_path):
     assert is_store(partial)
     with pytest.raises(ValueError, match="incomplete"):
         ParticleStore.open(partial)
-    # re-run: only the 4 unfinished shards are read again, and the result equals a clean import
+    # re-run: only the unfinished blocks (the 5th, and those not started: blocks run on one
+    # thread per core) are read again, and the result equals a clean import
+    done = zarr.open_group(str(partial), mode="r")["import_done"][:]
+    assert done[:4].all() and not done[4]
+    done = int(done.sum())
     good = MemoryParticles(particles.images, particles.table, PSIZE)
     st = import_particles(good, out, seed=9, progress=False, **SMALL)
-    assert good.calls == len(clean.shard_ranges()) - 4
+    assert good.calls == len(clean.shard_ranges()) - done
     assert not partial.exists()
     assert np.array_equal(st.images(), clean.images())
     assert st.table().tobytes() == clean.table().tobytes()

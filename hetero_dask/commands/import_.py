@@ -1,9 +1,10 @@
 """Copy particles (.star or .cs + stacks) into a Zarr particle store for fast parallel reads.
 
-The store holds the images (float32, chunked and sharded along the particle
-axis) in a seeded random order, every metadata field of the input as a
-column, and optional Fourier-cropped copies. The import runs one task per
-shard on a Dask cluster, resumes where an interrupted run stopped (re-run
+The store holds the images (float32, or float16 with --image-dtype, chunked
+and sharded along the particle axis) in a seeded random order, every
+metadata field of the input as a column, and optional Fourier-cropped
+copies. The import reads the stacks sequentially in blocks, one task per
+block on a Dask cluster, resumes where an interrupted run stopped (re-run
 the same command), and replaces an existing store at --out only once the
 new one is complete. Workers are CPU processes unless --gpus is given.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hetero_dask.dist.cluster import add_cluster_arguments
-    from hetero_dask.io.store import CHUNK_MB, SHARD_MB
+    from hetero_dask.io.store import CHUNK_MB, IMAGE_DTYPES, SHARD_MB
 
     parser.add_argument(
         "--particles", required=True, help="particles: RELION .star or CryoSPARC .cs"
@@ -47,10 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard-mb",
         type=float,
         default=SHARD_MB,
-        help=f"Zarr shard size in MiB, the unit of import tasks and job partitions (default {SHARD_MB:g})",
+        help=f"Zarr shard size in MiB, the unit of job partitions and the size of import blocks (default {SHARD_MB:g})",
     )
     parser.add_argument(
-        "--serial", action="store_true", help="import in this process, without a Dask cluster"
+        "--image-dtype",
+        choices=IMAGE_DTYPES,
+        default="float32",
+        help="store images as float32 or float16 (half the disk; default float32)",
+    )
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="import in this process (one thread per core), without a Dask cluster",
     )
     parser.add_argument(
         "--flip-contrast",
@@ -85,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
         chunk_mb=args.chunk_mb,
         shard_mb=args.shard_mb,
+        image_dtype=args.image_dtype,
     )
     if spec is None:
         store = import_particles(checked.particle_set, args.out, **kwargs)
@@ -94,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
     crops = ", crops " + " ".join(map(str, store.crop_boxes)) if store.crop_boxes else ""
     print(
         f"{store.path}: {store.n} particles, box {store.box}, {store.psize_A:g} A/px, "
+        f"{store.image_dtype.name}, "
         f"{len(store.shard_ranges())} shards of {store.shard_rows}{crops}"
     )
     return 0

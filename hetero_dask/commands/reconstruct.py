@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from hetero_dask.dist.cluster import add_cluster_arguments, cluster_from_args
+from hetero_dask.io.cache import add_store_arguments
 from hetero_dask.jobs.reconstruct import ReconstructParams, reconstruct
 from hetero_dask.report.summary import print_summary
 
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not refuse particles whose contrast looks inverted (e.g. particles not centred)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_store_arguments(parser)
     add_cluster_arguments(parser)
 
 
@@ -91,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
         stack_dir=args.stack_dir,
         flip_contrast=args.flip_contrast,
         contrast_check=not args.no_contrast_check,
+        cache_dir=args.cache_dir,
+        image_dtype=args.image_dtype,
     )
     result = reconstruct(
         args.particles,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hetero_dask.dist.checkpoint import read_status
 from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args, cluster_from_args
+from hetero_dask.io.cache import add_store_arguments, names_folder
 from hetero_dask.jobs.preflight import check_refine, describe_run
 from hetero_dask.jobs.refine import REFERENCE_MODES, RefineParams, refine
 from hetero_dask.report.summary import print_summary
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detach", action="store_true",
                         help="with --scheduler: run the job on the cluster and return at once; it survives "
                              "this command exiting (follow it with hetero-dask status OUT)")
+    add_store_arguments(parser)
     add_cluster_arguments(parser)
 
 
@@ -83,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, volumes, params)
     report = refine(args.particles, volumes, args.out, client=cluster_from_args(args, quiet=args.quiet),
-                    stack_dir=args.stack_dir, resume=args.resume, progress=False if args.quiet else None,
+                    stack_dir=args.stack_dir, cache_dir=args.cache_dir, image_dtype=args.image_dtype,
+                    resume=args.resume, progress=False if args.quiet else None,
                     **params)
     print_summary(report, args.out)
     return 0
@@ -116,7 +119,9 @@ def refine_job(job: dict, client) -> dict:
     # The default client for code that looks one up (e.g. distributed.as_completed).
     with client.as_current():
         report = refine(job["particles"], job["volumes"], job["out"], client=client,
-                        stack_dir=job["stack_dir"], resume=resume, progress=False, **job["params"])
+                        stack_dir=job["stack_dir"], cache_dir=job.get("cache_dir"),
+                        image_dtype=job.get("image_dtype", "float32"), resume=resume, progress=False,
+                        **job["params"])
     return {"report": str(Path(job["out"]) / "report.json"),
             "resolution_A": [c["resolution_A"] for c in report["classes"]]}
 
@@ -134,7 +139,9 @@ def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.
     out = Path(absolute(args.out))
     job = dict(particles=absolute(args.particles),
                volumes=absolute(volumes) if isinstance(volumes, str) else [absolute(v) for v in volumes],
-               out=str(out), stack_dir=absolute(args.stack_dir), resume=args.resume, params=params)
+               out=str(out), stack_dir=absolute(args.stack_dir), resume=args.resume, params=params,
+               cache_dir=absolute(args.cache_dir) if names_folder(args.cache_dir) else args.cache_dir,
+               image_dtype=args.image_dtype)
     with client_from_args(args, quiet=True) as client:
         handle = submit(refine_job, job, client, run_dir=out / "run")
         deadline = time.monotonic() + wait_s

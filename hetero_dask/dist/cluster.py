@@ -206,10 +206,21 @@ def make_local_cluster(
 
 @contextlib.contextmanager
 def _blas_env(n_threads: int) -> Iterator[None]:
-    # Must be in place before the worker process imports numpy, hence pre-spawn.
+    # Must be in place before the worker process imports numpy, hence pre-spawn. The nanny
+    # prefers this process's environment to the config and leaves its pre-spawn values in
+    # it: set both, and restore the environment, or the next cluster gets this one's count.
     settings = {f"distributed.nanny.pre-spawn-environ.{v}": n_threads for v in BLAS_ENV_VARS}
-    with dask.config.set(settings):
-        yield
+    saved = {v: os.environ.get(v) for v in BLAS_ENV_VARS}
+    os.environ.update({v: str(n_threads) for v in BLAS_ENV_VARS})
+    try:
+        with dask.config.set(settings):
+            yield
+    finally:
+        for v, old in saved.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
 
 
 @contextlib.contextmanager

@@ -81,7 +81,7 @@ class ParticleSet:
     def read_images(self, indices) -> np.ndarray:
         """Images of rows ``indices`` as float32 ``(k, box, box)``, times ``blob/sign``, on the common grid.
 
-        Reads each stack once (sorted indices, memory-mapped). NaN/inf pixels raise
+        Reads each stack once, its images in file order. NaN/inf pixels raise
         :class:`InputError` naming the stack file and the row.
         """
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -98,23 +98,25 @@ class ParticleSet:
             if pos.size == 0:
                 continue
             path = self.stacks[stack_ids[pos[0]]]
+            local = np.asarray(t["blob/idx"][rows[pos]], dtype=np.int64)
+            pos = pos[np.argsort(local, kind="stable")]  # file order
             r = rows[pos]
-            local = np.asarray(t["blob/idx"][r], dtype=np.int64)
-            srt = np.argsort(local, kind="stable")
-            imgs = np.empty((r.size, *_shape_of(t, r[0])), dtype=np.float32)
-            imgs[srt] = read_stack(path, local[srt])
+            imgs = read_stack(path, np.asarray(t["blob/idx"][r], dtype=np.int64))
             bad = ~np.isfinite(imgs).all(axis=(1, 2))
             if bad.any():
                 i = int(np.argmax(bad))
                 raise InputError(
                     path,
-                    f"NaN/inf pixels in image {int(local[i]) + 1} (1-based)",
+                    f"NaN/inf pixels in image {int(t['blob/idx'][r[i]]) + 1} (1-based)",
                     row=int(r[i]),
                     expected="finite pixel values",
                 )
-            out[pos] = self._to_grid(imgs, r)
-        if "blob/sign" in t.dtype.names:
-            out *= np.asarray(t["blob/sign"][rows], dtype=np.float32)[:, None, None]
+            imgs = self._to_grid(imgs, r)
+            if "blob/sign" in t.dtype.names:
+                sign = np.asarray(t["blob/sign"][r], dtype=np.float32)
+                if (sign != 1).any():
+                    imgs *= sign[:, None, None]
+            out[pos] = imgs
         return out
 
     def _to_grid(self, imgs, rows):
@@ -126,11 +128,6 @@ class ParticleSet:
         new_n = _resampled_box(n_in, p_in, self.psize_A)
         imgs = fourier_resize(imgs, new_n, ndim=2) if new_n != n_in else imgs
         return _center_crop_pad(imgs, self.box)
-
-
-def _shape_of(table, row):
-    ny, nx = (int(v) for v in table["blob/shape"][row])
-    return ny, nx
 
 
 def _resampled_box(n_in: int, psize_in: float, psize_out: float) -> int:

@@ -4,16 +4,26 @@ Layout of ``S.zarr`` (one Zarr v3 group)::
 
     zarr.json                 attributes["hetero_dask_store"]: format_version, n, box,
                               psize_A, seed, source_files, fingerprint, chunk_rows,
-                              shard_rows, crop_boxes, fields, complete
-    images                    (N, box, box) float32, chunks (chunk_rows, box, box),
+                              shard_rows, crop_boxes, fields, complete, image_dtype
+    images                    (N, box, box) float32 (or float16: half the disk; read
+                              back as float32), chunks (chunk_rows, box, box),
                               shards (shard_rows, box, box), uncompressed
-    images_<b>                (N, b, b) float32 Fourier-cropped copies (optional),
+    images_<b>                (N, b, b) Fourier-cropped copies (optional),
                               same chunk/shard rows, pixel size psize_A * box / b
     original_index            (N,) int64: store row i holds input particle original_index[i]
     meta/<field>              one array per field of the CryoSPARC-style table (e.g.
                               meta/ctf/df1_A, meta/alignments3D/pose (N, 3)); fixed-width
                               bytes fields are stored as uint8 (N, width)
-    import_done               (n_shards,) uint8, one chunk per shard: per-shard done markers
+    import_done               (n_shards,) uint8: done markers of the import blocks (a
+                              shard's worth of input rows each, in file order)
+
+A **view** (what a job writes into ``OUT/particles.zarr`` when its images
+come from the particle cache, :mod:`hetero_dask.io.cache`) has the same
+``original_index`` and ``meta/`` but no images: ``attributes["images_from"]``
+names the store holding them (``path``, its ``image_key``) and, unless view
+row i is that store's row i, ``image_rows`` ``(N,)`` int64 gives the row of
+the other store showing view row i. Every store records ``image_key``: what
+its images were read from (see :func:`hetero_dask.io.cache.image_key`).
 
 Order: rows are a seeded random permutation of the input (``perm =
 default_rng(seed).permutation(N)``), so an online-EM batch is a contiguous
@@ -23,18 +33,25 @@ with :meth:`ParticleStore.to_input_order`.
 Sizes (the rule): an image is ``4 box^2`` bytes; ``chunk_rows`` holds about
 ``chunk_mb`` (default 2 MiB, at least one image) and ``shard_rows`` is a
 multiple of it holding about ``shard_mb`` (default 128 MiB), capped at what N
-needs. At box 128: 32 images per chunk, 2048 per shard. Shards are the unit
-of import tasks, of resumption and of Dask partitions
-(:meth:`ParticleStore.shard_ranges`). Images are stored uncompressed (noisy
+needs. At box 128: 32 images per chunk, 2048 per shard (a float16 store keeps
+the rows of a float32 one, in half the bytes). Shards are the unit of Dask
+partitions (:meth:`ParticleStore.shard_ranges`). Images are stored uncompressed (noisy
 float32 pixels gain only a few percent from compression and cost CPU on
 every read); metadata columns use Zarr's default compressor.
 
+Import: the input is read in **blocks** of a shard's worth of particles in
+file order (stack, then index: every stack read sequentially, one ``preadv``
+per run of images), and each image is written straight to its place in the
+(preallocated) shard files, wherever the random order puts it
+(:meth:`~hetero_dask.io.shard_reader.ShardRowReader.write_rows`): a stream
+in, page-cache writes out, one task per block, in parallel.
+
 Import safety: the store is built in ``<out>.partial`` and marked complete
-(attribute written last) only after every shard's done marker is set; then
+(attribute written last) only after every block's done marker is set; then
 it is renamed to ``<out>``. An existing store at ``<out>`` stays untouched
 until that final swap (``<out>`` -> ``<out>.old-<pid>``, partial -> ``<out>``,
 old removed), so an interrupted import never damages it. Re-running the
-same import resumes the partial store, skipping shards already done; a
+same import resumes the partial store, skipping blocks already done; a
 partial store built from different input (other fingerprint, seed or
 sizes) is discarded and rebuilt. Importing into a complete store built from
 the same input, seed and sizes returns it as it is (a job importing on the
@@ -63,8 +80,24 @@ ATTR = "hetero_dask_store"
 CHUNK_MB = 2.0
 SHARD_MB = 128.0
 _META_SHARD_ROWS = 1 << 20  # metadata columns: one Zarr shard per ~1M rows
-_READ_BYTES = 16 << 20  # images read from the stacks per call during import
 _CTF_OPTIONAL = {"phase_shift_rad": 0.0, "bfactor": 0.0, "scale": 1.0}
+_IMPORT_UNIT = "block"  # import_done marks blocks of input rows in file order
+
+
+# float16 keeps 11 significant bits (relative rounding error <= 2^-11): noise-dominated
+# particle images lose nothing measurable (tests/test_float16_store.py states the tolerance).
+IMAGE_DTYPES = ("float32", "float16")
+
+
+def check_image_dtype(image_dtype) -> str:
+    """The name (``"float32"`` or ``"float16"``) of a store's image dtype; refuse others."""
+    try:
+        name = np.dtype(image_dtype).name
+    except TypeError:
+        name = None
+    if name not in IMAGE_DTYPES:
+        raise ValueError(f"image dtype {image_dtype!r}: expected one of {', '.join(IMAGE_DTYPES)}")
+    return name
 
 
 def store_layout(
@@ -118,6 +151,14 @@ def fingerprint(table: np.ndarray, box: int, psize_A: float) -> str:
     return h.hexdigest()
 
 
+def store_version(path) -> tuple[int, int]:
+    """Identifies the store now at ``path`` (its ``zarr.json``'s inode and modification time):
+    a store replaced at the same path (a job re-run with other input) gets another, so
+    caches of opened stores can key on ``(path, store_version(path))``."""
+    st = (Path(path) / "zarr.json").stat()
+    return st.st_ino, st.st_mtime_ns
+
+
 class ParticleStore:
     """Read access to a complete particle store (see the module docstring).
 
@@ -131,6 +172,15 @@ class ParticleStore:
         self.attrs: dict = dict(group.attrs[ATTR])
         self._orig: np.ndarray | None = None
         self._readers: dict[str, ShardRowReader | None] = {}
+        self._source: ParticleStore | None = None  # a view's image store
+        link = self.attrs.get("images_from")
+        if link:
+            self._source = ParticleStore.open(link["path"])
+            if self._source.attrs.get("image_key") != link["image_key"]:
+                raise ValueError(
+                    f"particle store {self.path} takes its images from {link['path']}, which now "
+                    "holds other images: run the job again (it imports the particles again)"
+                )
 
     @classmethod
     def open(cls, path) -> ParticleStore:
@@ -160,6 +210,12 @@ class ParticleStore:
                 f"particle store {p} is incomplete (its import was interrupted): "
                 "re-run `hetero-dask import` with the same arguments to finish it"
             )
+        link = attrs.get("images_from")
+        if link and not (Path(link["path"]) / "zarr.json").is_file():
+            raise FileNotFoundError(
+                f"particle store {p} takes its images from {link['path']}, which is gone (evicted "
+                "from the particle cache?): run the job again (it imports the particles again)"
+            )
         return cls(p, group)
 
     # -- dataset attributes -------------------------------------------------
@@ -184,6 +240,11 @@ class ParticleStore:
         return list(self.attrs["source_files"])
 
     @property
+    def image_dtype(self) -> np.dtype:
+        """How the images are stored (float32, or float16: half the disk, same reads)."""
+        return np.dtype(self.attrs.get("image_dtype", "float32"))
+
+    @property
     def crop_boxes(self) -> list[int]:
         return [int(b) for b in self.attrs["crop_boxes"]]
 
@@ -202,18 +263,35 @@ class ParticleStore:
 
     # -- images -------------------------------------------------------------
     def images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Images ``(stop - start, box, box)`` float32 of rows ``[start, stop)``."""
+        """Images ``(stop - start, box, box)`` float32 of rows ``[start, stop)`` (a float16
+        store's values widened)."""
         return self._image_rows("images", start, stop)
 
     def _image_rows(self, name: str, start, stop) -> np.ndarray:
+        if self._source is not None:
+            if "image_rows" not in self._group:  # view row i is the source's row i
+                return self._source._image_rows(name, start, stop)
+            return self._source._take(name, self._group["image_rows"][start:stop])
+        reader = self._reader(name)
+        rows = self._group[name][start:stop] if reader is None else reader.read(start, stop)
+        return rows.astype(np.float32, copy=False)
+
+    def _take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Images of store rows ``rows`` (any order) of array ``name``."""
+        reader = self._reader(name)
+        if reader is None:
+            wanted, inverse = np.unique(rows, return_inverse=True)
+            taken = self._group[name].oindex[wanted][inverse.reshape(-1)]
+        else:
+            taken = reader.take(rows)
+        return taken.astype(np.float32, copy=False)
+
+    def _reader(self, name: str) -> ShardRowReader | None:
         # Straight from the shard files when the layout allows (io.shard_reader: ~7x less
-        # time than through zarr), else through zarr.
+        # time than through zarr), else None: read through zarr.
         if name not in self._readers:
             self._readers[name] = ShardRowReader.for_array(self.path / name)
-        reader = self._readers[name]
-        if reader is None:
-            return self._group[name][start:stop]
-        return reader.read(start, stop)
+        return self._readers[name]
 
     def images_at_box(self, box: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Images at ``box``: the full box, a stored crop, or Fourier-resized on the fly."""
@@ -326,12 +404,16 @@ def _create_layout(
     sources: list[str],
     fp: str,
     crop_boxes: Sequence[int],
-    chunk_mb: float,
-    shard_mb: float,
+    chunk: int,
+    shard: int,
+    image_key: str | None,
+    images: bool = True,
+    extra_attrs: dict | None = None,
+    image_dtype: str = "float32",
 ) -> zarr.Group:
-    """Create the empty store (arrays, order, metadata columns) at ``path``; not yet complete."""
+    """Create the store (order, metadata columns; empty image arrays unless ``images`` is
+    False, as for a view) at ``path``; not yet complete."""
     n = len(table)
-    chunk, shard = store_layout(n, box, chunk_mb, shard_mb)
     n_shards = -(-n // shard)
     specs = _field_specs(table.dtype)
     attrs = {
@@ -348,18 +430,28 @@ def _create_layout(
         "fields": specs,
         "complete": False,
         "meta_written": False,
+        "image_key": image_key,
+        "image_dtype": image_dtype,
+        "import_unit": _IMPORT_UNIT,
+        **(extra_attrs or {}),
     }
     g = zarr.open_group(str(path), mode="w", attributes={ATTR: attrs})
-    for b in [box, *crop_boxes]:
+    for b in [box, *crop_boxes] if images else []:
         g.create_array(
             "images" if b == box else f"images_{b}",
             shape=(n, b, b),
-            dtype="float32",
+            dtype=image_dtype,
             chunks=(chunk, b, b),
             shards=(shard, b, b),
             compressors=None,
         )
-    g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+    if images:
+        for b in [box, *crop_boxes]:
+            files = _shard_files(g, "images" if b == box else f"images_{b}")
+            for s in range(n_shards):
+                files.create_shard(s)
+        # one marker per import block: a shard's worth of input rows in file order
+        g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     mrows = shard * max(1, _META_SHARD_ROWS // shard)
     g.create_array("original_index", data=perm, chunks=(shard,), shards=(mrows,))
@@ -377,78 +469,119 @@ def _create_layout(
     return g
 
 
-def _shard_task(
-    path: str, shard: int, particles, read_rows, dest, crop_boxes: Sequence[int]
-) -> int:
-    """Read one shard's images, write it (and its crops), then mark it done.
+def _shard_files(g: zarr.Group, name: str) -> ShardRowReader:
+    files = ShardRowReader.for_array(Path(g.store.root) / name)
+    if files is None:  # the layout _create_layout made; anything else is a bug
+        raise RuntimeError(f"{Path(g.store.root) / name}: not the sharded layout of an import")
+    return files
 
-    ``particles.read_images(read_rows[i])`` is the image of shard row
-    ``dest[i]``; ``read_rows`` are ascending so stacks are read sequentially.
+
+def _block_task(
+    path: str, block: int, particles, read_rows, dest, input_rows, crop_boxes: Sequence[int]
+) -> int:
+    """Read one import block and write its images (and crops) where they go, then mark it done.
+
+    ``particles.read_images(read_rows[i])`` is input particle ``input_rows[i]``,
+    which goes to store row ``dest[i]``. A block's rows are consecutive in the
+    stacks (file order), so they are read sequentially; they land all over
+    the store (its order is random), written into the shard files in place.
+    A ParticleSet has checked its pixels are finite; other sources are
+    checked here.
     """
+    from .particles import ParticleSet
+
     g = zarr.open_group(path, mode="r+")
     a = g.attrs[ATTR]
-    start = shard * int(a["shard_rows"])
-    stop = min(start + int(a["shard_rows"]), int(a["n"]))
-    imgs = np.empty((stop - start, a["box"], a["box"]), dtype=np.float32)
-    step = max(1, _READ_BYTES // (4 * a["box"] ** 2))  # bounded temporaries beyond the shard
-    for b in range(0, len(dest), step):
-        imgs[dest[b : b + step]] = particles.read_images(read_rows[b : b + step])
-    # float64 sums of float32 pixels cannot overflow: a non-finite sum means NaN/inf pixels
-    bad = ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
-    if bad.any():
-        first = int(g["original_index"][start + int(np.argmax(bad))])
-        raise ValueError(
-            f"particle {first} (0-based, input order) has NaN or inf pixels; "
-            f"{int(bad.sum())} such particle(s) in store rows {start}-{stop - 1}"
-        )
-    g["images"][start:stop] = imgs
+    imgs = np.asarray(particles.read_images(read_rows), dtype=np.float32)
+    if not isinstance(particles, ParticleSet):
+        # float64 sums of float32 pixels cannot overflow: a non-finite sum means NaN/inf pixels
+        bad = ~np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64))
+        if bad.any():
+            raise ValueError(
+                f"particle {int(input_rows[int(np.argmax(bad))])} (0-based, input order) has NaN "
+                f"or inf pixels; {int(bad.sum())} such particle(s) in this import block"
+            )
+    if np.dtype(a.get("image_dtype", "float32")) == np.float16:
+        peaks = np.abs(imgs).max(axis=(1, 2))
+        if peaks.max() > np.finfo(np.float16).max:
+            raise ValueError(
+                f"particle {int(input_rows[int(np.argmax(peaks))])} (0-based, input order) has "
+                f"pixel values up to {float(peaks.max()):.4g}, beyond float16's "
+                f"{np.finfo(np.float16).max:.0f}: import as float32"
+            )
+    _shard_files(g, "images").write_rows(dest, imgs)
     chunk = int(a["chunk_rows"])
     for b in crop_boxes:
-        g[f"images_{b}"][start:stop] = np.concatenate(
-            [
-                fourier_resize(imgs[i : i + chunk], int(b), ndim=2)
-                for i in range(0, len(imgs), chunk)
-            ]
+        crops = np.concatenate(
+            [fourier_resize(imgs[i : i + chunk], int(b), ndim=2) for i in range(0, len(imgs), chunk)]
         )
-    g["import_done"][shard] = 1
-    return stop - start
+        _shard_files(g, f"images_{b}").write_rows(dest, crops)
+    g["import_done"][block] = 1
+    return len(dest)
 
 
-def _shard_inputs(particles, perm: np.ndarray, shard: int, shard_rows: int):
-    """``(particles_for_task, read_rows, dest)`` of one shard.
+def _file_order(particles) -> np.ndarray:
+    """Input rows sorted by where their images are (stack, then index in it)."""
+    from .particles import ParticleSet
 
-    A :class:`~hetero_dask.io.particles.ParticleSet` is cut to the shard's
+    if isinstance(particles, ParticleSet):
+        idx = np.asarray(particles.table["blob/idx"], dtype=np.int64)
+        return np.lexsort((idx, particles.stack_of_row)).astype(np.int64)
+    return np.arange(len(particles.table), dtype=np.int64)
+
+
+def _block_inputs(particles, rows: np.ndarray, store_row: np.ndarray):
+    """``(particles_for_task, read_rows, dest, input_rows)`` of the block of input ``rows``.
+
+    A :class:`~hetero_dask.io.particles.ParticleSet` is cut to the block's
     rows, so a task carries only its own metadata (worker memory independent
     of N); other sources are used whole.
     """
     from .particles import ParticleSet
 
-    idx = perm[shard * shard_rows : (shard + 1) * shard_rows]
-    dest = np.argsort(idx, kind="stable")
-    rows = idx[dest]
+    dest = store_row[rows]
     if isinstance(particles, ParticleSet):
         sub = dataclasses.replace(
             particles, table=particles.table[rows], stack_of_row=particles.stack_of_row[rows]
         )
-        return sub, np.arange(rows.size), dest
-    return particles, rows, dest
+        return sub, np.arange(rows.size), dest, rows
+    return particles, rows, dest, rows
 
 
-def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
-    """Run the shard tasks, in this process or on ``client`` (at most 2 per worker thread queued)."""
+def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
+    """Run the import blocks on ``client`` (at most 2 per worker thread queued), or in threads
+    of this process (one per core: reading, copying and writing release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     g = zarr.open_group(str(path), mode="r")
     perm = g["original_index"][:]
-    shard_rows = int(g.attrs[ATTR]["shard_rows"])
-    bar = tqdm(total=len(todo), desc="import shards", unit="shard", disable=None if progress is None else not progress)
+    store_row = np.empty_like(perm)
+    store_row[perm] = np.arange(perm.size)
+    order = _file_order(particles)
+    block_rows = int(g.attrs[ATTR]["shard_rows"])
+
+    def inputs(blk):
+        return _block_inputs(particles, order[blk * block_rows : (blk + 1) * block_rows], store_row)
+
+    bar = tqdm(total=len(todo), desc="import", unit="block",
+               disable=None if progress is None else not progress)
+    pending = list(todo)
     try:
         if client is None:
-            for s in todo:
-                _shard_task(
-                    str(path), s, *_shard_inputs(particles, perm, s, shard_rows), crop_boxes
-                )
-                bar.update(1)
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+            def task(blk):  # a block's inputs are cut when it starts: memory stays one block
+                return _block_task(str(path), blk, *inputs(blk), crop_boxes)
+
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                try:
+                    for _ in pool.map(task, pending):  # raises a task's error here
+                        bar.update(1)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)
+                    raise
             return
         from distributed import as_completed
 
@@ -457,16 +590,10 @@ def _run_shards(path: Path, todo: list[int], particles, crop_boxes, client, prog
         if not isinstance(particles, ParticleSet):
             particles = client.scatter(particles, broadcast=True)
         window = 2 * max(1, sum(client.nthreads().values()))
-        pending = list(todo)
 
-        def submit(s):
+        def submit(blk):
             return client.submit(
-                _shard_task,
-                str(path),
-                s,
-                *_shard_inputs(particles, perm, s, shard_rows),
-                list(crop_boxes),
-                pure=False,
+                _block_task, str(path), blk, *inputs(blk), list(crop_boxes), pure=False
             )
 
         running = as_completed([submit(pending.pop(0)) for _ in range(min(window, len(pending)))])
@@ -497,17 +624,25 @@ def import_particles(
     progress: bool = True,
     chunk_mb: float = CHUNK_MB,
     shard_mb: float = SHARD_MB,
+    image_key: str | None = None,
+    extra_attrs: dict | None = None,
+    image_dtype: str = "float32",
 ) -> ParticleStore:
     """Copy particles into a Zarr store at ``out_path`` and return it opened.
 
     ``source``: a ``.cs``/``.star`` path (read with
     :func:`hetero_dask.io.particles.load_particles`, stacks resolved with
     ``stack_dir``) or a ParticleSet (``.table``, ``.box``, ``.psize_A``,
-    ``.read_images(indices)``). With a Dask ``client`` one task per shard
-    runs on the cluster (the ParticleSet is broadcast once); without, shards
-    are written in this process. Memory per task is one shard of images.
+    ``.read_images(indices)``). One task per import block (see the module
+    docstring), on ``client``'s cluster (a ParticleSet is cut per block;
+    other sources are broadcast once) or on threads of this process. Memory
+    per task is one block of images.
     Resumable and safe against interruption (see the module docstring).
+    ``image_key`` is recorded (and must match for a resumed or reused store),
+    and so are ``extra_attrs`` (from the start: no store lacks them).
+    ``image_dtype`` ``"float16"`` halves the store (see :data:`IMAGE_DTYPES`).
     """
+    image_dtype = check_image_dtype(image_dtype)
     out = Path(out_path)
     if isinstance(source, (str, os.PathLike)):
         from .particles import load_particles
@@ -539,12 +674,16 @@ def import_particles(
         "crop_boxes": crop_boxes,
         "chunk_rows": chunk_rows,
         "shard_rows": shard_rows,
+        "image_key": image_key,
+        "image_dtype": image_dtype,
     }
     if is_store(out) and _matches(out, {**expected, "complete": True}):
         return ParticleStore.open(out)  # already imported from the same input
     g = None
     if is_store(partial) and _matches(partial, {**expected, "meta_written": True}):
         g = zarr.open_group(str(partial), mode="r+")
+    if g is not None and g.attrs[ATTR].get("import_unit") != _IMPORT_UNIT:
+        g = None  # its done markers mean something else
     if g is None:
         if partial.exists():
             shutil.rmtree(partial)
@@ -557,13 +696,21 @@ def import_particles(
             sources,
             fp,
             crop_boxes,
-            chunk_mb,
-            shard_mb,
+            chunk_rows,
+            shard_rows,
+            image_key,
+            extra_attrs=extra_attrs,
+            image_dtype=image_dtype,
         )
     todo = [int(s) for s in np.flatnonzero(g["import_done"][:] == 0)]
-    _run_shards(partial, todo, particles, crop_boxes, client, progress)
+    _run_blocks(partial, todo, particles, crop_boxes, client, progress)
     if not (g["import_done"][:] == 1).all():
-        raise RuntimeError(f"import into {partial} left shards unfinished; re-run to finish")
+        raise RuntimeError(f"import into {partial} left blocks unfinished; re-run to finish")
+    return _finish(g, partial, out)
+
+
+def _finish(g: zarr.Group, partial: Path, out: Path) -> ParticleStore:
+    """Mark the store built at ``partial`` complete, then swap it in at ``out``."""
     attrs = dict(g.attrs[ATTR])
     attrs["complete"] = True
     g.attrs[ATTR] = attrs  # written last: the store is complete from here on
@@ -574,6 +721,51 @@ def import_particles(
     if old.exists():
         shutil.rmtree(old)
     return ParticleStore.open(out)
+
+
+def write_view(
+    table: np.ndarray,
+    out_path,
+    source: ParticleStore,
+    source_rows: np.ndarray,
+    seed: int,
+    image_key: str,
+    sources: Sequence[str] = (),
+) -> ParticleStore:
+    """A view at ``out_path``: ``table``'s metadata, images read from ``source``.
+
+    ``source_rows[j]`` is the row of ``source`` holding the image of input
+    particle ``j`` (row ``j`` of ``table``). The view's rows are in the same
+    seeded order an import of ``table`` would give, so a job's results do not
+    depend on which store its images come from. Written under a temporary
+    name and swapped in like an import (see the module docstring).
+    """
+    out = Path(out_path)
+    if out.exists() and not is_store(out):
+        raise ValueError(f"{out} exists and is not a hetero_dask particle store")
+    n = len(table)
+    perm = np.random.default_rng(seed).permutation(n)
+    image_rows = np.asarray(source_rows, dtype=np.int64)[perm]
+    same_rows = n == source.n and np.array_equal(image_rows, np.arange(n))
+    if same_rows:  # share the source's partitioning: tasks then read whole shards of it
+        chunk, shard = int(source.attrs["chunk_rows"]), source.shard_rows
+    else:
+        chunk, shard = store_layout(n, source.box)
+    partial = _partial_path(out)
+    if partial.exists():
+        shutil.rmtree(partial)
+    fp = fingerprint(table, source.box, source.psize_A)
+    g = _create_layout(partial, table, source.box, source.psize_A, seed, list(sources), fp,
+                       source.crop_boxes, chunk, shard, image_key, images=False,
+                       image_dtype=source.image_dtype.name)
+    if not same_rows:
+        mrows = shard * max(1, _META_SHARD_ROWS // shard)
+        g.create_array("image_rows", data=image_rows, chunks=(shard,), shards=(mrows,))
+    attrs = dict(g.attrs[ATTR])
+    attrs["images_from"] = {"path": str(source.path.resolve()),
+                            "image_key": source.attrs["image_key"]}
+    g.attrs[ATTR] = attrs
+    return _finish(g, partial, out)
 
 
 def ensure_store(

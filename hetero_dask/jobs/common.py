@@ -1,10 +1,12 @@
 """What every job does first: open the particle store, and draw the half-set split.
 
 A job accepts a particle store (``*.zarr`` made by ``hetero-dask import``) or
-a ``.cs``/``.star`` file. A file is imported on the fly into
-``OUT/particles.zarr``; a complete store already there that was imported
-from the same table, box, pixel size and seed is reused as it is (a re-run
-of a job does not copy the images again).
+a ``.cs``/``.star`` file. For a file, the job's ``OUT/particles.zarr`` is a
+view of the particle cache's store of the same images, imported once for
+every job (:mod:`hetero_dask.io.cache`; with the cache off, the images are
+imported there); a complete store already there that was made from the same
+table, images and seed is reused as it is (a re-run of a job does not copy
+the images again).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hetero_dask.io.errors import InputError
-from hetero_dask.io.store import ParticleStore, ensure_store, fingerprint, is_store
+from hetero_dask.io.store import ParticleStore, is_store
 
 SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
 
@@ -29,16 +31,19 @@ def open_particle_store(
     flip_contrast: bool = False,
     contrast_check: bool = False,
     particle_set=None,
+    cache_dir=None,
+    image_dtype: str = "float32",
 ) -> ParticleStore:
     """The job's :class:`ParticleStore` for ``particles`` (a store path, or a ``.cs``/``.star`` file).
 
-    A file is imported into ``out_dir/particles.zarr`` (on ``client``'s
-    workers when given), unless a complete store imported from the same
-    input (same fingerprint and ``seed``) is already there. ``flip_contrast``
-    negates ``blob/sign`` before the import; ``contrast_check`` refuses
-    inverted particles first (:func:`hetero_dask.jobs.contrast.check_contrast`).
-    ``particle_set``: the file already loaded (by the job's checks, with
-    ``flip_contrast`` applied), so it is not read again.
+    A file gets ``out_dir/particles.zarr`` (see the module doc; ``cache_dir``:
+    the particle cache's folder, ``"off"``, or None for ``$HETERO_DASK_CACHE``
+    or the default; ``image_dtype``: float32 or float16 images); imports run on
+    ``client``'s workers when given. ``flip_contrast`` negates ``blob/sign``
+    before the import; ``contrast_check`` refuses inverted particles first
+    (:func:`hetero_dask.jobs.contrast.check_contrast`). ``particle_set``: the
+    file already loaded (by the job's checks, with ``flip_contrast``
+    applied), so it is not read again.
     """
     from hetero_dask.jobs.contrast import FLIP_OPTION, check_contrast
 
@@ -54,6 +59,7 @@ def open_particle_store(
         if contrast_check:
             check_contrast(store, particles)
         return store
+    from hetero_dask.io.cache import job_store
     from hetero_dask.io.particles import load_particles
 
     path = Path(particles)
@@ -67,19 +73,8 @@ def open_particle_store(
         pset = load_particles(path, stack_dir=stack_dir, flip_contrast=flip_contrast)
     if contrast_check:
         check_contrast(pset, path, seed)
-    target = Path(out_dir) / "particles.zarr"
-    if is_store(target):
-        try:
-            existing = ParticleStore.open(target)
-        except ValueError:  # incomplete: let the import resume it
-            existing = None
-        if (
-            existing is not None
-            and existing.seed == int(seed)
-            and existing.attrs.get("fingerprint") == fingerprint(pset.table, pset.box, pset.psize_A)
-        ):
-            return existing
-    return ensure_store(pset, out_dir, client=client, seed=seed, progress=progress)
+    return job_store(pset, out_dir, client=client, seed=seed, progress=progress,
+                     cache_dir=cache_dir, image_dtype=image_dtype)
 
 
 def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:

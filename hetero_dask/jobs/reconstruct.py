@@ -88,6 +88,9 @@ class ReconstructParams:
         particle file written), for protein-dark stacks.
     contrast_check: refuse, before any work, particles whose contrast looks
         inverted (:func:`hetero_dask.jobs.contrast.check_contrast`).
+    cache_dir: the particle cache's folder, or "off" (None: ``$HETERO_DASK_CACHE``
+        or the default; see :mod:`hetero_dask.io.cache`).
+    image_dtype: how imported images are stored, "float32" or "float16".
     """
 
     class_prefix: str | None = None
@@ -109,8 +112,11 @@ class ReconstructParams:
     stack_dir: str | None = None
     flip_contrast: bool = False
     contrast_check: bool = True
+    cache_dir: str | None = None
+    image_dtype: str = "float32"
 
     def __post_init__(self):
+        from hetero_dask.io.store import IMAGE_DTYPES
         from hetero_dask.jobs.preflight import bad_value, check_even_box, check_symmetry
 
         if self.class_prefix is not None and self.class_prefix not in _PREFIXES:
@@ -132,6 +138,8 @@ class ReconstructParams:
         for name in ("tau2_fudge", "posterior_tolerance"):
             if not getattr(self, name) > 0:
                 raise bad_value(name, getattr(self, name), "a value > 0")
+        if self.image_dtype not in IMAGE_DTYPES:
+            raise bad_value("image_dtype", self.image_dtype, " or ".join(IMAGE_DTYPES))
         check_symmetry(self.symmetry, self.symmetry_convention)  # refuse bad names early
         if self.mask is not None:
             self.mask = str(self.mask)
@@ -354,13 +362,14 @@ def check_posteriors(post, tolerance: float, source="particles", order=None) -> 
 
 def _open_store(path: str):
     from hetero_dask.dist.engine import worker_cached
-    from hetero_dask.io.store import ParticleStore
+    from hetero_dask.io.store import ParticleStore, store_version
 
-    return worker_cached(("store", path), lambda: ParticleStore.open(path))
+    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path))
 
 
 def _split_of(path: str, random_split: bool, seed: int):
     from hetero_dask.dist.engine import worker_cached
+    from hetero_dask.io.store import store_version
     from hetero_dask.jobs.common import particle_split
 
     def load():
@@ -370,7 +379,7 @@ def _split_of(path: str, random_split: bool, seed: int):
             return by_input[store.original_index].astype(np.int64)
         return particle_split(store, seed)
 
-    return worker_cached(("split", path, bool(random_split), int(seed)), load)
+    return worker_cached(("split", path, store_version(path), bool(random_split), int(seed)), load)
 
 
 def backproject_range(
@@ -391,24 +400,25 @@ def backproject_range(
     split = _split_of(store_path, random_split, seed)
     start, stop = partition.start, partition.stop
     psize_out = store.psize_at_box(box)
-    cols = {name: store.column(name, start, stop) for name in layout.columns()}
-    post, rot, shifts = class_inputs(cols, layout, store.psize_A, psize_out)
-    if hard:
-        post = np.eye(layout.n_classes, dtype=np.float32)[np.argmax(post, axis=1)]
     xp = worker_xp()
     partial = empty_partial(layout.n_classes, box, xp=xp)
     with accumulating(partial):
-        for b0 in range(0, stop - start, batch_size):
-            b1 = min(b0 + batch_size, stop - start)
+        # Everything per batch, metadata too: a task's memory does not grow with its range.
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            cols = {name: store.column(name, lo, hi) for name in layout.columns()}
+            post, rot, shifts = class_inputs(cols, layout, store.psize_A, psize_out)
+            if hard:
+                post = np.eye(layout.n_classes, dtype=np.float32)[np.argmax(post, axis=1)]
             backproject_classes(
                 partial,
-                store.images_at_box(box, start + b0, start + b1),
-                store.ctf(start + b0, start + b1),
+                store.images_at_box(box, lo, hi),
+                store.ctf(lo, hi),
                 psize_out,
-                rot[b0:b1],
-                shifts[b0:b1],
-                post[b0:b1],
-                split[start + b0 : start + b1],
+                rot,
+                shifts,
+                post,
+                split[lo:hi],
             )
     partial.n_particles = stop - start
     return partial.to(np)
@@ -577,6 +587,8 @@ def _run(particles, out, client, p: ReconstructParams, progress, plan) -> Recons
         flip_contrast=p.flip_contrast,
         contrast_check=p.contrast_check,
         particle_set=plan.particles.particle_set,
+        cache_dir=p.cache_dir,
+        image_dtype=p.image_dtype,
     )
     timings["import_s"] = time.perf_counter() - t0
 

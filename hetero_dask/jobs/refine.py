@@ -67,6 +67,7 @@ from hetero_dask.dist.engine import (
     worker_cached,
 )
 from hetero_dask.dist.progress import IterationProgress
+from hetero_dask.io.store import IMAGE_DTYPES
 from hetero_dask.jobs.common import open_particle_store, output_table, particle_split
 from hetero_dask.jobs.mstep import (
     ClassGridsPartial,
@@ -218,9 +219,10 @@ class _Context:
 
 
 def _open_store(path: str):
-    from hetero_dask.io.store import ParticleStore
+    from hetero_dask.io.store import ParticleStore, store_version
 
-    return worker_cached(("store", path), lambda: ParticleStore.open(path), max_entries=8)
+    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path),
+                         max_entries=8)
 
 
 def _normalised_images(store, box: int, start: int, stop: int, mask_radius_px: float, xp):
@@ -501,7 +503,8 @@ def _sigma_scale(it: int, params: RefineParams, converged: bool) -> float:
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
-           progress: bool | None = None, **params) -> dict:
+           progress: bool | None = None, cache_dir=None, image_dtype: str = "float32",
+           **params) -> dict:
     """Run Heterogeneous Refinement; returns the report (also written to ``out/report.json``).
 
     ``particles``: a particle store (``.zarr``), a CryoSPARC ``.cs`` or a RELION
@@ -516,6 +519,8 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     from its last completed iteration (a finished run is left as it is and its report returned).
     ``progress``: None (a bar on a terminal, a line per iteration otherwise), False (silent).
     """
+    if image_dtype not in IMAGE_DTYPES:
+        raise bad_value("image_dtype", image_dtype, " or ".join(IMAGE_DTYPES))
     plan = check_refine(particles, volumes, out, stack_dir=stack_dir, resume=resume, **params)
     if plan.output.action == "finished":
         print(f"{plan.output.out}: this refinement finished already; nothing to resume (its results are "
@@ -524,10 +529,10 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
     with job_client(client) as client:
         ckpt.write_run_record(plan.output.run_dir, plan.record)
         with ckpt.run_status(plan.output.run_dir, "refine"):
-            return _refine(plan, client, progress)
+            return _refine(plan, client, progress, cache_dir, image_dtype)
 
 
-def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
+def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dtype: str) -> dict:
     p = plan.params
     out = plan.output.out
     resume = plan.output.action == "resume"
@@ -535,7 +540,8 @@ def _refine(plan: RefinePlan, client, progress: bool | None) -> dict:
     t0 = time.time()
     store = open_particle_store(plan.particles.path, out, client=client, stack_dir=plan.stack_dir, seed=p.seed,
                                 progress=progress, particle_set=plan.particles.particle_set,
-                                flip_contrast=p.flip_contrast)
+                                flip_contrast=p.flip_contrast, cache_dir=cache_dir,
+                                image_dtype=image_dtype)
     vols_in, psize_vol, names = plan.volumes, plan.volumes_psize_A, plan.volume_names
     K = vols_in.shape[0]
     box = plan.box
