@@ -254,8 +254,8 @@ def test_result_independent_of_partitioning(dataset, reference, monkeypatch):
 
     d, particles, refs = dataset
     out = d / "partitioned"
-    monkeypatch.setattr(refine_module, "ALIGN", 32)  # partitions of 32 particles
-    monkeypatch.setattr(refine_module, "n_task_slots", lambda client: 8)
+    monkeypatch.setattr(refine_module, "ALIGN", 32)
+    monkeypatch.setattr(refine_module, "PARTITION_ROWS", 32)  # partitions of 32 particles
     # batch_size_per_class=128: the same 256-particle batches as the reference's 100 (rounded to 128).
     report = refine(particles, refs, out, progress=False, **{**PARAMS, "batch_size_per_class": 128})
     assert [h["particles"] for h in report["iterations"]] == [[0, 256], [256, 300], [0, 300], [0, 300]]

@@ -87,18 +87,6 @@ def partition_ranges(n: int, n_parts: int, align: int = 1) -> list[Partition]:
     return [Partition(i, edges[i], edges[i + 1]) for i in range(k)]
 
 
-def n_task_slots(client=None) -> int:
-    """Task threads in the cluster (1 without a client): size partitions from this."""
-    if client is None:
-        return 1
-    return max(1, sum(client.nthreads().values()))
-
-
-def default_partitions(client, n: int, per_slot: int = 3, align: int = 1) -> list[Partition]:
-    """``partition_ranges`` with a few partitions per task thread (load balance, retries)."""
-    return partition_ranges(n, per_slot * n_task_slots(client), align)
-
-
 def task_rng(seed: int, iteration: int, partition: int | Sequence[int]) -> np.random.Generator:
     """A generator that depends only on (seed, iteration, partition).
 

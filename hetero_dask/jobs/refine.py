@@ -61,7 +61,6 @@ from hetero_dask.dist.cluster import job_client
 from hetero_dask.dist.engine import (
     Partition,
     map_reduce,
-    n_task_slots,
     partition_ranges,
     task_rng,
     worker_cached,
@@ -87,6 +86,10 @@ from hetero_dask.jobs.preflight import (
 
 REFERENCE_MODES = ("cross", "half", "full")
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
+# Particles per E-step task. Fixed by the data, never by the cluster: the partitions and the
+# tree that sums their grids are then the same on any number of workers, and so are the
+# float32 sums, which an EM run would otherwise amplify into different classes.
+PARTITION_ROWS = 4 * ALIGN
 # Split of identical references (_split_by_variability): poses kept per particle, subspace
 # iterations, rounds of classification in the linear model.
 _SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
@@ -559,7 +562,6 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     np.save(split_file, split.astype(np.int8))
     results_path = _init_results(run_dir / "results.zarr", N, K, resume)
     shift_range = p.shift_range_px if p.shift_range_px is not None else max(2.0, round(box / 16))
-    slots = n_task_slots(client)
 
     state = _State()
     random_its = p.num_random_iterations
@@ -621,7 +623,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
             reference_mode=p.reference_mode, write_results=True, seed=p.seed,
             assignment_file=str(assignment_file) if it < assigned_its else None,
         )
-        n_parts = max(1, min(2 * slots, (stop - start) // ALIGN))
+        n_parts = max(1, math.ceil((stop - start) / PARTITION_ROWS))
         parts = [Partition(i, start + a, start + b) for i, (_, a, b) in
                  enumerate(partition_ranges(stop - start, n_parts, align=ALIGN))]
         prev = state.iteration - 1 if (decay > 0 and state.iteration > 0) else None

@@ -1,0 +1,90 @@
+"""The same job gives the same answer on 1, 2 or 3 workers.
+
+Partitions (and so the tree that sums their grids, and the order of every float32
+sum) are fixed by the data, never by the cluster, and per-particle randomness is
+keyed by the particle. An online-EM run amplifies any round-off difference into
+different classes within a few iterations, so the refine check is strict: the same
+classes for every particle and bitwise-equal maps. Small partitions (64 particles)
+make each batch span several tasks, so a worker-dependent layout would show.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import hetero_dask.io.store as store_module
+import hetero_dask.jobs.refine as refine_module
+from hetero_dask.io.cs import read_cs
+from hetero_dask.io.mrc import read_map
+from hetero_dask.io.store import ParticleStore
+from hetero_dask.jobs.reconstruct import reconstruct
+from hetero_dask.jobs.refine import refine
+from hetero_dask.phantoms import moving_domain_phantoms
+from hetero_dask.simulate import simulate, write_references, write_simulation
+
+BOX, PSIZE = 32, 4.0
+WORKERS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("workers")
+    vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
+    sim = simulate(vols, PSIZE, 160, snr=0.1, seed=5, shift_range_px=1.0)
+    write_simulation(d / "sim", sim, vols)
+    refs = write_references(d, vols + 0.3 * vols.mean(0), PSIZE)  # blurred towards each other
+    return d, str(d / "sim" / "particles.cs"), refs
+
+
+def _on_workers(n: int, job):
+    # Threads in one process start in a second; the partitioning, the tree and the
+    # scheduling are those of any cluster of n single-threaded workers.
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        return job(client)
+
+
+def test_refine_same_classes_and_maps(dataset, monkeypatch):
+    d, particles, refs = dataset
+    monkeypatch.setattr(refine_module, "ALIGN", 32)
+    monkeypatch.setattr(refine_module, "PARTITION_ROWS", 64)
+    runs = {}
+    for n in WORKERS:
+        out = d / f"refine_{n}"
+        report = _on_workers(n, lambda c, out=out: refine(
+            particles, refs, out, client=c, progress=False, refine_box=BOX, batch_size_per_class=80,
+            max_iterations=5, max_order=2, cache_dir="off"))
+        cs = read_cs(out / "particles.cs")
+        runs[n] = (report, np.asarray(cs["alignments3D_multi/class_posterior"]),
+                   [read_map(out / f"class_{k}" / "map.mrc")[0] for k in range(2)])
+    report1, post1, maps1 = runs[1]
+    # a batch spans several tasks (what the test is about) and the run classified something
+    assert max(h["particles"][1] - h["particles"][0] for h in report1["iterations"]) > 2 * 64
+    assert 0.05 < post1.argmax(1).mean() < 0.95
+    for n in WORKERS[1:]:
+        report, post, maps = runs[n]
+        assert [h["particles"] for h in report["iterations"]] == [h["particles"] for h in report1["iterations"]]
+        np.testing.assert_array_equal(post.argmax(1), post1.argmax(1), err_msg=f"classes on {n} workers")
+        np.testing.assert_array_equal(post, post1, err_msg=f"posteriors on {n} workers")
+        for k in range(2):
+            np.testing.assert_array_equal(maps[k], maps1[k], err_msg=f"class {k} map on {n} workers")
+
+
+def test_reconstruct_same_maps(dataset, monkeypatch):
+    d, particles, _ = dataset
+    real = store_module.store_layout
+    # stores of 64-particle chunks: partitions (whole chunks) of 64 particles
+    monkeypatch.setattr(store_module, "store_layout",
+                        lambda n, box, chunk_mb, shard_mb: real(n, box, 64 * 4 * box * box / 2**20, shard_mb))
+    maps = {}
+    for n in WORKERS:
+        out = d / f"reconstruct_{n}"
+        _on_workers(n, lambda c, out=out: reconstruct(particles, out, client=c, progress=False,
+                                                      partition_rows=64, cache_dir="off"))
+        maps[n] = [read_map(out / f"class_{k}" / "map.mrc")[0] for k in range(2)]
+        assert ParticleStore.open(out / "particles.zarr").attrs["chunk_rows"] == 64
+    for n in WORKERS[1:]:
+        for k in range(2):
+            np.testing.assert_array_equal(maps[n][k], maps[1][k], err_msg=f"class {k} map on {n} workers")
