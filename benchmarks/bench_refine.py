@@ -1,6 +1,6 @@
 """Heterogeneous Refinement vs ``relion_refine --K 2``: class accuracy and time to an answer.
 
-Issue 7's accuracy set: two classes differing by a domain
+The moving-domain accuracy set: two classes differing by a domain
 (:func:`hetero_dask.phantoms.moving_domain_phantoms`), CTF, SNR 0.05, box 64,
 ``--n-per-class`` particles per class. Printed, all from the same run:
 
@@ -20,7 +20,7 @@ Issue 7's accuracy set: two classes differing by a domain
    EXTRAPOLATED from its last measured iteration.
 
 Example: python benchmarks/bench_refine.py --n-per-class 400 --workdir /tmp/bench_refine
-Issue 7's consensus start: python benchmarks/bench_refine.py --n-per-class 400 --swing 180
+The consensus start: python benchmarks/bench_refine.py --n-per-class 400 --swing 180
 --domain-weight 1.3 --consensus --skip-relion
 """
 
@@ -232,7 +232,7 @@ def report_ours(inputs: dict, work: Path, sim, oracle: float, args) -> tuple[flo
           f"in-process scheduler: {n_it} iterations, {t_ours:.1f} s wall / {info['cpu']:.0f} s CPU to the "
           f"final classes; accuracy {acc_ours:.3f}; resolution "
           f"{[round(c['resolution_A'], 1) for c in info['report']['classes']]} A", flush=True)
-    target = "issue 7's target from a consensus: accuracy >= 0.90" if args.consensus else "target >= -3"
+    target = "target from a consensus: accuracy >= 0.90" if args.consensus else "target >= -3"
     print(f"    ours - oracle = {100 * (acc_ours - oracle):+.1f} points ({target})", flush=True)
     return t_ours, info["cpu"], acc_ours
 

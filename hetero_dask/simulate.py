@@ -1,6 +1,6 @@
 """Simulated particle images with ground truth (class, pose, shift, CTF).
 
-Image model (DESIGN.md), per particle of class ``k`` with pose ``R``, shift
+Image model (README, Conventions), per particle of class ``k`` with pose ``R``, shift
 ``s`` (pixels, CryoSPARC ``alignments3D/shift`` / RELION origin) and CTF ``C``:
 
     Y(k) = C(k) * V_k^(R k) * exp(+2 pi i k.s / n)

@@ -386,9 +386,9 @@ def test_deinterleave_in_place():
 
 @pytest.mark.parametrize("n", [32, 33])
 def test_half_plane_spectra_are_the_centred_fft(n):
-    """mstep.half_plane_spectra (centring as a phase on the samples) equals the centred 2D FFT
+    """half_plane_spectra (centring as a phase on the samples) equals the centred 2D FFT
     of the images at its (kx, ky), for even and odd boxes, and is C-contiguous for the kernel."""
-    from hetero_dask.jobs.mstep import half_plane_spectra
+    from hetero_dask.core.backprojector import half_plane_spectra
 
     imgs = np.random.default_rng(n).standard_normal((4, n, n)).astype(np.float32)
     kx, ky, Y = half_plane_spectra(imgs, n / 2)

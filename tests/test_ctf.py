@@ -197,3 +197,22 @@ def test_ctf_matches_relion_project(tmp_path):
         assert corr > 0.999, f"particle {i}: correlation {corr:.5f}"
         # same sign, and the same scale (rlnCtfScalefactor 0.8 included): unit delta -> CTF
         np.testing.assert_allclose(gain, 1.0, rtol=1e-3, err_msg=f"particle {i}")
+
+
+def test_ctf_band_is_ctf_values():
+    """The backprojection's CTF (one sin per sample, amplitude contrast as a phase offset,
+    chi as a matrix product) is the CTF of ctf_values, astigmatism, phase plate, B and scale included."""
+    from hetero_dask.core.backprojector import half_plane_freqs
+    from hetero_dask.core.ctf import CTFParams, ctf_band, ctf_values
+
+    rng = np.random.default_rng(0)
+    B, n, psize = 5, 48, 1.7
+    params = CTFParams(df1_A=rng.uniform(8000, 25000, B), df2_A=rng.uniform(8000, 25000, B),
+                       df_angle_rad=rng.uniform(0, np.pi, B), accel_kv=np.array([300, 200, 300, 120, 300.0]),
+                       cs_mm=2.7, amp_contrast=rng.uniform(0.05, 0.2, B), phase_shift_rad=rng.uniform(0, 1.5, B),
+                       bfactor=rng.uniform(0, 80, B), scale=rng.uniform(0.5, 1.5, B))
+    kx, ky, _ = half_plane_freqs(n)
+    fast = ctf_band(params, kx, ky, n, psize)
+    ref = ctf_values(params, kx / (n * psize), ky / (n * psize))
+    np.testing.assert_allclose(fast, ref, atol=2e-5)
+    assert np.abs(ref).max() > 0.5  # a real CTF, not zeros

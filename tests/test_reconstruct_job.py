@@ -1,4 +1,4 @@
-"""Heterogeneous Reconstruction Only (issue 5): truth, mixtures, RELION, partitioning, symmetry, bad input.
+"""Heterogeneous Reconstruction Only: truth, mixtures, RELION, partitioning, symmetry, bad input.
 
 Oracles: the phantoms the particles were simulated from (hard mode), the
 posterior-weighted mixture of the phantoms (soft mode), relion_reconstruct

@@ -116,7 +116,7 @@ def test_reference_grey_scale_does_not_matter(dataset, refined, tmp_path, scale)
 
 @pytest.fixture(scope="module")
 def consensus_set(tmp_path_factory):
-    """Issue 7's consensus set at half size: the same particle (domain swing 180, 1.3x
+    """The moving-domain consensus set at half size: the same particle (domain swing 180, 1.3x
     domain) at box 32 and 8 A/px, SNR 0.2, 250 particles per class; references: two
     copies of the mean of the true maps low-passed to 30 A."""
     d = tmp_path_factory.mktemp("consensus")

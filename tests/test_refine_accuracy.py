@@ -1,4 +1,4 @@
-"""Heterogeneous Refinement accuracy (issue 7) on simulated data with ground truth.
+"""Heterogeneous Refinement accuracy on simulated data with ground truth.
 
 Slow (``-m slow``), at the issue's size:
 
@@ -8,7 +8,7 @@ Slow (``-m slow``), at the issue's size:
   marginalising over the pose grid: a yardstick, not a bound);
 * from two identical references (the consensus: the mean of the true maps
   low-passed to 30 A) on the same kind of set: >= 90% right in at least 4 of 5
-  seeds (issue 7's target; RELION's 3D classification stays near chance here);
+  seeds (the target; RELION's 3D classification stays near chance here);
 * a junk class (third initial volume = noise) collects added pure-noise images
   while the good classes stay clean;
 * D2 data refined with D2 symmetry reaches a better resolution than refined in
@@ -110,7 +110,7 @@ def test_lowpassed_truth_start_within_3_points_of_the_oracle(domain_set, domain_
 
 @pytest.mark.slow
 def test_consensus_start_reaches_90_percent_in_4_of_5_seeds(tmp_path):
-    """Issue 7: "from two identical initial volumes (the consensus): >= 90% right in at
+    """The target: "from two identical initial volumes (the consensus): >= 90% right in at
     least 4 of 5 seeds". The sigma scale anneals from the job's default 3 (the classes
     start far from the truth; from 1: .904-.921 on these seeds, from 3: .912-.936)."""
     vols = moving_domain_phantoms(BOX, PSIZE, n_classes=2, swing_deg=180.0, domain_weight=1.3)

@@ -196,7 +196,7 @@ def test_size_weighted_embedding_is_the_particle_graph_reduced():
 
 def test_size_weighting_keeps_tiny_noisy_classes_from_deciding():
     """Two large classes of two close structures and three near-empty noisy classes
-    that resemble each other (issue 8's end-to-end failure): counting classes once
+    that resemble each other: counting classes once
     groups the noise together; weighing them by particles splits the structures."""
     rng = np.random.default_rng(0)
     base = rng.standard_normal(400)

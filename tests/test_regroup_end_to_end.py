@@ -1,4 +1,4 @@
-"""Regroup 3D Classes chained with the other jobs (issue 8's last two tests).
+"""Regroup 3D Classes chained with the other jobs .
 
 Oracles: the simulation's truth. Each simulated particle carries its structure's
 true pose, so (1) superclass particles reconstructed with those poses must give the

@@ -325,3 +325,14 @@ def test_threaded_particle_blocks_equal_one_block():
     for name in ("class_posterior", "rot_id", "shift_px", "pose_ids", "pose_weight", "alpha"):
         np.testing.assert_allclose(getattr(three, name), getattr(one, name), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(three.n_poses_evaluated, one.n_poses_evaluated)
+
+
+def test_separable_phase_ramp_is_the_phase_ramp():
+    from hetero_dask.core.backprojector import half_plane_freqs
+    from hetero_dask.core.scoring import phase_ramp, separable_phase_ramp
+
+    n = 40
+    kx, ky, _ = half_plane_freqs(n)
+    shifts = np.random.default_rng(1).uniform(-4, 4, (7, 2)).astype(np.float32)
+    np.testing.assert_allclose(separable_phase_ramp(shifts, kx, ky, n),
+                               phase_ramp(kx, ky, shifts[:, None, :], n)[:, 0], atol=2e-5)

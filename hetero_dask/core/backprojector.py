@@ -361,3 +361,31 @@ def symmetrise_grids(grids: BackprojGrids, ops) -> BackprojGrids:
         sym[:, :, 0] *= 0.5
         out.append(sym)
     return replace(grids, data=out[0], weight=out[1])
+
+
+def half_plane_spectra(images, r_max=None):
+    """Centred spectra of real images ``(B, n, n)`` at :func:`half_plane_freqs` ``(kx, ky)``.
+
+    Returns ``(kx, ky, Y (B, M) complex64)``, C-contiguous; one single-precision
+    real-input FFT per image (kx >= 0 is the real FFT's half). The centring
+    (origin at pixel ``n // 2``) is a phase ``exp(2 pi i (n // 2)(kx + ky) / n)``
+    on the M samples, ``(-1)^(kx + ky)`` for even ``n``, instead of a shift of the images.
+    """
+    xp = xp_of(images)
+    n = images.shape[-1]
+    kx, ky, _ = half_plane_freqs(n, r_max, xp)
+    images = xp.asarray(images, dtype=xp.float32)
+    if xp is np:
+        import scipy.fft  # noqa: PLC0415
+
+        F = scipy.fft.rfft2(images)
+    else:
+        F = xp.fft.rfft2(images)
+    ikx, iky = kx.astype(xp.int64), ky.astype(xp.int64)
+    flat = (iky % n) * (n // 2 + 1) + ikx
+    Y = xp.take(F.reshape(images.shape[0], -1), flat, axis=1).astype(xp.complex64, copy=False)
+    if n % 2 == 0:
+        Y *= xp.where((ikx + iky) % 2 == 0, 1, -1).astype(xp.float32)
+    else:
+        Y *= xp.exp((2j * np.pi * (n // 2) / n) * (ikx + iky)).astype(xp.complex64)
+    return kx, ky, Y

@@ -1,4 +1,4 @@
-"""Contrast transfer function, as RELION's ``ctf.cpp`` computes it (see DESIGN.md).
+"""Contrast transfer function, as RELION's ``ctf.cpp`` computes it (README, Conventions).
 
 lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)) A;
 defocus(alpha) = 0.5 [(dU + dV) + (dU - dV) cos 2(alpha - theta)];
@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .backend import xp_of
+from .backend import to_host, xp_of
 
 
 def electron_wavelength_A(accel_kv):
@@ -85,3 +85,47 @@ def ctf_image(params: CTFParams, n: int, psize_A: float, xp=np):
     k = (xp.arange(n) - n // 2) / (n * psize_A)
     ky, kx = xp.meshgrid(k, k, indexing="ij")
     return ctf_values(params, kx, ky)
+
+
+def ctf_band(params: CTFParams, kx, ky, n: int, psize_A: float):
+    """CTF ``(B, M)`` float32 at frequencies ``kx``, ``ky`` ``(M,)`` (cycles per box), as
+    :func:`ctf_values` computes it, with one ``sin`` per sample.
+
+    The phase ``chi`` is a (B, 5) @ (5, M) product over the frequency terms
+    (s^2, s^2 cos 2a, s^2 sin 2a, s^4, 1), float64; amplitude contrast folds
+    into a per-particle phase offset ``atan2(w, sqrt(1 - w^2))``.
+    """
+    xp = xp_of(kx)
+    B = int(np.asarray(to_host(xp.asarray(params.df1_A))).reshape(-1).shape[0])
+
+    def col(v):
+        return xp.broadcast_to(xp.asarray(v, dtype=xp.float64).reshape(-1), (B,))
+
+    fx = xp.asarray(kx, dtype=xp.float64) / (n * psize_A)
+    fy = xp.asarray(ky, dtype=xp.float64) / (n * psize_A)
+    s2 = fx**2 + fy**2
+    r2 = xp.where(s2 > 0, s2, 1.0)
+    cos2a, sin2a = (fx**2 - fy**2) / r2, 2 * fx * fy / r2  # cos/sin of 2 * atan2(fy, fx)
+    basis = xp.stack([s2, s2 * cos2a, s2 * sin2a, s2**2, xp.ones_like(s2)])  # (5, M)
+    df1, df2, ang = col(params.df1_A), col(params.df2_A), col(params.df_angle_rad)
+    lam = electron_wavelength_A(col(params.accel_kv))
+    w = col(params.amp_contrast)
+    hd = 0.5 * (df1 - df2)
+    coef = xp.stack(
+        [
+            np.pi * lam * 0.5 * (df1 + df2),
+            np.pi * lam * hd * xp.cos(2 * ang),
+            np.pi * lam * hd * xp.sin(2 * ang),
+            -0.5 * np.pi * col(params.cs_mm) * 1e7 * lam**3,
+            col(params.phase_shift_rad) + xp.arctan2(w, xp.sqrt(1.0 - w**2)),
+        ],
+        axis=1,
+    )  # (B, 5)
+    c = xp.sin((coef @ basis).astype(xp.float32))
+    bf = col(params.bfactor)
+    if bool(xp.any(bf != 0)):
+        c *= xp.exp(-bf[:, None] * s2[None, :] / 4.0).astype(xp.float32)
+    scale = col(params.scale)
+    if bool(xp.any(scale != 1)):
+        c *= scale.astype(xp.float32)[:, None]
+    return c

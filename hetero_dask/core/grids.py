@@ -13,7 +13,7 @@ nested ordering the 4 sub-pixels of pixel ``p`` at order ``o + 1`` are
 A rotation's 8 children (:func:`children`) are its 4 sub-pixels, each with
 the 2 finer in-plane angles nearest to the parent rotation.
 
-Convention (DESIGN.md): direction (theta, phi) and in-plane psi are RELION's
+Convention (README, Conventions): direction (theta, phi) and in-plane psi are RELION's
 (tilt, rot) and psi, ``A = euler(rot=phi, tilt=theta, psi)`` and the
 CryoSPARC matrix is ``R = A.T``, so the viewing direction ``R[:, 2]`` is
 ``(sin theta cos phi, sin theta sin phi, cos theta)``.

@@ -1,6 +1,6 @@
 """Central-slice projection of a 2x-padded Fourier volume by trilinear interpolation.
 
-Convention (DESIGN.md): the 2D frequency ``k = (kx, ky)`` of the image of a
+Convention (README, Conventions): the 2D frequency ``k = (kx, ky)`` of the image of a
 volume at rotation ``R`` samples the volume's Fourier transform at
 ``R @ (kx, ky, 0)``; the real-space image is the projection along z of
 ``V(R r)``. Frequencies are in cycles per (unpadded) box ``n``; a point

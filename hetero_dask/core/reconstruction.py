@@ -1,6 +1,6 @@
 """Volumes from backprojected grids: Wiener-regularised division, inverse FFT, gridding correction.
 
-DESIGN.md, as RELION's ``BackProjector::reconstruct``:
+As RELION's ``BackProjector::reconstruct``:
 ``V = B / max(W + 1/tau2(shell), floor(shell))`` with
 ``1/tau2 = mean_shell(W) / (T * SSNR)``, ``SSNR = FSC / (1 - FSC)`` and the
 FSC clipped to [0.001, 0.999] (shells the curve does not reach count as

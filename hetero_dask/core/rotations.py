@@ -1,6 +1,6 @@
 """Rotations: CryoSPARC axis-angle poses, rotation matrices and RELION ZYZ Euler angles.
 
-Conventions (see DESIGN.md, tested by round trips in tests/test_rotations.py):
+Conventions (README, Conventions; tested by round trips in tests/test_rotations.py):
 
 * A CryoSPARC pose is an axis-angle vector in radians; ``R = pose_to_matrix(pose)``
   equals ``scipy.spatial.transform.Rotation.from_rotvec(pose).as_matrix()``.

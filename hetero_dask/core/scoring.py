@@ -1,6 +1,6 @@
 """The E-step: particle images scored against class projections as real matrix products.
 
-Model (DESIGN.md): ``Y(k) = CTF(k) V^(R k) exp(+2 pi i k.s / n) + noise``, noise of
+Model (README, Conventions): ``Y(k) = CTF(k) V^(R k) exp(+2 pi i k.s / n) + noise``, noise of
 ``E|n(k)|^2 = sigma2(shell)`` per complex coefficient. Over the independent
 half-plane band ``1 <= |k| <= r`` (Friedel symmetry) the log-likelihood is
 
@@ -194,6 +194,19 @@ def phase_ramp(kx, ky, shifts_px, n: int):
     s = xp.asarray(shifts_px, dtype=xp.float32)
     ph = (-2.0 * np.pi / n) * (s[..., 0:1] * kx + s[..., 1:2] * ky)
     return (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
+
+
+def separable_phase_ramp(shifts_px, kx, ky, n: int):
+    """``exp(-2 pi i (sx kx + sy ky) / n)`` ``(B, M)`` complex64 for integer ``kx``, ``ky`` ``(M,)``:
+    :func:`phase_ramp` of one shift per image, from per-axis 1D ramps (2n exponentials
+    per image instead of M)."""
+    xp = xp_of(kx)
+    k = xp.arange(-(n // 2), n - n // 2, dtype=xp.float32)  # every integer frequency
+    s = xp.asarray(shifts_px, dtype=xp.float32)
+    ex = xp.exp((-2j * np.pi / n) * (s[:, :1] * k[None, :])).astype(xp.complex64)
+    ey = xp.exp((-2j * np.pi / n) * (s[:, 1:] * k[None, :])).astype(xp.complex64)
+    o = n // 2
+    return ex[:, kx.astype(xp.int64) + o] * ey[:, ky.astype(xp.int64) + o]
 
 
 # Rotations x frequencies per projection block on a CPU: project()'s dozen float32

@@ -10,7 +10,7 @@ particles, so partials of disjoint particle ranges merge by addition
 Backprojection (:func:`backproject_particles`), per particle ``i``, pose
 ``p`` of class ``k``, weight ``w = posterior x pose weight``:
 ``B += w * CTF * Y_centred / sigma2`` and ``W += w * CTF^2 / sigma2`` at
-``R k`` (DESIGN.md), with ``Y_centred = Y * exp(-2 pi i k.s / n)``. A task's
+``R k`` (README, Conventions), with ``Y_centred = Y * exp(-2 pi i k.s / n)``. A task's
 batch loop runs inside :func:`accumulating`: on a CPU worker the products are
 then formed per sample in one compiled pass
 (:func:`hetero_dask.core.cpu_kernels.backproject_images`) into interleaved
@@ -38,14 +38,16 @@ from hetero_dask.core.backprojector import (
     BackprojGrids,
     backproject,
     half_plane_freqs,
+    half_plane_spectra,
     merge_grids,
     new_grids,
     symmetrise_grids,
 )
-from hetero_dask.core.ctf import CTFParams, electron_wavelength_A
+from hetero_dask.core.ctf import CTFParams, ctf_band
 from hetero_dask.core.fsc import fsc as fsc_curve
 from hetero_dask.core.fsc import full_map_fsc, resolution_A
 from hetero_dask.core.reconstruction import reconstruct
+from hetero_dask.core.scoring import separable_phase_ramp
 
 HALVES = (0, 1)
 
@@ -135,89 +137,6 @@ def select_class(merged: ClassGridsPartial, k: int) -> ClassGridsPartial:
 def _shell_of(kx, ky, n_shells: int):
     xp = xp_of(kx)
     return xp.minimum(xp.rint(xp.sqrt(kx**2 + ky**2)).astype(xp.int64), n_shells - 1)
-
-
-def ctf_half_plane(params: CTFParams, kx, ky, n: int, psize_A: float):
-    """CTF ``(B, M)`` float32 at frequencies ``kx``, ``ky`` ``(M,)`` (cycles per box), as
-    :func:`hetero_dask.core.ctf.ctf_values` computes it, with one ``sin`` per sample.
-
-    The phase ``chi`` is a (B, 5) @ (5, M) product over the frequency terms
-    (s^2, s^2 cos 2a, s^2 sin 2a, s^4, 1), float64; amplitude contrast folds
-    into a per-particle phase offset ``atan2(w, sqrt(1 - w^2))``.
-    """
-    xp = xp_of(kx)
-    B = int(np.asarray(to_host(xp.asarray(params.df1_A))).reshape(-1).shape[0])
-
-    def col(v):
-        return xp.broadcast_to(xp.asarray(v, dtype=xp.float64).reshape(-1), (B,))
-
-    fx = xp.asarray(kx, dtype=xp.float64) / (n * psize_A)
-    fy = xp.asarray(ky, dtype=xp.float64) / (n * psize_A)
-    s2 = fx**2 + fy**2
-    r2 = xp.where(s2 > 0, s2, 1.0)
-    cos2a, sin2a = (fx**2 - fy**2) / r2, 2 * fx * fy / r2  # cos/sin of 2 * atan2(fy, fx)
-    basis = xp.stack([s2, s2 * cos2a, s2 * sin2a, s2**2, xp.ones_like(s2)])  # (5, M)
-    df1, df2, ang = col(params.df1_A), col(params.df2_A), col(params.df_angle_rad)
-    lam = electron_wavelength_A(col(params.accel_kv))
-    w = col(params.amp_contrast)
-    hd = 0.5 * (df1 - df2)
-    coef = xp.stack(
-        [
-            np.pi * lam * 0.5 * (df1 + df2),
-            np.pi * lam * hd * xp.cos(2 * ang),
-            np.pi * lam * hd * xp.sin(2 * ang),
-            -0.5 * np.pi * col(params.cs_mm) * 1e7 * lam**3,
-            col(params.phase_shift_rad) + xp.arctan2(w, xp.sqrt(1.0 - w**2)),
-        ],
-        axis=1,
-    )  # (B, 5)
-    c = xp.sin((coef @ basis).astype(xp.float32))
-    bf = col(params.bfactor)
-    if bool(xp.any(bf != 0)):
-        c *= xp.exp(-bf[:, None] * s2[None, :] / 4.0).astype(xp.float32)
-    scale = col(params.scale)
-    if bool(xp.any(scale != 1)):
-        c *= scale.astype(xp.float32)[:, None]
-    return c
-
-
-def half_plane_spectra(images, r_max=None):
-    """Centred spectra of real images ``(B, n, n)`` at :func:`half_plane_freqs` ``(kx, ky)``.
-
-    Returns ``(kx, ky, Y (B, M) complex64)``, C-contiguous; one single-precision
-    real-input FFT per image (kx >= 0 is the real FFT's half). The centring
-    (origin at pixel ``n // 2``) is a phase ``exp(2 pi i (n // 2)(kx + ky) / n)``
-    on the M samples, ``(-1)^(kx + ky)`` for even ``n``, instead of a shift of the images.
-    """
-    xp = xp_of(images)
-    n = images.shape[-1]
-    kx, ky, _ = half_plane_freqs(n, r_max, xp)
-    images = xp.asarray(images, dtype=xp.float32)
-    if xp is np:
-        import scipy.fft  # noqa: PLC0415
-
-        F = scipy.fft.rfft2(images)
-    else:
-        F = xp.fft.rfft2(images)
-    ikx, iky = kx.astype(xp.int64), ky.astype(xp.int64)
-    flat = (iky % n) * (n // 2 + 1) + ikx
-    Y = xp.take(F.reshape(images.shape[0], -1), flat, axis=1).astype(xp.complex64, copy=False)
-    if n % 2 == 0:
-        Y *= xp.where((ikx + iky) % 2 == 0, 1, -1).astype(xp.float32)
-    else:
-        Y *= xp.exp((2j * np.pi * (n // 2) / n) * (ikx + iky)).astype(xp.complex64)
-    return kx, ky, Y
-
-
-def _shift_phases(shifts_px, kx, ky, n: int):
-    """``exp(-2 pi i (sx kx + sy ky) / n)`` ``(B, M)`` complex64 from per-axis 1D ramps."""
-    xp = xp_of(kx)
-    k = xp.arange(-(n // 2), n - n // 2, dtype=xp.float32)  # every integer frequency
-    s = xp.asarray(shifts_px, dtype=xp.float32)
-    ex = xp.exp((-2j * np.pi / n) * (s[:, :1] * k[None, :])).astype(xp.complex64)
-    ey = xp.exp((-2j * np.pi / n) * (s[:, 1:] * k[None, :])).astype(xp.complex64)
-    o = n // 2
-    return ex[:, kx.astype(xp.int64) + o] * ey[:, ky.astype(xp.int64) + o]
 
 
 def _fused_cpu_path(partial: ClassGridsPartial, k: int) -> bool:
@@ -313,7 +232,7 @@ def backproject_particles(
                        weights, halves)
         return partial
     kx, ky, Y = half_plane_spectra(images, r_max)
-    ctf = ctf_half_plane(ctf_params.to(xp), kx, ky, n, psize_A)
+    ctf = ctf_band(ctf_params.to(xp), kx, ky, n, psize_A)
     ctf_isig = _over_sigma2(ctf, kx, ky, inv_sigma2)
     cy = ctf_isig * Y  # CTF * Y / sigma2, before centring
     c2 = ctf_isig * ctf  # CTF^2 / sigma2
@@ -323,7 +242,7 @@ def backproject_particles(
             sel = xp.nonzero((halves == h) & (w > 0))[0]
             if sel.size == 0:
                 continue
-            phase = _shift_phases(shifts_px[sel, p], kx, ky, n)
+            phase = separable_phase_ramp(shifts_px[sel, p], kx, ky, n)
             ws = w[sel][:, None]
             phase *= cy[sel]
             if bool(xp.any(ws != 1)):
@@ -345,7 +264,7 @@ def _fused_inputs(images, ctf_params: CTFParams, psize_A: float, r_max, inv_sigm
     n = images.shape[-1]
     kx, ky, _ = half_plane_freqs(n, r_max)
     F = scipy.fft.rfft2(images)
-    ctf = ctf_half_plane(ctf_params.to(np), kx, ky, n, psize_A)
+    ctf = ctf_band(ctf_params.to(np), kx, ky, n, psize_A)
     return F, kx, ky, ctf, _over_sigma2(ctf, kx, ky, inv_sigma2)
 
 

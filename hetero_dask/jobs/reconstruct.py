@@ -1,6 +1,6 @@
 """Heterogeneous Reconstruction Only: K class maps from particles with per-class poses and posteriors.
 
-Steps (DESIGN.md "Heterogeneous Reconstruction Only", issue 5):
+Steps:
 
 1. particles (``.cs``, ``.star`` or a particle store) -> Zarr store
    (:func:`hetero_dask.jobs.common.open_particle_store`);

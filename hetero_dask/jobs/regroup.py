@@ -1,6 +1,6 @@
 """Regroup 3D Classes: cluster K class volumes into M superclasses and regroup their particles.
 
-Steps (DESIGN.md "Regroup 3D Classes"):
+Steps:
 
 1. class of each particle = argmax of its upstream class posteriors
    (``alignments_class_{k}``, ``alignments_class3D_{k}``, ``alignments3D_multi``;
