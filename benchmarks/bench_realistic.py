@@ -44,8 +44,6 @@ LARGE = {"two_conformations_large"}
 def run_ours(data: S.Dataset, work: Path, params: dict, workers: int) -> dict:
     """``hetero_dask.refine`` with default parameters (plus ``params``); scores against the truth."""
     from hetero_dask import refine
-    from hetero_dask.io.cs import read_cs
-    from hetero_dask.testing.relion import read_mrc
 
     sc = data.scenario
     out = work / "ours"
@@ -65,15 +63,8 @@ def run_ours(data: S.Dataset, work: Path, params: dict, workers: int) -> dict:
             client.close()
             cluster.close()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    cs = read_cs(out / "particles.cs")
-    post = np.asarray(cs["alignments3D_multi/class_posterior"], np.float64)
-    pred = post.argmax(axis=1)
-    mapping = S.match_classes(pred, data.labels, sc.n_classes)
-    maps = [read_mrc(out / f"class_{k}" / "map.mrc") for k in range(sc.n_classes)]
     first = report["iterations"][0]
-    return dict(wall_s=wall, cpu_s=cpu, accuracy=S.accuracy(pred, data, mapping),
-                junk_recall=S.junk_recall(pred, data, mapping), calibration=S.calibration(post, data, mapping),
-                maps=S.map_scores(maps, report["psize_A"], data, mapping), iterations=len(report["iterations"]),
+    return dict(wall_s=wall, cpu_s=cpu, **S.score_refine_run(out, data), iterations=len(report["iterations"]),
                 first_iteration=first, converged_at=report.get("converged_at_iteration"),
                 resolution_A=[c["resolution_A"] for c in report["classes"]], params=kw)
 

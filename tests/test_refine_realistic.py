@@ -8,8 +8,12 @@ accuracy of its classes above that of its first E-step (the classes the starting
 give), and its maps closer to the true maps than the starting maps are. A refinement
 that does not learn stays where it starts.
 
-The full-size accuracy runs (every scenario, against the oracle ceiling and RELION) are
-``benchmarks/bench_realistic.py``.
+The full-size scenarios are slow tests here (``pytest -m slow tests/test_refine_realistic.py``,
+about 15 minutes): on a report seed (13, never used for tuning), the defaults must come within
+3 points of the oracle ceiling with calibrated posteriors (ECE <= 0.05), the goals the
+defaults are held to. Scenarios where they do not yet are expected failures, with the gap
+measured by ``benchmarks/bench_realistic.py`` (tables and plots in
+``benchmarks/results/realistic``), which also runs RELION on the same data.
 """
 
 from __future__ import annotations
@@ -62,3 +66,36 @@ def test_refinement_ends_above_where_it_starts(small_set, tmp_path):
     assert acc >= acc0 + 0.05
     assert acc >= 0.75
     assert corr >= corr0 + 0.03
+
+
+# Measured gaps (benchmarks/results/realistic/results.md, seeds 10-12): an expected failure
+# here turns into a pass when the gap closes.
+_SHORT_OF_THE_GOALS = {
+    "two_conformations": "3-4 points below the oracle (ECE 0.05 met)",
+    "transition": "12-13 points below the oracle on the two smallest states; ECE ~0.2",
+    "consensus_start": "the split from identical references ends 5-11 points below the oracle",
+    "coloured_noise": "5-7 points below the oracle; overconfident (ECE ~0.15)",
+    "symmetric": "about 5 points below the oracle; ECE ~0.1",
+    "junk": "junk recall ~10 points below the oracle's; ECE ~0.12",
+}
+FULL_SIZE = [n for n in S.SCENARIOS if n != "two_conformations_large"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=_SHORT_OF_THE_GOALS[n], strict=False))
+    if n in _SHORT_OF_THE_GOALS else n for n in FULL_SIZE])
+def test_full_size_scenario_near_the_oracle(name, tmp_path_factory):
+    sc = S.SCENARIOS[name]
+    folder = tmp_path_factory.mktemp(name)
+    data = S.build(sc, seed=13, folder=folder / "data")
+    oracle = S.oracle_accuracy(data, folder / "oracle")
+    refine(str(data.particles_star), [str(p) for p in data.references], folder / "ours",
+           refine_box=sc.refine_box or sc.box, symmetry=sc.symmetry, seed=13, progress=False)
+    ours = S.score_refine_run(folder / "ours", data)
+    print(f"{name}: oracle {oracle['accuracy']:.3f}, ours {ours['accuracy']:.3f}, "
+          f"ECE {ours['calibration']['ece']:.3f}, junk recall {ours['junk_recall']} / {oracle.get('junk_recall')}")
+    assert ours["accuracy"] >= oracle["accuracy"] - 0.03
+    assert ours["calibration"]["ece"] <= 0.05
+    if ours["junk_recall"] is not None:
+        assert ours["junk_recall"] >= oracle["junk_recall"] - 0.05

@@ -413,6 +413,22 @@ def oracle_maps(data: Dataset, workdir: Path | str) -> tuple[np.ndarray, np.ndar
     return np.asarray(maps, np.float32), np.asarray(curves)
 
 
+def score_refine_run(out: Path | str, data: Dataset) -> dict:
+    """A finished ``hetero_dask.refine`` run in ``out`` against the truth: accuracy after matching
+    classes to states, junk recall, calibration of the posteriors, class maps against the true maps."""
+    from hetero_dask.io.cs import read_cs  # noqa: PLC0415
+
+    out = Path(out)
+    sc = data.scenario
+    post = np.asarray(read_cs(out / "particles.cs")["alignments3D_multi/class_posterior"], np.float64)
+    pred = post.argmax(axis=1)
+    mapping = match_classes(pred, data.labels, sc.n_classes)
+    maps = [read_mrc(out / f"class_{k}" / "map.mrc") for k in range(sc.n_classes)]
+    psize = json.loads((out / "report.json").read_text())["psize_A"]
+    return dict(accuracy=accuracy(pred, data, mapping), junk_recall=junk_recall(pred, data, mapping),
+                calibration=calibration(post, data, mapping), maps=map_scores(maps, psize, data, mapping))
+
+
 def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, max_particles: int | None = None) -> dict:
     """The oracle ceiling: accuracy of one E-step (our coarse-to-fine search over poses
     and shifts) of every particle against the maps of the OTHER half set, reconstructed
