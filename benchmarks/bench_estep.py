@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hetero_dask.core import grids
+from hetero_dask.core import pose_grids as grids
 from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.rotations import angle_between, euler_to_matrix, pose_to_matrix

@@ -26,8 +26,8 @@ import time
 import numpy as np
 from distributed import Client, get_task_stream
 
-from hetero_dask.dist.cluster import make_local_cluster
-from hetero_dask.dist.engine import Partition, map_reduce, partition_ranges
+from hetero_dask.runtime.cluster import make_local_cluster
+from hetero_dask.runtime.engine import Partition, map_reduce, partition_ranges
 
 GRID_SHAPE = (6, 128, 128, 65)  # K=3 classes x 2 halves, box 64 padded 2x, Hermitian half
 M_COEFFS, N_ROTATIONS, BATCH = 1024, 4096, 1000

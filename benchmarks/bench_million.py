@@ -138,7 +138,7 @@ def _stage(workers: int, fn) -> tuple[object, float, float]:
     (start-up is not the stage's): ``(result, wall s, largest worker peak MB)``."""
     from distributed import Client
 
-    from hetero_dask.dist.cluster import make_local_cluster
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
         client.run(_load_modules)

@@ -70,8 +70,8 @@ def _worker_peak_rss_mb(client) -> float:
 def _run_ours(store, out: Path, workers: int, warm_store) -> dict:
     from distributed import Client
 
-    from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.reconstruct import reconstruct
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     for name in (f"warm_{workers}", f"ours_{workers}"):  # a job refuses a finished run's folder
         shutil.rmtree(out / name, ignore_errors=True)

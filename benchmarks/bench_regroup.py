@@ -77,8 +77,8 @@ def main(argv=None) -> int:
 
     from distributed import Client
 
-    from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.regroup import RegroupParams, regroup
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     t = time.perf_counter()
     vols, truth, table = make_inputs(args.classes, args.box)

@@ -91,8 +91,8 @@ def task_compute_s(stream: list[dict]) -> float:
 def run_reconstruct(store: Path, out: Path, workers: int, batch_size: int | None) -> dict:
     from distributed import Client, get_task_stream
 
-    from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.reconstruct import reconstruct
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
         client.run(lambda: __import__("hetero_dask.jobs.reconstruct"))  # imports are not the job's memory
@@ -112,8 +112,8 @@ def run_reconstruct(store: Path, out: Path, workers: int, batch_size: int | None
 def run_refine(store: Path, refs: list[str], out: Path, workers: int, order: int) -> dict:
     from distributed import Client, get_task_stream
 
-    from hetero_dask.dist.cluster import make_local_cluster
     from hetero_dask.jobs.refine import refine
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
         reset_worker_peak_rss(client)

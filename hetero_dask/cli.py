@@ -10,8 +10,8 @@ import argparse
 import importlib
 import sys
 
-from hetero_dask.dist.progress import close_bars
-from hetero_dask.dist.signals import Terminated, sigterm_raises
+from hetero_dask.runtime.progress import close_bars
+from hetero_dask.runtime.signals import Terminated, sigterm_raises
 
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from hetero_dask.dist.cluster import BLAS_ENV_VARS, blas_threads_per_worker, make_local_cluster
+from hetero_dask.runtime.cluster import BLAS_ENV_VARS, blas_threads_per_worker, make_local_cluster
 
 
 def _blas_env() -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import urllib.request
 
-from hetero_dask.dist.cluster import open_client
-from hetero_dask.dist.progress import print_dashboard
+from hetero_dask.runtime.cluster import open_client
+from hetero_dask.runtime.progress import print_dashboard
 
 
 def test_printed_dashboard_address_serves_pages(capsys):

@@ -11,7 +11,7 @@ import dask
 import pytest
 import yaml
 
-from hetero_dask.dist.cluster import PROJECT_CONFIG, load_project_config
+from hetero_dask.runtime.cluster import PROJECT_CONFIG, load_project_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 PYPROJECT = DEPLOY.parent / "pyproject.toml"

@@ -41,8 +41,8 @@ def hetero_dask(*argv, timeout=120) -> subprocess.CompletedProcess:
 def test_detach_survives_client_exit_and_status_follows(dataset):
     from distributed import Client
 
-    from hetero_dask.dist.cluster import make_local_cluster
-    from hetero_dask.dist.submit import JobHandle
+    from hetero_dask.runtime.cluster import make_local_cluster
+    from hetero_dask.runtime.submit import JobHandle
 
     d, particles, refs = dataset
     out = d / "out"

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hetero_dask.dist import checkpoint as ckpt
 from hetero_dask.io.cs import read_cs
 from hetero_dask.io.mrc import read_map
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms
+from hetero_dask.runtime import checkpoint as ckpt
 from hetero_dask.simulate import simulate, write_references, write_simulation
 
 BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 150
@@ -111,7 +111,7 @@ class WorkerKiller(threading.Thread):
 def test_worker_killed_during_estep(dataset, reference):
     from distributed import Client
 
-    from hetero_dask.dist.cluster import make_local_cluster
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     d, particles, refs = dataset
     out = d / "worker_killed"

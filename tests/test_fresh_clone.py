@@ -85,7 +85,7 @@ def test_ci_runs_the_readme_command_in_a_clean_clone(tmp_path):
 def test_local_cluster_takes_free_ports():
     from distributed import Client
 
-    from hetero_dask.dist.cluster import make_local_cluster
+    from hetero_dask.runtime.cluster import make_local_cluster
 
     with socket.socket() as taken:
         try:  # hold 8787 (Dask's default HTTP port); if someone else holds it, the same test

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from hetero_dask.core import grids
+from hetero_dask.core import pose_grids as grids
 from hetero_dask.core.rotations import euler_to_matrix
 
 

@@ -358,8 +358,8 @@ def test_combine_sums_partials_into_its_first_input():
     sums, weight sums and extras equal those of explicit copies merged."""
     import copy
 
-    from hetero_dask.dist.engine import _combine
     from hetero_dask.jobs.mstep import empty_partial, merge_partials
+    from hetero_dask.runtime.engine import _combine
 
     rng = np.random.default_rng(2)
     parts = []

@@ -13,12 +13,12 @@ import pytest
 
 from hetero_dask.core.fourier import fourier_resize
 from hetero_dask.core.fsc import _radius_fft
-from hetero_dask.dist import checkpoint as ckpt
 from hetero_dask.io.cs import read_cs, write_cs
 from hetero_dask.io.mrc import read_map
 from hetero_dask.jobs.reconstruct import reconstruct
 from hetero_dask.jobs.refine import refine
 from hetero_dask.phantoms import moving_domain_phantoms, symmetric_phantom
+from hetero_dask.runtime import checkpoint as ckpt
 from hetero_dask.simulate import simulate, write_references, write_simulation
 
 BOX, PSIZE = 32, 4.0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from hetero_dask.core import grids
+from hetero_dask.core import pose_grids as grids
 from hetero_dask.core.ctf import CTFParams, ctf_image
 from hetero_dask.core.fourier import freq_grid_2d, ifft2c
 from hetero_dask.core.noise import sigma2_from_residuals

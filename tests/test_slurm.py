@@ -114,8 +114,7 @@ def test_refine_sbatch_runs_a_refinement(slurm, venv, dataset, tmp_path):
     out = tmp_path / "refine"
     job_id, state, log = submit_refine(slurm, venv, tmp_path, [
         "--particles", str(dataset["cs"]), "--volumes", *dataset["refs"], "--out", str(out),
-        "--box", str(BOX), "--iterations", "4", "--batch-size", "100",
-        "--random-iterations", "1", "--sigma-scale", "1", "--quiet"])
+        "--box", str(BOX), "--iterations", "4", "--batch-size", "100", "--quiet"])
     assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
     # the driver's graphs ran on the two workers the script started under srun
     assert len(set(re.findall(r"Start worker at:\s+(\S+)", log))) == 2, log[-4000:]

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from distributed import Client
 
-from hetero_dask.dist.cluster import make_local_cluster, make_security, open_client
+from hetero_dask.runtime.cluster import make_local_cluster, make_security, open_client
 
 
 def _name(cn: str) -> x509.Name:

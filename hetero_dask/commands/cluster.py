@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from hetero_dask.dist.cluster import make_local_cluster, security_from_args
+from hetero_dask.runtime.cluster import make_local_cluster, security_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

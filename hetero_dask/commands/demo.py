@@ -76,8 +76,8 @@ def main(args: argparse.Namespace) -> int:
 def interrupted(args: argparse.Namespace) -> str:
     """Where the demo stopped, and the command that continues it."""
     from hetero_dask.commands.refine import resume_command
-    from hetero_dask.dist.checkpoint import read_status
     from hetero_dask.jobs.preflight import describe_run
+    from hetero_dask.runtime.checkpoint import read_status
 
     status = read_status(Path(args.out) / "refine" / "run")
     where = "before the refinement"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hetero_dask.dist.cluster import add_cluster_arguments
     from hetero_dask.io.store import CHUNK_MB, IMAGE_DTYPES, SHARD_MB
+    from hetero_dask.runtime.cluster import add_cluster_arguments
 
     parser.add_argument(
         "--particles", required=True, help="particles: RELION .star or CryoSPARC .cs"
@@ -71,11 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hetero_dask.dist.cluster import cluster_from_args
     from hetero_dask.io.errors import InputError
     from hetero_dask.io.paths import check_allowed
     from hetero_dask.io.store import import_particles
     from hetero_dask.jobs.preflight import check_even_box, check_particles
+    from hetero_dask.runtime.cluster import cluster_from_args
 
     # Everything is checked before a cluster starts or a byte is written.
     checked = check_particles(args.particles, args.stack_dir, flip_contrast=args.flip_contrast)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from hetero_dask.dist.cluster import add_cluster_arguments, cluster_from_args
 from hetero_dask.io.cache import add_store_arguments
 from hetero_dask.jobs.reconstruct import ReconstructParams, reconstruct
 from hetero_dask.report.summary import print_summary
+from hetero_dask.runtime.cluster import add_cluster_arguments, cluster_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

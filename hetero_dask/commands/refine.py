@@ -12,12 +12,12 @@ import shlex
 import time
 from pathlib import Path
 
-from hetero_dask.dist.checkpoint import read_status
-from hetero_dask.dist.cluster import add_cluster_arguments, client_from_args, cluster_from_args
 from hetero_dask.io.cache import add_store_arguments, names_folder
 from hetero_dask.jobs.preflight import check_refine, describe_run
 from hetero_dask.jobs.refine import REFERENCE_MODES, RefineParams, refine
 from hetero_dask.report.summary import print_summary
+from hetero_dask.runtime.checkpoint import read_status
+from hetero_dask.runtime.cluster import add_cluster_arguments, client_from_args, cluster_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +111,7 @@ def refine_job(job: dict, client) -> dict:
     """Driver of a detached refinement (:func:`hetero_dask.submit` runs it on a worker).
 
     The run records its own failure or interruption in ``OUT/run/status.json``
-    (:func:`~hetero_dask.dist.checkpoint.run_status`). When the worker holding the
+    (:func:`~hetero_dask.runtime.checkpoint.run_status`). When the worker holding the
     driver dies, Dask starts this function again elsewhere: finding its own run record
     (``_detach`` refused a folder holding another run before submitting), it resumes.
     """
@@ -128,7 +128,7 @@ def refine_job(job: dict, client) -> dict:
 
 def _detach(args: argparse.Namespace, volumes, params: dict, wait_s: float = 60.0) -> int:
     """Submit :func:`refine_job` to ``--scheduler``; print the job id and run directory."""
-    from hetero_dask.dist.submit import submit
+    from hetero_dask.runtime.submit import submit
 
     if not args.scheduler:
         raise ValueError("--detach needs --scheduler ADDRESS (a local cluster ends with this command)")

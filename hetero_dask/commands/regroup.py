@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from hetero_dask.dist.cluster import add_cluster_arguments, cluster_from_args
 from hetero_dask.jobs.regroup import RegroupParams, regroup
 from hetero_dask.report.summary import print_summary
+from hetero_dask.runtime.cluster import add_cluster_arguments, cluster_from_args
 
 
 def _index_list(text: str) -> tuple[int, ...]:

@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from hetero_dask.dist.checkpoint import read_marker, read_status
 from hetero_dask.jobs.preflight import JOB_TITLES, describe_run
+from hetero_dask.runtime.checkpoint import read_marker, read_status
 
 
 def gather(path: Path) -> dict:

@@ -105,7 +105,7 @@ class PreparedParticles:
 
 def cpu_threads() -> int:
     """Threads for CPU work inside one task: ``HETERO_DASK_ESTEP_THREADS``, else the BLAS
-    thread count (``OMP_NUM_THREADS``, set per Dask worker by :mod:`hetero_dask.dist.cluster`),
+    thread count (``OMP_NUM_THREADS``, set per Dask worker by :mod:`hetero_dask.runtime.cluster`),
     else the cores this process may use."""
     for var in ("HETERO_DASK_ESTEP_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "")

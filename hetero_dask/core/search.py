@@ -39,7 +39,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from . import grids
+from . import pose_grids
 from .backend import to_host, xp_of
 from .projector import FourierMap
 from .scoring import (
@@ -166,7 +166,7 @@ def _logsumexp(a, xp, axis):
 def _dense_projections(band, fmaps, params: SearchParams, xp):
     """Every class's projections for the coarse grid, shared by all particles of a task."""
     m = band.size_at(params.radius_at(0))
-    rots = xp.asarray(grids.so3_grid(params.order_coarse).matrices)
+    rots = xp.asarray(pose_grids.so3_grid(params.order_coarse).matrices)
     return [class_projections(f, rots, band, m) for f in fmaps]
 
 
@@ -177,7 +177,7 @@ def _dense_stage(prep, sigma2, params: SearchParams, xp, projs) -> tuple[_Stage,
     xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
     n_rotations = projs[0].p_ri.shape[0]
     shifts = xp.asarray(
-        grids.shift_grid(params.shift_range_px, params.shift_step_px, params.shift_shape)
+        pose_grids.shift_grid(params.shift_range_px, params.shift_step_px, params.shift_shape)
     )
     top: TopPoses = score_dense(
         xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes, params.precision
@@ -213,7 +213,7 @@ class _ProjectionCache:
         ids_h = np.where(ids_h >= 0, ids_h, ids_h.max(initial=0))
         new = np.setdiff1d(np.unique(ids_h), self.ids[k], assume_unique=True)
         if new.size:
-            rots = xp.asarray(grids.matrices_for(self.order, new))
+            rots = xp.asarray(pose_grids.matrices_for(self.order, new))
             P = project_band(self.fmaps[k], rots, self.band.kx[: self.m], self.band.ky[: self.m])
             add = (stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32))
             old = self.table[k]
@@ -231,7 +231,7 @@ class _ProjectionCache:
 @lru_cache(maxsize=4)
 def _quaternion_tree(order: int):
     """KD-tree over the unit quaternions (both signs) of the grid rotations at ``order``."""
-    q = Rotation.from_matrix(grids.so3_grid(order).matrices.astype(np.float64)).as_quat()
+    q = Rotation.from_matrix(pose_grids.so3_grid(order).matrices.astype(np.float64)).as_quat()
     return cKDTree(np.concatenate([q, -q]))
 
 
@@ -243,10 +243,10 @@ def neighbours(order: int, ids, k: int = 27) -> np.ndarray:
     """
     ids = np.asarray(ids, dtype=np.int64)
     q = Rotation.from_matrix(
-        grids.matrices_for(order, ids.reshape(-1)).astype(np.float64)
+        pose_grids.matrices_for(order, ids.reshape(-1)).astype(np.float64)
     ).as_quat()
     _, nb = _quaternion_tree(order).query(q, k=k)
-    return (nb % grids.n_rotations(order)).reshape(ids.shape + (k,))
+    return (nb % pose_grids.n_rotations(order)).reshape(ids.shape + (k,))
 
 
 def _shift_offsets(step: float, xp):
@@ -319,7 +319,7 @@ def _local_stage(
     )
     par_shift = xp.take_along_axis(prev.shift, sel[..., None], axis=2)  # (B, K, C, 2)
     order = prev.order + 1
-    ch = xp.asarray(grids.children(prev.order, np.maximum(to_host(par_ids), 0)))
+    ch = xp.asarray(pose_grids.children(prev.order, np.maximum(to_host(par_ids), 0)))
     ch = xp.where(par_ids[..., None] >= 0, ch, -1)  # (B, K, C, 8)
     offsets = _shift_offsets(params.shift_step_px / 2**stage_no, xp)
     m = band.size_at(params.radius_at(stage_no))
@@ -472,7 +472,7 @@ def _finish(
     q = xp.argmax(stage.logw, axis=2)
     rot_id = xp.take_along_axis(stage.ids, q[..., None], axis=2)[..., 0]
     shift = xp.take_along_axis(stage.shift, q[..., None, None], axis=2)[:, :, 0]
-    rotation = xp.asarray(grids.matrices_for(stage.order, to_host(rot_id).ravel())).reshape(
+    rotation = xp.asarray(pose_grids.matrices_for(stage.order, to_host(rot_id).ravel())).reshape(
         B, K, 3, 3
     )
     cross = xp.zeros((B, K), dtype=xp.float64)

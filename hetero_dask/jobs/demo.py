@@ -183,12 +183,12 @@ def run_demo(
     (None: Dask's choice for this machine); ``resume``: continue the interrupted demo in
     ``out`` (else an earlier demo there is replaced; see the module doc).
     """
-    from hetero_dask.dist.cluster import open_client
     from hetero_dask.io.cs import read_cs
     from hetero_dask.jobs.reconstruct import reconstruct
     from hetero_dask.jobs.refine import refine
     from hetero_dask.jobs.regroup import regroup
     from hetero_dask.phantoms import moving_domain_phantoms
+    from hetero_dask.runtime.cluster import open_client
     from hetero_dask.simulate import simulate, write_simulation
 
     if size not in SIZES:

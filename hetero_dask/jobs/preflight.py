@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero_dask.dist import checkpoint as ckpt
 from hetero_dask.io.errors import InputError
 from hetero_dask.io.paths import check_allowed
+from hetero_dask.runtime import checkpoint as ckpt
 
 MIN_BOX = 16
 REFINE_DEFAULT_MAX_BOX = 128  # CryoSPARC's "Refinement box size"

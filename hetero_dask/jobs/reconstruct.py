@@ -12,7 +12,7 @@ Steps:
 3. weights ``w_ik`` = class posteriors (or one-hot argmax with
    ``force_hard_classification``); class ``k``'s pose and shift from its slot
    (``alignments3D`` when the slot has none);
-4. on Dask (:func:`hetero_dask.dist.engine.map_reduce`): one task per
+4. on Dask (:func:`hetero_dask.runtime.engine.map_reduce`): one task per
    particle range backprojects every class into half-grids at the
    reconstruction box (Fourier crop/pad of the images; the pixel size
    scales, shifts in A are kept); each partial is cut into its classes where
@@ -363,16 +363,16 @@ def check_posteriors(post, tolerance: float, source="particles", order=None) -> 
 
 
 def _open_store(path: str):
-    from hetero_dask.dist.engine import worker_cached
     from hetero_dask.io.store import ParticleStore, store_version
+    from hetero_dask.runtime.engine import worker_cached
 
     return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path))
 
 
 def _split_of(path: str, random_split: bool, seed: int):
-    from hetero_dask.dist.engine import worker_cached
     from hetero_dask.io.store import store_version
     from hetero_dask.jobs.common import particle_split
+    from hetero_dask.runtime.engine import worker_cached
 
     def load():
         store = _open_store(path)
@@ -546,9 +546,9 @@ def reconstruct(
     ``OUT/fsc.png`` and ``OUT/report.json``. An empty class gives a warning
     and zero maps marked ``"empty": true`` in the report.
     """
-    from hetero_dask.dist.checkpoint import run_status
-    from hetero_dask.dist.cluster import ClusterSpec, job_client
     from hetero_dask.jobs.preflight import check_reconstruct
+    from hetero_dask.runtime.checkpoint import run_status
+    from hetero_dask.runtime.cluster import ClusterSpec, job_client
 
     p = params.pop("params", None) or ReconstructParams(**params)
     plan = check_reconstruct(particles, out, p)  # everything, before a cluster starts or a byte is written
@@ -560,8 +560,6 @@ def reconstruct(
 
 def _run(particles, out, client, p: ReconstructParams, progress, plan) -> ReconstructResult:
     from hetero_dask.core.symmetry import symmetry_group
-    from hetero_dask.dist.checkpoint import write_status
-    from hetero_dask.dist.engine import map_reduce, partition_ranges
     from hetero_dask.io.mrc import read_map, write_map
     from hetero_dask.jobs.common import open_particle_store, output_table
     from hetero_dask.jobs.mstep import merge_partials, select_class
@@ -573,6 +571,8 @@ def _run(particles, out, client, p: ReconstructParams, progress, plan) -> Recons
         write_report_json,
         write_volume_series,
     )
+    from hetero_dask.runtime.checkpoint import write_status
+    from hetero_dask.runtime.engine import map_reduce, partition_ranges
 
     t0 = time.perf_counter()
     timings = {}

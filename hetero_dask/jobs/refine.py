@@ -1,6 +1,6 @@
 """Heterogeneous Refinement: classify particles into K classes while refining K structures.
 
-Each EM iteration is ONE Dask graph (:func:`hetero_dask.dist.engine.map_reduce`):
+Each EM iteration is ONE Dask graph (:func:`hetero_dask.runtime.engine.map_reduce`):
 E-step tasks over contiguous particle ranges of the permuted store (score
 every class at every pose of a coarse-to-fine search, write the per-particle
 results to disjoint regions of the run's Zarr results, backproject into
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from hetero_dask.core import grids as so3
+from hetero_dask.core import pose_grids as so3
 from hetero_dask.core.backend import to_host, worker_xp
 from hetero_dask.core.backprojector import BackprojGrids, crop_grids
 from hetero_dask.core.fourier import fourier_resize, lowpass, resolution_to_radius
@@ -56,16 +56,6 @@ from hetero_dask.core.scoring import (
 )
 from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.core.symmetry import symmetry_group
-from hetero_dask.dist import checkpoint as ckpt
-from hetero_dask.dist.cluster import job_client
-from hetero_dask.dist.engine import (
-    Partition,
-    map_reduce,
-    partition_ranges,
-    task_rng,
-    worker_cached,
-)
-from hetero_dask.dist.progress import IterationProgress
 from hetero_dask.io.store import IMAGE_DTYPES
 from hetero_dask.jobs.common import open_particle_store, output_table, particle_split
 from hetero_dask.jobs.mstep import (
@@ -83,6 +73,16 @@ from hetero_dask.jobs.preflight import (
     check_even_box,
     check_refine,
 )
+from hetero_dask.runtime import checkpoint as ckpt
+from hetero_dask.runtime.cluster import job_client
+from hetero_dask.runtime.engine import (
+    Partition,
+    map_reduce,
+    partition_ranges,
+    task_rng,
+    worker_cached,
+)
+from hetero_dask.runtime.progress import IterationProgress
 
 REFERENCE_MODES = ("cross", "half", "full")
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
@@ -513,7 +513,7 @@ def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = 
 
     Every input and parameter is checked first (:func:`~hetero_dask.jobs.preflight.check_refine`),
     before a cluster starts (``client`` may be a
-    :class:`~hetero_dask.dist.cluster.ClusterSpec`) or a byte is written. ``out`` must be new or
+    :class:`~hetero_dask.runtime.cluster.ClusterSpec`) or a byte is written. ``out`` must be new or
     empty; with ``resume`` it must hold a run of the same parameters and inputs, which continues
     from its last completed iteration (a finished run is left as it is and its report returned).
     ``progress``: None (a bar on a terminal, a line per iteration otherwise), False (silent).

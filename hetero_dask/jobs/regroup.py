@@ -558,8 +558,8 @@ def regroup(
         params = RegroupParams(**param_values)
     elif param_values:
         raise TypeError("regroup: pass either params or parameter keywords, not both")
-    from hetero_dask.dist.checkpoint import write_status
     from hetero_dask.jobs.preflight import check_output, for_option
+    from hetero_dask.runtime.checkpoint import write_status
 
     t0 = time.perf_counter()
     timings = {}
@@ -589,7 +589,7 @@ def regroup(
     flipped = np.zeros((n_inc, n_inc), dtype=bool)
     max_shift_A = None
     if params.align_pairs:
-        from hetero_dask.dist.cluster import ClusterSpec, job_client
+        from hetero_dask.runtime.cluster import ClusterSpec, job_client
 
         box_A = vols.shape[-1] * psize_A
         max_shift_A = 0.1 * box_A if params.max_shift_A is None else params.max_shift_A

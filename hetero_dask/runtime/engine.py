@@ -51,7 +51,7 @@ import numpy as np
 from dask import delayed
 from dask.base import tokenize
 
-from hetero_dask.dist.progress import StageProgress, wait_with_progress
+from hetero_dask.runtime.progress import StageProgress, wait_with_progress
 
 
 class Partition(NamedTuple):

@@ -35,7 +35,7 @@ import yaml
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from hetero_dask.dist.signals import starting_workers
+from hetero_dask.runtime.signals import starting_workers
 
 # Found next to the package in a source checkout; the Docker image installs the same
 # file as /etc/dask/hetero_dask.yaml, which Dask reads on its own.
@@ -292,7 +292,7 @@ def _quiet_cancellations() -> None:
 def _announce(client: Client, quiet: bool) -> None:
     if quiet:
         return
-    from hetero_dask.dist.progress import print_dashboard
+    from hetero_dask.runtime.progress import print_dashboard
 
     print_dashboard(client)
 

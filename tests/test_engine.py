@@ -19,9 +19,9 @@ import zarr
 from distributed import Client, LocalCluster
 
 from hetero_dask.cli import main as cli_main
-from hetero_dask.dist import checkpoint as ck
-from hetero_dask.dist.cluster import blas_threads_per_worker, make_local_cluster, open_client
-from hetero_dask.dist.engine import (
+from hetero_dask.runtime import checkpoint as ck
+from hetero_dask.runtime.cluster import blas_threads_per_worker, make_local_cluster, open_client
+from hetero_dask.runtime.engine import (
     Partition,
     _combine,
     build_graph,
@@ -31,7 +31,7 @@ from hetero_dask.dist.engine import (
     task_rng,
     worker_cached,
 )
-from hetero_dask.dist.submit import JobHandle, submit
+from hetero_dask.runtime.submit import JobHandle, submit
 
 # Worker processes cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -650,7 +650,7 @@ def test_after_map_join_waits_for_a_start_under_way():
     """The done-callback that starts after_map runs on the client's event loop; the caller's
     join can come while that start is under way and must wait for it, not find the thread
     flagged as started but not yet started (a race seen once in CI)."""
-    from hetero_dask.dist.engine import _DriverSide
+    from hetero_dask.runtime.engine import _DriverSide
 
     ran = []
     side = _DriverSide(lambda: ran.append(1))

@@ -56,7 +56,7 @@ def _graph_bar(keys, enabled: bool | None) -> tqdm:
 def _common_prefix(stages: set[str]) -> str:
     parts = [s.split("-") for s in stages]
     common = []
-    for words in zip(*parts):
+    for words in zip(*parts, strict=False):
         if len(set(words)) > 1:
             break
         common.append(words[0])

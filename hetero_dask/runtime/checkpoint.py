@@ -40,7 +40,7 @@ STATUS = "status.json"
 RUN_RECORD = "run.json"
 ITERATIONS = "iterations"
 
-# Set by hetero_dask.dist.submit while a submitted job's driver runs, so that status
+# Set by hetero_dask.runtime.submit while a submitted job's driver runs, so that status
 # updates also reach the submitting client through the scheduler.
 STATUS_SINK: contextvars.ContextVar[Callable[[dict], None] | None] = contextvars.ContextVar(
     "hetero_dask_status_sink", default=None
@@ -324,7 +324,7 @@ def run_status(run_dir: str | os.PathLike, job: str, **fields):
     """Mark the run ``running`` now, and ``interrupted`` or ``failed`` if the body raises.
 
     The body writes ``done`` itself when its results are complete. An interrupt
-    (Ctrl-C, or SIGTERM: :class:`hetero_dask.dist.signals.Terminated`) keeps the
+    (Ctrl-C, or SIGTERM: :class:`hetero_dask.runtime.signals.Terminated`) keeps the
     ``iteration`` reached, so ``hetero-dask status`` and ``--resume`` agree.
     """
     write_status(run_dir, job=job, state="running", error=None, stopped_by=None, **fields)

@@ -5,7 +5,7 @@
 thread (``distributed.secede``), so the graphs it submits get every task slot, and
 it is marked ``fire_and_forget``, so it keeps running when the submitting
 client disconnects. The driver's status updates (every
-:func:`~hetero_dask.dist.checkpoint.write_status` call) are published in a
+:func:`~hetero_dask.runtime.checkpoint.write_status` call) are published in a
 ``distributed.Variable`` named after the job and written to
 ``RUN_DIR/status.json``; a later client reattaches with
 :meth:`JobHandle.attach` or just reads the run directory
@@ -31,7 +31,7 @@ from typing import Any
 
 from distributed import Client, Future, Variable, fire_and_forget, get_worker, secede
 
-from hetero_dask.dist.checkpoint import STATUS_SINK, read_status
+from hetero_dask.runtime.checkpoint import STATUS_SINK, read_status
 
 TERMINAL_STATES = ("done", "failed", "cancelled")
 

@@ -1,1 +1,0 @@
-"""hetero_dask.dist."""

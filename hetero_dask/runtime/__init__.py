@@ -1,0 +1,1 @@
+"""The runtime: Dask clusters, the map-reduce engine, checkpoints, progress and signals."""
