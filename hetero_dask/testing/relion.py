@@ -171,11 +171,15 @@ def relion_class3d(
     iteration's particles). CPU seconds matter on a shared machine, where wall time
     depends on the other load.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     out = workdir / "relion"
     out.mkdir(parents=True, exist_ok=True)
+    # RELION reads the image and reference names in the STAR files relative to its working
+    # directory: run it where they lie, writing into workdir.
+    cwd = Path(particles_star).resolve().parent
     cmd = [
-        "relion_refine", "--i", str(particles_star), "--ref", str(references_star), "--o", str(out / "run"),
+        "relion_refine", "--i", Path(particles_star).name, "--ref", str(Path(references_star).resolve()),
+        "--o", str(out / "run"),
         "--K", str(n_classes), "--iter", str(iterations), "--healpix_order", "2", "--oversampling", "1",
         "--offset_range", "5", "--offset_step", "1", "--tau2_fudge", "4", "--ctf", "--ctf_corrected_ref",
         "--particle_diameter", str(particle_diameter_A), "--ini_high", "30", "--j", str(threads), "--pool", "3",
@@ -184,7 +188,7 @@ def relion_class3d(
     t0 = time.time()
     wall, cpu_marks, cpu = [0.0], [0.0], 0.0  # index i + 1: iteration i's data.star written
     with open(out / "relion.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
             cpu = _cpu_seconds(proc.pid) or cpu
             if (out / f"run_it{len(wall) - 1:03d}_data.star").exists():
