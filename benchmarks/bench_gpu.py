@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from hetero_dask.core import backend, grids
+from hetero_dask.core import backend
+from hetero_dask.core import pose_grids as grids
 from hetero_dask.core.ctf import CTFParams, ctf_image
 from hetero_dask.core.fourier import fourier_resize, ifft2c
 from hetero_dask.core.noise import sigma2_from_residuals

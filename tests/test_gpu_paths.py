@@ -20,7 +20,8 @@ from scipy.spatial.transform import Rotation
 from test_backprojection import simulate, smooth_volume
 from test_scoring import PSIZE_A, _recovery_case
 
-from hetero_dask.core import backend, grids
+from hetero_dask.core import backend
+from hetero_dask.core import pose_grids as grids
 from hetero_dask.core.align3d import align_pairs
 from hetero_dask.core.backprojector import (
     backproject,
