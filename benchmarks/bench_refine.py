@@ -27,7 +27,6 @@ The consensus start: python benchmarks/bench_refine.py --n-per-class 400 --swing
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +47,7 @@ from hetero_dask.simulate import (
     write_references,
     write_simulation,
 )
+from hetero_dask.testing.relion import cpu_seconds
 
 RELION_DEFAULT_ITERATIONS = 25
 
@@ -99,15 +99,6 @@ def relion_command(inputs: dict, args) -> list[str]:
     ]  # fmt: skip
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a running process (Linux /proc), None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def run_relion(inputs: dict, work: Path, args) -> dict:
     """Run ``relion_refine``; wall and CPU time at the end of each iteration (its data.star appearing).
 
@@ -122,7 +113,7 @@ def run_relion(inputs: dict, work: Path, args) -> dict:
     wall_marks, cpu_marks = [0.0], [0.0]  # index i + 1: iteration i's data.star written
     cpu = 0.0
     while proc.poll() is None:
-        cpu = _cpu_seconds(proc.pid) or cpu
+        cpu = cpu_seconds(proc.pid) or cpu
         i = len(wall_marks) - 1
         if (cwd / "relion" / f"run_it{i:03d}_data.star").exists():
             wall_marks.append(time.time() - t0)

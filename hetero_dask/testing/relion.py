@@ -140,7 +140,7 @@ def relion_reconstruct(
     return read_mrc(out), seconds
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a running process (Linux /proc), None where unavailable."""
     import os  # noqa: PLC0415
 
@@ -190,7 +190,7 @@ def relion_class3d(
     with open(out / "relion.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
-            cpu = _cpu_seconds(proc.pid) or cpu
+            cpu = cpu_seconds(proc.pid) or cpu
             if (out / f"run_it{len(wall) - 1:03d}_data.star").exists():
                 wall.append(time.time() - t0)
                 cpu_marks.append(cpu)
