@@ -34,6 +34,10 @@ combine tasks with at most ``fan_in`` inputs each, and the finishing tasks;
 only the finishing results (the summaries) come back to the driver. Keys are
 deterministic (prefix, stage, token, index), so the same call gives the same
 graph and a task lost with its worker is recomputed to the same value.
+
+:func:`map_items` is the same contract without the merge, for work whose
+results are small and needed one by one (regroup's pair alignments):
+``fn(shared, item)`` once per item, the results in the order of the items.
 """
 
 from __future__ import annotations
@@ -425,3 +429,34 @@ class _DriverSide:
             self.thread.join()
         if self.error is not None and run_now:
             raise self.error
+
+
+def map_items(
+    client,
+    fn: Callable[[Any, Any], Any],
+    items: Sequence,
+    shared: Any = None,
+    key_prefix: str = "map_items",
+    token: str | None = None,
+) -> list:
+    """``[fn(shared, item) for item in items]``, one task per item; results in item order.
+
+    ``shared``: a large read-only input every task needs (e.g. volumes); with a
+    client it is sent to every worker once, not once per task. ``items``: the
+    work, cut by the caller from the data alone (never from the cluster size),
+    so every item's result is the same on any number of workers. ``client``:
+    a ``distributed.Client``, or None to run in this process. Keys:
+    ``(f"{key_prefix}-item-{token}", i)`` (token: default a hash of the
+    arguments).
+    """
+    items = list(items)
+    if client is None or not items:
+        return [fn(shared, item) for item in items]
+    if token is None:
+        token = tokenize(fn, items, shared)
+    name = f"{key_prefix}-item-{token}"
+    ref = client.scatter(shared, broadcast=True) if shared is not None else None
+    nodes = [
+        delayed(fn, pure=True)(ref, item, dask_key_name=(name, i)) for i, item in enumerate(items)
+    ]
+    return client.gather(client.compute(nodes, optimize_graph=False))
