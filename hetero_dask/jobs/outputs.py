@@ -1,4 +1,4 @@
-"""Job outputs shared by heterogeneous refinement and reconstruction.
+"""Job outputs shared by heterogeneous refinement and reconstruction (and regroup's particle files).
 
 Layout written into ``OUT`` (classes ``k`` from 0)::
 
@@ -73,12 +73,15 @@ def write_class_maps(out_dir, k: int, result, psize_A: float) -> dict[str, Path]
     return paths
 
 
-def write_volume_series(out_dir, vols, psize_A: float, name: str = "volumes.zip") -> Path:
-    """All class maps ``(K, n, n, n)`` as ``OUT/volumes.zip`` (members ``class_000.mrc``, ...)."""
+def write_volume_series(
+    out_dir, vols, psize_A: float, name: str = "volumes.zip", members: str = "class"
+) -> Path:
+    """All maps ``(K, n, n, n)`` as ``OUT/volumes.zip`` (members ``class_000.mrc``, ...;
+    ``members`` names them)."""
     from hetero_dask.io.volumes import write_volume_series_zip
 
     path = Path(out_dir) / name
-    write_volume_series_zip(path, vols, psize_A)
+    write_volume_series_zip(path, vols, psize_A, names=[f"{members}_{k:03d}" for k in range(len(vols))])
     return path
 
 
@@ -203,14 +206,21 @@ def write_star_with_posteriors(path, table, posteriors=None) -> Path:
 
 
 def write_table_files(
-    directory, stem: str, table, posteriors=None, job: str = "hetero_dask"
+    directory, stem: str, table, posteriors=None, job: str = "hetero_dask", formats=("cs", "star")
 ) -> dict:
-    """``{stem}.cs``, ``{stem}.csg`` and ``{stem}.star`` of ``table`` in ``directory``."""
+    """``{stem}.cs`` with its ``{stem}.csg``, and ``{stem}.star`` of ``table`` in ``directory``.
+
+    ``formats``: which of ``"cs"`` and ``"star"`` to write. Returns
+    ``{"cs", "csg", "star": Path}`` of those written.
+    """
     d = Path(directory)
-    paths = {"cs": d / f"{stem}.cs", "csg": d / f"{stem}.csg", "star": d / f"{stem}.star"}
-    write_cs(paths["cs"], table)
-    write_csg(paths["csg"], paths["cs"].name, table, name=stem, job=job)
-    write_star_with_posteriors(paths["star"], table, posteriors)
+    paths = {}
+    if "cs" in formats:
+        paths["cs"], paths["csg"] = d / f"{stem}.cs", d / f"{stem}.csg"
+        write_cs(paths["cs"], table)
+        write_csg(paths["csg"], paths["cs"].name, table, name=stem, job=job)
+    if "star" in formats:
+        paths["star"] = write_star_with_posteriors(d / f"{stem}.star", table, posteriors)
     return paths
 
 
