@@ -1,4 +1,4 @@
-"""The same job gives the same answer on 1, 2 or 3 workers.
+"""The same job gives the same answer on 1, 2 or 3 workers (regroup: 1 or 2).
 
 Partitions (and so the tree that sums their grids, and the order of every float32
 sum) are fixed by the data, never by the cluster, and per-particle randomness is
@@ -16,11 +16,13 @@ from distributed import Client, LocalCluster
 
 import hetero_dask.io.store as store_module
 import hetero_dask.jobs.refine as refine_module
-from hetero_dask.io.cs import read_cs
+from hetero_dask.core.align3d import shift_volume
+from hetero_dask.io.cs import empty_table, read_cs, slot_fields, with_fields
 from hetero_dask.io.mrc import read_map
 from hetero_dask.io.store import ParticleStore
 from hetero_dask.jobs.reconstruct import reconstruct
 from hetero_dask.jobs.refine import refine
+from hetero_dask.jobs.regroup import regroup
 from hetero_dask.phantoms import moving_domain_phantoms
 from hetero_dask.simulate import simulate, write_references, write_simulation
 
@@ -88,3 +90,39 @@ def test_reconstruct_same_maps(dataset, monkeypatch):
     for n in WORKERS[1:]:
         for k in range(2):
             np.testing.assert_array_equal(maps[n][k], maps[1][k], err_msg=f"class {k} map on {n} workers")
+
+
+def test_regroup_same_superclasses_maps_and_poses(tmp_path):
+    # Eight classes: two structures, each four times, moved by up to 2 px and noisy. With
+    # these, pairs batched for 4 or 8 tasks (as they once were on 1 or 2 workers) get shifts
+    # that differ in round-off, and so do the poses of the particles moved by them.
+    rng = np.random.default_rng(2)
+    structures = moving_domain_phantoms(BOX, PSIZE, n_classes=2)
+    vols = np.stack([
+        shift_volume(structures[k // 4], rng.uniform(-2, 2, 3))
+        + 0.05 * rng.standard_normal((BOX,) * 3).astype(np.float32)
+        for k in range(8)
+    ]).astype(np.float32)
+    labels = rng.permutation(np.repeat(np.arange(8), np.arange(12, 36, 3)))
+    n = len(labels)
+    fields = slot_fields("alignments3D/", n, pose=rng.normal(size=(n, 3)).astype(np.float32),
+                         shift=rng.uniform(-2, 2, (n, 2)).astype(np.float32), psize_A=PSIZE)
+    table = with_fields(empty_table(n), {**fields, "alignments3D/class": labels.astype(np.uint32)})
+    runs = {}
+    for w in (1, 2):
+        out = tmp_path / f"regroup_{w}"
+        res = _on_workers(w, lambda c, out=out: regroup(
+            table, vols, out, volumes_psize_A=PSIZE, client=c, num_superclasses=2,
+            align_pairs=True, max_shift_A=3 * PSIZE, mask_radius=0.9))
+        runs[w] = (res, read_cs(out / "particles.cs"),
+                   [read_map(out / f"superclass_{m}" / "map.mrc")[0] for m in range(2)])
+    (res1, cs1, maps1), (res2, cs2, maps2) = runs[1], runs[2]
+    # the copies of one structure group together
+    assert len(set(res1.superclass[:4])) == len(set(res1.superclass[4:])) == 1
+    assert res1.superclass[0] != res1.superclass[4]
+    assert np.abs(cs1["alignments3D/shift"] - table["alignments3D/shift"]).max() > 0.1  # moved
+    np.testing.assert_array_equal(res2.superclass, res1.superclass)
+    np.testing.assert_array_equal(res2.correlation, res1.correlation)
+    np.testing.assert_array_equal(cs2, cs1)
+    for m in range(2):
+        np.testing.assert_array_equal(maps2[m], maps1[m], err_msg=f"superclass {m} map on 2 workers")
