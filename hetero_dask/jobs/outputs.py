@@ -81,7 +81,8 @@ def write_volume_series(
     from hetero_dask.io.volumes import write_volume_series_zip
 
     path = Path(out_dir) / name
-    write_volume_series_zip(path, vols, psize_A, names=[f"{members}_{k:03d}" for k in range(len(vols))])
+    names = [f"{members}_{k:03d}" for k in range(len(vols))]
+    write_volume_series_zip(path, vols, psize_A, names=names)
     return path
 
 
