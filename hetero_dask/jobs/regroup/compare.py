@@ -23,10 +23,12 @@ from hetero_dask.runtime.engine import map_items
 
 from .params import RegroupParams
 
-# About this many batches of pairs on any cluster: the batches depend on K alone, so every
-# pair is computed the same way on 1 or 100 workers. 32 keep that many task threads busy
-# while a batch transforms only the ~2K/8 volumes of its two blocks (see pair_blocks).
+# Pairs are batched by K alone, so every pair is computed the same way on 1 or 100 workers
+# (the round-off of a pair's shift depends on its batch). Up to 32 batches keep that many
+# task threads busy while a batch transforms only the ~2K/8 volumes of its two blocks (see
+# pair_blocks); a batch holds about 16 pairs at least, one batched FFT of align_pairs.
 PAIR_BATCHES = 32
+MIN_PAIRS_PER_BATCH = 16
 
 
 @dataclass
@@ -148,6 +150,14 @@ def pair_blocks(k: int, n_tasks: int) -> list[np.ndarray]:
     return batches
 
 
+def pair_batches(k: int) -> list[np.ndarray]:
+    """The batches of pairs of ``k`` volumes, cut by ``k`` alone (see ``PAIR_BATCHES``)."""
+    n_pairs = k * (k - 1) // 2
+    if n_pairs == 0:
+        return []
+    return pair_blocks(k, min(PAIR_BATCHES, -(-n_pairs // MIN_PAIRS_PER_BATCH)))
+
+
 def align_batch(prepared, pairs, max_shift_px: float):
     """Task: align a batch of pairs on this worker's device; results on the host."""
     from hetero_dask.core.backend import to_device, worker_xp
@@ -169,7 +179,7 @@ def aligned_correlations(prepared, max_shift_px: float, client=None):
     corr = np.eye(k)
     shift = np.zeros((k, k, 3))
     flipped = np.zeros((k, k), dtype=bool)
-    batches = pair_blocks(k, PAIR_BATCHES) if k > 1 else []
+    batches = pair_batches(k)
     task = partial(align_batch, max_shift_px=max_shift_px)
     results = map_items(client, task, batches, shared=prepared, key_prefix="regroup-align")
     for b, res in zip(batches, results, strict=True):
