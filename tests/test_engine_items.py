@@ -53,3 +53,21 @@ def test_task_errors_reach_the_driver(client2):
 
     with pytest.raises(RuntimeError, match="item 2 is broken"):
         map_items(client2, broken, range(4))
+
+
+def test_a_window_bounds_the_items_drawn_ahead_of_those_done(client2):
+    done, done_when_drawn = [], []
+
+    def items():
+        for item in ITEMS * 2:
+            done_when_drawn.append(len(done))
+            yield item
+
+    got = map_items(client2, weighted_sum, items(), SHARED, token="w", window=3, on_done=done.append)
+    assert got == WANT * 2
+    assert sorted(done) == list(range(8))
+    # item i is drawn when fewer than 3 of the i before it are unfinished
+    unfinished = [i - n for i, n in enumerate(done_when_drawn)]
+    assert max(unfinished) == 2, done_when_drawn
+    with pytest.raises(ValueError, match="needs a token"):
+        map_items(client2, weighted_sum, iter(ITEMS), SHARED)

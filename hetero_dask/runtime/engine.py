@@ -43,11 +43,12 @@ results are small and needed one by one (regroup's pair alignments):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import dask
@@ -434,10 +435,12 @@ class _DriverSide:
 def map_items(
     client,
     fn: Callable[[Any, Any], Any],
-    items: Sequence,
+    items: Iterable,
     shared: Any = None,
     key_prefix: str = "map_items",
     token: str | None = None,
+    window: int | None = None,
+    on_done: Callable[[int], Any] | None = None,
 ) -> list:
     """``[fn(shared, item) for item in items]``, one task per item; results in item order.
 
@@ -445,18 +448,48 @@ def map_items(
     client it is sent to every worker once, not once per task. ``items``: the
     work, cut by the caller from the data alone (never from the cluster size),
     so every item's result is the same on any number of workers. ``client``:
-    a ``distributed.Client``, or None to run in this process. Keys:
-    ``(f"{key_prefix}-item-{token}", i)`` (token: default a hash of the
-    arguments).
+    a ``distributed.Client``, or None to run in this process. ``window``: at
+    most this many tasks submitted and unfinished at once (default: all);
+    ``items`` is then read only as tasks are submitted, so a generator of big
+    items (blocks of an input) keeps about ``window`` of them in memory.
+    ``on_done(i)``: called in the driver as item ``i`` finishes (progress).
+    Keys: ``(f"{key_prefix}-item-{token}", i)``; ``token`` defaults to a hash
+    of the arguments, and must be given when ``items`` is not a sequence.
     """
-    items = list(items)
-    if client is None or not items:
-        return [fn(shared, item) for item in items]
+    if client is None:
+        return [_done(fn(shared, item), i, on_done) for i, item in enumerate(items)]
     if token is None:
-        token = tokenize(fn, items, shared)
+        if not isinstance(items, Sequence):
+            raise ValueError("map_items needs a token when items is not a sequence")
+        token = tokenize(fn, list(items), shared)
     name = f"{key_prefix}-item-{token}"
-    ref = client.scatter(shared, broadcast=True) if shared is not None else None
-    nodes = [
-        delayed(fn, pure=True)(ref, item, dask_key_name=(name, i)) for i, item in enumerate(items)
-    ]
-    return client.gather(client.compute(nodes, optimize_graph=False))
+    # A fresh key: a content-hashed one may be released by the previous call as this one uses it.
+    ref = client.scatter(shared, broadcast=True, hash=False) if shared is not None else None
+    return _submit_window(client, fn, ref, enumerate(items), name, window, on_done)
+
+
+def _done(result, i: int, on_done: Callable[[int], Any] | None):
+    if on_done is not None:
+        on_done(i)
+    return result
+
+
+def _submit_window(client, fn, ref, numbered: Iterator, name: str, window, on_done) -> list:
+    """Run ``fn(ref, item)`` for every ``(i, item)``, at most ``window`` unfinished at once."""
+    from distributed import as_completed
+
+    def submit(i: int, item) -> Any:
+        return client.submit(fn, ref, item, key=(name, i))
+
+    first = numbered if window is None else itertools.islice(numbered, window)
+    running = as_completed([submit(i, item) for i, item in first])
+    results = {}
+    try:
+        for future in running:
+            i = future.key[1]
+            results[i] = _done(future.result(), i, on_done)  # a task's error is raised here
+            for j, item in itertools.islice(numbered, 1):
+                running.add(submit(j, item))
+    finally:
+        client.cancel(list(running.futures))
+    return [results[i] for i in range(len(results))]
