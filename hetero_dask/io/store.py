@@ -61,9 +61,11 @@ fly into its output directory does it once).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import fields as dc_fields
 from pathlib import Path
@@ -520,6 +522,13 @@ def _block_task(
     return len(dest)
 
 
+def _block_item(shared, item, path: str, crop_boxes: Sequence[int]) -> int:
+    """Engine task: import block ``item = (block, particles, read_rows, dest, input_rows)``,
+    reading the block's own ``particles``, or ``shared`` (the whole source) when that is None."""
+    block, particles, *rows = item
+    return _block_task(path, block, shared if particles is None else particles, *rows, crop_boxes)
+
+
 def _file_order(particles) -> np.ndarray:
     """Input rows sorted by where their images are (stack, then index in it)."""
     from .particles import ParticleSet
@@ -549,8 +558,9 @@ def _block_inputs(particles, rows: np.ndarray, store_row: np.ndarray):
 
 
 def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, progress: bool) -> None:
-    """Run the import blocks on ``client`` (at most 2 per worker thread queued), or in threads
-    of this process (one per core: reading, copying and writing release the GIL)."""
+    """Run the import blocks as engine tasks on ``client`` (at most 2 per worker thread
+    unfinished), or in threads of this process (one per core: reading, copying and writing
+    release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
@@ -567,7 +577,6 @@ def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, prog
 
     bar = tqdm(total=len(todo), desc="import", unit="block",
                disable=None if progress is None else not progress)
-    pending = list(todo)
     try:
         if client is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -577,34 +586,36 @@ def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, prog
 
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 try:
-                    for _ in pool.map(task, pending):  # raises a task's error here
+                    for _ in pool.map(task, todo):  # raises a task's error here
                         bar.update(1)
                 except BaseException:
                     pool.shutdown(cancel_futures=True)
                     raise
             return
-        from distributed import as_completed
+        from hetero_dask.runtime.engine import map_items
 
         from .particles import ParticleSet
 
-        if not isinstance(particles, ParticleSet):
-            particles = client.scatter(particles, broadcast=True)
-        window = 2 * max(1, sum(client.nthreads().values()))
+        # A ParticleSet is cut per block (each task carries only its rows); other sources are
+        # shared, sent to every worker once.
+        cut = isinstance(particles, ParticleSet)
 
-        def submit(blk):
-            return client.submit(
-                _block_task, str(path), blk, *inputs(blk), list(crop_boxes), pure=False
-            )
+        def items():  # a block's inputs are cut when its task is submitted: memory is a window
+            for blk in todo:
+                own, *rows = inputs(blk)
+                yield blk, own if cut else None, *rows
 
-        running = as_completed([submit(pending.pop(0)) for _ in range(min(window, len(pending)))])
-        try:
-            for fut in running:
-                fut.result()  # re-raise a worker's error here
-                bar.update(1)
-                if pending:
-                    running.add(submit(pending.pop(0)))
-        finally:
-            client.cancel(list(running.futures))
+        map_items(
+            client,
+            functools.partial(_block_item, path=str(path), crop_boxes=list(crop_boxes)),
+            items(),
+            shared=None if cut else particles,
+            key_prefix="import",
+            # tasks write files: keys of this call only, never a result kept from another import
+            token=uuid.uuid4().hex,
+            window=2 * max(1, sum(client.nthreads().values())),
+            on_done=lambda _: bar.update(1),
+        )
     finally:
         bar.close()
 
