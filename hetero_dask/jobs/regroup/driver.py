@@ -62,6 +62,8 @@ def regroup(
 
 
 class _Grouping(NamedTuple):
+    """What the job decided before writing anything."""
+
     comparison: Comparison
     superclass: np.ndarray
     spectral: SpectralResult
@@ -86,7 +88,9 @@ def _group(params: RegroupParams, inputs: Inputs, cluster, laps: _Laps) -> _Grou
     return _Grouping(comparison, superclass, spectral, refs)
 
 
-def _write(out_dir: Path, params, inputs: Inputs, grouping: _Grouping, laps) -> RegroupResult:
+def _write(
+    out_dir: Path, params: RegroupParams, inputs: Inputs, grouping: _Grouping, laps: _Laps
+) -> RegroupResult:
     """Every output file (see :mod:`.outputs`); the result names them."""
     comparison, superclass, spectral, refs = grouping
     out_dir.mkdir(parents=True, exist_ok=True)
