@@ -24,10 +24,12 @@ from hetero_dask.runtime.engine import map_items
 from .params import RegroupParams
 
 # Pairs are batched by K alone, so every pair is computed the same way on 1 or 100 workers
-# (the round-off of a pair's shift depends on its batch). Up to 32 batches keep that many
-# task threads busy while a batch transforms only the ~2K/8 volumes of its two blocks (see
-# pair_blocks); a batch holds about 16 pairs at least, one batched FFT of align_pairs.
-PAIR_BATCHES = 32
+# (the round-off of a pair's shift depends on its batch). A batch transforms the volumes of
+# its two blocks (and their hand flips; see pair_blocks): about 2 (b + 1) K forward FFTs for b
+# blocks, besides the K^2 inverse ones. 10 batches (b = 4) keep that near 20% at K = 50 and
+# 10 task threads busy (at K = 40, 48^3 on 2 busy CPU workers 36 batches took ~1.5 x as long). A
+# batch holds at least ~16 pairs, one batched FFT of align_pairs.
+PAIR_BATCHES = 10
 MIN_PAIRS_PER_BATCH = 16
 
 
