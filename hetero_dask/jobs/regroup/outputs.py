@@ -80,10 +80,8 @@ def write_outputs(out_dir: Path, params: RegroupParams, inputs: Inputs, supercla
         d = out_dir / f"superclass_{m}"
         d.mkdir(exist_ok=True)
         subset = regrouped[row_superclass == m]
-        for key, path in _particle_files(
-            d, params.prefix, "particles", subset, inputs.is_star
-        ).items():
-            outputs[f"superclass_{m}/{key}"] = path
+        key = f"superclass_{m}/particles"
+        outputs |= _particle_files(d, params.prefix, "particles", subset, inputs.is_star, key)
         write_map(d / "map.mrc", vol, inputs.psize_A)
         outputs[f"superclass_{m}/map"] = d / "map.mrc"
     outputs["volumes_zip"] = write_volume_series(
@@ -95,15 +93,16 @@ def write_outputs(out_dir: Path, params: RegroupParams, inputs: Inputs, supercla
     return outputs
 
 
-def _particle_files(directory: Path, prefix: str, name: str, table, is_star: bool) -> dict:
+def _particle_files(directory: Path, prefix, name, table, is_star: bool, key=None) -> dict:
     """``{prefix}{name}.star`` (RELION input) or ``.cs`` + ``.csg`` (CryoSPARC input):
-    ``{name: path}``, and ``{name}_csg`` for the ``.csg``."""
+    ``{key: path}`` (``key`` defaults to ``name``), and ``{key}_csg`` for the ``.csg``."""
+    key = key or name
     paths = write_table_files(
         directory, prefix + name, table, job=JOB, formats=("star",) if is_star else ("cs",)
     )
     if is_star:
-        return {name: paths["star"]}
-    return {name: paths["cs"], f"{name}_csg": paths["csg"]}
+        return {key: paths["star"]}
+    return {key: paths["cs"], f"{key}_csg": paths["csg"]}
 
 
 def write_plots(out_dir: Path, result: RegroupResult, vols, maps) -> dict:
