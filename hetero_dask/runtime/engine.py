@@ -1,5 +1,10 @@
 """The generic map / tree-reduce engine every job runs on (LiberTEM UDF style).
 
+:func:`map_items` runs ``fn(shared, item)`` once per work item and returns
+the results in item order, for work whose results are small and needed one by
+one (regroup's pair alignments, the import's blocks). The rest of this page is
+about :func:`map_reduce`, which merges what its tasks produce.
+
 A job supplies three pure functions that know nothing about Dask:
 
 ``process(partition) -> partial``
@@ -34,10 +39,6 @@ combine tasks with at most ``fan_in`` inputs each, and the finishing tasks;
 only the finishing results (the summaries) come back to the driver. Keys are
 deterministic (prefix, stage, token, index), so the same call gives the same
 graph and a task lost with its worker is recomputed to the same value.
-
-:func:`map_items` is the same contract without the merge, for work whose
-results are small and needed one by one (regroup's pair alignments):
-``fn(shared, item)`` once per item, the results in the order of the items.
 """
 
 from __future__ import annotations
