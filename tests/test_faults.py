@@ -250,7 +250,7 @@ def test_unwritable_run_folder_clear_error(dataset, monkeypatch):
 def test_result_independent_of_partitioning(dataset, reference, monkeypatch):
     """Four times as many E-step tasks (what more workers, or a resume on a bigger cluster, give):
     the same run. Random assignments and per-particle results must not depend on task boundaries."""
-    import hetero_dask.jobs.refine as refine_module
+    import hetero_dask.jobs.refine.driver as refine_module
 
     d, particles, refs = dataset
     out = d / "partitioned"

@@ -147,7 +147,7 @@ def test_identical_references_are_split_by_variability(consensus_set, tmp_path):
 def test_sigma_scale_schedule_and_bad_values():
     """Linear from the initial to the final scale over the annealing iterations, the final
     one once converged; non-positive scales are refused by name."""
-    from hetero_dask.jobs.refine import RefineParams, _sigma_scale
+    from hetero_dask.jobs.refine.driver import RefineParams, _sigma_scale
 
     p = RefineParams(initial_sigma_scale=3.0, final_sigma_scale=2.0, sigma_anneal_iterations=10)
     assert _sigma_scale(0, p, False) == 3.0

@@ -295,7 +295,7 @@ def test_report_renders_in_chromium_without_broken_images(chromium, plots, tmp_p
 def test_fsc_is_drawn_over_the_computed_shells_only():
     """Shells not computed (NaN) are not drawn as FSC 0; a curve that never drops below
     0.143 where computed says "≤" its last shell."""
-    from hetero_dask.jobs.refine import _computed_fsc
+    from hetero_dask.jobs.refine.driver import _computed_fsc
     from hetero_dask.report.plots import _fsc_figure
 
     n_shells = BOX // 2 + 1

@@ -363,7 +363,7 @@ def test_stopped_while_writing_outputs_resumes_to_the_same_result(data, finished
     """Stopped after its last iteration, while writing the outputs: --resume repeats that
     iteration from the checkpoint before it and ends where the uninterrupted run did."""
     from hetero_dask.io.cs import read_cs
-    from hetero_dask.jobs import refine as refine_module
+    from hetero_dask.jobs.refine import driver as refine_module
 
     d, cs, refs = data
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import hetero_dask.io.store as store_module
-import hetero_dask.jobs.refine as refine_module
+import hetero_dask.jobs.refine.driver as refine_module
 from hetero_dask.core.align3d import shift_volume
 from hetero_dask.io.cs import empty_table, read_cs, slot_fields, with_fields
 from hetero_dask.io.mrc import read_map

@@ -376,7 +376,7 @@ def min_refine_iterations(p, n_classes: int, identical: bool) -> int:
 
 def check_refine(particles, volumes, out, stack_dir=None, resume: bool = False, **params) -> RefinePlan:
     """Check every input and parameter of :func:`hetero_dask.refine`; write nothing."""
-    from hetero_dask.jobs.refine import RefineParams, _identical
+    from hetero_dask.jobs.refine.driver import RefineParams, _identical
 
     p = RefineParams(**params)
     p.validate()
