@@ -376,7 +376,8 @@ def min_refine_iterations(p, n_classes: int, identical: bool) -> int:
 
 def check_refine(particles, volumes, out, stack_dir=None, resume: bool = False, **params) -> RefinePlan:
     """Check every input and parameter of :func:`hetero_dask.refine`; write nothing."""
-    from hetero_dask.jobs.refine.driver import RefineParams, _identical
+    from hetero_dask.jobs.refine.driver import _identical
+    from hetero_dask.jobs.refine.params import RefineParams
 
     p = RefineParams(**params)
     p.validate()

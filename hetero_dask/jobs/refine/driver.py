@@ -67,12 +67,7 @@ from hetero_dask.jobs.mstep import (
     mstep_class,
     select_class,
 )
-from hetero_dask.jobs.preflight import (
-    RefinePlan,
-    bad_value,
-    check_even_box,
-    check_refine,
-)
+from hetero_dask.jobs.preflight import RefinePlan, bad_value, check_refine
 from hetero_dask.runtime import checkpoint as ckpt
 from hetero_dask.runtime.cluster import job_client
 from hetero_dask.runtime.engine import (
@@ -84,7 +79,8 @@ from hetero_dask.runtime.engine import (
 )
 from hetero_dask.runtime.progress import IterationProgress
 
-REFERENCE_MODES = ("cross", "half", "full")
+from .params import RefineParams
+
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
 # Particles per E-step task. Fixed by the data, never by the cluster: the partitions and the
 # tree that sums their grids are then the same on any number of workers, and so are the
@@ -93,100 +89,6 @@ PARTITION_ROWS = 4 * ALIGN
 # Split of identical references (_split_by_variability): poses kept per particle, subspace
 # iterations, rounds of classification in the linear model.
 _SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
-
-
-@dataclass
-class RefineParams:
-    """Heterogeneous Refinement parameters, named after CryoSPARC's.
-
-    Defaults are CryoSPARC's except where measured otherwise on particles this project did
-    not make (``benchmarks/bench_realistic.py``; the measurements are in
-    ``benchmarks/results/realistic``): no random-assignment iterations, sigma scale 1
-    throughout, each half-set classified against the other half's maps, damped full passes.
-    """
-
-    refine_box: int | None = None  # None: the particles' box, at most 128 (preflight's box rule)
-    symmetry: str = "C1"
-    symmetry_convention: str = "cryosparc"
-    force_hard_classification: bool = False
-    mask_diameter_A: float | None = None
-    mask_diameter_outer_A: float | None = None
-    batch_size_per_class: int = 1000
-    # CryoSPARC's random assignments (5 iterations) replace the starting maps by random
-    # halves of the data: distinct starting maps are lost, and identical ones are split by
-    # their variability instead (initial_split "pca").
-    num_random_iterations: int = 0
-    learning_rate_init: float = 0.2
-    learning_rate: float = 0.1
-    learning_rate_halflife: int = 50
-    # Weight of a pass over every particle before convergence (CryoSPARC: batch EM, 1). A
-    # particle's class comes from the other half-set's maps (reference_mode "cross"), whose
-    # classes came from this half's maps the iteration before: two interleaved chains that
-    # need not settle on the same answer. Half of the new statistics on half of the running
-    # ones merges them into one.
-    full_pass_learning_rate: float = 0.5
-    initial_lowpass_A: float = 20.0
-    backproject_factor: float = 1.5
-    filter_max_fsc: bool = True
-    convergence_class_change: float = 0.05
-    convergence_res_shells: float = 1.0
-    final_full_passes: int = 2
-    # CryoSPARC anneals the noise model from a sigma scale of 3 to 1. The likelihood here
-    # already carries the temperature of the image mask (core.scoring.mask_temperature),
-    # the one way a masked image's Fourier coefficients are not independent; on top of it
-    # any scale above 1 flattens the posteriors, classes take each other's particles and
-    # the largest one grows.
-    initial_sigma_scale: float = 1.0
-    sigma_anneal_iterations: int = 10
-    final_sigma_scale: float = 1.0
-    tau2_fudge: float = 1.0
-    estimate_scale: bool = True
-    # What each half-set is scored against: "cross" (the OTHER half's maps: no particle votes
-    # for a map it is part of, which would lock every class in), "half" (its own half-maps:
-    # the strict gold standard, whose FSC is independent of the other half) or "full" (the
-    # class's full map).
-    reference_mode: str = "cross"
-    # Identical initial volumes (a consensus map given K times): "pca" splits the first
-    # split_particles particles into K groups by their 3D variability against the
-    # consensus (_split_by_variability), starts each class from the consensus plus its
-    # group's mean difference, and holds the groups for split_iterations iterations (each
-    # class refines its poses and map on its own group) before the particles are
-    # classified; "random" keeps CryoSPARC's random assignments.
-    initial_split: str = "pca"
-    split_particles: int = 4000
-    split_iterations: int = 2
-    max_iterations: int = 100
-    shift_range_px: float | None = None
-    max_order: int = 4
-    seed: int = 0
-    # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
-    # which the grey-scale fit refuses (_estimate_scales).
-    flip_contrast: bool = False
-
-    def validate(self) -> None:
-        """Refuse values no run can use; messages name the CLI option (:mod:`.preflight`)."""
-        if self.refine_box is not None:
-            check_even_box("refine_box", self.refine_box)
-        for name in ("batch_size_per_class", "learning_rate_halflife", "max_iterations", "max_order",
-                     "sigma_anneal_iterations", "split_particles"):
-            if getattr(self, name) < 1:
-                raise bad_value(name, getattr(self, name), "a whole number >= 1")
-        for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
-            if getattr(self, name) < 0:
-                raise bad_value(name, getattr(self, name), "a whole number >= 0")
-        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate"):
-            if not 0 < getattr(self, name) <= 1:
-                raise bad_value(name, getattr(self, name), "a value in (0, 1]")
-        for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",
-                     "backproject_factor"):
-            if not getattr(self, name) > 0:
-                raise bad_value(name, getattr(self, name), "a value > 0")
-        if self.shift_range_px is not None and self.shift_range_px < 0:
-            raise bad_value("shift_range_px", self.shift_range_px, "a shift in pixels >= 0")
-        if self.reference_mode not in REFERENCE_MODES:
-            raise bad_value("reference_mode", self.reference_mode, " or ".join(map(repr, REFERENCE_MODES)))
-        if self.initial_split not in ("pca", "random"):
-            raise bad_value("initial_split", self.initial_split, "'pca' or 'random'")
 
 
 @dataclass
