@@ -49,7 +49,6 @@ from hetero_dask.core.scoring import (
     alignment_band,
     circular_mask,
     mask_temperature,
-    normalise_background,
     phase_ramp,
     prepare_particles,
     project_band,
@@ -79,6 +78,8 @@ from hetero_dask.runtime.engine import (
 )
 from hetero_dask.runtime.progress import IterationProgress
 
+from .images import normalised_images, open_store
+from .noise import extend_shells, fill_nan, initial_sigma2
 from .params import RefineParams
 
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
@@ -123,23 +124,6 @@ class _Context:
 # ---------------------------------------------------------------------------
 
 
-def _open_store(path: str):
-    from hetero_dask.io.store import ParticleStore, store_version
-
-    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path),
-                         max_entries=8)
-
-
-def _normalised_images(store, box: int, start: int, stop: int, mask_radius_px: float, xp):
-    """Images at ``box``, background-normalised (as ``prepare_particles`` does) and softly masked.
-
-    The E-step and the backprojection both use these, so maps come out in the units
-    the log-likelihood compares them in.
-    """
-    x = normalise_background(xp.asarray(store.images_at_box(box, start, stop)), mask_radius_px)
-    return x * circular_mask(box, mask_radius_px, 4.0, xp)
-
-
 def _class_maps(ctx: _Context, xp):
     """Per (class, half) Fourier maps of this iteration's references, cached per worker."""
 
@@ -159,10 +143,10 @@ def _class_maps(ctx: _Context, xp):
 def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
     """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial."""
     xp = worker_xp()
-    store = _open_store(ctx.store_path)
+    store = open_store(ctx.store_path)
     start, stop = part.start, part.stop
     K, box = ctx.n_classes, ctx.box
-    images = _normalised_images(store, box, start, stop, ctx.mask_radius_px, xp)
+    images = normalised_images(store, box, start, stop, ctx.mask_radius_px, xp)
     ctf = store.ctf(start, stop)
     halves = np.load(ctx.split_file, mmap_mode="r", allow_pickle=False)[start:stop].astype(np.int64)
     band = alignment_band(box, ctx.r_band, xp)
@@ -451,7 +435,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     mask = _mask_for(p, box, psize)
     mask_radius_px = 0.85 * box / 2 if p.mask_diameter_A is None else min(
         0.5 * p.mask_diameter_A / psize, box / 2 - 2)
-    # The E-step's images are masked twice (_normalised_images, then prepare_particles).
+    # The E-step's images are masked twice (normalised_images, then prepare_particles).
     mask_T = mask_temperature(circular_mask(box, mask_radius_px, 4.0) ** 2)
     ops = symmetry_group(p.symmetry, p.symmetry_convention)
     ops = None if len(ops) == 1 else ops
@@ -474,7 +458,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     else:
         assignment_file.unlink(missing_ok=True)
         refs = _prepare_references(vols_in, psize_vol, box, psize, p, mask)
-        state.sigma2 = _initial_sigma2(store, box, psize, box / 2, mask_radius_px, 0, min(N, 500))
+        state.sigma2 = initial_sigma2(store, box, psize, box / 2, mask_radius_px, 0, min(N, 500))
         if p.estimate_scale:
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
             scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range,
@@ -515,7 +499,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
         ctx = _Context(
             store_path=str(store.path), run_dir=str(run_dir), volumes_file=str(vol_file),
             results_path=str(results_path), split_file=str(split_file), iteration=it, box=box,
-            psize_A=psize, n_classes=K, search=search, sigma2=_extend(state.sigma2, int(math.ceil(r_band)) + 2),
+            psize_A=psize, n_classes=K, search=search, sigma2=extend_shells(state.sigma2, int(math.ceil(r_band)) + 2),
             class_prior=state.class_prior, r_backproject=r_bp, r_band=r_band,
             mask_radius_px=mask_radius_px, random_assignment=random,
             reference_mode=p.reference_mode, write_results=True, seed=p.seed,
@@ -629,14 +613,14 @@ def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, s
     from hetero_dask.jobs.contrast import refuse_inverted_fit
 
     stop = min(store.n, n)
-    imgs = _normalised_images(store, box, 0, stop, mask_radius_px, np)
+    imgs = normalised_images(store, box, 0, stop, mask_radius_px, np)
     band = alignment_band(box, r_align, np)
     prep = prepare_particles(imgs, store.ctf(0, stop), psize, band, normalize=False,
                              mask_radius_px=mask_radius_px)
     search = SearchParams(radius_final=r_align, order_coarse=1, order_final=2, shift_range_px=shift_range,
                           shift_step_px=max(1.0, shift_range / 2.5))
     K = refs.shape[0]
-    sigma2 = _extend(sigma2, int(math.ceil(r_align)) + 2)
+    sigma2 = extend_shells(sigma2, int(math.ceil(r_align)) + 2)
     signed = [prepare_fourier_map(sign * refs[k], r_max=r_align + 1) for sign in (1, -1) for k in range(K)]
     best = to_host(estep(prep, signed, sigma2, search).best_class)
     refuse_inverted_fit(float(np.mean(best >= K)), stop, source)
@@ -702,11 +686,11 @@ def _split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_ali
     from hetero_dask.core.reconstruction import reconstruct
     from hetero_dask.core.spectral import kmeans
 
-    imgs = _normalised_images(store, box, 0, n, mask_radius_px, np)
+    imgs = normalised_images(store, box, 0, n, mask_radius_px, np)
     band = alignment_band(box, r_align, np)
     prep = prepare_particles(imgs, store.ctf(0, n), psize, band, normalize=False, mask_radius_px=mask_radius_px)
     fm = prepare_fourier_map(consensus, r_max=r_align + 1)
-    s2 = _extend(sigma2, int(math.ceil(r_align)) + 2)
+    s2 = extend_shells(sigma2, int(math.ceil(r_align)) + 2)
     search = SearchParams(radius_final=r_align, order_coarse=max(1, min(2, p.max_order - 1)),
                           order_final=min(3, p.max_order), shift_range_px=shift_range,
                           shift_step_px=max(1.0, shift_range / 2.5), sigma2_scale=p.final_sigma_scale ** 2,
@@ -788,28 +772,6 @@ def _round_up(x: int, a: int) -> int:
     return -(-x // a) * a
 
 
-def _extend(sigma2: np.ndarray, n: int) -> np.ndarray:
-    """Per-shell sigma2 extended to ``n`` shells by repeating the last known value."""
-    s = np.asarray(sigma2, dtype=np.float64)
-    if s.shape[0] >= n:
-        return s[:n]
-    return np.concatenate([s, np.full(n - s.shape[0], s[-1])])
-
-
-def _initial_sigma2(store, box, psize, r_band, mask_radius_px, start, stop):
-    """Per-shell power of the particle spectra (signal + noise; noise-dominated at low SNR)."""
-    imgs = _normalised_images(store, box, start, stop, mask_radius_px, np)
-    band = alignment_band(box, r_band, np)
-    prep = prepare_particles(imgs, None, psize, band, normalize=False, mask_radius_px=mask_radius_px)
-    n_shells = int(math.ceil(r_band)) + 2
-    s = sigma2_from_residuals(prep.y, band.shell, n_shells)
-    s = np.asarray(s, dtype=np.float64)
-    good = s > 0
-    s[~good] = s[good][-1] if np.any(good) else 1.0
-    s[0] = s[1]
-    return s
-
-
 def _init_results(path: Path, N: int, K: int, resume: bool) -> Path:
     if resume and path.exists():
         return path
@@ -861,22 +823,9 @@ def _update_state(state: _State, results, ex: dict, lr: float, random: bool, hal
     good = ex["sigma2_den"] > 0
     if np.any(good):
         new = np.where(good, ex["sigma2_num"] / np.maximum(ex["sigma2_den"], 1), np.nan)
-        new = _fill_nan(new)
-        old = _extend(state.sigma2, new.shape[0])
+        new = fill_nan(new)
+        old = extend_shells(state.sigma2, new.shape[0])
         state.sigma2 = (1 - lr) * old + lr * new if lr < 1 else new
-
-
-def _fill_nan(a):
-    a = a.copy()
-    ok = np.isfinite(a)
-    if not np.any(ok):
-        return np.ones_like(a)
-    idx = np.flatnonzero(ok)
-    a[: idx[0]] = a[idx[0]]
-    for i in range(len(a)):
-        if not ok[i] and i > idx[0]:
-            a[i] = a[i - 1]
-    return a
 
 
 def _checkpoint(run_dir: Path, state: _State):

@@ -1,0 +1,49 @@
+"""The noise model: per-shell noise power sigma2, its first estimate and its extension to more shells."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hetero_dask.core.noise import sigma2_from_residuals
+from hetero_dask.core.scoring import alignment_band, prepare_particles
+
+from .images import normalised_images
+
+
+def extend_shells(sigma2: np.ndarray, n: int) -> np.ndarray:
+    """Per-shell sigma2 extended to ``n`` shells by repeating the last known value."""
+    s = np.asarray(sigma2, dtype=np.float64)
+    if s.shape[0] >= n:
+        return s[:n]
+    return np.concatenate([s, np.full(n - s.shape[0], s[-1])])
+
+
+def initial_sigma2(store, box, psize, r_band, mask_radius_px, start, stop):
+    """Per-shell power of the particle spectra (signal + noise; noise-dominated at low SNR)."""
+    imgs = normalised_images(store, box, start, stop, mask_radius_px, np)
+    band = alignment_band(box, r_band, np)
+    prep = prepare_particles(imgs, None, psize, band, normalize=False, mask_radius_px=mask_radius_px)
+    n_shells = int(math.ceil(r_band)) + 2
+    s = sigma2_from_residuals(prep.y, band.shell, n_shells)
+    s = np.asarray(s, dtype=np.float64)
+    good = s > 0
+    s[~good] = s[good][-1] if np.any(good) else 1.0
+    s[0] = s[1]
+    return s
+
+
+def fill_nan(a):
+    """``a`` with each NaN (or inf) replaced by the last finite value before it (the first
+    finite one at the start); all ones when none is finite."""
+    a = a.copy()
+    ok = np.isfinite(a)
+    if not np.any(ok):
+        return np.ones_like(a)
+    idx = np.flatnonzero(ok)
+    a[: idx[0]] = a[idx[0]]
+    for i in range(len(a)):
+        if not ok[i] and i > idx[0]:
+            a[i] = a[i - 1]
+    return a
