@@ -376,8 +376,8 @@ def min_refine_iterations(p, n_classes: int, identical: bool) -> int:
 
 def check_refine(particles, volumes, out, stack_dir=None, resume: bool = False, **params) -> RefinePlan:
     """Check every input and parameter of :func:`hetero_dask.refine`; write nothing."""
-    from hetero_dask.jobs.refine.driver import _identical
     from hetero_dask.jobs.refine.params import RefineParams
+    from hetero_dask.jobs.refine.split import identical_references
 
     p = RefineParams(**params)
     p.validate()
@@ -398,9 +398,9 @@ def check_refine(particles, volumes, out, stack_dir=None, resume: bool = False, 
                                                 or p.mask_diameter_outer_A < p.mask_diameter_A):
         raise bad_value("mask_diameter_outer_A", p.mask_diameter_outer_A,
                         "a diameter >= --mask-diameter (which it needs)")
-    least = min_refine_iterations(p, len(vols), _identical(vols))
+    least = min_refine_iterations(p, len(vols), identical_references(vols))
     if p.max_iterations < least:
-        held = ("split-held" if p.initial_split == "pca" and _identical(vols)
+        held = ("split-held" if p.initial_split == "pca" and identical_references(vols)
                 else "random-assignment")
         raise bad_value("max_iterations", p.max_iterations,
                         f">= {least}: the {least - 1 - p.final_full_passes} {held} iteration(s) "

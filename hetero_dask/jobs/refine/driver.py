@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,11 +38,9 @@ import zarr
 from hetero_dask.core import pose_grids as so3
 from hetero_dask.core.backend import to_host, worker_xp
 from hetero_dask.core.backprojector import BackprojGrids, crop_grids
-from hetero_dask.core.fourier import fourier_resize, lowpass, resolution_to_radius
+from hetero_dask.core.fourier import resolution_to_radius
 from hetero_dask.core.fsc import resolution_A
-from hetero_dask.core.masks import spherical_window
 from hetero_dask.core.noise import sigma2_from_residuals
-from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.rotations import matrix_to_pose
 from hetero_dask.core.scoring import (
     alignment_band,
@@ -74,22 +71,20 @@ from hetero_dask.runtime.engine import (
     map_reduce,
     partition_ranges,
     task_rng,
-    worker_cached,
 )
 from hetero_dask.runtime.progress import IterationProgress
 
 from .images import normalised_images, open_store
 from .noise import extend_shells, fill_nan, initial_sigma2
 from .params import RefineParams
+from .references import class_maps, estimate_scales, mask_for, prepare_references
+from .split import identical_references, split_by_variability
 
 ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
 # Particles per E-step task. Fixed by the data, never by the cluster: the partitions and the
 # tree that sums their grids are then the same on any number of workers, and so are the
 # float32 sums, which an EM run would otherwise amplify into different classes.
 PARTITION_ROWS = 4 * ALIGN
-# Split of identical references (_split_by_variability): poses kept per particle, subspace
-# iterations, rounds of classification in the linear model.
-_SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
 
 
 @dataclass
@@ -124,22 +119,6 @@ class _Context:
 # ---------------------------------------------------------------------------
 
 
-def _class_maps(ctx: _Context, xp):
-    """Per (class, half) Fourier maps of this iteration's references, cached per worker."""
-
-    def load():
-        vols = np.load(ctx.volumes_file, allow_pickle=False)  # (K, 2, n, n, n)
-        return [
-            [prepare_fourier_map(xp.asarray(vols[k, h]), r_max=ctx.r_band + 1) for h in range(2)]
-            for k in range(vols.shape[0])
-        ]
-
-    # The file's modification time is in the key: a later run into the same folder on a
-    # long-lived cluster writes new references under the same name.
-    stamp = os.stat(ctx.volumes_file).st_mtime_ns
-    return worker_cached(("maps", ctx.volumes_file, stamp, ctx.r_band, xp.__name__), load)
-
-
 def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
     """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial."""
     xp = worker_xp()
@@ -150,7 +129,7 @@ def estep_task(part: Partition, ctx: _Context) -> ClassGridsPartial:
     ctf = store.ctf(start, stop)
     halves = np.load(ctx.split_file, mmap_mode="r", allow_pickle=False)[start:stop].astype(np.int64)
     band = alignment_band(box, ctx.r_band, xp)
-    maps = _class_maps(ctx, xp)
+    maps = class_maps(ctx.volumes_file, ctx.r_band, xp)
     B = stop - start
     post = np.zeros((B, K), np.float32)
     rot = np.zeros((B, K, 3, 3), np.float32)
@@ -325,40 +304,6 @@ class _State:
     history: list = field(default_factory=list)
 
 
-def _prepare_references(volumes, psize_vol: float, box: int, psize_A: float, params: RefineParams, mask):
-    """Resample references to the refinement grid, low-pass to the initial resolution, mask."""
-    out = []
-    for v in volumes:
-        n_v = v.shape[-1]
-        n_t = int(round(n_v * psize_vol / psize_A))
-        if n_t % 2 != n_v % 2 and n_t > 1:
-            n_t += 1 if n_t < box else -1
-        w = fourier_resize(v.astype(np.float32), n_t, ndim=3) if n_t != n_v else v.astype(np.float32)
-        w = _center_crop_pad(w, box)
-        w = lowpass(w, params.initial_lowpass_A, psize_A, ndim=3)
-        out.append(w * mask)
-    return np.stack(out).astype(np.float32)
-
-
-def _center_crop_pad(v, box: int):
-    n = v.shape[-1]
-    if n == box:
-        return v
-    out = np.zeros((box,) * 3, np.float32)
-    m = min(n, box)
-    a, b = n // 2 - m // 2, box // 2 - m // 2
-    out[b:b + m, b:b + m, b:b + m] = v[a:a + m, a:a + m, a:a + m]
-    return out
-
-
-def _mask_for(params: RefineParams, box: int, psize_A: float):
-    if params.mask_diameter_A is None:
-        return spherical_window(box, 0.85, 0.99)
-    inner = params.mask_diameter_A / (box * psize_A)
-    outer = (params.mask_diameter_outer_A or 1.2 * params.mask_diameter_A) / (box * psize_A)
-    return spherical_window(box, min(inner, 1.0), min(outer, 1.0))
-
-
 def _orders_for(r_align: float, max_order: int) -> tuple[int, int]:
     """(coarse, final) HEALPix orders: the final step nearest 1/r_align radians, coarse one below.
 
@@ -432,7 +377,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     box = plan.box
     psize = store.psize_at_box(box)
     N = store.n
-    mask = _mask_for(p, box, psize)
+    mask = mask_for(p, box, psize)
     mask_radius_px = 0.85 * box / 2 if p.mask_diameter_A is None else min(
         0.5 * p.mask_diameter_A / psize, box / 2 - 2)
     # The E-step's images are masked twice (normalised_images, then prepare_particles).
@@ -457,17 +402,17 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
             random_its = 0
     else:
         assignment_file.unlink(missing_ok=True)
-        refs = _prepare_references(vols_in, psize_vol, box, psize, p, mask)
+        refs = prepare_references(vols_in, psize_vol, box, psize, p, mask)
         state.sigma2 = initial_sigma2(store, box, psize, box / 2, mask_radius_px, 0, min(N, 500))
         if p.estimate_scale:
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
-            scales = _estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range,
+            scales = estimate_scales(store, refs, box, psize, mask_radius_px, state.sigma2, r0, shift_range,
                                       source=plan.particles.path)
             bar.note(f"reference grey scales: {np.round(scales, 4).tolist()}")
             refs = refs * scales[:, None, None, None].astype(np.float32)
-        if p.initial_split == "pca" and K > 1 and _identical(refs):
+        if p.initial_split == "pca" and K > 1 and identical_references(refs):
             r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
-            refs, groups = _split_by_variability(store, refs[0], K, box, psize, mask_radius_px, r0, shift_range,
+            refs, groups = split_by_variability(store, refs[0], K, box, psize, mask_radius_px, r0, shift_range,
                                                  state.sigma2 * mask_T, p, mask, n=min(N, p.split_particles))
             assignment = np.full(N, -1, np.int16)
             assignment[: groups.size] = groups
@@ -595,47 +540,6 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     return report
 
 
-def _estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, shift_range, source="particles",
-                     n=256, rounds=3):
-    """Per-class grey scale of the references against the particles (median least-squares alpha).
-
-    References from other programs come on arbitrary grey scales; the log-likelihood
-    needs them in the units of the normalised particle images. A coarse search on
-    ``n`` particles finds each class's best pose; alpha is the least-squares scale of
-    that projection to the image. Repeated: poses found with a badly scaled reference
-    are poor, with a rescaled one good. First, the particles are scored against the maps
-    and the negated maps: most preferring the negated ones means inverted contrast,
-    refused naming the flag that flips it (``source``: the particles, for the message).
-    A class with a grey scale <= 0 keeps the scale given, with a warning.
-    """
-    import warnings
-
-    from hetero_dask.jobs.contrast import refuse_inverted_fit
-
-    stop = min(store.n, n)
-    imgs = normalised_images(store, box, 0, stop, mask_radius_px, np)
-    band = alignment_band(box, r_align, np)
-    prep = prepare_particles(imgs, store.ctf(0, stop), psize, band, normalize=False,
-                             mask_radius_px=mask_radius_px)
-    search = SearchParams(radius_final=r_align, order_coarse=1, order_final=2, shift_range_px=shift_range,
-                          shift_step_px=max(1.0, shift_range / 2.5))
-    K = refs.shape[0]
-    sigma2 = extend_shells(sigma2, int(math.ceil(r_align)) + 2)
-    signed = [prepare_fourier_map(sign * refs[k], r_max=r_align + 1) for sign in (1, -1) for k in range(K)]
-    best = to_host(estep(prep, signed, sigma2, search).best_class)
-    refuse_inverted_fit(float(np.mean(best >= K)), stop, source)
-    scales = np.ones(K)
-    for _ in range(rounds):
-        maps = [prepare_fourier_map(refs[k] * scales[k], r_max=r_align + 1) for k in range(K)]
-        alpha = np.median(to_host(estep(prep, maps, sigma2, search).alpha), axis=0)
-        scales *= np.where(alpha > 0, alpha, 1.0)
-    if np.any(alpha <= 0):
-        warnings.warn(f"the starting map(s) of class(es) {np.flatnonzero(alpha <= 0).tolist()} fit the particles "
-                      f"with a grey scale <= 0 ({np.round(alpha, 4).tolist()}): inverted or unrelated maps, "
-                      "kept at the scale given", stacklevel=2)
-    return scales
-
-
 def _prune_iteration_files(run_dir: Path, iteration: int) -> None:
     """Delete the references and running statistics of ``iteration`` and before.
 
@@ -648,124 +552,6 @@ def _prune_iteration_files(run_dir: Path, iteration: int) -> None:
         digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
         if digits.isdigit() and int(digits) <= iteration:
             path.unlink(missing_ok=True)
-
-
-def _identical(refs, tol: float = 1e-3) -> bool:
-    """True when all references are the same map up to ``tol`` relative difference."""
-    ref0 = refs[0]
-    scale = float(np.linalg.norm(ref0)) or 1.0
-    return all(float(np.linalg.norm(r - ref0)) <= tol * scale for r in refs[1:])
-
-
-def _split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_align, shift_range, sigma2,
-                          p: RefineParams, mask, n: int):
-    """K starting maps and particle groups from one consensus map: ``(refs (K, n, n, n), groups (n,))``.
-
-    The first ``n`` particles are aligned to the consensus with soft poses (their
-    ``_SPLIT_POSES`` most probable poses, weighted, at sigma scale ``final_sigma_scale``):
-    a particle of one state often fits the consensus best in a wrong pose, and a single
-    hard pose puts that error into its residual. The residuals ``r`` (image minus the
-    scaled, CTF-modulated projection, per pose) are whitened by the noise power. Then:
-
-    1. the top ``K - 1`` principal components of the pose-weighted residual covariance
-       (subspace iteration with Rayleigh-Ritz), each particle's least-squares coordinates
-       on them, k-means into K groups;
-    2. up to ``_SPLIT_ROUNDS`` rounds of: the groups' mean residual maps (pose-weighted
-       backprojection) span a new basis, coordinates on it, k-means.
-
-    The principal components maximise variance, which noise and pose errors share with
-    the heterogeneity; the group means aim at the difference between the states. The
-    starting map of group k is the consensus plus the basis at the group's mean
-    coordinates. Measured on the moving-domain set (swing 180, SNR 0.05, 800 particles, seed 0;
-    correlation with the true difference map, 30 A): one hard pose per particle (the
-    previous split) .13 (split .56 right), 32 soft poses .43 (AUC .88), after the rounds
-    .80 (split .85 right; seeds 1-4 .87-.89).
-    """
-    from hetero_dask.core.backprojector import backproject as bp
-    from hetero_dask.core.backprojector import new_grids
-    from hetero_dask.core.reconstruction import reconstruct
-    from hetero_dask.core.spectral import kmeans
-
-    imgs = normalised_images(store, box, 0, n, mask_radius_px, np)
-    band = alignment_band(box, r_align, np)
-    prep = prepare_particles(imgs, store.ctf(0, n), psize, band, normalize=False, mask_radius_px=mask_radius_px)
-    fm = prepare_fourier_map(consensus, r_max=r_align + 1)
-    s2 = extend_shells(sigma2, int(math.ceil(r_align)) + 2)
-    search = SearchParams(radius_final=r_align, order_coarse=max(1, min(2, p.max_order - 1)),
-                          order_final=min(3, p.max_order), shift_range_px=shift_range,
-                          shift_step_px=max(1.0, shift_range / 2.5), sigma2_scale=p.final_sigma_scale ** 2,
-                          n_out_poses=_SPLIT_POSES)
-    res = estep(prep, [fm], s2, search)
-    w = res.pose_weight[:, 0].astype(np.float32)  # (n, P), zero for padding
-    P = w.shape[1]
-    R = so3.matrices_for(res.order, np.maximum(res.pose_ids[:, 0], 0).ravel())  # (n P, 3, 3)
-    shift = res.pose_shift_px[:, 0] - prep.center_px[:, None, :]
-
-    def project(D):
-        return project_band(prepare_fourier_map(D, r_max=r_align + 1), R, band.kx, band.ky).reshape(n, P, -1)
-
-    y = prep.y[:, None, :] * phase_ramp(band.kx, band.ky, shift, box)
-    CP = prep.ctf[:, None, :] * project(consensus)
-    alpha = np.sum((y * np.conj(CP)).real, axis=2) / np.maximum(np.sum(np.abs(CP) ** 2, axis=2), 1e-30)
-    inv_s2 = (1.0 / s2[band.shell]).astype(np.float32)
-    U = (prep.ctf[:, None, :] * inv_s2 * (y - alpha[..., None] * CP)).astype(np.complex64)  # C r / sigma2
-    CC = (prep.ctf ** 2 * inv_s2)[:, None, :]  # C^2 / sigma2
-    del y, CP
-
-    def coordinates(basis):
-        """(n, m) least-squares coordinates of each particle's residual on ``basis`` (m maps):
-        the pose-weighted normal equations sum_j w_ij <C P_j b_a, C P_j b_b> z = <C r_ij, C P_j b_a>
-        (whitened), solved per particle."""
-        Q = [project(b) for b in basis]
-        rhs = np.stack([np.sum(w * np.sum((U * np.conj(q)).real, axis=2), axis=1) for q in Q], axis=1)
-        gram = np.stack([np.stack([np.sum(w * np.sum(CC * (qa * np.conj(qb)).real, axis=2), axis=1) for qb in Q],
-                                  axis=1) for qa in Q], axis=1)
-        return np.linalg.solve(gram + 1e-12 * np.eye(len(Q)), (rhs - rhs.mean(axis=0))[..., None])[..., 0]
-
-    def backproject(coef, member):
-        """Map of sum_i coef_i A_i^T C r_i / sigma2 over sum_i member_i A_i^T C^2 / sigma2 (pose-weighted)."""
-        g = new_grids(box, r_max=r_align + 1)
-        bp(g, R, (coef[:, None, None] * w[..., None] * U).reshape(n * P, -1),
-           np.broadcast_to(member[:, None, None] * w[..., None] * CC, U.shape).reshape(n * P, -1).astype(np.float32),
-           band.kx, band.ky)
-        return lowpass(reconstruct(g), p.initial_lowpass_A, psize, 3) * mask
-
-    def orthonormal(maps):
-        return np.linalg.qr(maps.reshape(len(maps), -1).T)[0].T.reshape(maps.shape).astype(np.float32)
-
-    # 1. Principal components: V <- Cov V, Cov V = sum_i (c_i - mean c) A_i^T C r_i / sigma2.
-    n_vec, everyone = K + 1, np.ones(n, np.float32)
-    rng = task_rng(p.seed, 0, (0,))
-    V = orthonormal(np.stack([lowpass(rng.standard_normal((box,) * 3).astype(np.float32), p.initial_lowpass_A,
-                                      psize, 3) * mask for _ in range(n_vec)]))
-    for _ in range(_SPLIT_PCA_ITERATIONS):
-        W = []
-        for v in V:
-            c = np.sum(w * np.sum((U * np.conj(project(v))).real, axis=2), axis=1)
-            W.append(backproject((c - c.mean()).astype(np.float32), everyone))
-        W = np.stack(W)
-        ev, E = np.linalg.eig((V.reshape(n_vec, -1) @ W.reshape(n_vec, -1).T).T)
-        V = orthonormal(np.tensordot(E[:, np.argsort(-ev.real)].real.T, W, axes=1))
-    # 2. k-means of the coordinates; rounds of: the groups' mean residual maps (over the
-    # weights of all particles, so that a group's sparse views do not make noisy voxels)
-    # span the new basis, k-means of the coordinates on it.
-    def means(groups):
-        return [(groups == k).astype(np.float32) for k in range(K)]
-
-    basis = V[: K - 1]
-    z = coordinates(basis)
-    groups = kmeans(z, K, n_init=10, seed=p.seed)[0]
-    for _ in range(_SPLIT_ROUNDS):
-        D = np.stack([backproject(m * (n / max(m.sum(), 1.0)), everyone) for m in means(groups)])
-        basis = orthonormal(D[1:] - D[0])
-        z = coordinates(basis)
-        new = kmeans(z, K, n_init=10, seed=p.seed)[0]
-        if np.array_equal(new, groups):
-            break
-        groups = new
-    centre = [z[m > 0].mean(axis=0) if m.any() else np.zeros(K - 1) for m in means(groups)]
-    return (np.stack([consensus + np.tensordot(c, basis, axes=1) for c in centre]).astype(np.float32),
-            groups.astype(np.int16))
 
 
 def _round_up(x: int, a: int) -> int:

@@ -62,7 +62,7 @@ class RefineParams:
     reference_mode: str = "cross"
     # Identical initial volumes (a consensus map given K times): "pca" splits the first
     # split_particles particles into K groups by their 3D variability against the
-    # consensus (_split_by_variability), starts each class from the consensus plus its
+    # consensus (split.split_by_variability), starts each class from the consensus plus its
     # group's mean difference, and holds the groups for split_iterations iterations (each
     # class refines its poses and map on its own group) before the particles are
     # classified; "random" keeps CryoSPARC's random assignments.
@@ -74,7 +74,7 @@ class RefineParams:
     max_order: int = 4
     seed: int = 0
     # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
-    # which the grey-scale fit refuses (_estimate_scales).
+    # which the grey-scale fit refuses (references.estimate_scales).
     flip_contrast: bool = False
 
     def validate(self) -> None:
