@@ -250,12 +250,12 @@ def test_unwritable_run_folder_clear_error(dataset, monkeypatch):
 def test_result_independent_of_partitioning(dataset, reference, monkeypatch):
     """Four times as many E-step tasks (what more workers, or a resume on a bigger cluster, give):
     the same run. Random assignments and per-particle results must not depend on task boundaries."""
-    import hetero_dask.jobs.refine.driver as refine_module
+    import hetero_dask.jobs.refine.results as refine_results
 
     d, particles, refs = dataset
     out = d / "partitioned"
-    monkeypatch.setattr(refine_module, "ALIGN", 32)
-    monkeypatch.setattr(refine_module, "PARTITION_ROWS", 32)  # partitions of 32 particles
+    monkeypatch.setattr(refine_results, "ALIGN", 32)
+    monkeypatch.setattr(refine_results, "PARTITION_ROWS", 32)  # partitions of 32 particles
     # batch_size_per_class=128: the same 256-particle batches as the reference's 100 (rounded to 128).
     report = refine(particles, refs, out, progress=False, **{**PARAMS, "batch_size_per_class": 128})
     assert [h["particles"] for h in report["iterations"]] == [[0, 256], [256, 300], [0, 300], [0, 300]]

@@ -15,7 +15,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import hetero_dask.io.store as store_module
-import hetero_dask.jobs.refine.driver as refine_module
+import hetero_dask.jobs.refine.results as refine_results
 from hetero_dask.core.align3d import shift_volume
 from hetero_dask.io.cs import empty_table, read_cs, slot_fields, with_fields
 from hetero_dask.io.mrc import read_map
@@ -50,8 +50,8 @@ def _on_workers(n: int, job):
 
 def test_refine_same_classes_and_maps(dataset, monkeypatch):
     d, particles, refs = dataset
-    monkeypatch.setattr(refine_module, "ALIGN", 32)
-    monkeypatch.setattr(refine_module, "PARTITION_ROWS", 64)
+    monkeypatch.setattr(refine_results, "ALIGN", 32)
+    monkeypatch.setattr(refine_results, "PARTITION_ROWS", 64)
     runs = {}
     for n in WORKERS:
         out = d / f"refine_{n}"

@@ -69,7 +69,6 @@ from hetero_dask.runtime.cluster import job_client
 from hetero_dask.runtime.engine import (
     Partition,
     map_reduce,
-    partition_ranges,
     task_rng,
 )
 from hetero_dask.runtime.progress import IterationProgress
@@ -78,13 +77,8 @@ from .images import normalised_images, open_store
 from .noise import extend_shells, fill_nan, initial_sigma2
 from .params import RefineParams
 from .references import class_maps, estimate_scales, mask_for, prepare_references
+from .results import batch_rows, init_results, partitions
 from .split import identical_references, split_by_variability
-
-ALIGN = 128  # rows per chunk of the per-particle result arrays: partitions start on multiples
-# Particles per E-step task. Fixed by the data, never by the cluster: the partitions and the
-# tree that sums their grids are then the same on any number of workers, and so are the
-# float32 sums, which an EM run would otherwise amplify into different classes.
-PARTITION_ROWS = 4 * ALIGN
 
 
 @dataclass
@@ -387,7 +381,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     split = particle_split(store, p.seed)
     split_file = run_dir / "split.npy"
     np.save(split_file, split.astype(np.int8))
-    results_path = _init_results(run_dir / "results.zarr", N, K, resume)
+    results_path = init_results(run_dir / "results.zarr", N, K, resume)
     shift_range = p.shift_range_px if p.shift_range_px is not None else max(2.0, round(box / 16))
 
     state = _State()
@@ -450,9 +444,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
             reference_mode=p.reference_mode, write_results=True, seed=p.seed,
             assignment_file=str(assignment_file) if it < assigned_its else None,
         )
-        n_parts = max(1, math.ceil((stop - start) / PARTITION_ROWS))
-        parts = [Partition(i, start + a, start + b) for i, (_, a, b) in
-                 enumerate(partition_ranges(stop - start, n_parts, align=ALIGN))]
+        parts = partitions(start, stop)
         prev = state.iteration - 1 if (decay > 0 and state.iteration > 0) else None
         fsc_prior = None
         if p.filter_max_fsc and state.fsc is not None:
@@ -473,7 +465,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
         return results, stats, dict(r_align=r_align, r_bp=r_bp, order=order_f, t=time.time() - t_it,
                                     n=stop - start, search=search)
 
-    batch = min(N, max(ALIGN, _round_up(p.batch_size_per_class * K, ALIGN)))
+    batch = batch_rows(N, K, p.batch_size_per_class)
     it = state.iteration
     # Convergence bookkeeping continues from a resumed checkpoint as if uninterrupted.
     final_passes_done = 0 if state.converged_at is None else it - state.converged_at
@@ -552,28 +544,6 @@ def _prune_iteration_files(run_dir: Path, iteration: int) -> None:
         digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
         if digits.isdigit() and int(digits) <= iteration:
             path.unlink(missing_ok=True)
-
-
-def _round_up(x: int, a: int) -> int:
-    return -(-x // a) * a
-
-
-def _init_results(path: Path, N: int, K: int, resume: bool) -> Path:
-    if resume and path.exists():
-        return path
-    g = zarr.open_group(path, mode="w")
-    c = (ALIGN,)
-    g.create_array("best_class", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
-    g.create_array("previous_class", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
-    g.create_array("class_iteration", shape=(N,), chunks=c, dtype="i4", fill_value=-1)
-    g.create_array("class_posterior", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
-    g.create_array("previous_posterior", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
-    g.create_array("pose", shape=(N, K, 3), chunks=c + (K, 3), dtype="f4", fill_value=0)
-    g.create_array("shift", shape=(N, K, 2), chunks=c + (K, 2), dtype="f4", fill_value=0)
-    g.create_array("ll", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
-    g.create_array("alpha", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
-    g.create_array("pose_ess", shape=(N, K), chunks=c + (K,), dtype="f4", fill_value=0)
-    return path
 
 
 def _fractions_settled(history: list, class_change: float) -> bool:
