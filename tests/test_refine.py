@@ -147,13 +147,14 @@ def test_identical_references_are_split_by_variability(consensus_set, tmp_path):
 def test_sigma_scale_schedule_and_bad_values():
     """Linear from the initial to the final scale over the annealing iterations, the final
     one once converged; non-positive scales are refused by name."""
-    from hetero_dask.jobs.refine.driver import RefineParams, _sigma_scale
+    from hetero_dask.jobs.refine import RefineParams
+    from hetero_dask.jobs.refine.schedule import sigma_scale
 
     p = RefineParams(initial_sigma_scale=3.0, final_sigma_scale=2.0, sigma_anneal_iterations=10)
-    assert _sigma_scale(0, p, False) == 3.0
-    assert _sigma_scale(5, p, False) == pytest.approx(2.5)
-    assert _sigma_scale(20, p, False) == 2.0
-    assert _sigma_scale(1, p, True) == 2.0  # final passes
+    assert sigma_scale(0, p, False) == 3.0
+    assert sigma_scale(5, p, False) == pytest.approx(2.5)
+    assert sigma_scale(20, p, False) == 2.0
+    assert sigma_scale(1, p, True) == 2.0  # final passes
     for name in ("initial_sigma_scale", "final_sigma_scale"):
         with pytest.raises(ValueError, match=rf"\({name}\) = 0.0: expected a value > 0"):
             RefineParams(**{name: 0.0}).validate()

@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -74,11 +74,21 @@ from hetero_dask.runtime.engine import (
 from hetero_dask.runtime.progress import IterationProgress
 
 from .images import normalised_images, open_store
-from .noise import extend_shells, fill_nan, initial_sigma2
+from .noise import extend_shells, initial_sigma2
 from .params import RefineParams
 from .references import class_maps, estimate_scales, mask_for, prepare_references
 from .results import batch_rows, init_results, partitions
+from .schedule import class_change, fractions_settled, learning_rate, orders_for, sigma_scale
 from .split import identical_references, split_by_variability
+from .state import (
+    State,
+    checkpoint,
+    grids_file,
+    prune_iteration_files,
+    references_file,
+    restore_state,
+    update_state,
+)
 
 
 @dataclass
@@ -232,10 +242,6 @@ def _to_numpy(part: ClassGridsPartial) -> ClassGridsPartial:
     return part
 
 
-def _grids_file(run_dir: str, iteration: int, k: int) -> Path:
-    return Path(run_dir) / "accumulators" / f"it{iteration:04d}_class{k:03d}.npz"
-
-
 def _resize_grids(g: BackprojGrids, r_max: float) -> BackprojGrids:
     """Crop or zero-pad half-grids to ``r_max`` (cycles per box)."""
     if r_max <= g.r_max:
@@ -257,13 +263,13 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
     for h in (0, 1):
         g = part_k.grids[(k, h)]
         if prev_iteration is not None and decay > 0:
-            with np.load(_grids_file(run_dir, prev_iteration, k), allow_pickle=False) as f:
+            with np.load(grids_file(run_dir, prev_iteration, k), allow_pickle=False) as f:
                 old = BackprojGrids(f[f"data{h}"], f[f"weight{h}"], g.pad, g.n, float(f["r_max"]))
             old = _resize_grids(old, r_backproject)
             g = _resize_grids(g, r_backproject)
             g = dataclasses.replace(g, data=decay * old.data + g.data, weight=decay * old.weight + g.weight)
         part_k.grids[(k, h)] = g
-    path = _grids_file(run_dir, iteration, k)
+    path = grids_file(run_dir, iteration, k)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, data0=part_k.grids[(k, 0)].data, weight0=part_k.grids[(k, 0)].weight,
@@ -283,47 +289,6 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class _State:
-    iteration: int = 0
-    volumes: np.ndarray | None = None  # (K, 2, n, n, n) half maps used as references
-    sigma2: np.ndarray | None = None
-    class_prior: np.ndarray | None = None
-    resolution_A: np.ndarray | None = None  # (K,)
-    fsc: np.ndarray | None = None  # (K, n_shells)
-    batch_start: int = 0
-    converged_at: int | None = None
-    history: list = field(default_factory=list)
-
-
-def _orders_for(r_align: float, max_order: int) -> tuple[int, int]:
-    """(coarse, final) HEALPix orders: the final step nearest 1/r_align radians, coarse one below.
-
-    Rounding to the nearest order rather than up: one order finer costs 8x the local poses
-    and, measured on the accuracy benchmark, classified worse (0.743 vs 0.775).
-    """
-    step_deg = math.degrees(1.0 / max(r_align, 1.0))
-    final = int(np.clip(round(math.log2(60.0 / step_deg)), 1, max_order))
-    return max(1, final - 1), final
-
-
-def _learning_rate(it: int, params: RefineParams) -> float:
-    if it < params.num_random_iterations:
-        return params.learning_rate_init
-    t = it - params.num_random_iterations
-    return params.learning_rate * 0.5 ** (t / params.learning_rate_halflife)
-
-
-def _sigma_scale(it: int, params: RefineParams, converged: bool) -> float:
-    """CryoSPARC's annealing, linear over ``sigma_anneal_iterations`` from
-    ``initial_sigma_scale`` to ``final_sigma_scale`` (1 in CryoSPARC); the final full
-    passes after convergence run at ``final_sigma_scale``."""
-    if converged:
-        return params.final_sigma_scale
-    t = min(1.0, it / max(1, params.sigma_anneal_iterations))
-    return params.initial_sigma_scale + (params.final_sigma_scale - params.initial_sigma_scale) * t
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
@@ -384,14 +349,14 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     results_path = init_results(run_dir / "results.zarr", N, K, resume)
     shift_range = p.shift_range_px if p.shift_range_px is not None else max(2.0, round(box / 16))
 
-    state = _State()
+    state = State()
     random_its = p.num_random_iterations
     assignment_file = run_dir / "assignment.npy"  # the split's groups (-1: not in the split)
     last = ckpt.load_latest(run_dir) if resume else None
     bar = IterationProgress("refine", p.max_iterations, done=0 if last is None else last.meta["iteration"],
                             enabled=progress)
     if last is not None:
-        state = _restore_state(last)
+        state = restore_state(last)
         if assignment_file.exists():
             random_its = 0
     else:
@@ -425,15 +390,15 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
         r_best = min(resolution_to_radius(float(np.min(state.resolution_A)), box, psize), r_nyq)
         r_align = max(min(r_best, r_nyq), 4.0)
         r_bp = min(max(p.backproject_factor * r_best, r_align + 2), box / 2)
-        order_c, order_f = _orders_for(r_align, p.max_order)
+        order_c, order_f = orders_for(r_align, p.max_order)
         search = SearchParams(
             radius_final=r_align, radius_coarse=max(4.0, 0.6 * r_align), order_coarse=order_c,
             order_final=order_f, shift_range_px=shift_range, shift_step_px=max(1.0, shift_range / 2.5),
-            sigma2_scale=mask_T * _sigma_scale(it, p, state.converged_at is not None) ** 2,
+            sigma2_scale=mask_T * sigma_scale(it, p, state.converged_at is not None) ** 2,
             hard=p.force_hard_classification,
         )
         r_band = max(r_align, r_bp)
-        vol_file = run_dir / f"references_it{it:04d}.npy"
+        vol_file = references_file(run_dir, it)
         np.save(vol_file, state.volumes.astype(np.float32))
         ctx = _Context(
             store_path=str(store.path), run_dir=str(run_dir), volumes_file=str(vol_file),
@@ -479,13 +444,13 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
             start = state.batch_start
             stop = min(N, start + batch)
         random = it < random_its and K > 1
-        lr = p.full_pass_learning_rate if full else _learning_rate(it, p)
+        lr = p.full_pass_learning_rate if full else learning_rate(it, p)
         decay = 0.0 if (full and state.converged_at is not None) else 1.0 - lr
         if it == 0:
             decay = 0.0
         results, stats, info = run_iteration(it, start, stop, full, decay, random)
-        _update_state(state, results, stats, lr, random, p.reference_mode != "full")
-        changed = _class_change(stats)
+        update_state(state, results, stats, lr, random, p.reference_mode != "full")
+        changed = class_change(stats)
         res_radius = resolution_to_radius(float(np.min(state.resolution_A)), box, psize)
         state.history.append({
             "iteration": it, "particles": [int(start), int(stop)], "full_pass": bool(full),
@@ -508,7 +473,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
         elif not random and it > assigned_its and (
             (changed is not None and changed < p.convergence_class_change and prev_res_radius is not None
              and abs(res_radius - prev_res_radius) <= p.convergence_res_shells
-             and _fractions_settled(state.history, p.convergence_class_change))
+             and fractions_settled(state.history, p.convergence_class_change))
             or it >= p.max_iterations - p.final_full_passes
         ):
             state.converged_at = it
@@ -516,8 +481,8 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
         if done or it >= p.max_iterations:
             break
         # The checkpoint comes after the convergence decision, so --resume repeats it.
-        _checkpoint(run_dir, state)
-        _prune_iteration_files(run_dir, it - 2)
+        checkpoint(run_dir, state)
+        prune_iteration_files(run_dir, it - 2)
         ckpt.write_status(run_dir, iteration=it, message=f"iteration {it - 1} done")
     bar.close()
     bar.note(f"writing outputs to {out}")
@@ -525,84 +490,14 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     report = _write_outputs(out, store, state, results, p, box, psize, K, names, t0, run_dir, plan.stack_dir)
     # The last iteration's checkpoint follows its outputs: a run stopped while writing them
     # resumes from the one before, repeats the last iteration and writes them.
-    _checkpoint(run_dir, state)
-    _prune_iteration_files(run_dir, it - 2)
+    checkpoint(run_dir, state)
+    prune_iteration_files(run_dir, it - 2)
     ckpt.write_status(run_dir, state="done", iteration=it, message="finished",
                       results={"report": str(out / "report.json"), "report_html": str(out / "report.html")})
     return report
 
 
-def _prune_iteration_files(run_dir: Path, iteration: int) -> None:
-    """Delete the references and running statistics of ``iteration`` and before.
-
-    The M-step of iteration i reads the statistics of i - 1 and a resumed run starts
-    from the last checkpoint, so everything older is no longer needed.
-    """
-    for path in list((run_dir / "accumulators").glob("it*_class*.npz")) + list(
-        run_dir.glob("references_it*.npy")
-    ):
-        digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
-        if digits.isdigit() and int(digits) <= iteration:
-            path.unlink(missing_ok=True)
-
-
-def _fractions_settled(history: list, class_change: float) -> bool:
-    """Whether no class fraction moved by more than a fifth of ``class_change`` in the last
-    iteration. EM on overlapping classes can move few particles per iteration and still
-    drift steadily towards other fractions: that is not convergence."""
-    if len(history) < 2:
-        return False
-    a, b = (np.asarray(h["class_fraction"]) for h in history[-2:])
-    return float(np.max(np.abs(a - b))) <= class_change / 5
-
-
-def _class_change(stats) -> float | None:
-    ch = stats["class_changed"]
-    return None if ch[1] == 0 else float(ch[0] / ch[1])
-
-
-def _update_state(state: _State, results, ex: dict, lr: float, random: bool, half_maps: bool):
-    K = len(results)
-    if half_maps:
-        state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
-    else:
-        state.volumes = np.stack([np.stack([results[k].vol_full, results[k].vol_full]) for k in range(K)])
-    state.resolution_A = np.array([results[k].resolution_A for k in range(K)], dtype=np.float64)
-    n_sh = max(len(results[k].fsc) for k in range(K))
-    state.fsc = np.stack([np.pad(np.asarray(results[k].fsc, np.float64), (0, n_sh - len(results[k].fsc)))
-                          for k in range(K)])
-    frac = ex["posterior_sum"] / max(ex["posterior_sum"].sum(), 1e-12)
-    if not random:
-        state.class_prior = (1 - lr) * state.class_prior + lr * frac if lr < 1 else frac
-        state.class_prior = np.maximum(state.class_prior, 1e-4)
-        state.class_prior /= state.class_prior.sum()
-    good = ex["sigma2_den"] > 0
-    if np.any(good):
-        new = np.where(good, ex["sigma2_num"] / np.maximum(ex["sigma2_den"], 1), np.nan)
-        new = fill_nan(new)
-        old = extend_shells(state.sigma2, new.shape[0])
-        state.sigma2 = (1 - lr) * old + lr * new if lr < 1 else new
-
-
-def _checkpoint(run_dir: Path, state: _State):
-    arrays = {"volumes": state.volumes, "sigma2": state.sigma2, "class_prior": state.class_prior,
-              "resolution_A": state.resolution_A}
-    if state.fsc is not None:
-        arrays["fsc"] = state.fsc
-    meta = {"iteration": state.iteration, "batch_start": state.batch_start,
-            "converged_at": state.converged_at, "history": state.history}
-    ckpt.write_iteration(run_dir, state.iteration - 1, arrays, meta)
-
-
-def _restore_state(last) -> _State:
-    a = last.arrays()
-    m = last.meta
-    return _State(iteration=m["iteration"], volumes=a["volumes"], sigma2=a["sigma2"],
-                  class_prior=a["class_prior"], resolution_A=a["resolution_A"], fsc=a.get("fsc"),
-                  batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"])
-
-
-def _write_outputs(out: Path, store, state: _State, results, p: RefineParams, box, psize, K, names, t0,
+def _write_outputs(out: Path, store, state: State, results, p: RefineParams, box, psize, K, names, t0,
                    run_dir: Path, stack_dir) -> dict:
     from hetero_dask.jobs import outputs
 
@@ -655,7 +550,7 @@ def _computed_fsc(curve) -> np.ndarray:
     return c
 
 
-def _plots(out: Path, state: _State, results, pose, best, box, psize, K) -> dict:
+def _plots(out: Path, state: State, results, pose, best, box, psize, K) -> dict:
     from hetero_dask.core.rotations import pose_to_matrix
     from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report import plots

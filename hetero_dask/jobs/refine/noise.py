@@ -1,4 +1,4 @@
-"""The noise model: per-shell noise power sigma2, its first estimate and its extension to more shells."""
+"""The noise model: per-shell noise power sigma2, its first estimate, its updates, its extension to more shells."""
 
 from __future__ import annotations
 
@@ -34,7 +34,19 @@ def initial_sigma2(store, box, psize, r_band, mask_radius_px, start, stop):
     return s
 
 
-def fill_nan(a):
+def updated_sigma2(sigma2: np.ndarray, stats: dict, lr: float) -> np.ndarray:
+    """``sigma2`` moved by ``lr`` towards the E-step's residual power (``stats``: per-shell
+    ``sigma2_num`` and ``sigma2_den``); unchanged when no shell was measured."""
+    good = stats["sigma2_den"] > 0
+    if not np.any(good):
+        return sigma2
+    new = np.where(good, stats["sigma2_num"] / np.maximum(stats["sigma2_den"], 1), np.nan)
+    new = _fill_nan(new)
+    old = extend_shells(sigma2, new.shape[0])
+    return (1 - lr) * old + lr * new if lr < 1 else new
+
+
+def _fill_nan(a):
     """``a`` with each NaN (or inf) replaced by the last finite value before it (the first
     finite one at the start); all ones when none is finite."""
     a = a.copy()

@@ -1,0 +1,90 @@
+"""The refinement's state between iterations: in memory (:class:`State`), in its checkpoint,
+and the per-iteration files of the run directory (references, running statistics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hetero_dask.runtime import checkpoint as ckpt
+
+from .noise import updated_sigma2
+
+
+@dataclass
+class State:
+    iteration: int = 0
+    volumes: np.ndarray | None = None  # (K, 2, n, n, n) half maps used as references
+    sigma2: np.ndarray | None = None
+    class_prior: np.ndarray | None = None
+    resolution_A: np.ndarray | None = None  # (K,)
+    fsc: np.ndarray | None = None  # (K, n_shells)
+    batch_start: int = 0
+    converged_at: int | None = None
+    history: list = field(default_factory=list)
+
+
+def update_state(state: State, results, ex: dict, lr: float, random: bool, half_maps: bool):
+    """Take the M-step's maps, resolutions and FSCs (``results``, one per class); move the class
+    priors (held during random assignments) and the noise by ``lr`` towards the E-step's (``ex``)."""
+    K = len(results)
+    if half_maps:
+        state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
+    else:
+        state.volumes = np.stack([np.stack([results[k].vol_full, results[k].vol_full]) for k in range(K)])
+    state.resolution_A = np.array([results[k].resolution_A for k in range(K)], dtype=np.float64)
+    n_sh = max(len(results[k].fsc) for k in range(K))
+    state.fsc = np.stack([np.pad(np.asarray(results[k].fsc, np.float64), (0, n_sh - len(results[k].fsc)))
+                          for k in range(K)])
+    frac = ex["posterior_sum"] / max(ex["posterior_sum"].sum(), 1e-12)
+    if not random:
+        state.class_prior = (1 - lr) * state.class_prior + lr * frac if lr < 1 else frac
+        state.class_prior = np.maximum(state.class_prior, 1e-4)
+        state.class_prior /= state.class_prior.sum()
+    state.sigma2 = updated_sigma2(state.sigma2, ex, lr)
+
+
+def checkpoint(run_dir: Path, state: State):
+    """Write ``state`` as the checkpoint of the iteration just done (``state.iteration - 1``)."""
+    arrays = {"volumes": state.volumes, "sigma2": state.sigma2, "class_prior": state.class_prior,
+              "resolution_A": state.resolution_A}
+    if state.fsc is not None:
+        arrays["fsc"] = state.fsc
+    meta = {"iteration": state.iteration, "batch_start": state.batch_start,
+            "converged_at": state.converged_at, "history": state.history}
+    ckpt.write_iteration(run_dir, state.iteration - 1, arrays, meta)
+
+
+def restore_state(last) -> State:
+    """The state of checkpoint ``last`` (:func:`hetero_dask.runtime.checkpoint.load_latest`)."""
+    a = last.arrays()
+    m = last.meta
+    return State(iteration=m["iteration"], volumes=a["volumes"], sigma2=a["sigma2"],
+                 class_prior=a["class_prior"], resolution_A=a["resolution_A"], fsc=a.get("fsc"),
+                 batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"])
+
+
+def references_file(run_dir: Path, iteration: int) -> Path:
+    """The references ``(K, 2, n, n, n)`` the E-step of ``iteration`` scores against."""
+    return run_dir / f"references_it{iteration:04d}.npy"
+
+
+def grids_file(run_dir: str, iteration: int, k: int) -> Path:
+    """Class ``k``'s running half-map statistics after ``iteration``."""
+    return Path(run_dir) / "accumulators" / f"it{iteration:04d}_class{k:03d}.npz"
+
+
+def prune_iteration_files(run_dir: Path, iteration: int) -> None:
+    """Delete the references and running statistics of ``iteration`` and before.
+
+    The M-step of iteration i reads the statistics of i - 1 and a resumed run starts
+    from the last checkpoint, so everything older is no longer needed.
+    """
+    for path in list((run_dir / "accumulators").glob("it*_class*.npz")) + list(
+        run_dir.glob("references_it*.npy")
+    ):
+        digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
+        if digits.isdigit() and int(digits) <= iteration:
+            path.unlink(missing_ok=True)
