@@ -295,12 +295,12 @@ def test_report_renders_in_chromium_without_broken_images(chromium, plots, tmp_p
 def test_fsc_is_drawn_over_the_computed_shells_only():
     """Shells not computed (NaN) are not drawn as FSC 0; a curve that never drops below
     0.143 where computed says "≤" its last shell."""
-    from hetero_dask.jobs.refine.driver import _computed_fsc
+    from hetero_dask.jobs.refine.outputs import computed_fsc
     from hetero_dask.report.plots import _fsc_figure
 
     n_shells = BOX // 2 + 1
     # The refinement's M-step leaves shells beyond its backprojection radius at exactly 0.
-    curve = _computed_fsc(np.r_[_linear_fsc(12, 14.0), np.zeros(n_shells - 12)])
+    curve = computed_fsc(np.r_[_linear_fsc(12, 14.0), np.zeros(n_shells - 12)])
     assert np.isfinite(curve[:12]).all() and np.isnan(curve[12:]).all()
     fig = _fsc_figure({"class 0": {"half maps": curve}}, PSIZE_A, BOX, "", 0.143)
     line = fig.axes[0].lines[0]

@@ -369,17 +369,17 @@ def test_stopped_while_writing_outputs_resumes_to_the_same_result(data, finished
     out = tmp_path / "out"
     params = dict(refine_box=32, batch_size_per_class=100, max_iterations=4, num_random_iterations=1,
                   max_order=2, progress=False)
-    real = refine_module._write_outputs
+    real = refine_module.write_outputs
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(refine_module, "_write_outputs", stopped)
+    monkeypatch.setattr(refine_module, "write_outputs", stopped)
     with pytest.raises(KeyboardInterrupt):
         refine_module.refine(cs, refs, out, **params)
     status = json.loads((out / "run" / "status.json").read_text())
     assert status["state"] == "interrupted" and status["message"] == "writing outputs"
-    monkeypatch.setattr(refine_module, "_write_outputs", real)
+    monkeypatch.setattr(refine_module, "write_outputs", real)
     report = refine_module.refine(cs, refs, out, resume=True, **params)
     reference = json.loads((finished[0] / "report.json").read_text())
     assert len(report["iterations"]) == len(reference["iterations"])
