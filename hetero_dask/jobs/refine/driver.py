@@ -178,12 +178,12 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
         vol_file = references_file(run_dir, it)
         np.save(vol_file, state.volumes.astype(np.float32))
         ctx = EStepContext(
-            store_path=str(store.path), run_dir=str(run_dir), volumes_file=str(vol_file),
+            store_path=str(store.path), volumes_file=str(vol_file),
             results_path=str(results_path), split_file=str(split_file), iteration=it, box=box,
             psize_A=psize, n_classes=K, search=search, sigma2=extend_shells(state.sigma2, int(math.ceil(r_band)) + 2),
             class_prior=state.class_prior, r_backproject=r_bp, r_band=r_band,
             mask_radius_px=mask_radius_px, random_assignment=random,
-            reference_mode=p.reference_mode, write_results=True, seed=p.seed,
+            reference_mode=p.reference_mode, seed=p.seed,
             assignment_file=str(assignment_file) if it < assigned_its else None,
         )
         parts = partitions(start, stop)

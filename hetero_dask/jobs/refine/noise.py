@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from hetero_dask.core.backend import to_host
 from hetero_dask.core.noise import sigma2_from_residuals
-from hetero_dask.core.scoring import alignment_band, prepare_particles
+from hetero_dask.core.scoring import alignment_band, phase_ramp, prepare_particles, project_band
 
 from .images import normalised_images
 
@@ -32,6 +34,37 @@ def initial_sigma2(store, box, psize, r_band, mask_radius_px, start, stop):
     s[~good] = s[good][-1] if np.any(good) else 1.0
     s[0] = s[1]
     return s
+
+
+@dataclass
+class ResidualPower:
+    """The E-step's noise estimate: per-shell residual power summed over particles (``num``)
+    and their number (``den``)."""
+
+    num: np.ndarray
+    den: np.ndarray
+
+    @classmethod
+    def empty(cls, r_band: float) -> ResidualPower:
+        num = np.zeros(int(math.ceil(r_band)) + 2)
+        return cls(num, np.zeros_like(num))
+
+    def add(self, prep, res, posterior: np.ndarray, refs, box: int, xp) -> None:
+        """Add the residual power of particles ``prep`` at the best pose of their best class
+        (``res``: the E-step's result, ``refs``: the Fourier maps it scored against)."""
+        band = prep.band
+        best = posterior.argmax(axis=1)
+        for k in range(len(refs)):
+            idx = np.flatnonzero(best == k)
+            if idx.size == 0:
+                continue
+            ix = xp.asarray(idx)
+            P = project_band(refs[k], res.rotation[ix, k], band.kx, band.ky)
+            y = prep.y[ix] * phase_ramp(band.kx, band.ky, res.shift_px[ix, k][:, None, :], box)[:, 0]
+            r = y - prep.ctf[ix] * P * res.alpha[ix, k][:, None]
+            num = to_host(sigma2_from_residuals(r, band.shell, self.num.shape[0]))
+            self.num += num * idx.size
+            self.den += idx.size
 
 
 def updated_sigma2(sigma2: np.ndarray, stats: dict, lr: float) -> np.ndarray:

@@ -49,6 +49,20 @@ def fractions_settled(history: list, class_change: float) -> bool:
     return float(np.max(np.abs(a - b))) <= class_change / 5
 
 
+def class_change_sums(posterior: np.ndarray, prev: np.ndarray, prev_post: np.ndarray) -> np.ndarray:
+    """``[sum of class changes, particles seen before]`` of a task's particles: ``posterior``
+    ``(B, K)`` against their previous classes ``prev`` ``(B,)`` (-1: not seen) and posteriors.
+
+    Soft class change (total variation between the posteriors): for hard posteriors the
+    fraction of particles that changed class, but a particle on the fence between two
+    similar states that flips from 0.51 to 0.49 counts 0.02, not 1: EM has converged when
+    the posteriors stop moving, which their argmax on the fence never does.
+    """
+    seen = prev >= 0
+    change = 0.5 * np.abs(posterior - prev_post).sum(axis=1)
+    return np.array([float(np.sum(change[seen])), float(np.sum(seen))])
+
+
 def class_change(stats) -> float | None:
     """Mean class change of the particles seen before (E-step statistics), None when none was."""
     ch = stats["class_changed"]
