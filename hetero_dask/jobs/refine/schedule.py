@@ -1,12 +1,74 @@
-"""The iteration schedule: learning rate, noise annealing, pose-search orders and convergence."""
+"""The iteration schedule: which particles, learning rate, noise annealing, search radii and
+orders, and convergence."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from hetero_dask.core.fourier import resolution_to_radius
+from hetero_dask.core.search import SearchParams
+
 from .params import RefineParams
+from .state import State
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one EM iteration does."""
+
+    iteration: int
+    start: int  # particles [start, stop)
+    stop: int
+    full: bool  # a pass over every particle
+    random: bool  # random class assignments
+    lr: float  # learning rate of the class priors and the noise
+    decay: float  # weight of the running half-map statistics before this iteration's are added
+
+
+def next_step(state: State, p: RefineParams, n_particles: int, batch: int, random_its: int, n_classes: int) -> Step:
+    """The iteration after ``state``: the next batch of ``batch`` particles, or all of them once
+    converged (or when a batch covers them); random assignments for the first ``random_its``."""
+    it = state.iteration
+    full = state.converged_at is not None or batch >= n_particles
+    start, stop = (0, n_particles) if full else (state.batch_start, min(n_particles, state.batch_start + batch))
+    lr = p.full_pass_learning_rate if full else learning_rate(it, p)
+    decay = 0.0 if (full and state.converged_at is not None) or it == 0 else 1.0 - lr
+    return Step(it, start, stop, full, it < random_its and n_classes > 1, lr, decay)
+
+
+@dataclass(frozen=True)
+class Radii:
+    """One iteration's Fourier radii (shells at the refinement box), from the best class resolution."""
+
+    align: float  # the pose search's
+    backproject: float
+    band: float  # what the E-step reads: the larger of the two
+
+
+def radii(resolution_A: np.ndarray, box: int, psize_A: float, backproject_factor: float) -> Radii:
+    """Alignment to the best class resolution (at least 4 shells, below Nyquist), backprojection
+    to ``backproject_factor`` times it (at least 2 shells beyond the alignment's)."""
+    r_nyq = box / 2 - 1
+    r_best = min(resolution_to_radius(float(np.min(resolution_A)), box, psize_A), r_nyq)
+    r_align = max(min(r_best, r_nyq), 4.0)
+    r_bp = min(max(backproject_factor * r_best, r_align + 2), box / 2)
+    return Radii(r_align, r_bp, max(r_align, r_bp))
+
+
+def search_params(r: Radii, it: int, p: RefineParams, shift_range_px: float, mask_T: float,
+                  converged: bool) -> SearchParams:
+    """The coarse-to-fine pose search of iteration ``it`` at radii ``r``; the likelihood's
+    temperature ``mask_T`` times the annealed sigma scale squared."""
+    order_c, order_f = orders_for(r.align, p.max_order)
+    return SearchParams(
+        radius_final=r.align, radius_coarse=max(4.0, 0.6 * r.align), order_coarse=order_c,
+        order_final=order_f, shift_range_px=shift_range_px, shift_step_px=max(1.0, shift_range_px / 2.5),
+        sigma2_scale=mask_T * sigma_scale(it, p, converged) ** 2,
+        hard=p.force_hard_classification,
+    )
 
 
 def orders_for(r_align: float, max_order: int) -> tuple[int, int]:
@@ -47,6 +109,16 @@ def fractions_settled(history: list, class_change: float) -> bool:
         return False
     a, b = (np.asarray(h["class_fraction"]) for h in history[-2:])
     return float(np.max(np.abs(a - b))) <= class_change / 5
+
+
+def em_converged(p: RefineParams, changed: float | None, shells_moved: float | None, history: list) -> bool:
+    """Whether EM has converged: the class posteriors moved by less than
+    ``convergence_class_change`` (``changed``, None before any particle was seen twice), the
+    best resolution by at most ``convergence_res_shells`` (``shells_moved``, None on the first
+    iteration) and the class fractions settled."""
+    return (changed is not None and changed < p.convergence_class_change and shells_moved is not None
+            and shells_moved <= p.convergence_res_shells
+            and fractions_settled(history, p.convergence_class_change))
 
 
 def class_change_sums(posterior: np.ndarray, prev: np.ndarray, prev_post: np.ndarray) -> np.ndarray:
