@@ -75,7 +75,7 @@ def orders_for(r_align: float, max_order: int) -> tuple[int, int]:
     """(coarse, final) HEALPix orders: the final step nearest 1/r_align radians, coarse one below.
 
     Rounding to the nearest order rather than up: one order finer costs 8x the local poses
-    and, measured on the accuracy benchmark, classified worse (0.743 vs 0.775).
+    and classified worse on the accuracy benchmark (``benchmarks/results/refine.md``).
     """
     step_deg = math.degrees(1.0 / max(r_align, 1.0))
     final = int(np.clip(round(math.log2(60.0 / step_deg)), 1, max_order))

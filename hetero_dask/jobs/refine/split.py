@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from hetero_dask.core import pose_grids as so3
 from hetero_dask.core.fourier import lowpass
 from hetero_dask.core.projector import prepare_fourier_map
-from hetero_dask.core.scoring import alignment_band, phase_ramp, prepare_particles, project_band
+from hetero_dask.core.scoring import (
+    Band,
+    alignment_band,
+    phase_ramp,
+    prepare_particles,
+    project_band,
+)
 from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.runtime.engine import task_rng
 
@@ -17,8 +24,7 @@ from .images import normalised_images
 from .noise import extend_shells
 from .params import RefineParams
 
-# Split of identical references (split_by_variability): poses kept per particle, subspace
-# iterations, rounds of classification in the linear model.
+# Poses kept per particle, subspace iterations, rounds of classification in the linear model.
 _SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
 
 
@@ -46,18 +52,72 @@ def split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_alig
        backprojection) span a new basis, coordinates on it, k-means.
 
     The principal components maximise variance, which noise and pose errors share with
-    the heterogeneity; the group means aim at the difference between the states. The
-    starting map of group k is the consensus plus the basis at the group's mean
-    coordinates. Measured on the moving-domain set (swing 180, SNR 0.05, 800 particles, seed 0;
-    correlation with the true difference map, 30 A): one hard pose per particle (the
-    previous split) .13 (split .56 right), 32 soft poses .43 (AUC .88), after the rounds
-    .80 (split .85 right; seeds 1-4 .87-.89).
+    the heterogeneity; the group means aim at the difference between the states (how much
+    better, measured: ``benchmarks/results/refine.md``). The starting map of group k is the
+    consensus plus the basis at the group's mean coordinates.
     """
-    from hetero_dask.core.backprojector import backproject as bp
-    from hetero_dask.core.backprojector import new_grids
-    from hetero_dask.core.reconstruction import reconstruct
-    from hetero_dask.core.spectral import kmeans
+    res = _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p, mask, n)
+    V = _principal_components(res, K + 1, p.seed)
+    basis, z, groups = _classify(res, V[: K - 1], K, p.seed)
+    centre = [z[m > 0].mean(axis=0) if m.any() else np.zeros(K - 1) for m in _members(groups, K)]
+    return (np.stack([consensus + np.tensordot(c, basis, axes=1) for c in centre]).astype(np.float32),
+            groups.astype(np.int16))
 
+
+@dataclass
+class _Residuals:
+    """Whitened residuals of ``n`` particles against the consensus at their ``P`` soft poses each."""
+
+    n: int
+    P: int
+    box: int
+    r_align: float
+    band: Band
+    R: np.ndarray  # (n P, 3, 3) the poses
+    w: np.ndarray  # (n, P) pose weights, zero for padding
+    U: np.ndarray  # (n, P, M) C r / sigma2
+    CC: np.ndarray  # (n, 1, M) C^2 / sigma2
+    lowpass_A: float  # of the maps made from them, which are also masked by
+    mask: np.ndarray  # (box, box, box)
+    psize_A: float
+
+    def project(self, D):
+        """``(n, P, M)`` projections of map ``D`` at every particle's poses."""
+        return project_band(prepare_fourier_map(D, r_max=self.r_align + 1), self.R, self.band.kx,
+                            self.band.ky).reshape(self.n, self.P, -1)
+
+    def correlation(self, q):
+        """``(n,)`` pose-weighted <C r, q> (whitened) of projections ``q`` ``(n, P, M)``."""
+        return np.sum(self.w * np.sum((self.U * np.conj(q)).real, axis=2), axis=1)
+
+    def coordinates(self, basis):
+        """(n, m) least-squares coordinates of each particle's residual on ``basis`` (m maps):
+        the pose-weighted normal equations sum_j w_ij <C P_j b_a, C P_j b_b> z = <C r_ij, C P_j b_a>
+        (whitened), solved per particle."""
+        Q = [self.project(b) for b in basis]
+        rhs = np.stack([self.correlation(q) for q in Q], axis=1)
+        gram = np.stack([np.stack([np.sum(self.w * np.sum(self.CC * (qa * np.conj(qb)).real, axis=2), axis=1)
+                                   for qb in Q], axis=1) for qa in Q], axis=1)
+        return np.linalg.solve(gram + 1e-12 * np.eye(len(Q)), (rhs - rhs.mean(axis=0))[..., None])[..., 0]
+
+    def backproject(self, coef, member):
+        """Map of sum_i coef_i A_i^T C r_i / sigma2 over sum_i member_i A_i^T C^2 / sigma2 (pose-weighted)."""
+        from hetero_dask.core.backprojector import backproject as bp
+        from hetero_dask.core.backprojector import new_grids
+        from hetero_dask.core.reconstruction import reconstruct
+
+        n, P, w, U = self.n, self.P, self.w, self.U
+        g = new_grids(self.box, r_max=self.r_align + 1)
+        bp(g, self.R, (coef[:, None, None] * w[..., None] * U).reshape(n * P, -1),
+           np.broadcast_to(member[:, None, None] * w[..., None] * self.CC, U.shape).reshape(n * P, -1).astype(np.float32),
+           self.band.kx, self.band.ky)
+        return lowpass(reconstruct(g), self.lowpass_A, self.psize_A, 3) * self.mask
+
+
+def _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p: RefineParams,
+               mask, n: int) -> _Residuals:
+    """The first ``n`` particles aligned to the consensus with ``_SPLIT_POSES`` soft poses, and
+    their residuals at each (image minus the consensus's scaled, CTF-modulated projection)."""
     imgs = normalised_images(store, box, 0, n, mask_radius_px, np)
     band = alignment_band(box, r_align, np)
     prep = prepare_particles(imgs, store.ctf(0, n), psize, band, normalize=False, mask_radius_px=mask_radius_px)
@@ -72,70 +132,58 @@ def split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_alig
     P = w.shape[1]
     R = so3.matrices_for(res.order, np.maximum(res.pose_ids[:, 0], 0).ravel())  # (n P, 3, 3)
     shift = res.pose_shift_px[:, 0] - prep.center_px[:, None, :]
-
-    def project(D):
-        return project_band(prepare_fourier_map(D, r_max=r_align + 1), R, band.kx, band.ky).reshape(n, P, -1)
-
     y = prep.y[:, None, :] * phase_ramp(band.kx, band.ky, shift, box)
-    CP = prep.ctf[:, None, :] * project(consensus)
+    CP = prep.ctf[:, None, :] * project_band(fm, R, band.kx, band.ky).reshape(n, P, -1)
     alpha = np.sum((y * np.conj(CP)).real, axis=2) / np.maximum(np.sum(np.abs(CP) ** 2, axis=2), 1e-30)
     inv_s2 = (1.0 / s2[band.shell]).astype(np.float32)
     U = (prep.ctf[:, None, :] * inv_s2 * (y - alpha[..., None] * CP)).astype(np.complex64)  # C r / sigma2
     CC = (prep.ctf ** 2 * inv_s2)[:, None, :]  # C^2 / sigma2
-    del y, CP
+    return _Residuals(n, P, box, r_align, band, R, w, U, CC, p.initial_lowpass_A, mask, psize)
 
-    def coordinates(basis):
-        """(n, m) least-squares coordinates of each particle's residual on ``basis`` (m maps):
-        the pose-weighted normal equations sum_j w_ij <C P_j b_a, C P_j b_b> z = <C r_ij, C P_j b_a>
-        (whitened), solved per particle."""
-        Q = [project(b) for b in basis]
-        rhs = np.stack([np.sum(w * np.sum((U * np.conj(q)).real, axis=2), axis=1) for q in Q], axis=1)
-        gram = np.stack([np.stack([np.sum(w * np.sum(CC * (qa * np.conj(qb)).real, axis=2), axis=1) for qb in Q],
-                                  axis=1) for qa in Q], axis=1)
-        return np.linalg.solve(gram + 1e-12 * np.eye(len(Q)), (rhs - rhs.mean(axis=0))[..., None])[..., 0]
 
-    def backproject(coef, member):
-        """Map of sum_i coef_i A_i^T C r_i / sigma2 over sum_i member_i A_i^T C^2 / sigma2 (pose-weighted)."""
-        g = new_grids(box, r_max=r_align + 1)
-        bp(g, R, (coef[:, None, None] * w[..., None] * U).reshape(n * P, -1),
-           np.broadcast_to(member[:, None, None] * w[..., None] * CC, U.shape).reshape(n * P, -1).astype(np.float32),
-           band.kx, band.ky)
-        return lowpass(reconstruct(g), p.initial_lowpass_A, psize, 3) * mask
+def _orthonormal(maps):
+    return np.linalg.qr(maps.reshape(len(maps), -1).T)[0].T.reshape(maps.shape).astype(np.float32)
 
-    def orthonormal(maps):
-        return np.linalg.qr(maps.reshape(len(maps), -1).T)[0].T.reshape(maps.shape).astype(np.float32)
 
-    # 1. Principal components: V <- Cov V, Cov V = sum_i (c_i - mean c) A_i^T C r_i / sigma2.
-    n_vec, everyone = K + 1, np.ones(n, np.float32)
-    rng = task_rng(p.seed, 0, (0,))
-    V = orthonormal(np.stack([lowpass(rng.standard_normal((box,) * 3).astype(np.float32), p.initial_lowpass_A,
-                                      psize, 3) * mask for _ in range(n_vec)]))
+def _principal_components(res: _Residuals, n_vec: int, seed: int):
+    """``(n_vec, box, box, box)`` top principal components of the residual covariance, by subspace
+    iteration with Rayleigh-Ritz: V <- Cov V, Cov V = sum_i (c_i - mean c) A_i^T C r_i / sigma2."""
+    everyone = np.ones(res.n, np.float32)
+    rng = task_rng(seed, 0, (0,))
+    V = _orthonormal(np.stack([lowpass(rng.standard_normal((res.box,) * 3).astype(np.float32), res.lowpass_A,
+                                       res.psize_A, 3) * res.mask for _ in range(n_vec)]))
     for _ in range(_SPLIT_PCA_ITERATIONS):
         W = []
         for v in V:
-            c = np.sum(w * np.sum((U * np.conj(project(v))).real, axis=2), axis=1)
-            W.append(backproject((c - c.mean()).astype(np.float32), everyone))
+            c = res.correlation(res.project(v))
+            W.append(res.backproject((c - c.mean()).astype(np.float32), everyone))
         W = np.stack(W)
         ev, E = np.linalg.eig((V.reshape(n_vec, -1) @ W.reshape(n_vec, -1).T).T)
-        V = orthonormal(np.tensordot(E[:, np.argsort(-ev.real)].real.T, W, axes=1))
-    # 2. k-means of the coordinates; rounds of: the groups' mean residual maps (over the
-    # weights of all particles, so that a group's sparse views do not make noisy voxels)
-    # span the new basis, k-means of the coordinates on it.
-    def means(groups):
-        return [(groups == k).astype(np.float32) for k in range(K)]
+        V = _orthonormal(np.tensordot(E[:, np.argsort(-ev.real)].real.T, W, axes=1))
+    return V
 
-    basis = V[: K - 1]
-    z = coordinates(basis)
-    groups = kmeans(z, K, n_init=10, seed=p.seed)[0]
+
+def _classify(res: _Residuals, basis, K: int, seed: int):
+    """``(basis, coordinates (n, K - 1), groups (n,))``: k-means of the coordinates on ``basis``,
+    then rounds of: the groups' mean residual maps (over the weights of all particles, so
+    that a group's sparse views do not make noisy voxels) span the new basis, k-means of the
+    coordinates on it."""
+    from hetero_dask.core.spectral import kmeans
+
+    everyone = np.ones(res.n, np.float32)
+    z = res.coordinates(basis)
+    groups = kmeans(z, K, n_init=10, seed=seed)[0]
     for _ in range(_SPLIT_ROUNDS):
-        D = np.stack([backproject(m * (n / max(m.sum(), 1.0)), everyone) for m in means(groups)])
-        basis = orthonormal(D[1:] - D[0])
-        z = coordinates(basis)
-        new = kmeans(z, K, n_init=10, seed=p.seed)[0]
+        D = np.stack([res.backproject(m * (res.n / max(m.sum(), 1.0)), everyone) for m in _members(groups, K)])
+        basis = _orthonormal(D[1:] - D[0])
+        z = res.coordinates(basis)
+        new = kmeans(z, K, n_init=10, seed=seed)[0]
         if np.array_equal(new, groups):
             break
         groups = new
-    centre = [z[m > 0].mean(axis=0) if m.any() else np.zeros(K - 1) for m in means(groups)]
-    return (np.stack([consensus + np.tensordot(c, basis, axes=1) for c in centre]).astype(np.float32),
-            groups.astype(np.int16))
+    return basis, z, groups
 
+
+def _members(groups, K: int):
+    """Membership ``(n,)`` float32 of each of the ``K`` groups."""
+    return [(groups == k).astype(np.float32) for k in range(K)]
