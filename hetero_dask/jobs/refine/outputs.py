@@ -18,6 +18,9 @@ from .state import State
 
 def write_outputs(out: Path, store, state: State, results, p: RefineParams, box, psize, K, names, t0,
                   run_dir: Path, stack_dir) -> dict:
+    """Write the particles (input order) with every class's poses and posteriors, the class maps,
+    volume series and per-class subsets, the figures, ``report.json`` and ``report.html``;
+    returns the report. ``results``: the last M-step's, one per class; ``t0``: the run's start."""
     from hetero_dask.jobs import outputs
 
     res = zarr.open_group(run_dir / "results.zarr", mode="r")
@@ -70,6 +73,7 @@ def computed_fsc(curve) -> np.ndarray:
 
 
 def _plots(out: Path, state: State, results, pose, best, box, psize, K) -> dict:
+    """The report's figures (FSC, maps, viewing directions, the history); their paths by name."""
     from hetero_dask.core.rotations import pose_to_matrix
     from hetero_dask.jobs.outputs import map_figures
     from hetero_dask.report import plots
@@ -100,6 +104,7 @@ def _plots(out: Path, state: State, results, pose, best, box, psize, K) -> dict:
 
 
 def load_report(out) -> dict:
+    """The report of the refinement in ``out``."""
     with open(Path(out) / "report.json") as f:
         return json.load(f)
 
