@@ -1,16 +1,7 @@
 """Heterogeneous Reconstruction Only (see :mod:`.driver`)."""
 
-from .driver import (
-    LAYOUT_HARD,
-    ClassLayout,
-    ReconstructParams,
-    ReconstructResult,
-    _load_mask,
-    check_posteriors,
-    class_inputs,
-    class_layout,
-    reconstruct,
-)
+from .driver import ReconstructParams, ReconstructResult, _load_mask, reconstruct
+from .layouts import LAYOUT_HARD, ClassLayout, check_posteriors, class_inputs, class_layout
 
 __all__ = [
     "LAYOUT_HARD",
