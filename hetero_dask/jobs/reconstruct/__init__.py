@@ -1,7 +1,8 @@
 """Heterogeneous Reconstruction Only (see :mod:`.driver`)."""
 
-from .driver import ReconstructParams, ReconstructResult, _load_mask, reconstruct
+from .driver import _load_mask, reconstruct
 from .layouts import LAYOUT_HARD, ClassLayout, check_posteriors, class_inputs, class_layout
+from .params import ReconstructParams, ReconstructResult
 
 __all__ = [
     "LAYOUT_HARD",
