@@ -38,6 +38,7 @@ def split_of(path: str, random_split: bool, seed: int) -> np.ndarray:
     """Half-set (0/1) of every particle ``(N,)`` int64 in store order, once per worker: random
     halves by input row from ``seed`` with ``random_split``, else
     :func:`~hetero_dask.jobs.common.particle_split` (the input's, or random)."""
+
     def load():
         store = open_store(path)
         if random_split:
