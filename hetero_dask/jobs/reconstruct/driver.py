@@ -20,7 +20,7 @@ from hetero_dask.runtime.cluster import ClusterSpec, job_client
 from hetero_dask.runtime.engine import map_reduce, partition_ranges
 
 from .inputs import Prepared, prepare
-from .outputs import build_report, write_maps_and_figures, write_particle_files, write_report
+from .outputs import build_report, write_particle_files, write_report, write_volumes_and_figures
 from .params import ReconstructParams, ReconstructResult
 from .tasks import auto_batch, backproject_range, class_fsc_set, finish_class
 
@@ -78,7 +78,7 @@ def _run(
     with _timed(timings, "write_s"):
         classes = [summaries[k] for k in range(job.layout.n_classes)]
         _warn_empty(classes)
-        outputs, figures = write_maps_and_figures(out_dir, job, classes, particle_files)
+        outputs, figures = write_volumes_and_figures(out_dir, job, classes, particle_files)
     timings["total_s"] = time.perf_counter() - start
     workers = None if client is None else len(client.scheduler_info()["workers"])
     engine = {"n_partitions": len(parts), "batch_size": batch, "workers": workers}

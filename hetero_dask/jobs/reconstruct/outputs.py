@@ -47,7 +47,7 @@ def write_particle_files(out_dir: Path, job: Prepared, p: ReconstructParams) -> 
     )
 
 
-def write_maps_and_figures(
+def write_volumes_and_figures(
     out_dir: Path, job: Prepared, classes: list[dict], particle_files: dict
 ) -> tuple[dict, list]:
     """``OUT/volumes.zip``, the map and FSC figures; returns every output path by name (the
