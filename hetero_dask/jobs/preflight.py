@@ -433,11 +433,12 @@ class ReconstructPlan:
 
 def check_reconstruct(particles, out, p) -> ReconstructPlan:
     """Check every input and parameter of :func:`hetero_dask.reconstruct` (``p``: its params); write nothing."""
+    # Here, not at the top: the reconstruct package imports this module.
     from hetero_dask.jobs.reconstruct import (
-        _load_mask,
         check_posteriors,
         class_inputs,
         class_layout,
+        load_mask,
     )
 
     check_symmetry(p.symmetry, p.symmetry_convention)
@@ -459,7 +460,7 @@ def check_reconstruct(particles, out, p) -> ReconstructPlan:
     if p.mask is not None:
         try:
             check_allowed(Path(p.mask), "--mask")
-            _load_mask(p.mask, box, psize)
+            load_mask(p.mask, box, psize)
         except (InputError, ValueError, OSError) as exc:
             raise for_option("--mask", exc) from None
     return ReconstructPlan(checked, box, psize, output)
