@@ -1,4 +1,4 @@
-"""The map/tree-reduce engine, checkpoints, submit-and-walk-away, faults."""
+"""The map/reduce engine, checkpoints, submit-and-walk-away, faults."""
 
 from __future__ import annotations
 
@@ -582,7 +582,7 @@ def _with_count(total):
 @pytest.mark.parametrize("use_client", [False, True])
 def test_select_first_and_chains_equal_merge_then_select(use_client, client3):
     """Chained finishing steps run in order, and selecting each key's part before merging (one
-    tree per key) gives what merging everything then selecting gives."""
+    reduction per key) gives what merging everything then selecting gives."""
     client = client3 if use_client else None
     parts = partition_ranges(N_PARTICLES, 7, 16)
     keys = [(name, h) for name in ("sum", "sq") for h in (0, 1)]
@@ -600,7 +600,7 @@ def test_select_first_and_chains_equal_merge_then_select(use_client, client3):
 
 def test_select_first_pins_each_partition_and_its_selects_to_one_slot():
     """With select_first, process i and its selects prefer the same task thread (so the selects
-    never pull a whole partial across), and key j's tree and first finishing step prefer
+    never pull a whole partial across), and key j's sums and first finishing step prefer
     slot j, and the later steps continue the round robin over the slots."""
     parts = partition_ranges(100, 3)
     finish = {k: (_total, _with_count) for k in ("a", "b")}
