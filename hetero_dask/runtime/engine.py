@@ -189,8 +189,8 @@ def _prefer(slots: Sequence[str] | None, j: int):
     return dask.annotate(workers=[slots[j % len(slots)]], allow_other_workers=True)
 
 
-# Groups whose partials may exist at once without a client (the synchronous scheduler runs
-# one task at a time, so any bound >= 1 gives the same order; 2 as for one thread and a client).
+# Groups in flight without a client: the synchronous scheduler runs one task at a time, so as
+# for a client with one thread.
 IN_FLIGHT_WITHOUT_CLIENT = 2
 
 
@@ -305,19 +305,18 @@ def build_graph(
                         merge, *parts, dask_key_name=(names["merge"], *t, 0, g)
                     )
                     nodes.append(group_sum)
+                total = group_sum
                 if g > 0:
-                    group_sum = delayed(_fold, pure=True)(
+                    total = delayed(_fold, pure=True)(
                         merge, totals[t], group_sum, *([tokens[t]] if t in tokens else []),
                         dask_key_name=(names["merge"], *t, 1, g),
                     )
-                    nodes.append(group_sum)
-            totals[t] = group_sum
+                    nodes.append(total)
+            totals[t] = total
             tokens.pop(t, None)
             if g + in_flight < n_groups:
                 # Not annotated: a token runs where its running sum is (never moves it).
-                tokens[t] = delayed(_token, pure=True)(
-                    group_sum, dask_key_name=(names["gate"], *t, g)
-                )
+                tokens[t] = delayed(_token, pure=True)(total, dask_key_name=(names["gate"], *t, g))
                 nodes.append(tokens[t])
                 gates[g].append(tokens[t])
     nodes = processes + nodes
