@@ -1,7 +1,7 @@
 """Per-iteration graph overhead of map_reduce: scheduler and transfer time vs compute.
 
-One "iteration" = one map_reduce graph over N particles: process tasks, a tree
-merge, one finishing task per class and half set (like the M-step). Two task
+One "iteration" = one map_reduce graph over N particles: process tasks, their
+merges, one finishing task per class and half set (like the M-step). Two task
 kinds:
 
 - trivial: each task sums its particle range into a tiny partial (pure overhead);

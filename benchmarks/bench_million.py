@@ -1,6 +1,7 @@
 """A million particles: simulate, import, reconstruct, a few online-EM iterations; flat memory.
 
     python benchmarks/bench_million.py --sizes 100000 1000000 --workers 2 --workdir /work/bench_million
+    python benchmarks/bench_million.py --sizes 100000 --stages import reconstruct --partition-rows 2500 --no-relion
 
 Simulates max(--sizes) particles of two moving-domain states at box 64
 (3 A/px, SNR 0.1, astigmatic CTF, shifts up to 2 px) with the project's
@@ -10,12 +11,13 @@ with the same size, box and seed), plus a CryoSPARC .cs. Each size N runs
 on the first N particles (a .cs of those rows), with its own particle cache,
 every stage on a fresh local cluster of --workers single-threaded worker
 processes (cluster start and the workers' imports excluded from the stage
-times):
+times); --stages runs some of these stages only (a reconstruct or refine
+without import imports the cache inside its own stage):
 
 * import: the job's particle store (the cache imports the images), next to
   ``cat`` reading the same stacks;
 * reconstruct: Heterogeneous Reconstruction Only, 2 classes, hard, from the
-  cached store;
+  cached store (--partition-rows: particles per task, default the job's);
 * refine: --refine-iterations online-EM iterations of Heterogeneous
   Refinement (K = 2, batches of 1000 per class, HEALPix order up to 3, no
   final full pass: an iteration's time and memory do not depend on N),
@@ -55,6 +57,7 @@ BOX, PSIZE, SNR, K = 64, 3.0, 0.1, 2
 # The iterations of every size then search the same grids (sizes see other particles, so
 # their resolutions, and without a cap the order of their last iterations, may differ).
 MAX_ORDER = 3
+STAGES = ("import", "reconstruct", "refine")
 
 
 def _simulate_chunk(workdir: str, index: int, n: int, box: int, psize: float, seed: int):
@@ -149,11 +152,11 @@ def _stage(workers: int, fn) -> tuple[object, float, float]:
     return result, wall, peak
 
 
-def run_size(cs_all: Path, refs, n: int, workers: int, iterations: int, work: Path) -> dict:
+def run_size(cs_all: Path, refs, n: int, workers: int, iterations: int, work: Path,
+             stages=STAGES, partition_rows: int | None = None) -> dict:
     from hetero_dask.io.particles import load_particles
     from hetero_dask.jobs.common import open_particle_store
     from hetero_dask.jobs.reconstruct import reconstruct
-    from hetero_dask.jobs.refine import refine
 
     cs = _subset(cs_all, n)
     cache = work / f"cache_{n}"
@@ -164,20 +167,37 @@ def run_size(cs_all: Path, refs, n: int, workers: int, iterations: int, work: Pa
     image_mb = n * BOX * BOX * 4 / 1e6
     out = {"n": n, "workers": workers, "box": BOX, "image_MB": round(image_mb, 1)}
 
-    cat = _cat_mb_s(stacks)
-    store, wall, peak = _stage(workers, lambda c: open_particle_store(
-        cs, jobs / "import", client=c, cache_dir=str(cache), progress=False))
-    out["import"] = {"wall_s": round(wall, 2), "particles_per_s": round(n / wall),
-                     "MB_per_s": round(image_mb / wall), "cat_MB_per_s": round(cat),
-                     "worker_peak_MB": round(peak), "one_worker_s": round(wall * workers, 1)}
-    del store  # its lease on the cache entry
+    if "import" in stages:
+        cat = _cat_mb_s(stacks)
+        store, wall, peak = _stage(workers, lambda c: open_particle_store(
+            cs, jobs / "import", client=c, cache_dir=str(cache), progress=False))
+        out["import"] = {"wall_s": round(wall, 2), "particles_per_s": round(n / wall),
+                         "MB_per_s": round(image_mb / wall), "cat_MB_per_s": round(cat),
+                         "worker_peak_MB": round(peak), "one_worker_s": round(wall * workers, 1)}
+        del store  # its lease on the cache entry
 
-    res, wall, peak = _stage(workers, lambda c: reconstruct(
-        cs, jobs / "reconstruct", client=c, progress=False, force_hard_classification=True,
-        cache_dir=str(cache)))
-    out["reconstruct"] = {"wall_s": round(wall, 2), "particles_per_s": round(n / wall),
-                          "timings_s": {k: round(v, 2) for k, v in res.report["timings"].items()},
-                          "worker_peak_MB": round(peak), "one_worker_s": round(wall * workers, 1)}
+    if "reconstruct" in stages:
+        rows = {} if partition_rows is None else {"partition_rows": partition_rows}
+        res, wall, peak = _stage(workers, lambda c: reconstruct(
+            cs, jobs / "reconstruct", client=c, progress=False, force_hard_classification=True,
+            cache_dir=str(cache), **rows))
+        out["reconstruct"] = {
+            "wall_s": round(wall, 2), "particles_per_s": round(n / wall),
+            "partitions": res.report["n_partitions"],
+            "timings_s": {k: round(v, 2) for k, v in res.report["timings"].items()},
+            "worker_peak_MB": round(peak), "one_worker_s": round(wall * workers, 1)}
+
+    if "refine" in stages:
+        out["refine"] = _refine_stage(cs, refs, n, workers, iterations, jobs, cache)
+    out["disk_MB"] = {"cache": round(_du(cache) / 1e6, 1),
+                      "job_folders": round(_du(jobs) / 1e6, 1),
+                      "stacks": round(sum(s.stat().st_size for s in stacks) / 1e6, 1)}
+    return out
+
+
+def _refine_stage(cs: Path, refs, n: int, workers: int, iterations: int, jobs: Path,
+                  cache: Path) -> dict:
+    from hetero_dask.jobs.refine import refine
 
     report, wall, peak = _stage(workers, lambda c: refine(
         cs, refs, jobs / "refine", client=c, progress=False, cache_dir=str(cache),
@@ -187,16 +207,12 @@ def run_size(cs_all: Path, refs, n: int, workers: int, iterations: int, work: Pa
     per_it = [h["seconds"] for h in its]
     batch = int(np.median([h["particles"][1] - h["particles"][0] for h in its]))
     t_it = statistics.median(per_it)
-    out["refine"] = {
+    return {
         "wall_s": round(wall, 2), "iterations": len(its), "iteration_s": [round(t, 2) for t in per_it],
         "median_iteration_s": round(t_it, 2), "particles_per_iteration": batch,
         "particles_per_s": round(batch / t_it), "worker_peak_MB": round(peak),
         "one_worker_epoch_s": round(n / batch * t_it * workers, 1),
     }
-    out["disk_MB"] = {"cache": round(_du(cache) / 1e6, 1),
-                      "job_folders": round(_du(jobs) / 1e6, 1),
-                      "stacks": round(sum(s.stat().st_size for s in stacks) / 1e6, 1)}
-    return out
 
 
 def relion_comparison(work: Path, n: int, workers: int) -> dict:
@@ -243,6 +259,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="the stages to run per size (default: all)")
+    ap.add_argument("--partition-rows", type=int, default=None,
+                    help="particles per reconstruct task (default: the job's)")
     ap.add_argument("--refine-iterations", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=20_000, help="particles per simulated stack")
     ap.add_argument("--seed", type=int, default=0)
@@ -267,11 +287,12 @@ def main(argv=None) -> int:
     refs = _references(work, BOX)
     results = []
     for n in sorted(args.sizes):
-        results.append(run_size(cs, refs, n, args.workers, args.refine_iterations, work))
+        results.append(run_size(cs, refs, n, args.workers, args.refine_iterations, work,
+                                args.stages, args.partition_rows))
         print(json.dumps(results[-1]), flush=True)
     summary = {"sizes": [r["n"] for r in results]}
     if len(results) > 1:
-        for stage in ("import", "reconstruct", "refine"):
+        for stage in args.stages:
             peaks = [r[stage]["worker_peak_MB"] for r in results]
             ratio = max(peaks) / min(peaks)
             summary[f"{stage}_worker_peak_MB"] = peaks

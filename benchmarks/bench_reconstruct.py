@@ -9,7 +9,7 @@ particle store once (timed separately), then in the same run:
 * ``hetero_dask.reconstruct`` in hard mode on a local cluster of 1 and 2
   single-threaded worker processes (cluster started and warmed up on a
   small set before the clock runs; the time covers the whole job: graph,
-  backprojection, tree merge, M-step, FSC set, all outputs);
+  backprojection, merges, M-step, FSC set, all outputs);
 * ``relion_reconstruct --ctf --class k`` for every k (RELION's CPU
   reconstruction, one process per class, run one after another, as a user
   would run them), on the same STAR file.

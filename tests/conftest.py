@@ -46,3 +46,15 @@ def _particle_cache(tmp_path_factory):
         os.environ.pop("HETERO_DASK_CACHE", None)
     else:
         os.environ["HETERO_DASK_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def client2():
+    """A client of two single-threaded workers in this process (they start in a second and
+    share its module state)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        yield client

@@ -1,4 +1,4 @@
-"""The map/tree-reduce engine, checkpoints, submit-and-walk-away, faults."""
+"""The map/reduce engine, checkpoints, submit-and-walk-away, faults."""
 
 from __future__ import annotations
 
@@ -120,27 +120,41 @@ def test_worker_cached_loads_once_per_key_and_evicts_lru():
 # ---------------------------------------------------------------- graph shape and results
 
 
-def _combine_inputs(nodes) -> dict:
-    """Combine-task key -> number of inputs, from the graph's dependencies."""
-    graph = nodes[-1].__dask_graph__()
-    deps = graph.get_all_dependencies()
-    return {k: len(deps[k]) for k in deps if "-merge-" in k[0]}
-
-
-@pytest.mark.parametrize("n_parts,fan_in,levels", [(20, 4, 3), (64, 8, 2), (9, 8, 2), (1, 8, 0)])
-def test_tree_has_requested_fan_in(n_parts, fan_in, levels):
+@pytest.mark.parametrize("n_parts,fan_in", [(20, 4), (64, 8), (9, 8), (1, 8), (11, 2)])
+def test_groups_of_fan_in_are_folded_in_partition_order(n_parts, fan_in):
+    """Group g sums partitions [g * fan_in, (g + 1) * fan_in); the running sum takes in the
+    groups one by one in order; group g's process tasks wait for the token of running sum
+    g - in_flight, and the fold that changes a running sum waits for its token."""
+    in_flight = 2
     parts = partition_ranges(N_PARTICLES, n_parts)
     nodes, out = build_graph(
-        toy_process, parts, toy_merge, fan_in=fan_in, key_prefix="toy", token="t"
+        toy_process, parts, toy_merge, fan_in=fan_in, key_prefix="toy", token="t",
+        in_flight=in_flight,
     )
-    combines = _combine_inputs(nodes)
-    assert all(2 <= c <= fan_in for c in combines.values()) or n_parts == 1
-    assert len({k[1] for k in combines}) == levels
-    # every level but the last uses at least half the fan-in (a balanced tree)
-    assert all(c >= min(fan_in // 2, n_parts) for k, c in combines.items() if k[1] == 0)
-    n_process = sum(1 for n in nodes if "-process-" in n.key[0])
-    assert n_process == n_parts
-    assert out.key == (nodes[-1].key if n_parts > 1 else ("toy-process-t", 0))
+    n_groups = -(-n_parts // fan_in)
+    members = [range(g * fan_in, min(n_parts, (g + 1) * fan_in)) for g in range(n_groups)]
+
+    def group_sum(g):
+        return ("toy-merge-t", 0, g) if len(members[g]) > 1 else ("toy-process-t", members[g][0])
+
+    def total(g):
+        return group_sum(0) if g == 0 else ("toy-merge-t", 1, g)
+
+    def gated(g):  # the token of running sum g, where one exists
+        return {("toy-gate-t", g)} if 0 <= g and g + in_flight < n_groups else set()
+
+    want = {}
+    for g, group in enumerate(members):
+        want.update({("toy-process-t", i): gated(g - in_flight) for i in group})
+        if len(group) > 1:
+            want[group_sum(g)] = {("toy-process-t", i) for i in group}
+        if g > 0:
+            want[total(g)] = {total(g - 1), group_sum(g)} | gated(g - 1)
+        want.update({key: {total(g)} for key in gated(g)})
+    assert out.__dask_graph__().get_all_dependencies() == want
+    assert {n.key for n in nodes} == set(want)
+    assert [n.key for n in nodes[:n_parts]] == [("toy-process-t", i) for i in range(n_parts)]
+    assert out.key == total(n_groups - 1)
 
 
 def test_map_reduce_sync_equals_direct_computation():
@@ -149,8 +163,9 @@ def test_map_reduce_sync_equals_direct_computation():
 
 
 def test_each_partial_has_one_consumer_and_the_graph_recomputes_the_same():
-    """Combines accumulate into their first input (no copy): that is safe because every
-    process and combine output feeds exactly one combine, and a re-run recomputes its inputs."""
+    """Merges accumulate into their first input (no copy): that is safe because every process
+    output and sum feeds exactly one merge (a running sum's token, which reads nothing, runs
+    before the fold that changes it), and a re-run recomputes its inputs."""
     parts = partition_ranges(N_PARTICLES, 11, 32)
     nodes, out = build_graph(toy_process, parts, toy_merge, fan_in=3, token="once")
     graph = out.__dask_graph__()
@@ -159,8 +174,14 @@ def test_each_partial_has_one_consumer_and_the_graph_recomputes_the_same():
     for key, ds in deps.items():
         for d in ds:
             consumers.setdefault(d, []).append(key)
-    inner = [n.key for n in nodes if n.key != out.key]
-    assert inner and all(len(consumers.get(k, [])) == 1 for k in inner)
+    inner = [n.key for n in nodes if n.key != out.key and "-gate-" not in n.key[0]]
+    with_token = 0
+    for key in inner:
+        tokens = [c for c in consumers[key] if "-gate-" in c[0]]
+        (merge,) = [c for c in consumers[key] if c not in tokens]
+        assert len(tokens) <= 1 and set(tokens) <= deps[merge]
+        with_token += len(tokens)
+    assert with_token == 2  # 4 groups, 2 in flight: running sums 0 and 1 gate groups 2 and 3
     first = dask.compute(out, scheduler="sync")[0]
     again = dask.compute(out, scheduler="sync")[0]
     assert_partial_close(first, expected())
@@ -561,7 +582,7 @@ def _with_count(total):
 @pytest.mark.parametrize("use_client", [False, True])
 def test_select_first_and_chains_equal_merge_then_select(use_client, client3):
     """Chained finishing steps run in order, and selecting each key's part before merging (one
-    tree per key) gives what merging everything then selecting gives."""
+    reduction per key) gives what merging everything then selecting gives."""
     client = client3 if use_client else None
     parts = partition_ranges(N_PARTICLES, 7, 16)
     keys = [(name, h) for name in ("sum", "sq") for h in (0, 1)]
@@ -579,7 +600,7 @@ def test_select_first_and_chains_equal_merge_then_select(use_client, client3):
 
 def test_select_first_pins_each_partition_and_its_selects_to_one_slot():
     """With select_first, process i and its selects prefer the same task thread (so the selects
-    never pull a whole partial across), and key j's tree and first finishing step prefer
+    never pull a whole partial across), and key j's sums and first finishing step prefer
     slot j, and the later steps continue the round robin over the slots."""
     parts = partition_ranges(100, 3)
     finish = {k: (_total, _with_count) for k in ("a", "b")}

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import get_task_stream
 
 from hetero_dask.runtime.engine import map_items
 
@@ -22,14 +22,6 @@ def weighted_sum(shared, item):
 
 ITEMS = [(i, w) for i, w in enumerate((1.0, -2.0, 0.5, 3.0))]
 WANT = [66.0 * w + i for i, w in ITEMS]
-
-
-@pytest.fixture(scope="module")
-def client2():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
-        yield client
 
 
 def test_results_come_back_in_item_order_without_and_with_a_cluster(client2):

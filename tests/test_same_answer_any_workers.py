@@ -1,6 +1,6 @@
 """The same job gives the same answer on 1, 2 or 3 workers (regroup: 1 or 2).
 
-Partitions (and so the tree that sums their grids, and the order of every float32
+Partitions (and so the groups that sum their grids, and the order of every float32
 sum) are fixed by the data, never by the cluster, and per-particle randomness is
 keyed by the particle. An online-EM run amplifies any round-off difference into
 different classes within a few iterations, so the refine check is strict: the same
@@ -41,7 +41,7 @@ def dataset(tmp_path_factory):
 
 
 def _on_workers(n: int, job):
-    # Threads in one process start in a second; the partitioning, the tree and the
+    # Threads in one process start in a second; the partitioning, the sums and the
     # scheduling are those of any cluster of n single-threaded workers.
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:

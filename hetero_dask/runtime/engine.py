@@ -1,4 +1,4 @@
-"""The generic map / tree-reduce engine every job runs on (LiberTEM UDF style).
+"""The generic map / reduce engine every job runs on (LiberTEM UDF style).
 
 :func:`map_items` runs ``fn(shared, item)`` once per work item and returns
 the results in item order, for work whose results are small and needed one by
@@ -15,30 +15,36 @@ A job supplies three pure functions that know nothing about Dask:
     never put in the graph.
 ``merge(a, b) -> partial``
     Combine two partials. It may update ``a`` in place and return it, and
-    the engine lets it: a combine task accumulates into its first input
-    instead of a copy. Every partial in the tree has exactly one consumer
-    (the combine above it) and is released once that combine is done, so
-    nothing else reads the modified object; a combine that is re-run after
-    a worker loss gets inputs recomputed or kept on the surviving workers
-    (which only ever sent copies), so the result is the same. Copying
-    instead would put every combine through hundreds of MB of freshly
-    faulted memory (measured at box 128, K = 3: 1.6 s against 0.08 s in
-    place, for two 630 MB partials).
+    the engine lets it: a merge task accumulates into its first input
+    instead of a copy. Every partial and group sum has exactly one consumer
+    (the merge that takes it); a running sum has one more, its token, which
+    reads nothing and runs before the next fold. Each is released once
+    those are done, so nothing else reads the modified object; a merge that
+    is re-run after a worker loss gets inputs recomputed or kept on the
+    surviving workers (which only ever sent copies), so the result is the
+    same. Copying instead would put every merge through hundreds of MB of
+    freshly faulted memory (measured at box 128, K = 3: 1.6 s against
+    0.08 s in place, for two 630 MB partials).
 ``finish[key](merged) -> summary``
     Optional per-key finishing tasks (e.g. one M-step per class), each a
     separate task, or a chain of them (``(mstep, fsc)``: one task per step);
     ``select(merged, key)`` optionally cuts the merged partial down to what
     that key needs, in a small task next to the data, so only that piece
     travels. With ``select_first`` the cut happens on every process partial
-    where it was computed, and each key merges in its own tree (see
+    where it was computed, and each key is reduced on its own (see
     :func:`build_graph`). With a client, the finishing steps are spread over
     the task threads in turn.
 
-:func:`map_reduce` builds ONE graph per call: P process tasks, a tree of
-combine tasks with at most ``fan_in`` inputs each, and the finishing tasks;
-only the finishing results (the summaries) come back to the driver. Keys are
-deterministic (prefix, stage, token, index), so the same call gives the same
-graph and a task lost with its worker is recomputed to the same value.
+:func:`map_reduce` builds ONE graph per call: P process tasks; one task per
+group of ``fan_in`` consecutive partitions summing their partials, the group
+sums folded into one running sum in partition order (so the order of every
+float sum is fixed by the data, whatever the cluster); small token tasks
+that hold each group's process tasks back until the running sum has taken
+in the group a few groups earlier, so a bounded number of partials exist at
+once, whatever P; and the finishing tasks. Only the finishing results (the
+summaries) come back to the driver. Keys are deterministic (prefix, stage,
+token, index), so the same call gives the same graph and a task lost with
+its worker is recomputed to the same value.
 """
 
 from __future__ import annotations
@@ -159,11 +165,20 @@ def _combine(merge: Callable, *partials):
     return acc
 
 
-def _tree_groups(n: int, fan_in: int) -> list[range]:
-    """Split ``n`` inputs into ceil(n / fan_in) consecutive groups of nearly equal size."""
-    k = math.ceil(n / fan_in)
-    edges = [i * n // k for i in range(k + 1)]
-    return [range(edges[i], edges[i + 1]) for i in range(k)]
+def _gated(process: Callable, partition, *gates):
+    """``process(partition)``; the gates (tokens, see :func:`build_graph`) only make it wait."""
+    return process(partition)
+
+
+def _fold(merge: Callable, total, group_sum, *gate):
+    """``total + group_sum``, accumulated into ``total``; ``gate`` (the token of ``total``,
+    which must run before ``total`` changes) is not read."""
+    return merge(total, group_sum)
+
+
+def _token(total) -> None:
+    """Nothing: a small stand-in for ``total`` that later process tasks wait for."""
+    return None
 
 
 def _prefer(slots: Sequence[str] | None, j: int):
@@ -174,20 +189,9 @@ def _prefer(slots: Sequence[str] | None, j: int):
     return dask.annotate(workers=[slots[j % len(slots)]], allow_other_workers=True)
 
 
-def _tree(level: list, merge: Callable, fan_in: int, name: str, prefix: tuple = ()) -> tuple:
-    """Combine levels over ``level`` (``fan_in`` inputs each); returns ``(root, nodes)``."""
-    nodes = []
-    depth = 0
-    while len(level) > 1:
-        level = [
-            delayed(_combine, pure=True)(
-                merge, *(level[i] for i in group), dask_key_name=(name, *prefix, depth, j)
-            )
-            for j, group in enumerate(_tree_groups(len(level), fan_in))
-        ]
-        nodes += level
-        depth += 1
-    return level[0], nodes
+# Groups in flight without a client: the synchronous scheduler runs one task at a time, so as
+# for a client with one thread.
+IN_FLIGHT_WITHOUT_CLIENT = 2
 
 
 def build_graph(
@@ -201,28 +205,49 @@ def build_graph(
     token: str | None = None,
     slots: Sequence[str] | None = None,
     select_first: bool = False,
+    in_flight: int | None = None,
 ) -> tuple[list, Any]:
     """The delayed nodes of a :func:`map_reduce` graph.
 
-    Returns ``(nodes, outputs)``: every node in dependency order (process,
-    combine levels, select/finish), and the outputs (the merged partial, one
-    finish node, or a dict key -> finish node).
+    Returns ``(nodes, outputs)``: every node, the P process nodes first in
+    partition order, and the outputs (the merged partial, one finish node,
+    or a dict key -> finish node).
+
+    The reduction: partitions ``[g * fan_in, (g + 1) * fan_in)`` form group
+    ``g``; one task sums a group's partials in partition order, and the
+    group sums are folded into one running sum in group order (``total_g =
+    total_{g-1} + sum_g``), so the order of every float sum is fixed by the
+    data and ``fan_in``. A token task (``None``) follows each running sum,
+    and the process tasks of group ``g`` wait for the token of
+    ``total_{g - in_flight}``: at most ``in_flight`` groups' partials exist
+    at once, however many partitions there are (a tree with every process
+    task ready at the start held up to 26 partials at once for 256
+    partitions against 11 for 16, on 2 workers: tests/test_engine_memory.py).
+    ``in_flight`` defaults to ``1 + ceil(len(slots) / fan_in)`` (a group's
+    sum and fold overlap the next groups' tasks on every thread), and to
+    :data:`IN_FLIGHT_WITHOUT_CLIENT` without slots; it orders the tasks
+    only, never the sums.
 
     ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each,
     ``f2(f1(part))``, so the light later steps of one key interleave with the
     heavy first steps of others. ``slots``: worker addresses, one per task
-    thread; step ``s`` of keyed finishing chain ``j`` prefers slot
-    ``(s * len(finish) + j) % len(slots)`` (any worker may still run it), at
-    priority ``-s`` (first steps and merges before the later steps).
-    ``select_first`` (needs ``select`` and keyed ``finish``): cut each
-    process partial into its keys' parts where it was
-    computed and merge each key in its own tree, next to that key's
-    finishing chain (process ``i`` and its selects prefer slot ``i``), so the
-    keys' merges and transfers run in parallel and overlap the finishing
-    tasks instead of funnelling every partial into one.
+    thread; process ``i`` prefers slot ``i % len(slots)`` (a gated task
+    would otherwise go where its token is); with more than one key, step
+    ``s`` of keyed finishing chain ``j`` prefers slot ``(s * len(finish) +
+    j) % len(slots)`` (any worker may still run it), at priority ``-s``
+    (first steps and merges before the later steps). ``select_first`` (needs
+    ``select`` and keyed ``finish``): cut each process partial into its keys'
+    parts where it was computed (the selects of process ``i`` prefer its
+    slot) and reduce each key on its own, its sums next to that key's
+    finishing chain (slot ``j``), so the keys' merges and transfers run in
+    parallel and overlap the finishing tasks instead of funnelling every
+    partial into one; a process task then waits for every key's token.
 
-    Keys: ``(f"{key_prefix}-process-{token}", i)``;
-    ``(f"{key_prefix}-merge-{token}", level, j)``, per key ``(..., key, level, j)``;
+    Keys: ``(f"{key_prefix}-process-{token}", i)``; group sums
+    ``(f"{key_prefix}-merge-{token}", 0, g)`` and running sums ``(..., 1, g)``
+    (a group of one partition and the first running sum are no task of
+    their own), per key ``(..., key, 0, g)``; tokens
+    ``(f"{key_prefix}-gate-{token}", g)``, per key ``(..., key, g)``;
     ``(f"{key_prefix}-select-{token}", key)``, per partition ``(..., key, i)``;
     ``(f"{key_prefix}-finish-{token}", key)`` for the last step of a chain,
     ``(..., key, step)`` for the others.
@@ -237,41 +262,79 @@ def build_graph(
     finish_keys = list(finish) if isinstance(finish, Mapping) else None
     if select_first and (select is None or finish_keys is None):
         raise ValueError("select_first needs select and a dict of finishing tasks")
+    if in_flight is None:
+        in_flight = 1 + math.ceil(len(slots) / fan_in) if slots else IN_FLIGHT_WITHOUT_CLIENT
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1, got {in_flight}")
     if token is None:
         token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first)
-    names = {s: f"{key_prefix}-{s}-{token}" for s in ("process", "merge", "select", "finish")}
-    pin = slots if select_first else None
-    level = []
-    for i, p in enumerate(partitions):
-        with _prefer(pin, i):
-            level.append(delayed(process, pure=True)(p, dask_key_name=(names["process"], i)))
-    nodes = list(level)
-    if not select_first:
-        merged, combines = _tree(level, merge, fan_in, names["merge"])
-        nodes += combines
+    names = {
+        s: f"{key_prefix}-{s}-{token}" for s in ("process", "merge", "gate", "select", "finish")
+    }
+    trees = [(j,) for j in range(len(finish_keys))] if select_first else [()]
+    totals: dict[tuple, Any] = {}
+    tokens: dict[tuple, Any] = {}
+    gates: list[list] = []  # gates[g]: every tree's token of its running sum through group g
+    processes, nodes = [], []
+    n_groups = math.ceil(len(partitions) / fan_in)
+    for g in range(n_groups):
+        wait = gates[g - in_flight] if g >= in_flight else []
+        members = range(g * fan_in, min(len(partitions), (g + 1) * fan_in))
+        level = []
+        for i in members:
+            with _prefer(slots, i):
+                level.append(delayed(_gated, pure=True)(
+                    process, partitions[i], *wait, dask_key_name=(names["process"], i)
+                ))
+        processes += level
+        gates.append([])
+        for t in trees:
+            parts = level
+            if select_first:
+                parts = []
+                for i, node in zip(members, level, strict=True):
+                    with _prefer(slots, i):
+                        parts.append(delayed(select, pure=True)(
+                            node, finish_keys[t[0]], dask_key_name=(names["select"], *t, i)
+                        ))
+                nodes += parts
+            with _prefer(slots if select_first else None, t[0] if t else 0):
+                group_sum = parts[0]
+                if len(parts) > 1:
+                    group_sum = delayed(_combine, pure=True)(
+                        merge, *parts, dask_key_name=(names["merge"], *t, 0, g)
+                    )
+                    nodes.append(group_sum)
+                total = group_sum
+                if g > 0:
+                    total = delayed(_fold, pure=True)(
+                        merge, totals[t], group_sum, *([tokens[t]] if t in tokens else []),
+                        dask_key_name=(names["merge"], *t, 1, g),
+                    )
+                    nodes.append(total)
+            totals[t] = total
+            tokens.pop(t, None)
+            if g + in_flight < n_groups:
+                # Not annotated: a token runs where its running sum is (never moves it).
+                tokens[t] = delayed(_token, pure=True)(total, dask_key_name=(names["gate"], *t, g))
+                nodes.append(tokens[t])
+                gates[g].append(tokens[t])
+    nodes = processes + nodes
     if finish is None:
-        return nodes, merged
+        return nodes, totals[()]
     if finish_keys is None:
-        out = delayed(finish, pure=True)(merged, dask_key_name=(names["finish"], 0))
+        out = delayed(finish, pure=True)(totals[()], dask_key_name=(names["finish"], 0))
         return nodes + [out], out
+    spread = slots if len(finish_keys) > 1 else None
     outputs = {}
     for j, k in enumerate(finish_keys):
         if select_first:
-            parts = []
-            for i, node in enumerate(level):
-                with _prefer(pin, i):
-                    parts.append(delayed(select, pure=True)(
-                        node, k, dask_key_name=(names["select"], j, i)
-                    ))
-            nodes += parts
-            with _prefer(slots, j):  # key j's tree next to the first step of its chain
-                arg, combines = _tree(parts, merge, fan_in, names["merge"], (j,))
-            nodes += combines
+            arg = totals[(j,)]
         elif select is not None:
-            arg = delayed(select, pure=True)(merged, k, dask_key_name=(names["select"], j))
+            arg = delayed(select, pure=True)(totals[()], k, dask_key_name=(names["select"], j))
             nodes.append(arg)
         else:
-            arg = merged
+            arg = totals[()]
         steps = finish[k] if isinstance(finish[k], Sequence) else (finish[k],)
         for s, step in enumerate(steps):
             last = s == len(steps) - 1
@@ -282,7 +345,7 @@ def build_graph(
             # sat idle for 1.6 s.
             # Later steps also yield to the merges and first steps of the other chains (on the
             # critical path): measured there, an FSC step ran before the last class's M-step.
-            with _prefer(slots, s * len(finish_keys) + j), dask.annotate(priority=-s):
+            with _prefer(spread, s * len(finish_keys) + j), dask.annotate(priority=-s):
                 arg = delayed(step, pure=True)(arg, dask_key_name=key)
             nodes.append(arg)
         outputs[k] = arg
@@ -303,7 +366,8 @@ def map_reduce(
     after_map: Callable[[], Any] | None = None,
     select_first: bool = False,
 ):
-    """Run process -> tree merge -> finish as one graph; return the finished results.
+    """Run process -> merge (groups folded in partition order) -> finish as one graph;
+    return the finished results.
 
     ``client``: a ``distributed.Client``, or None for Dask's synchronous
     scheduler in this process (same results, for tests and debugging).
@@ -312,7 +376,7 @@ def map_reduce(
     :func:`build_graph`; return a dict key -> result); with a client, the
     chains start spread over the task threads. ``select(merged, key)`` feeds
     each keyed finishing task only its part; ``select_first``: select
-    before merging, one tree per key (see :func:`build_graph`). ``token``
+    before merging, one reduction per key (see :func:`build_graph`). ``token``
     names the graph (default: a hash of the
     arguments); pass e.g. ``f"it{iteration}"`` to make keys readable.
     ``progress``: one bar per stage (None: only when stderr is a terminal).
@@ -322,13 +386,12 @@ def map_reduce(
     instead of following them; joined (and its exception raised) before
     returning. Without a client it runs after the graph.
     """
-    # Keyed finishing tasks spread over the task threads: left alone, the scheduler runs
-    # every one where the merged partial is, since its default bandwidth (100 MB/s) prices
-    # each class's ~200 MB grids far above the task (measured at box 128, K = 3, 2 workers:
-    # three 1.5 s M-steps in a row on one worker, the other idle).
-    slots = None
-    if client is not None and isinstance(finish, Mapping) and len(finish) > 1:
-        slots = _task_slots(client)
+    # The task threads: process tasks and keyed finishing tasks are spread over them, and
+    # their number sets how many groups are in flight (see build_graph). Left alone, the
+    # scheduler runs every finishing task where the merged partial is, since its default
+    # bandwidth (100 MB/s) prices each class's ~200 MB grids far above the task (measured
+    # at box 128, K = 3, 2 workers: three 1.5 s M-steps in a row on one worker, the other idle).
+    slots = _task_slots(client) if client is not None else None
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
         select_first,
