@@ -16,9 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from hetero_dask.io.errors import InputError
-from hetero_dask.io.store import ParticleStore, is_store
+from hetero_dask.io.store import ParticleStore, is_store, store_version
+from hetero_dask.runtime.engine import worker_cached
 
 SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
+
+
+def worker_store(path: str) -> ParticleStore:
+    """The particle store at ``path`` as a task sees it: opened once per worker, and again when
+    the store changes (its version is part of the key)."""
+    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path),
+                         max_entries=8)
 
 
 def open_particle_store(

@@ -8,15 +8,6 @@ they all see the same normalised, masked images.
 from __future__ import annotations
 
 from hetero_dask.core.scoring import circular_mask, mask_temperature, normalise_background
-from hetero_dask.runtime.engine import worker_cached
-
-
-def open_store(path: str):
-    """The particle store at ``path``, opened once per worker (and again when it changes)."""
-    from hetero_dask.io.store import ParticleStore, store_version
-
-    return worker_cached(("store", path, store_version(path)), lambda: ParticleStore.open(path),
-                         max_entries=8)
 
 
 def image_mask_radius_px(mask_diameter_A: float | None, box: int, psize_A: float) -> float:

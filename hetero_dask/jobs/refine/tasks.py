@@ -20,6 +20,7 @@ from hetero_dask.core.backprojector import BackprojGrids, crop_grids
 from hetero_dask.core.fsc import resolution_A
 from hetero_dask.core.scoring import alignment_band, prepare_particles
 from hetero_dask.core.search import SearchParams, estep
+from hetero_dask.jobs.common import worker_store
 from hetero_dask.jobs.mstep import (
     ClassGridsPartial,
     accumulating,
@@ -29,7 +30,7 @@ from hetero_dask.jobs.mstep import (
 )
 from hetero_dask.runtime.engine import Partition, task_rng
 
-from .images import normalised_images, open_store
+from .images import normalised_images
 from .noise import ResidualPower
 from .references import class_maps
 from .results import TaskResults, previous_classes, write_results
@@ -70,7 +71,7 @@ def estep_task(part: Partition, ctx: EStepContext) -> ClassGridsPartial:
     (class changes, class sums, residual power).
     """
     xp = worker_xp()
-    store = open_store(ctx.store_path)
+    store = worker_store(ctx.store_path)
     start, stop = part.start, part.stop
     images = normalised_images(store, ctx.box, start, stop, ctx.mask_radius_px, xp)
     ctf = store.ctf(start, stop)
