@@ -134,7 +134,7 @@ def test_identical_references_are_split_by_variability(consensus_set, tmp_path):
     iterations, then free EM reaches 0.92 (oracle 0.95)."""
     d, vols, sim, cs, refs = consensus_set
     report = refine(cs, refs, tmp_path / "out", refine_box=32, batch_size_per_class=1000, max_iterations=10,
-                    initial_lowpass_A=30.0, max_order=3, progress=False, seed=3)
+                    initial_lowpass_A=30.0, max_order=2, progress=False, seed=3)
     held = [h["split_assignment"] for h in report["iterations"]]
     assert held[:3] == [True, True, False]
     assert all(h["class_change_fraction"] in (None, 0.0) for h in report["iterations"][:2])

@@ -128,11 +128,11 @@ def test_refine_regroup_reconstruct_end_to_end(tmp_path):
         tmp_path / "refine",
         refine_box=BOX,
         batch_size_per_class=sim.n,
-        max_iterations=8,
+        max_iterations=5,
         num_random_iterations=0,
         initial_sigma_scale=1.0,
         initial_lowpass_A=30.0,
-        max_order=3,
+        max_order=2,
         seed=0,
     )
     res = regroup(

@@ -66,14 +66,15 @@ SIZES = {
         num_random_iterations=2,
     ),
     "ci": DemoSize(
-        box=48,
-        psize_A=4.0,
-        n_per_class=300,
-        snr=0.5,
-        refine_box=48,
+        box=32,
+        psize_A=6.0,
+        n_per_class=200,
+        snr=1.0,
+        refine_box=32,
         batch_size_per_class=200,
-        max_iterations=5,
+        max_iterations=4,
         num_random_iterations=1,
+        max_order=2,
     ),
 }
 
