@@ -32,20 +32,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_scaling import task_compute_s
+
 from hetero_dask.jobs.refine.results import partitions
 
 PSIZE_AT_64 = 3.0  # A/px at box 64; box 128 halves it (same particle, twice the sampling)
 
 
-def simulate_set(work: Path, box: int, n: int, K: int) -> tuple[str, list[str], float]:
+def dataset(work: Path, box: int, n: int, K: int) -> tuple[str, list[str], float]:
+    """``(particles.cs, reference paths, pixel size)`` of the set at ``box``, simulated once into ``work``."""
     from hetero_dask.phantoms import moving_domain_phantoms
     from hetero_dask.simulate import simulate, write_references, write_simulation
 
     psize = PSIZE_AT_64 * 64 / box
-    vols = moving_domain_phantoms(box, psize, n_classes=K)
-    sim = simulate(vols, psize, [n // K + (k < n % K) for k in range(K)], snr=0.1, seed=1, shift_range_px=1.0)
-    paths = write_simulation(work / f"sim{box}", sim, vols)
-    return str(paths["cs"]), write_references(work / f"refs{box}", vols, psize), psize
+    sim_dir, ref_dir = work / f"sim{box}", work / f"refs{box}"
+    if not sim_dir.exists():
+        vols = moving_domain_phantoms(box, psize, n_classes=K)
+        sim = simulate(vols, psize, [n // K + (k < n % K) for k in range(K)], snr=0.1, seed=1, shift_range_px=1.0)
+        write_simulation(sim_dir, sim, vols)
+        write_references(ref_dir, vols, psize)
+    return str(sim_dir / "particles.cs"), sorted(str(p) for p in ref_dir.glob("*.mrc")), psize
 
 
 def timed_refine(cs: str, refs: list[str], out: Path, client, cache: Path, **params) -> tuple[float, dict, list]:
@@ -64,8 +70,7 @@ def timed_refine(cs: str, refs: list[str], out: Path, client, cache: Path, **par
 def compute_s(stream: list[dict], kind: str) -> float:
     """Summed compute of the engine's ``kind`` tasks ("process": E-step, "finish": M-step) in a
     task stream."""
-    return sum(s["stop"] - s["start"] for t in stream if f"-{kind}-" in str(t["key"])
-               for s in t["startstops"] if s["action"] == "compute")
+    return task_compute_s([t for t in stream if f"-{kind}-" in str(t["key"])])
 
 
 def per_iteration(cs, refs, work: Path, client, cache: Path, short: int, long: int, tag: str, workers: int,
@@ -92,9 +97,7 @@ def measure(box: int, workers: int, args, work: Path) -> dict:
 
     from hetero_dask.runtime.cluster import make_local_cluster
 
-    cs, refs, psize = simulate_set(work, box, args.n, args.classes) if not (work / f"sim{box}").exists() else \
-        (str(work / f"sim{box}" / "particles.cs"), sorted(str(p) for p in (work / f"refs{box}").glob("*.mrc")),
-         PSIZE_AT_64 * 64 / box)
+    cs, refs, psize = dataset(work, box, args.n, args.classes)
     cache = work / "cache"
     common = dict(refine_box=box, max_order=args.max_order)
     with make_local_cluster(workers=workers, dashboard=False) as lc, Client(lc) as client:
