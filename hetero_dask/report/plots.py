@@ -43,6 +43,8 @@ __all__ = [
 
 _DPI = 110
 _PANEL_IN = (4.6, 3.4)
+_PAD_IN = (0.7, 0.2, 0.55, 0.35)  # a panel's room for labels: left, right, bottom, top (inches)
+_TITLE_IN = 0.4  # the figure title's room above the panels (inches)
 # Candidate resolutions (A) for the FSC plot's top axis; those inside the plotted band are shown.
 _RESOLUTION_TICKS_A = (50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.7, 1.5, 1.2, 1)
 
@@ -50,12 +52,27 @@ _RESOLUTION_TICKS_A = (50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.7, 1.5,
 # ---------------------------------------------------------------- figure helpers
 
 
-def _new_figure(n_panels: int, ncols: int | None = None, panel_in=_PANEL_IN):
-    """A constrained-layout Figure with an Agg canvas and ``n_panels`` axes (row-major list)."""
+def _new_figure(n_panels: int, ncols: int | None = None, panel_in=_PANEL_IN, pad_in=_PAD_IN,
+                title_in: float = _TITLE_IN):
+    """A Figure with an Agg canvas and ``n_panels`` axes (row-major list).
+
+    ``pad_in`` (left, right, bottom, top) is the room, in inches, each panel keeps around its
+    axes for tick labels, axis labels and its title; ``title_in`` the room above all panels for
+    the figure title; None: matplotlib's constrained layout instead (for labels whose size is
+    not known in advance). Fixed margins: constrained layout measures every text of every axes
+    and took a third of a report's drawing time.
+    """
     ncols = ncols or min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
-    fig = Figure(figsize=(panel_in[0] * ncols, panel_in[1] * nrows), layout="constrained")
+    width, height = panel_in[0] * ncols, panel_in[1] * nrows + (title_in or 0.0)
+    fig = Figure(figsize=(width, height), layout="constrained" if pad_in is None else None)
     FigureCanvasAgg(fig)
+    if pad_in is not None:
+        left, right, bottom, top = pad_in
+        ax_w, ax_h = panel_in[0] - left - right, panel_in[1] - bottom - top
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                            top=1 - (top + title_in) / height,
+                            wspace=(left + right) / ax_w, hspace=(bottom + top) / ax_h)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
@@ -170,7 +187,7 @@ def plot_fsc_classes(
 def _fsc_figure(curves_by_class, psize_A: float, box: int, title: str, threshold: float) -> Figure:
     if not curves_by_class:
         raise ValueError("no classes to plot")
-    fig, axes = _new_figure(len(curves_by_class))
+    fig, axes = _new_figure(len(curves_by_class), panel_in=(4.6, 3.9), pad_in=(0.7, 0.2, 0.55, 0.85))
     for ax, (name, curves) in zip(axes, curves_by_class.items(), strict=True):
         _draw_fsc(ax, curves, psize_A, box, threshold)
         ax.set_title(str(name), fontsize=10)
@@ -200,28 +217,39 @@ def plot_map_views(volumes: Mapping[str, np.ndarray], out, title: str = "Class m
     so a weak map is as visible as a strong one; protein is white."""
     if not volumes:
         raise ValueError("no maps to plot")
-    rows = []
+    heads = ("section xy", "section xz", "section yz", "projection z", "projection y", "projection x")
+    tiles = []
     for name, vol in volumes.items():
         v = np.asarray(vol, dtype=np.float32)
         if v.ndim != 3 or len(set(v.shape)) != 1:
             raise ValueError(f"map {name!r} must be a cube (n, n, n), got shape {v.shape}")
         c = v.shape[0] // 2
-        rows.append((str(name), (v[c], v[:, c], v[:, :, c]), tuple(v.sum(axis=a) for a in range(3))))
-    fig = Figure(figsize=(8.4, 1.45 * len(rows) + 0.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), 6, squeeze=False)
-    heads = ("section xy", "section xz", "section yz", "projection z", "projection y", "projection x")
-    for r, (ax_row, (name, sections, projections)) in enumerate(zip(axes, rows, strict=True)):
-        for group, cols in ((sections, range(3)), (projections, range(3, 6))):
+        row = []
+        for group in ((v[c], v[:, c], v[:, :, c]), tuple(v.sum(axis=a) for a in range(3))):
             lo, hi = np.percentile(np.concatenate([g.ravel() for g in group]), [1, 99.9])
-            for img, col in zip(group, cols, strict=True):
-                ax = ax_row[col]
-                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(heads[col], fontsize=8)
-        ax_row[0].set_ylabel(name, fontsize=9)
+            row += [np.clip((g - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0) for g in group]
+        tiles.append((str(name), row))
+    # One image of all tiles (one axes instead of 6 per map: a figure of many axes is slow
+    # to draw); NaN gaps between tiles show as the figure's background.
+    n = tiles[0][1][0].shape[0]
+    if any(t[1][0].shape[0] != n for t in tiles):
+        raise ValueError("maps of one figure must have one box size")
+    gap = max(1, n // 8)
+    montage = np.full((len(tiles) * (n + gap) - gap, 6 * (n + gap) - gap), np.nan, np.float32)
+    for r, (_, row) in enumerate(tiles):
+        for col, img in enumerate(row):
+            y, x = r * (n + gap), col * (n + gap)
+            montage[y : y + n, x : x + n] = img[::-1]  # origin at the bottom of each tile
+    fig = Figure(figsize=(8.4, 1.45 * len(tiles) + 0.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.04, 0.02, 0.95, 1 - 0.6 / fig.get_figheight()))
+    ax.imshow(montage, cmap=matplotlib.colormaps["gray"].with_extremes(bad="white"),
+              vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    ax.set_axis_off()
+    for col, head in enumerate(heads):
+        ax.text(col * (n + gap) + n / 2, -gap / 2, head, ha="center", va="bottom", fontsize=8)
+    for r, (name, _) in enumerate(tiles):
+        ax.text(-gap / 2, r * (n + gap) + n / 2, name, ha="right", va="center", rotation=90, fontsize=9)
     fig.suptitle(title)
     return _save(fig, out)
 
@@ -304,7 +332,7 @@ def _orientation_figure(views, weights, title: str, n_az, n_el) -> Figure:
         name: orientation_histogram(v, None if weights is None else weights[name], *bins(v))
         for name, v in views.items()
     }
-    fig, axes = _new_figure(len(hists), panel_in=(5.2, 2.9))
+    fig, axes = _new_figure(len(hists), panel_in=(5.2, 2.9), pad_in=(0.7, 0.75, 0.55, 0.35))
     for ax, (name, (density, az_edges, el_edges)) in zip(axes, hists.items(), strict=True):
         mesh = ax.pcolormesh(az_edges, el_edges, density, cmap="viridis", vmin=0,
                              vmax=float(density.max()) or 1.0)  # fmt: skip
@@ -328,7 +356,7 @@ def _plot_history(values, out, labels, iterations, ylabel: str, title: str, ax_s
     a = _history(values, ylabel)
     it = _iterations(iterations, a.shape[0])
     names = _class_labels(labels, a.shape[1])
-    fig, (ax,) = _new_figure(1, panel_in=(6.4, 3.8))
+    fig, (ax,) = _new_figure(1, panel_in=(6.4, 3.8), title_in=0.0)
     for k, name in enumerate(names):
         ax.plot(it, a[:, k], marker="o", ms=3, lw=1.3, label=name)
     ax.set_xlabel("iteration")
@@ -433,7 +461,7 @@ def plot_affinity(
     order = _superclass_order(superclass, k)
     names = [str(i) for i in range(k)] if labels is None else _class_labels(labels, k)
     s = np.asarray(superclass)[order]
-    fig, (ax,) = _new_figure(1, panel_in=(5.6, 4.8))
+    fig, (ax,) = _new_figure(1, panel_in=(5.6, 4.8), pad_in=None, title_in=0.0)
     shown = a[np.ix_(order, order)].copy()
     np.fill_diagonal(shown, np.nan)  # a class's affinity to itself is not used: drawn grey
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.8")
@@ -464,7 +492,7 @@ def plot_eigenvalues(
     if v.size == 0:
         raise ValueError("no eigenvalues to plot")
     idx = np.arange(1, v.size + 1)
-    fig, (ax,) = _new_figure(1, panel_in=(6.0, 3.8))
+    fig, (ax,) = _new_figure(1, panel_in=(6.0, 3.8), title_in=0.0)
     ax.plot(idx, v, marker="o", lw=1.2)
     if n_superclasses is not None:
         ax.axvline(n_superclasses + 0.5, color="C3", ls="--", lw=1.0, label=f"M = {n_superclasses}")
@@ -493,7 +521,7 @@ def plot_class_table(
     order = _superclass_order(superclass, k)
     s = np.asarray(superclass)
     names = [str(i) for i in range(k)] if labels is None else _class_labels(labels, k)
-    fig, (ax,) = _new_figure(1, panel_in=(max(5.0, 0.35 * k + 2.0), 3.8))
+    fig, (ax,) = _new_figure(1, panel_in=(max(5.0, 0.35 * k + 2.0), 3.8), pad_in=None, title_in=0.0)
     x = np.arange(k)
     for m in np.unique(s):
         sel = s[order] == m
