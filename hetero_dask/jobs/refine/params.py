@@ -16,7 +16,8 @@ class RefineParams:
     Defaults are CryoSPARC's except where measured otherwise on particles this project did
     not make (``benchmarks/bench_realistic.py``; the measurements are in
     ``benchmarks/results/realistic``): no random-assignment iterations, sigma scale 1
-    throughout, each half-set classified against the other half's maps, damped full passes.
+    throughout, each half-set classified against the other half's maps, damped full passes,
+    the Wiener filter at half the signal the half maps' FSC claims.
     """
 
     refine_box: int | None = None  # None: the particles' box, at most 128 (preflight's box rule)
@@ -53,7 +54,12 @@ class RefineParams:
     initial_sigma_scale: float = 1.0
     sigma_anneal_iterations: int = 10
     final_sigma_scale: float = 1.0
-    tau2_fudge: float = 1.0
+    # The Wiener filter's signal prior comes from the half maps' FSC, and the half maps of
+    # "cross" are each aligned against the other: they share pose and class errors that no
+    # FSC between them can see, so the FSC overstates the maps' signal. Half of that signal
+    # (RELION's T) keeps the filter from passing what is shared error; a small class, whose
+    # FSC is noisiest, gains most.
+    tau2_fudge: float = 0.5
     estimate_scale: bool = True
     # What each half-set is scored against: "cross" (the OTHER half's maps: no particle votes
     # for a map it is part of, which would lock every class in), "half" (its own half-maps:
