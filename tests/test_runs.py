@@ -341,7 +341,7 @@ def test_demo_runs_again_into_its_folder(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(demo.SIZES, "ci", demo.DemoSize(
         box=32, psize_A=4.0, n_per_class=100, snr=1.0, refine_box=32, batch_size_per_class=100,
-        max_iterations=4, num_random_iterations=1, max_order=2))
+        max_iterations=4, max_order=2))
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--size", "ci", "--workers", "1", "--quiet"]
     assert main(args) == 0

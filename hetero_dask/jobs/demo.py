@@ -39,7 +39,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Simulation and refinement settings of one demo size."""
+    """Simulation and refinement settings of one demo size; the refinement's other
+    parameters are the job's defaults (a demo shows what a user gets)."""
 
     box: int
     psize_A: float
@@ -48,7 +49,6 @@ class DemoSize:
     refine_box: int
     batch_size_per_class: int
     max_iterations: int
-    num_random_iterations: int
     max_order: int = 3
     initial_lowpass_A: float = 30.0
     swing_deg: float = 90.0
@@ -63,7 +63,6 @@ SIZES = {
         refine_box=64,
         batch_size_per_class=400,
         max_iterations=14,
-        num_random_iterations=2,
     ),
     "ci": DemoSize(
         box=32,
@@ -73,7 +72,6 @@ SIZES = {
         refine_box=32,
         batch_size_per_class=200,
         max_iterations=4,
-        num_random_iterations=1,
         max_order=2,
     ),
 }
@@ -235,7 +233,6 @@ def run_demo(
             refine_box=s.refine_box,
             batch_size_per_class=s.batch_size_per_class,
             max_iterations=s.max_iterations,
-            num_random_iterations=s.num_random_iterations,
             initial_lowpass_A=s.initial_lowpass_A,
             max_order=s.max_order,
             seed=seed,
