@@ -268,8 +268,11 @@ def test_allow_list_applies_only_where_an_operator_sets_one(data, tmp_path, monk
 
 def _start(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # SIGINT back to its default in the child, as in a terminal: a suite started in the
+    # background by a non-interactive shell inherits SIGINT ignored, and Python keeps it so.
     return subprocess.Popen([sys.executable, "-m", "hetero_dask.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _children(pid: int) -> list[int]:
