@@ -83,3 +83,14 @@ def test_console_script_if_installed():
         pytest.skip("package not installed as a console script here (pip install .)")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: hetero-dask" in out.stdout
+
+
+def test_package_import_leaves_the_jobs_until_used():
+    """``import hetero_dask`` loads no job (and no Dask); ``hetero_dask.refine`` loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hetero_dask; assert 'hetero_dask.jobs.refine' not in sys.modules; "
+            "assert 'distributed' not in sys.modules; hetero_dask.refine; "
+            "assert 'hetero_dask.jobs.refine' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

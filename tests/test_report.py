@@ -367,3 +367,11 @@ def test_wide_tables_fit_the_page_in_chromium(chromium, tmp_path):
     m = re.search(r"page=(\d+) window=(\d+)", dom)
     assert m, dom[-300:]
     assert int(m[1]) <= int(m[2])
+
+
+def test_map_views_refuse_maps_of_two_box_sizes(tmp_path):
+    from hetero_dask.report.plots import plot_map_views
+
+    with pytest.raises(ValueError, match="one box size"):
+        plot_map_views({"a": np.zeros((8, 8, 8)), "b": np.zeros((6, 6, 6))}, tmp_path / "m.png")
+    assert not (tmp_path / "m.png").exists()
