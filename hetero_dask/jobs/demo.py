@@ -182,13 +182,8 @@ def run_demo(
     (None: Dask's choice for this machine); ``resume``: continue the interrupted demo in
     ``out`` (else an earlier demo there is replaced; see the module doc).
     """
-    from hetero_dask.io.cs import read_cs
-    from hetero_dask.jobs.reconstruct import reconstruct
-    from hetero_dask.jobs.refine import refine
-    from hetero_dask.jobs.regroup import regroup
-    from hetero_dask.phantoms import moving_domain_phantoms
+    from hetero_dask.runtime.checkpoint import write_json_atomic
     from hetero_dask.runtime.cluster import open_client
-    from hetero_dask.simulate import simulate, write_simulation
 
     if size not in SIZES:
         raise ValueError(f"--size {size!r}: expected one of {sorted(SIZES)}")
@@ -201,100 +196,102 @@ def run_demo(
     (out / MARKER).write_text(json.dumps({"size": size, "seed": seed}))
     for job in ("regroup", "reconstruct"):  # quick: always run again
         shutil.rmtree(out / job, ignore_errors=True)
-    timings = {}
     t0 = time.perf_counter()
+    data = _simulated_inputs(out, s, seed, resume_refine, progress)
+    timings = {"simulate_s": time.perf_counter() - t0}
+    with open_client(workers=workers, quiet=progress is False) as client:
+        reports = _run_jobs(out, s, data, client, progress, resume_refine, seed, timings)
+    timings["total_s"] = time.perf_counter() - t0
+    summary = _summary(out, size, s, data, reports, timings, workers, seed)
+    write_json_atomic(out / "demo_summary.json", summary)
+    return summary
+
+
+@dataclass
+class _Inputs:
+    """The demo's simulated particles, starting maps and truth."""
+
+    n: int
+    classes: np.ndarray  # (n,) true state per simulated particle
+    particles_cs: Path
+    initial_volumes: list[Path]
+    truth: dict  # uid -> true state
+
+
+def _simulated_inputs(out: Path, s: DemoSize, seed: int, resume_refine: bool, progress) -> _Inputs:
+    """Simulate the two states' particles and low-passed starting maps (the files of the
+    interrupted run when resuming: the refinement read them, so they are complete)."""
+    from hetero_dask.io.cs import read_cs
+    from hetero_dask.phantoms import moving_domain_phantoms
+    from hetero_dask.simulate import simulate, write_simulation
 
     vols = moving_domain_phantoms(s.box, s.psize_A, n_classes=2, swing_deg=s.swing_deg)
     sim = simulate(vols, s.psize_A, s.n_per_class, s.snr, seed=seed, shift_range_px=2.0)
-    if resume_refine:  # the refinement read these files: they are complete
-        sim_paths = {"cs": out / "simulation" / "particles.cs"}
+    if resume_refine:
+        particles_cs = out / "simulation" / "particles.cs"
         init = sorted((out / "initial_volumes").glob("initial_*.mrc"))
     else:
-        sim_paths = write_simulation(out / "simulation", sim, vols, seed=seed)
+        particles_cs = write_simulation(out / "simulation", sim, vols, seed=seed)["cs"]
         init = _initial_volumes(vols, s.psize_A, s.initial_lowpass_A, out / "initial_volumes")
-    truth = _true_class_by_uid(read_cs(sim_paths["cs"]))
-    timings["simulate_s"] = time.perf_counter() - t0
     if progress is not False:
-        print(
-            f"simulated {sim.n} particles (2 states, box {s.box}, {s.psize_A} A/px, SNR {s.snr}) "
-            f"in {out / 'simulation'}",
-            flush=True,
-        )
+        print(f"simulated {sim.n} particles (2 states, box {s.box}, {s.psize_A} A/px, SNR {s.snr}) "
+              f"in {out / 'simulation'}", flush=True)
+    return _Inputs(int(sim.n), np.asarray(sim.classes), Path(particles_cs), list(init),
+                   _true_class_by_uid(read_cs(particles_cs)))
 
-    with open_client(workers=workers, quiet=progress is False) as client:
-        t = time.perf_counter()
-        refine_report = refine(
-            sim_paths["cs"],
-            [str(p) for p in init],
-            out / "refine",
-            client=client,
-            progress=progress,
-            resume=resume_refine,
-            refine_box=s.refine_box,
-            batch_size_per_class=s.batch_size_per_class,
-            max_iterations=s.max_iterations,
-            initial_lowpass_A=s.initial_lowpass_A,
-            max_order=s.max_order,
-            seed=seed,
-        )
-        timings["refine_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        regrouped = regroup(
-            out / "refine" / "particles.cs",
-            out / "refine" / "volumes.zip",
-            out / "regroup",
-            num_superclasses=2,
-        )
-        timings["regroup_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rec = reconstruct(
-            out / "regroup" / "particles.cs",
-            out / "reconstruct",
-            client=client,
-            progress=progress,
-            force_hard_classification=True,
-        )
-        timings["reconstruct_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
 
-    pred_refine, true_refine = _labels(out / "refine" / "particles.cs", truth)
-    pred_sc, true_sc = _labels(out / "regroup" / "particles.cs", truth)
-    summary = {
+def _run_jobs(out: Path, s: DemoSize, data: _Inputs, client, progress, resume_refine: bool, seed: int,
+              timings: dict) -> dict:
+    """Refine from the starting maps, regroup its classes into two, reconstruct the superclasses;
+    each job's wall time into ``timings``. Returns the three jobs' results by name."""
+    from hetero_dask.jobs.reconstruct import reconstruct
+    from hetero_dask.jobs.refine import refine
+    from hetero_dask.jobs.regroup import regroup
+
+    t = time.perf_counter()
+    refined = refine(data.particles_cs, [str(p) for p in data.initial_volumes], out / "refine", client=client,
+                     progress=progress, resume=resume_refine, refine_box=s.refine_box,
+                     batch_size_per_class=s.batch_size_per_class, max_iterations=s.max_iterations,
+                     initial_lowpass_A=s.initial_lowpass_A, max_order=s.max_order, seed=seed)
+    timings["refine_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    regrouped = regroup(out / "refine" / "particles.cs", out / "refine" / "volumes.zip", out / "regroup",
+                        num_superclasses=2)
+    timings["regroup_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rec = reconstruct(out / "regroup" / "particles.cs", out / "reconstruct", client=client, progress=progress,
+                      force_hard_classification=True)
+    timings["reconstruct_s"] = time.perf_counter() - t
+    return {"refine": refined, "regroup": regrouped, "reconstruct": rec}
+
+
+def _summary(out: Path, size: str, s: DemoSize, data: _Inputs, reports: dict, timings: dict, workers, seed) -> dict:
+    """What the demo reports: each job's result against the simulation's truth, where to look."""
+    pred_refine, true_refine = _labels(out / "refine" / "particles.cs", data.truth)
+    pred_sc, true_sc = _labels(out / "regroup" / "particles.cs", data.truth)
+    refined = reports["refine"]
+    accuracy = permutation_accuracy(pred_sc, true_sc)
+    return {
         "size": size,
-        "simulation": {
-            "n_particles": int(sim.n),
-            "n_states": 2,
-            "box": s.box,
-            "psize_A": s.psize_A,
-            "snr": s.snr,
-            "folder": str(out / "simulation"),
-        },
+        "simulation": {"n_particles": data.n, "n_states": 2, "box": s.box, "psize_A": s.psize_A, "snr": s.snr,
+                       "folder": str(out / "simulation")},
         "refine": {
-            "n_classes": len(init),
+            "n_classes": len(data.initial_volumes),
             "class_purity": purity(pred_refine, true_refine),
-            "class_fractions": [c["fraction"] for c in refine_report["classes"]],
-            "resolution_A": [c["resolution_A"] for c in refine_report["classes"]],
-            "iterations": len(refine_report["iterations"]),
+            "class_fractions": [c["fraction"] for c in refined["classes"]],
+            "resolution_A": [c["resolution_A"] for c in refined["classes"]],
+            "iterations": len(refined["iterations"]),
             "folder": str(out / "refine"),
         },
-        "regroup": {
-            "superclass_of_class": np.asarray(regrouped.superclass).tolist(),
-            "accuracy": permutation_accuracy(pred_sc, true_sc),
-            "folder": str(out / "regroup"),
-        },
-        "reconstruct": {
-            "resolution_A": [c.get("resolution_A") for c in rec.report.get("classes", [])],
-            "folder": str(out / "reconstruct"),
-        },
-        "reports": {job: str((out / job / "report.html").resolve())
-                    for job in ("refine", "regroup", "reconstruct")},
-        "chance_accuracy": float(max(np.bincount(sim.classes)) / sim.n),
+        "regroup": {"superclass_of_class": np.asarray(reports["regroup"].superclass).tolist(),
+                    "accuracy": accuracy, "folder": str(out / "regroup")},
+        "reconstruct": {"resolution_A": [c.get("resolution_A") for c in reports["reconstruct"].report.get("classes", [])],
+                        "folder": str(out / "reconstruct")},
+        "reports": {job: str((out / job / "report.html").resolve()) for job in ("refine", "regroup", "reconstruct")},
+        "chance_accuracy": float(max(np.bincount(data.classes)) / data.n),
         "timings_s": timings,
         "workers": workers,
         "seed": seed,
+        "accuracy": accuracy,
+        "classes_recovered": bool(accuracy >= 0.8),
     }
-    summary["accuracy"] = summary["regroup"]["accuracy"]
-    summary["classes_recovered"] = bool(summary["accuracy"] >= 0.8)
-    with open(out / "demo_summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
