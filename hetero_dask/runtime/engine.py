@@ -166,7 +166,7 @@ def _combine(merge: Callable, *partials):
 
 
 def _gated(process: Callable, partition, *gates):
-    """``process(partition)``; the gates (tokens, see :func:`build_graph`) only make it wait."""
+    """``process(partition)``; the gates (tokens, see :func:`_reduce`) only make it wait."""
     return process(partition)
 
 
@@ -213,35 +213,18 @@ def build_graph(
     partition order, and the outputs (the merged partial, one finish node,
     or a dict key -> finish node).
 
-    The reduction: partitions ``[g * fan_in, (g + 1) * fan_in)`` form group
-    ``g``; one task sums a group's partials in partition order, and the
-    group sums are folded into one running sum in group order (``total_g =
-    total_{g-1} + sum_g``), so the order of every float sum is fixed by the
-    data and ``fan_in``. A token task (``None``) follows each running sum,
-    and the process tasks of group ``g`` wait for the token of
-    ``total_{g - in_flight}``: at most ``in_flight`` groups' partials exist
-    at once, however many partitions there are (a tree with every process
-    task ready at the start held up to 26 partials at once for 256
-    partitions against 11 for 16, on 2 workers: tests/test_engine_memory.py).
-    ``in_flight`` defaults to ``1 + ceil(len(slots) / fan_in)`` (a group's
-    sum and fold overlap the next groups' tasks on every thread), and to
-    :data:`IN_FLIGHT_WITHOUT_CLIENT` without slots; it orders the tasks
-    only, never the sums.
-
-    ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each,
-    ``f2(f1(part))``, so the light later steps of one key interleave with the
-    heavy first steps of others. ``slots``: worker addresses, one per task
-    thread; process ``i`` prefers slot ``i % len(slots)`` (a gated task
-    would otherwise go where its token is); with more than one key, step
-    ``s`` of keyed finishing chain ``j`` prefers slot ``(s * len(finish) +
-    j) % len(slots)`` (any worker may still run it), at priority ``-s``
-    (first steps and merges before the later steps). ``select_first`` (needs
-    ``select`` and keyed ``finish``): cut each process partial into its keys'
-    parts where it was computed (the selects of process ``i`` prefer its
-    slot) and reduce each key on its own, its sums next to that key's
-    finishing chain (slot ``j``), so the keys' merges and transfers run in
-    parallel and overlap the finishing tasks instead of funnelling every
-    partial into one; a process task then waits for every key's token.
+    The reduction (:func:`_reduce`) sums groups of ``fan_in`` consecutive
+    partials and folds the group sums into one running sum in partition
+    order; the process tasks of a group wait until the running sum has taken
+    in the group ``in_flight`` groups earlier. ``in_flight`` defaults to
+    ``1 + ceil(len(slots) / fan_in)``, and to :data:`IN_FLIGHT_WITHOUT_CLIENT`
+    without slots; it orders the tasks only, never the sums. ``slots``:
+    worker addresses, one per task thread; process ``i`` prefers slot
+    ``i % len(slots)`` (a gated task would otherwise go where its token is).
+    ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each
+    (:func:`_finish_chain`). ``select_first`` (needs ``select`` and keyed
+    ``finish``): cut each process partial into its keys' parts where it was
+    computed and reduce each key on its own.
 
     Keys: ``(f"{key_prefix}-process-{token}", i)``; group sums
     ``(f"{key_prefix}-merge-{token}", 0, g)`` and running sums ``(..., 1, g)``
@@ -252,6 +235,31 @@ def build_graph(
     ``(f"{key_prefix}-finish-{token}", key)`` for the last step of a chain,
     ``(..., key, step)`` for the others.
     """
+    finish_keys = list(finish) if isinstance(finish, Mapping) else None
+    _check_graph_arguments(partitions, fan_in, key_prefix, select, finish_keys, select_first)
+    in_flight = _in_flight(in_flight, slots, fan_in)
+    if token is None:
+        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first)
+    names = {
+        s: f"{key_prefix}-{s}-{token}" for s in ("process", "merge", "gate", "select", "finish")
+    }
+    nodes, totals = _reduce(
+        process, partitions, merge, fan_in, in_flight, names, slots, select,
+        finish_keys if select_first else None,
+    )
+    finishing, outputs = _finishing(finish, finish_keys, select, select_first, totals, slots, names)
+    return nodes + finishing, outputs
+
+
+def _check_graph_arguments(
+    partitions: Sequence,
+    fan_in: int,
+    key_prefix: str,
+    select: Callable | None,
+    finish_keys: list | None,
+    select_first: bool,
+) -> None:
+    """Raise ValueError, saying what was wrong, for arguments :func:`build_graph` cannot use."""
     if not partitions:
         raise ValueError("map_reduce needs at least one partition (no particles to process?)")
     if fan_in < 2:
@@ -259,19 +267,50 @@ def build_graph(
     if not re.fullmatch(r"[A-Za-z][A-Za-z_]*(-[A-Za-z]+)*", key_prefix):
         # dask.utils.key_split must recover "<prefix>-<stage>" from keys for progress bars
         raise ValueError(f"key_prefix must be words of letters joined by '-', got {key_prefix!r}")
-    finish_keys = list(finish) if isinstance(finish, Mapping) else None
     if select_first and (select is None or finish_keys is None):
         raise ValueError("select_first needs select and a dict of finishing tasks")
+
+
+def _in_flight(in_flight: int | None, slots: Sequence[str] | None, fan_in: int) -> int:
+    """``in_flight``, checked, or its default: with slots, enough groups that a group's sum and
+    fold overlap the next groups' tasks on every thread."""
     if in_flight is None:
         in_flight = 1 + math.ceil(len(slots) / fan_in) if slots else IN_FLIGHT_WITHOUT_CLIENT
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
-    if token is None:
-        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first)
-    names = {
-        s: f"{key_prefix}-{s}-{token}" for s in ("process", "merge", "gate", "select", "finish")
-    }
-    trees = [(j,) for j in range(len(finish_keys))] if select_first else [()]
+    return in_flight
+
+
+def _reduce(
+    process: Callable,
+    partitions: Sequence,
+    merge: Callable,
+    fan_in: int,
+    in_flight: int,
+    names: Mapping[str, str],
+    slots: Sequence[str] | None,
+    select: Callable | None,
+    select_keys: list | None,
+) -> tuple[list, dict[tuple, Any]]:
+    """The process tasks and the reduction of their partials: ``(nodes, totals)``, the process
+    nodes first in partition order, and each tree's running sum through the last group.
+
+    Partitions ``[g * fan_in, (g + 1) * fan_in)`` form group ``g``; one task
+    sums a group's partials in partition order, and the group sums are folded
+    into one running sum in group order (``total_g = total_{g-1} + sum_g``),
+    so the order of every float sum is fixed by the data and ``fan_in``. A
+    token task (``None``) follows each running sum, and the process tasks of
+    group ``g`` wait for the token of ``total_{g - in_flight}``: at most
+    ``in_flight`` groups' partials exist at once, however many partitions
+    there are, where a tree with every process task ready at the start holds
+    more partials the more partitions there are (tests/test_engine_memory.py).
+
+    One tree, ``()``, reduces the whole partials; with ``select_keys``
+    (``select_first``), tree ``(j,)`` reduces their parts for
+    ``select_keys[j]`` (:func:`_select_parts`), and a process task waits for
+    every tree's token.
+    """
+    trees = [(j,) for j in range(len(select_keys))] if select_keys is not None else [()]
     totals: dict[tuple, Any] = {}
     tokens: dict[tuple, Any] = {}
     gates: list[list] = []  # gates[g]: every tree's token of its running sum through group g
@@ -280,53 +319,114 @@ def build_graph(
     for g in range(n_groups):
         wait = gates[g - in_flight] if g >= in_flight else []
         members = range(g * fan_in, min(len(partitions), (g + 1) * fan_in))
-        level = []
-        for i in members:
-            with _prefer(slots, i):
-                level.append(delayed(_gated, pure=True)(
-                    process, partitions[i], *wait, dask_key_name=(names["process"], i)
-                ))
+        level = [
+            _placed(slots, i, _gated, process, partitions[i], *wait, key=(names["process"], i))
+            for i in members
+        ]
         processes += level
-        gates.append([])
         for t in trees:
             parts = level
-            if select_first:
-                parts = []
-                for i, node in zip(members, level, strict=True):
-                    with _prefer(slots, i):
-                        parts.append(delayed(select, pure=True)(
-                            node, finish_keys[t[0]], dask_key_name=(names["select"], *t, i)
-                        ))
+            if select_keys is not None:
+                parts = _select_parts(select, select_keys[t[0]], level, members, slots, names, t)
                 nodes += parts
-            with _prefer(slots if select_first else None, t[0] if t else 0):
-                group_sum = parts[0]
-                if len(parts) > 1:
-                    group_sum = delayed(_combine, pure=True)(
-                        merge, *parts, dask_key_name=(names["merge"], *t, 0, g)
-                    )
-                    nodes.append(group_sum)
-                total = group_sum
-                if g > 0:
-                    total = delayed(_fold, pure=True)(
-                        merge, totals[t], group_sum, *([tokens[t]] if t in tokens else []),
-                        dask_key_name=(names["merge"], *t, 1, g),
-                    )
-                    nodes.append(total)
-            totals[t] = total
-            tokens.pop(t, None)
-            if g + in_flight < n_groups:
-                # Not annotated: a token runs where its running sum is (never moves it).
-                tokens[t] = delayed(_token, pure=True)(total, dask_key_name=(names["gate"], *t, g))
-                nodes.append(tokens[t])
-                gates[g].append(tokens[t])
-    nodes = processes + nodes
+            totals[t], tokens[t], added = _fold_group(
+                merge, parts, totals.get(t), tokens.get(t), names, t, g,
+                g + in_flight < n_groups, slots,
+            )
+            nodes += added
+        gates.append([tokens[t] for t in trees if tokens[t] is not None])
+    return processes + nodes, totals
+
+
+def _placed(slots: Sequence[str] | None, j: int, fn: Callable, *args, key: tuple):
+    """The node ``fn(*args)`` named ``key``, preferring task thread ``j`` of ``slots``."""
+    with _prefer(slots, j):
+        return delayed(fn, pure=True)(*args, dask_key_name=key)
+
+
+def _select_parts(
+    select: Callable,
+    finish_key: Hashable,
+    level: list,
+    members: range,
+    slots: Sequence[str] | None,
+    names: Mapping[str, str],
+    tree: tuple,
+) -> list:
+    """``select(partial, finish_key)`` of each process node in ``level`` (partitions
+    ``members``), for tree ``tree`` that reduces that key alone (``select_first``).
+
+    Each select prefers the slot of its process task, so the cut is made where the partial
+    was computed and only the key's part travels; the tree's sums run next to its finishing
+    chain (:func:`_fold_group`), so the keys' merges and transfers run in parallel and
+    overlap the finishing tasks instead of funnelling every partial into one.
+    """
+    return [
+        _placed(slots, i, select, node, finish_key, key=(names["select"], *tree, i))
+        for i, node in zip(members, level, strict=True)
+    ]
+
+
+def _fold_group(
+    merge: Callable,
+    parts: list,
+    previous,
+    gate,
+    names: Mapping[str, str],
+    tree: tuple,
+    g: int,
+    with_token: bool,
+    slots: Sequence[str] | None,
+) -> tuple[Any, Any, list]:
+    """Tree ``tree``'s running sum through group ``g``, its token (None without
+    ``with_token``) and the nodes that make them.
+
+    ``parts`` are summed in partition order (a lone part is its own sum) and
+    the sum is folded into ``previous``, the running sum through group
+    ``g - 1`` (None for the first group, whose sum is the running sum).
+    ``gate``, the token of ``previous`` (or None), must run first, since the
+    fold accumulates into ``previous``. A per-key tree's sums prefer the slot
+    of its finishing chain (tree ``(j,)``: slot ``j``).
+    """
+    added = []
+    with _prefer(slots if tree else None, tree[0] if tree else 0):
+        total = parts[0]
+        if len(parts) > 1:
+            total = delayed(_combine, pure=True)(
+                merge, *parts, dask_key_name=(names["merge"], *tree, 0, g)
+            )
+            added.append(total)
+        if previous is not None:
+            total = delayed(_fold, pure=True)(
+                merge, previous, total, *([gate] if gate is not None else []),
+                dask_key_name=(names["merge"], *tree, 1, g),
+            )
+            added.append(total)
+    token = None
+    if with_token:
+        # Not annotated: a token runs where its running sum is (never moves it).
+        token = delayed(_token, pure=True)(total, dask_key_name=(names["gate"], *tree, g))
+        added.append(token)
+    return total, token, added
+
+
+def _finishing(
+    finish: Callable | Mapping[Hashable, Callable | Sequence[Callable]] | None,
+    finish_keys: list | None,
+    select: Callable | None,
+    select_first: bool,
+    totals: dict[tuple, Any],
+    slots: Sequence[str] | None,
+    names: Mapping[str, str],
+) -> tuple[list, Any]:
+    """The finishing nodes after the reduction's ``totals`` (see :func:`_reduce`), and the
+    outputs of :func:`build_graph`."""
     if finish is None:
-        return nodes, totals[()]
+        return [], totals[()]
     if finish_keys is None:
         out = delayed(finish, pure=True)(totals[()], dask_key_name=(names["finish"], 0))
-        return nodes + [out], out
-    spread = slots if len(finish_keys) > 1 else None
-    outputs = {}
+        return [out], out
+    nodes, outputs = [], {}
     for j, k in enumerate(finish_keys):
         if select_first:
             arg = totals[(j,)]
@@ -336,20 +436,37 @@ def build_graph(
         else:
             arg = totals[()]
         steps = finish[k] if isinstance(finish[k], Sequence) else (finish[k],)
-        for s, step in enumerate(steps):
-            last = s == len(steps) - 1
-            key = (names["finish"], j) if last else (names["finish"], j, s)
-            # Step s of chain j prefers slot s * K + j (round robin over all steps): left to
-            # the scheduler, a light later step stays next to its input, and at box 128, K = 3
-            # on 2 workers one worker ran three FSC steps after its M-steps while the other
-            # sat idle for 1.6 s.
-            # Later steps also yield to the merges and first steps of the other chains (on the
-            # critical path): measured there, an FSC step ran before the last class's M-step.
-            with _prefer(spread, s * len(finish_keys) + j), dask.annotate(priority=-s):
-                arg = delayed(step, pure=True)(arg, dask_key_name=key)
-            nodes.append(arg)
-        outputs[k] = arg
+        outputs[k], chain = _finish_chain(steps, arg, j, len(finish_keys), slots, names["finish"])
+        nodes += chain
     return nodes, outputs
+
+
+def _finish_chain(
+    steps: Sequence[Callable],
+    arg,
+    j: int,
+    n_chains: int,
+    slots: Sequence[str] | None,
+    name: str,
+) -> tuple[Any, list]:
+    """Keyed finishing chain ``j``, ``steps[-1](... steps[0](arg))``, one task per step:
+    its output and its nodes.
+
+    The last step is keyed ``(name, j)``, step ``s`` before it ``(name, j, s)``. With more
+    than one chain, step ``s`` prefers slot ``(s * n_chains + j) % len(slots)``, a round
+    robin over every chain's steps (any worker may still run it): left to the scheduler, a
+    light later step stays next to its input, so one worker runs the later steps of its
+    chains while another sits idle. Step ``s`` runs at priority ``-s``, so the later steps
+    yield to the merges and first steps of the other chains, which are on the critical path.
+    """
+    spread = slots if n_chains > 1 else None
+    nodes = []
+    for s, step in enumerate(steps):
+        key = (name, j) if s == len(steps) - 1 else (name, j, s)
+        with _prefer(spread, s * n_chains + j), dask.annotate(priority=-s):
+            arg = delayed(step, pure=True)(arg, dask_key_name=key)
+        nodes.append(arg)
+    return arg, nodes
 
 
 def map_reduce(
@@ -376,9 +493,8 @@ def map_reduce(
     :func:`build_graph`; return a dict key -> result); with a client, the
     chains start spread over the task threads. ``select(merged, key)`` feeds
     each keyed finishing task only its part; ``select_first``: select
-    before merging, one reduction per key (see :func:`build_graph`). ``token``
-    names the graph (default: a hash of the
-    arguments); pass e.g. ``f"it{iteration}"`` to make keys readable.
+    before merging, one reduction per key (see :func:`build_graph`). ``token`` names the
+    graph (default: a hash of the arguments); pass e.g. ``f"it{iteration}"`` for readable keys.
     ``progress``: one bar per stage (None: only when stderr is a terminal).
     ``after_map``: driver work that needs no result (e.g. writing particle
     files), run in a driver thread as soon as every process task is done, so
@@ -386,11 +502,8 @@ def map_reduce(
     instead of following them; joined (and its exception raised) before
     returning. Without a client it runs after the graph.
     """
-    # The task threads: process tasks and keyed finishing tasks are spread over them, and
-    # their number sets how many groups are in flight (see build_graph). Left alone, the
-    # scheduler runs every finishing task where the merged partial is, since its default
-    # bandwidth (100 MB/s) prices each class's ~200 MB grids far above the task (measured
-    # at box 128, K = 3, 2 workers: three 1.5 s M-steps in a row on one worker, the other idle).
+    # Spread over the task threads: the scheduler's default bandwidth prices a class's grids far
+    # above its finishing task, so it would run every finishing task where the merged partial is.
     slots = _task_slots(client) if client is not None else None
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
@@ -404,21 +517,9 @@ def map_reduce(
                 results = dask.compute(*finals, scheduler="sync", optimize_graph=False)
             side.start()
         elif progress is False:
-            futures = client.compute(nodes[: len(partitions)] + finals, optimize_graph=False)
-            side.start_when_done(futures[: len(partitions)])
-            final_futures = futures[len(partitions) :]
-            del futures
-            results = client.gather(final_futures)
+            results = _gather_finals(client, nodes, finals, len(partitions), side)
         else:
-            # Futures for every task, so the bars can count each stage; the wait
-            # releases each as it completes so partials are not pinned in memory.
-            futures = client.compute(nodes, optimize_graph=False)
-            side.start_when_done(futures[: len(partitions)])
-            by_key = {f.key: f for f in futures}
-            final_futures = [by_key[d.key] for d in finals]
-            del by_key
-            wait_with_progress(futures, enabled=progress)
-            results = client.gather(final_futures)
+            results = _gather_with_progress(client, nodes, finals, len(partitions), progress, side)
     except BaseException:
         side.join(run_now=False)  # a failed job writes nothing more
         raise
@@ -426,6 +527,30 @@ def map_reduce(
     if isinstance(outputs, dict):
         return dict(zip(outputs, results, strict=True))
     return results[0]
+
+
+def _gather_finals(client, nodes: list, finals: list, n_process: int, side: _DriverSide) -> list:
+    """The results of ``finals``, computing the graph with futures for the first ``n_process``
+    nodes (the process tasks, which start ``side``) and the finals only."""
+    futures = client.compute(nodes[:n_process] + finals, optimize_graph=False)
+    side.start_when_done(futures[:n_process])
+    final_futures = futures[n_process:]
+    del futures  # held, the process futures would pin their partials in memory until the end
+    return client.gather(final_futures)
+
+
+def _gather_with_progress(
+    client, nodes: list, finals: list, n_process: int, progress: bool | None, side: _DriverSide
+) -> list:
+    """The results of ``finals``, with futures for every task, so the bars can count each
+    stage; the wait releases each as it completes so partials are not pinned in memory."""
+    futures = client.compute(nodes, optimize_graph=False)
+    side.start_when_done(futures[:n_process])
+    by_key = {f.key: f for f in futures}
+    final_futures = [by_key[d.key] for d in finals]
+    del by_key
+    wait_with_progress(futures, enabled=progress)
+    return client.gather(final_futures)
 
 
 def _task_slots(client) -> list[str]:
