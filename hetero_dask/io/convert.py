@@ -72,6 +72,7 @@ _CTF_OPTIONAL = {
     "rlnCtfScalefactor": ("ctf/scale", 1.0),
 }
 _ANGLE_LABELS = {"rlnDefocusAngle", "rlnPhaseShift"}  # degrees in STAR, radians in the table
+_EULER_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")  # degrees
 _OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 _CS_ABERRATIONS = ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag", "ctf/shift_A")
 _MAGMAT_IDENTITY = {"rlnMagMat00": 1.0, "rlnMagMat01": 0.0, "rlnMagMat10": 0.0, "rlnMagMat11": 1.0}
@@ -214,8 +215,9 @@ def _pixel_size_A(table, source, psize_A):
         file_psize, used = None, set()
     if psize_A is not None:
         if file_psize is not None and np.any(np.abs(file_psize - psize_A) > 1e-3 * psize_A):
+            # stacklevel 4: the caller of star_to_cs (via _star_image_fields)
             warnings.warn(
-                f"{source}: pixel size in the file overridden by psize_A={psize_A}", stacklevel=3
+                f"{source}: pixel size in the file overridden by psize_A={psize_A}", stacklevel=4
             )
         return np.full(len(table), float(psize_A)), used
     if file_psize is None:
@@ -301,31 +303,10 @@ def _zero_based(column, source, label: str, what: str, valid, expected: str):
     return (values - 1).astype(np.uint32)
 
 
-def star_to_cs(
-    blocks: dict,
-    source=None,
-    *,
-    psize_A: float | None = None,
-    sign: float = 1.0,
-    box: int | None = None,
-    ctf_defaults: dict | None = None,
-    allow_ignore_aberrations: bool = False,
-) -> np.ndarray:
-    """Particle STAR blocks (from :func:`~.star.read_star`) -> table (structured array ``(N,)``).
-
-    ``psize_A`` overrides or supplies the pixel size; ``box`` supplies
-    ``blob/shape`` when the file has no ``rlnImageSize`` (else 0 = unknown);
-    ``ctf_defaults`` supplies missing CTF columns by RELION label, e.g.
-    ``{"rlnAmplitudeContrast": 0.1}`` (missing ones are refused otherwise).
-    ``source`` (the file name) is used in error messages.
-    """
-    source = source or "STAR"
-    optics, particles, _ = particle_blocks(blocks, source)
-    table = _merged_table(optics, particles, source)
-    check_star_optics(table, source, allow_ignore_aberrations)
+def _star_image_fields(table, source, *, psize_A, sign, box) -> tuple[dict, set]:
+    """``uid``, ``blob/*`` and ``ctf/exp_group_id`` fields, and the RELION labels they use."""
     n = len(table)
     used = {"rlnImageName", "rlnOpticsGroup"}
-
     paths, idx = parse_image_names(table["rlnImageName"], source)
     psize, psize_used = _pixel_size_A(table, source, psize_A)
     used |= psize_used
@@ -348,8 +329,18 @@ def star_to_cs(
         "blob/sign": np.full(n, sign, dtype=np.float32),
         "ctf/exp_group_id": (group - 1).astype(np.uint32),
     }
+    return fields, used
 
+
+def _star_ctf_fields(table, source, ctf_defaults: dict | None) -> tuple[dict, set]:
+    """``ctf/*`` fields (angles degrees -> radians) and the RELION labels they use.
+
+    A missing column takes its value from ``ctf_defaults``; a missing
+    required one without a default is refused.
+    """
+    n = len(table)
     defaults = dict(ctf_defaults or {})
+    fields, used = {}, set()
     for label, field in _CTF_REQUIRED.items():
         if label in table.columns:
             v = np.asarray(table[label], dtype=np.float64)
@@ -371,29 +362,46 @@ def star_to_cs(
         else:
             v = np.full(n, float(defaults.get(label, default)))
         fields[field] = (np.deg2rad(v) if label in _ANGLE_LABELS else v).astype(np.float32)
+    return fields, used
 
-    cs_fields, schema = _cs_passthrough(blocks, table)
-    a3d_psize = cs_fields.get("alignments3D/psize_A", psize.astype(np.float32)).astype(np.float64)
-    if {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(table.columns):
-        rot, tilt, psi = (
-            np.asarray(table[c], dtype=np.float64)
-            for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+
+def _star_shift_px(table, a3d_psize: np.ndarray) -> tuple[np.ndarray, set]:
+    """``(n, 2)`` float64 shifts in pixels and the RELION labels they use.
+
+    ``rlnOriginX/YAngst`` (3.1+) are divided by the alignment pixel size;
+    ``rlnOriginX/Y`` (3.0) are pixels already; no origin is a zero shift.
+    """
+    if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(table.columns):
+        shift = (
+            np.stack([table["rlnOriginXAngst"], table["rlnOriginYAngst"]], 1)
+            / a3d_psize[:, None]
         )
-        used |= {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"}
-        if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(table.columns):
-            shift = (
-                np.stack([table["rlnOriginXAngst"], table["rlnOriginYAngst"]], 1)
-                / a3d_psize[:, None]
-            )
-            used |= {"rlnOriginXAngst", "rlnOriginYAngst"}
-        elif {"rlnOriginX", "rlnOriginY"} <= set(table.columns):
-            shift = np.stack([table["rlnOriginX"], table["rlnOriginY"]], 1).astype(np.float64)
-            used |= {"rlnOriginX", "rlnOriginY"}
-        else:
-            shift = np.zeros((n, 2))
-        fields["alignments3D/pose"] = euler_to_pose(rot, tilt, psi).astype(np.float32)
-        fields["alignments3D/shift"] = shift.astype(np.float32)
-        fields["alignments3D/psize_A"] = a3d_psize.astype(np.float32)
+        return shift, {"rlnOriginXAngst", "rlnOriginYAngst"}
+    if {"rlnOriginX", "rlnOriginY"} <= set(table.columns):
+        shift = np.stack([table["rlnOriginX"], table["rlnOriginY"]], 1).astype(np.float64)
+        return shift, {"rlnOriginX", "rlnOriginY"}
+    return np.zeros((len(table), 2)), set()
+
+
+def _star_pose_fields(table, a3d_psize: np.ndarray) -> tuple[dict, set]:
+    """``alignments3D/pose``, ``shift`` and ``psize_A`` from the Euler angles (degrees) and
+    origins, and the RELION labels they use; nothing when an angle column is missing."""
+    if not set(_EULER_LABELS) <= set(table.columns):
+        return {}, set()
+    rot, tilt, psi = (np.asarray(table[c], dtype=np.float64) for c in _EULER_LABELS)
+    shift, used = _star_shift_px(table, a3d_psize)
+    fields = {
+        "alignments3D/pose": euler_to_pose(rot, tilt, psi).astype(np.float32),
+        "alignments3D/shift": shift.astype(np.float32),
+        "alignments3D/psize_A": a3d_psize.astype(np.float32),
+    }
+    return fields, used | set(_EULER_LABELS)
+
+
+def _star_class_fields(table, source) -> tuple[dict, set]:
+    """``alignments3D/split`` and ``class`` (0-based) from ``rlnRandomSubset`` and
+    ``rlnClassNumber`` (1-based), and the labels they use; out-of-range values are refused."""
+    fields, used = {}, set()
     for label, target, what, valid, expected in (
         ("rlnRandomSubset", "alignments3D/split", "half-set", lambda v: np.isin(v, (1, 2)), "1 or 2"),
         ("rlnClassNumber", "alignments3D/class", "class", lambda v: v >= 1, ">= 1 (1-based)"),
@@ -401,16 +409,57 @@ def star_to_cs(
         if label in table.columns:
             fields[target] = _zero_based(table[label], source, label, what, valid, expected)
             used.add(label)
+    return fields, used
 
+
+def _star_passthrough_fields(table, optics, particles, used: set) -> dict:
+    """The columns no field maps, kept as ``rlnOptics/<label>`` (from the optics block) or
+    ``rln/<label>`` fields; ``cs/`` columns are left to :func:`_cs_passthrough`."""
     optics_cols = set() if optics is None else set(optics.columns) - set(particles.columns)
+    fields = {}
     for col in table.columns:
         if col in used or col.startswith("cs/"):
             continue
         prefix = "rlnOptics/" if col in optics_cols else "rln/"
         fields[prefix + col] = _column_field(table[col])
+    return fields
+
+
+def star_to_cs(
+    blocks: dict,
+    source=None,
+    *,
+    psize_A: float | None = None,
+    sign: float = 1.0,
+    box: int | None = None,
+    ctf_defaults: dict | None = None,
+    allow_ignore_aberrations: bool = False,
+) -> np.ndarray:
+    """Particle STAR blocks (from :func:`~.star.read_star`) -> table (structured array ``(N,)``).
+
+    ``psize_A`` overrides or supplies the pixel size; ``box`` supplies
+    ``blob/shape`` when the file has no ``rlnImageSize`` (else 0 = unknown);
+    ``ctf_defaults`` supplies missing CTF columns by RELION label, e.g.
+    ``{"rlnAmplitudeContrast": 0.1}`` (missing ones are refused otherwise).
+    ``source`` (the file name) is used in error messages.
+    """
+    source = source or "STAR"
+    optics, particles, _ = particle_blocks(blocks, source)
+    table = _merged_table(optics, particles, source)
+    check_star_optics(table, source, allow_ignore_aberrations)
+    fields, used = _star_image_fields(table, source, psize_A=psize_A, sign=sign, box=box)
+    ctf, ctf_used = _star_ctf_fields(table, source, ctf_defaults)
+    cs_fields, schema = _cs_passthrough(blocks, table)
+    # shifts are in pixels of the alignment, whose size a .cs may record apart from the blob's
+    a3d_psize = cs_fields.get("alignments3D/psize_A", fields["blob/psize_A"]).astype(np.float64)
+    pose, pose_used = _star_pose_fields(table, a3d_psize)
+    classes, class_used = _star_class_fields(table, source)
+    fields = {**fields, **ctf, **pose, **classes}
+    used |= ctf_used | pose_used | class_used
+    fields.update(_star_passthrough_fields(table, optics, particles, used))
     fields.update(cs_fields)
     fields = _restore_schema(fields, schema)
-    return with_fields(np.empty(n, dtype=[("uid", "<u8")]), fields)
+    return with_fields(np.empty(len(table), dtype=[("uid", "<u8")]), fields)
 
 
 # ---------------------------------------------------------------- table -> STAR
@@ -471,17 +520,14 @@ def _passthrough_columns(arr, names) -> dict:
     return cols
 
 
-def cs_to_star(arr: np.ndarray, source=None, *, keep_cs_fields: bool = True) -> dict:
-    """Table -> RELION 3.1 STAR blocks ``{"optics", "particles"[, "hetero_dask_cs_fields"]}``.
+def _field_or(arr, name: str, default) -> np.ndarray:
+    """Field ``name`` of ``arr``, or ``default`` for every row when the table lacks it."""
+    return arr[name] if name in arr.dtype.names else np.full(len(arr), default)
 
-    Optics groups are the distinct (exp group, voltage, Cs, amplitude contrast,
-    pixel size, box, ``rlnOptics/*``) combinations; ``rlnOpticsGroup`` is
-    ``ctf/exp_group_id + 1`` whenever that is unambiguous. Fields RELION has no
-    label for go to ``cs/...`` columns when ``keep_cs_fields`` (lossless).
-    """
-    source = source or "table"
+
+def _require_star_fields(arr, source) -> None:
+    """Refuse a table without the fields every RELION particle STAR needs (images, CTF)."""
     names = arr.dtype.names
-    n = len(arr)
     if "blob/path" not in names:
         raise InputError(
             source,
@@ -505,26 +551,46 @@ def cs_to_star(arr: np.ndarray, source=None, *, keep_cs_fields: bool = True) -> 
             source, "missing CTF fields", field=missing[0], expected=", ".join(missing)
         )
 
-    def get(f, default):
-        return arr[f] if f in names else np.full(n, default)
 
-    # ---- optics groups
+def _relion_columns(arr, prefix: str) -> dict:
+    """``{label: values}`` of the pass-through fields ``<prefix><label>`` (bytes as str)."""
+    cols = {}
+    for f in arr.dtype.names:
+        if f.startswith(prefix):
+            v = arr[f]
+            cols[f.split("/", 1)[1]] = np.char.decode(v, "utf-8") if v.dtype.kind == "S" else v
+    return cols
+
+
+def _optics_keys(arr) -> pd.DataFrame:
+    """Per particle, the values that tell optics groups apart (exp group, voltage, Cs,
+    amplitude contrast, pixel size, box, ``rlnOptics/*``)."""
+    n = len(arr)
     opt = pd.DataFrame(
         {
-            "exp_group": np.asarray(get("ctf/exp_group_id", 0), dtype=np.int64),
+            "exp_group": np.asarray(_field_or(arr, "ctf/exp_group_id", 0), dtype=np.int64),
             "rlnVoltage": _f32_decimal(arr["ctf/accel_kv"]),
             "rlnSphericalAberration": _f32_decimal(arr["ctf/cs_mm"]),
             "rlnAmplitudeContrast": _f32_decimal(arr["ctf/amp_contrast"]),
-            "rlnImagePixelSize": _f32_decimal(get("blob/psize_A", 0.0)),
+            "rlnImagePixelSize": _f32_decimal(_field_or(arr, "blob/psize_A", 0.0)),
             "rlnImageSize": np.asarray(
-                arr["blob/shape"][:, -1] if "blob/shape" in names else np.zeros(n), dtype=np.int64
+                arr["blob/shape"][:, -1] if "blob/shape" in arr.dtype.names else np.zeros(n),
+                dtype=np.int64,
             ),
         }
     )
-    for f in names:
-        if f.startswith("rlnOptics/"):
-            v = arr[f]
-            opt[f.split("/", 1)[1]] = np.char.decode(v, "utf-8") if v.dtype.kind == "S" else v
+    for label, v in _relion_columns(arr, "rlnOptics/").items():
+        opt[label] = v
+    return opt
+
+
+def _optics_groups(opt: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, bool]:
+    """``(optics block, rlnOpticsGroup of each particle, by_group)`` from :func:`_optics_keys`.
+
+    ``by_group``: each exp group is one optics group, numbered
+    ``exp_group_id + 1``; otherwise the distinct combinations are numbered
+    from 1 in order of first appearance.
+    """
     combos = opt.drop_duplicates().reset_index(drop=True)
     by_group = combos["exp_group"].is_unique
     keys = list(opt.columns)
@@ -543,12 +609,15 @@ def cs_to_star(arr: np.ndarray, source=None, *, keep_cs_fields: bool = True) -> 
     else:
         optics["rlnImageDimensionality"] = optics.get("rlnImageDimensionality", 2)
     front = ["rlnOpticsGroup", "rlnOpticsGroupName"]
-    optics = optics[front + [c for c in optics.columns if c not in front]]
+    return optics[front + [c for c in optics.columns if c not in front]], group_of_row, by_group
 
-    # ---- particles
+
+def _image_ctf_columns(arr, group_of_row: np.ndarray) -> dict:
+    """``rlnImageName`` (1-based ``NNNNNN@stack``), ``rlnOpticsGroup`` and the per-particle
+    CTF columns (angles radians -> degrees)."""
     idx = np.asarray(arr["blob/idx"], dtype=np.int64) + 1
     paths = np.char.decode(arr["blob/path"], "utf-8")
-    part = {
+    return {
         "rlnImageName": pd.Series(idx.astype(str)).str.zfill(6).to_numpy(dtype=object)
         + "@"
         + paths.astype(object),
@@ -556,39 +625,69 @@ def cs_to_star(arr: np.ndarray, source=None, *, keep_cs_fields: bool = True) -> 
         "rlnDefocusU": _f32_decimal(arr["ctf/df1_A"]),
         "rlnDefocusV": _f32_decimal(arr["ctf/df2_A"]),
         "rlnDefocusAngle": np.rad2deg(np.asarray(arr["ctf/df_angle_rad"], np.float64)),
-        "rlnPhaseShift": np.rad2deg(np.asarray(get("ctf/phase_shift_rad", 0.0), np.float64)),
-        "rlnCtfBfactor": _f32_decimal(get("ctf/bfactor", 0.0)),
-        "rlnCtfScalefactor": _f32_decimal(get("ctf/scale", 1.0)),
+        "rlnPhaseShift": np.rad2deg(
+            np.asarray(_field_or(arr, "ctf/phase_shift_rad", 0.0), np.float64)
+        ),
+        "rlnCtfBfactor": _f32_decimal(_field_or(arr, "ctf/bfactor", 0.0)),
+        "rlnCtfScalefactor": _f32_decimal(_field_or(arr, "ctf/scale", 1.0)),
     }
-    skip = set(_MAPPED_CS)
+
+
+def _alignment_columns(arr) -> dict:
+    """Euler angles (degrees) and origins (A) from ``alignments3D/pose`` and ``shift``,
+    ``rlnRandomSubset`` and ``rlnClassNumber`` (1-based) from ``split`` and ``class``."""
+    names = arr.dtype.names
+    cols = {}
     if "alignments3D/pose" in names:
         rot, tilt, psi = pose_to_euler(np.asarray(arr["alignments3D/pose"], np.float64))
-        part.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
-        a3d_psize = np.asarray(get("alignments3D/psize_A", 0.0), np.float64)
-        if "blob/psize_A" in names and np.array_equal(a3d_psize, arr["blob/psize_A"]):
-            skip.add("alignments3D/psize_A")
+        cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
         if "alignments3D/shift" in names:
+            a3d_psize = np.asarray(_field_or(arr, "alignments3D/psize_A", 0.0), np.float64)
             shift = np.asarray(arr["alignments3D/shift"], np.float64)
-            part["rlnOriginXAngst"] = shift[:, 0] * a3d_psize
-            part["rlnOriginYAngst"] = shift[:, 1] * a3d_psize
-    else:
-        skip -= {"alignments3D/shift"}
+            cols["rlnOriginXAngst"] = shift[:, 0] * a3d_psize
+            cols["rlnOriginYAngst"] = shift[:, 1] * a3d_psize
     if "alignments3D/split" in names:
-        part["rlnRandomSubset"] = np.asarray(arr["alignments3D/split"], np.int64) + 1
+        cols["rlnRandomSubset"] = np.asarray(arr["alignments3D/split"], np.int64) + 1
     if "alignments3D/class" in names:
-        part["rlnClassNumber"] = np.asarray(arr["alignments3D/class"], np.int64) + 1
-    for f in names:
-        if f.startswith("rln/"):
-            v = arr[f]
-            part[f.split("/", 1)[1]] = np.char.decode(v, "utf-8") if v.dtype.kind == "S" else v
+        cols["rlnClassNumber"] = np.asarray(arr["alignments3D/class"], np.int64) + 1
+    return cols
+
+
+def _unlabelled_fields(arr, by_group: bool) -> list:
+    """The fields no RELION label carries in full, in table order: written as ``cs/`` columns."""
+    names = arr.dtype.names
+    skip = set(_MAPPED_CS)
+    if "alignments3D/pose" not in names:
+        skip.discard("alignments3D/shift")  # origins are written only with angles
+    else:
+        a3d_psize = np.asarray(_field_or(arr, "alignments3D/psize_A", 0.0), np.float64)
+        if "blob/psize_A" in names and np.array_equal(a3d_psize, arr["blob/psize_A"]):
+            skip.add("alignments3D/psize_A")  # rlnImagePixelSize carries it
     if not by_group:
-        skip.discard("ctf/exp_group_id")
-    rest = [f for f in names if f not in skip and not f.startswith(("rln/", "rlnOptics/"))]
-    blocks = {"optics": optics}
+        skip.discard("ctf/exp_group_id")  # rlnOpticsGroup does not number the exp groups
+    return [f for f in names if f not in skip and not f.startswith(("rln/", "rlnOptics/"))]
+
+
+def cs_to_star(arr: np.ndarray, source=None, *, keep_cs_fields: bool = True) -> dict:
+    """Table -> RELION 3.1 STAR blocks ``{"optics", "particles"[, "hetero_dask_cs_fields"]}``.
+
+    Optics groups are the distinct (exp group, voltage, Cs, amplitude contrast,
+    pixel size, box, ``rlnOptics/*``) combinations; ``rlnOpticsGroup`` is
+    ``ctf/exp_group_id + 1`` whenever that is unambiguous. Fields RELION has no
+    label for go to ``cs/...`` columns when ``keep_cs_fields`` (lossless).
+    """
+    _require_star_fields(arr, source or "table")
+    optics, group_of_row, by_group = _optics_groups(_optics_keys(arr))
+    part = {
+        **_image_ctf_columns(arr, group_of_row),
+        **_alignment_columns(arr),
+        **_relion_columns(arr, "rln/"),
+    }
     if keep_cs_fields:
-        part.update(_passthrough_columns(arr, rest))
+        part.update(_passthrough_columns(arr, _unlabelled_fields(arr, by_group)))
+    blocks = {"optics": optics, "particles": pd.DataFrame(part)}
+    if keep_cs_fields:
         blocks[CS_SCHEMA_BLOCK] = pd.DataFrame(
             _schema_rows(arr), columns=["hdField", "hdDtype", "hdShape"]
         )
-    blocks["particles"] = pd.DataFrame(part)
-    return {k: blocks[k] for k in ("optics", "particles", CS_SCHEMA_BLOCK) if k in blocks}
+    return blocks

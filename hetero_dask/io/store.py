@@ -397,6 +397,48 @@ def _partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def _create_image_arrays(
+    g: zarr.Group, n: int, box: int, crop_boxes: Sequence[int], chunk: int, shard: int,
+    image_dtype: str,
+) -> None:
+    """Empty image arrays (full box and crops), their shard files preallocated, and the
+    import's done markers."""
+    n_shards = -(-n // shard)
+    for b in [box, *crop_boxes]:
+        g.create_array(
+            "images" if b == box else f"images_{b}",
+            shape=(n, b, b),
+            dtype=image_dtype,
+            chunks=(chunk, b, b),
+            shards=(shard, b, b),
+            compressors=None,
+        )
+    for b in [box, *crop_boxes]:
+        files = _shard_files(g, "images" if b == box else f"images_{b}")
+        for s in range(n_shards):
+            files.create_shard(s)
+    # one marker per import block: a shard's worth of input rows in file order
+    g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+
+
+def _write_order_and_meta(g: zarr.Group, table: np.ndarray, specs, seed: int, shard: int) -> None:
+    """``original_index`` (the seeded permutation) and one ``meta/<field>`` array per field
+    of ``table``, in store order."""
+    n = len(table)
+    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    mrows = shard * max(1, _META_SHARD_ROWS // shard)
+    g.create_array("original_index", data=perm, chunks=(shard,), shards=(mrows,))
+    for name, dstr, shape in specs:
+        dt = np.dtype(dstr)
+        col = table[name][perm]
+        if dt.kind == "S":  # fixed-width bytes as uint8 (N, ..., width): a stable Zarr v3 type
+            col = np.ascontiguousarray(col).view(np.uint8).reshape((n, *shape, dt.itemsize))
+        else:
+            col = col.astype(dt.newbyteorder("="), copy=False)
+        tail = col.shape[1:]
+        g.create_array(f"meta/{name}", data=col, chunks=(shard, *tail), shards=(mrows, *tail))
+
+
 def _create_layout(
     path: Path,
     table: np.ndarray,
@@ -415,12 +457,10 @@ def _create_layout(
 ) -> zarr.Group:
     """Create the store (order, metadata columns; empty image arrays unless ``images`` is
     False, as for a view) at ``path``; not yet complete."""
-    n = len(table)
-    n_shards = -(-n // shard)
     specs = _field_specs(table.dtype)
     attrs = {
         "format_version": FORMAT_VERSION,
-        "n": n,
+        "n": len(table),
         "box": int(box),
         "psize_A": float(psize_A),
         "seed": int(seed),
@@ -438,35 +478,10 @@ def _create_layout(
         **(extra_attrs or {}),
     }
     g = zarr.open_group(str(path), mode="w", attributes={ATTR: attrs})
-    for b in [box, *crop_boxes] if images else []:
-        g.create_array(
-            "images" if b == box else f"images_{b}",
-            shape=(n, b, b),
-            dtype=image_dtype,
-            chunks=(chunk, b, b),
-            shards=(shard, b, b),
-            compressors=None,
-        )
     if images:
-        for b in [box, *crop_boxes]:
-            files = _shard_files(g, "images" if b == box else f"images_{b}")
-            for s in range(n_shards):
-                files.create_shard(s)
-        # one marker per import block: a shard's worth of input rows in file order
-        g.create_array("import_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
-    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
-    mrows = shard * max(1, _META_SHARD_ROWS // shard)
-    g.create_array("original_index", data=perm, chunks=(shard,), shards=(mrows,))
-    for name, dstr, shape in specs:
-        dt = np.dtype(dstr)
-        col = table[name][perm]
-        if dt.kind == "S":  # fixed-width bytes as uint8 (N, ..., width): a stable Zarr v3 type
-            col = np.ascontiguousarray(col).view(np.uint8).reshape((n, *shape, dt.itemsize))
-        else:
-            col = col.astype(dt.newbyteorder("="), copy=False)
-        tail = col.shape[1:]
-        g.create_array(f"meta/{name}", data=col, chunks=(shard, *tail), shards=(mrows, *tail))
-    attrs["meta_written"] = True
+        _create_image_arrays(g, len(table), box, crop_boxes, chunk, shard, image_dtype)
+    _write_order_and_meta(g, table, specs, seed, shard)
+    attrs["meta_written"] = True  # written last: a resumed import trusts the columns from here on
     g.attrs[ATTR] = attrs
     return g
 
@@ -561,8 +576,6 @@ def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, prog
     """Run the import blocks as engine tasks on ``client`` (at most 2 per worker thread
     unfinished), or in threads of this process (one per core: reading, copying and writing
     release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from tqdm.auto import tqdm
 
     g = zarr.open_group(str(path), mode="r")
@@ -579,50 +592,119 @@ def _run_blocks(path: Path, todo: list[int], particles, crop_boxes, client, prog
                disable=None if progress is None else not progress)
     try:
         if client is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-
-            def task(blk):  # a block's inputs are cut when it starts: memory stays one block
-                return _block_task(str(path), blk, *inputs(blk), crop_boxes)
-
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                try:
-                    for _ in pool.map(task, todo):  # raises a task's error here
-                        bar.update(1)
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)
-                    raise
-            return
-        from hetero_dask.runtime.engine import map_items
-
-        from .particles import ParticleSet
-
-        # A ParticleSet is cut per block (each task carries only its rows); other sources are
-        # shared, sent to every worker once.
-        cut = isinstance(particles, ParticleSet)
-
-        def items():  # a block's inputs are cut when its task is submitted: memory is a window
-            for blk in todo:
-                own, *rows = inputs(blk)
-                yield blk, own if cut else None, *rows
-
-        map_items(
-            client,
-            functools.partial(_block_item, path=str(path), crop_boxes=list(crop_boxes)),
-            items(),
-            shared=None if cut else particles,
-            key_prefix="import",
-            # tasks write files: keys of this call only, never a result kept from another import
-            token=uuid.uuid4().hex,
-            window=2 * max(1, sum(client.nthreads().values())),
-            on_done=lambda _: bar.update(1),
-        )
+            _run_blocks_in_threads(path, todo, inputs, crop_boxes, bar)
+        else:
+            _run_blocks_on_cluster(path, todo, inputs, particles, crop_boxes, client, bar)
     finally:
         bar.close()
+
+
+def _run_blocks_in_threads(path: Path, todo: list[int], inputs, crop_boxes, bar) -> None:
+    """Run blocks ``todo`` in threads of this process, one per core; ``inputs(block)`` gives
+    a block's ``_block_task`` arguments. The first task error is raised, the rest cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+    def task(blk):  # a block's inputs are cut when it starts: memory stays one block
+        return _block_task(str(path), blk, *inputs(blk), crop_boxes)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        try:
+            for _ in pool.map(task, todo):  # raises a task's error here
+                bar.update(1)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _run_blocks_on_cluster(
+    path: Path, todo: list[int], inputs, particles, crop_boxes, client, bar
+) -> None:
+    """Run blocks ``todo`` as engine tasks on ``client``, at most 2 per worker thread
+    unfinished; ``inputs(block)`` gives a block's ``_block_task`` arguments."""
+    from hetero_dask.runtime.engine import map_items
+
+    from .particles import ParticleSet
+
+    # A ParticleSet is cut per block (each task carries only its rows); other sources are
+    # shared, sent to every worker once.
+    cut = isinstance(particles, ParticleSet)
+
+    def items():  # a block's inputs are cut when its task is submitted: memory is a window
+        for blk in todo:
+            own, *rows = inputs(blk)
+            yield blk, own if cut else None, *rows
+
+    map_items(
+        client,
+        functools.partial(_block_item, path=str(path), crop_boxes=list(crop_boxes)),
+        items(),
+        shared=None if cut else particles,
+        key_prefix="import",
+        # tasks write files: keys of this call only, never a result kept from another import
+        token=uuid.uuid4().hex,
+        window=2 * max(1, sum(client.nthreads().values())),
+        on_done=lambda _: bar.update(1),
+    )
 
 
 def _matches(path: Path, expected: dict) -> bool:
     a = zarr.open_group(str(path), mode="r").attrs[ATTR]
     return all(a.get(k) == v for k, v in expected.items())
+
+
+def _import_source(source, stack_dir) -> tuple:
+    """``(particles, source_files)`` of a ``.cs``/``.star`` path (loaded, stacks resolved
+    with ``stack_dir``) or of a ParticleSet (its ``source``, if any, recorded)."""
+    if isinstance(source, (str, os.PathLike)):
+        from .particles import load_particles
+
+        particles = load_particles(source, stack_dir=stack_dir)
+        return particles, [str(Path(source).resolve())]
+    src = getattr(source, "source", None)
+    return source, [str(src)] if src else []
+
+
+def _checked_crop_boxes(crop_boxes: Sequence[int], box: int) -> list[int]:
+    """The distinct crop boxes other than ``box``, sorted; refuses one outside ``[2, box)``."""
+    crop_boxes = sorted({int(b) for b in crop_boxes} - {int(box)})
+    for b in crop_boxes:
+        if not 2 <= b < box:
+            raise ValueError(
+                f"crop box {b} must be between 2 and the particle box {box} (exclusive)"
+            )
+    return crop_boxes
+
+
+def _partial_store(partial: Path, expected: dict, particles, seed, sources, extra_attrs):
+    """The store to import into at ``partial``: the one an interrupted import of the same
+    input (``expected`` attributes) left there, its done blocks kept, else a new layout
+    replacing whatever is there."""
+    g = None
+    if is_store(partial) and _matches(partial, {**expected, "meta_written": True}):
+        g = zarr.open_group(str(partial), mode="r+")
+    if g is not None and g.attrs[ATTR].get("import_unit") != _IMPORT_UNIT:
+        g = None  # its done markers mean something else
+    if g is not None:
+        return g
+    if partial.exists():
+        shutil.rmtree(partial)
+    return _create_layout(
+        partial,
+        particles.table,
+        particles.box,
+        particles.psize_A,
+        seed,
+        sources,
+        expected["fingerprint"],
+        expected["crop_boxes"],
+        expected["chunk_rows"],
+        expected["shard_rows"],
+        expected["image_key"],
+        extra_attrs=extra_attrs,
+        image_dtype=expected["image_dtype"],
+    )
 
 
 def import_particles(
@@ -655,29 +737,14 @@ def import_particles(
     """
     image_dtype = check_image_dtype(image_dtype)
     out = Path(out_path)
-    if isinstance(source, (str, os.PathLike)):
-        from .particles import load_particles
-
-        particles = load_particles(source, stack_dir=stack_dir)
-        sources = [str(Path(source).resolve())]
-    else:
-        particles = source
-        src = getattr(particles, "source", None)
-        sources = [str(src)] if src else []
-    crop_boxes = sorted({int(b) for b in crop_boxes} - {int(particles.box)})
-    for b in crop_boxes:
-        if not 2 <= b < particles.box:
-            raise ValueError(
-                f"crop box {b} must be between 2 and the particle box {particles.box} (exclusive)"
-            )
+    particles, sources = _import_source(source, stack_dir)
+    crop_boxes = _checked_crop_boxes(crop_boxes, particles.box)
     if out.exists() and not is_store(out):
         raise ValueError(
             f"{out} exists and is not a hetero_dask particle store; choose another --out"
         )
-    table = particles.table
-    fp = fingerprint(table, particles.box, particles.psize_A)
-    partial = _partial_path(out)
-    chunk_rows, shard_rows = store_layout(len(table), particles.box, chunk_mb, shard_mb)
+    fp = fingerprint(particles.table, particles.box, particles.psize_A)
+    chunk_rows, shard_rows = store_layout(len(particles.table), particles.box, chunk_mb, shard_mb)
     expected = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -690,29 +757,8 @@ def import_particles(
     }
     if is_store(out) and _matches(out, {**expected, "complete": True}):
         return ParticleStore.open(out)  # already imported from the same input
-    g = None
-    if is_store(partial) and _matches(partial, {**expected, "meta_written": True}):
-        g = zarr.open_group(str(partial), mode="r+")
-    if g is not None and g.attrs[ATTR].get("import_unit") != _IMPORT_UNIT:
-        g = None  # its done markers mean something else
-    if g is None:
-        if partial.exists():
-            shutil.rmtree(partial)
-        g = _create_layout(
-            partial,
-            table,
-            particles.box,
-            particles.psize_A,
-            seed,
-            sources,
-            fp,
-            crop_boxes,
-            chunk_rows,
-            shard_rows,
-            image_key,
-            extra_attrs=extra_attrs,
-            image_dtype=image_dtype,
-        )
+    partial = _partial_path(out)
+    g = _partial_store(partial, expected, particles, seed, sources, extra_attrs)
     todo = [int(s) for s in np.flatnonzero(g["import_done"][:] == 0)]
     _run_blocks(partial, todo, particles, crop_boxes, client, progress)
     if not (g["import_done"][:] == 1).all():
