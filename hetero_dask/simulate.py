@@ -73,6 +73,13 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
     return Rotation.random(n, random_state=rng).as_rotvec()
 
 
+def random_shifts_px(n: int, range_px: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` shifts ``(n, 2)`` float64 (x, y) in pixels, uniform in the disc ``|s| <= range_px``."""
+    r = range_px * np.sqrt(rng.uniform(0, 1, n))
+    phi = rng.uniform(0, 2 * np.pi, n)
+    return np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
+
+
 def disc_variance(images: np.ndarray, radius_px: float) -> np.ndarray:
     """Variance ``(N,)`` of each image ``(N, n, n)`` over the pixels within ``radius_px`` of the centre."""
     n = images.shape[-1]
@@ -128,44 +135,21 @@ def simulate(
     random order (classes mixed). ``snr = inf`` gives noise-free images.
     Deterministic for a given ``seed``.
     """
-    volumes = np.asarray(volumes, dtype=np.float32)
-    if volumes.ndim != 4 or volumes.shape[1:] != (volumes.shape[-1],) * 3:
-        raise ValueError(f"volumes must be (K, n, n, n), got shape {volumes.shape}")
-    K, n = volumes.shape[0], volumes.shape[-1]
-    counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (K,))
-    if (counts < 0).any():
-        raise ValueError(f"n_per_class must be >= 0, got {n_per_class}")
-    if not snr > 0:
-        raise ValueError(f"snr must be > 0 (inf for no noise), got {snr}")
+    volumes, counts = _checked_inputs(volumes, n_per_class, snr)
+    # One generator, drawn in a fixed order (classes, poses, shifts, CTF, noise): the order
+    # is part of what a seed means.
     rng = np.random.default_rng(seed)
-    classes = rng.permutation(np.repeat(np.arange(K), counts))
+    classes = rng.permutation(np.repeat(np.arange(volumes.shape[0]), counts))
     N = classes.size
     poses = random_rotations(N, rng)
-    r = shift_range_px * np.sqrt(rng.uniform(0, 1, N))
-    phi = rng.uniform(0, 2 * np.pi, N)
-    shifts_px = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1).astype(np.float32)
-    df1 = rng.uniform(*defocus_range_A, N).astype(np.float32)
-    ctf = CTFParams(
-        df1_A=df1,
-        df2_A=(df1 - rng.uniform(0, astigmatism_A, N)).astype(np.float32),
-        df_angle_rad=rng.uniform(0, np.pi, N).astype(np.float32),
-        accel_kv=np.full(N, accel_kv, np.float32),
-        cs_mm=np.full(N, cs_mm, np.float32),
-        amp_contrast=np.full(N, amp_contrast, np.float32),
-        phase_shift_rad=np.zeros(N, np.float32),
-        bfactor=np.full(N, bfactor, np.float32),
-        scale=np.ones(N, np.float32),
-    )
+    shifts_px = random_shifts_px(N, shift_range_px, rng).astype(np.float32)
+    ctf = _random_ctf(N, rng, defocus_range_A, astigmatism_A, accel_kv, cs_mm, amp_contrast, bfactor)
     clean = render_clean(volumes, psize_A, classes, poses, shifts_px, ctf)
+    n = volumes.shape[-1]
     radius = n / 2 if disc_radius_px is None else float(disc_radius_px)
-    if np.isinf(snr) or N == 0:
-        sigma = 0.0
-    else:
-        sigma = float(np.sqrt(disc_variance(clean, radius).mean() / snr))
+    sigma = _noise_sigma(clean, snr, radius)
     images = clean.copy() if keep_clean else clean
-    for b0 in range(0, N, 1024):  # bounded float64 temporaries
-        blk = images[b0 : b0 + 1024]
-        blk += rng.normal(0.0, sigma, blk.shape).astype(np.float32) if sigma > 0 else 0
+    _add_white_noise(images, sigma, rng)
     return SimulatedParticles(
         images=images,
         classes=classes,
@@ -177,6 +161,59 @@ def simulate(
         noise_sigma=sigma,
         clean=clean if keep_clean else None,
     )
+
+
+def _checked_inputs(volumes, n_per_class, snr: float) -> tuple[np.ndarray, np.ndarray]:
+    """``volumes`` as float32 ``(K, n, n, n)`` and the particle count ``(K,)`` of each class."""
+    volumes = np.asarray(volumes, dtype=np.float32)
+    if volumes.ndim != 4 or volumes.shape[1:] != (volumes.shape[-1],) * 3:
+        raise ValueError(f"volumes must be (K, n, n, n), got shape {volumes.shape}")
+    counts = np.broadcast_to(np.asarray(n_per_class, dtype=np.int64), (volumes.shape[0],))
+    if (counts < 0).any():
+        raise ValueError(f"n_per_class must be >= 0, got {n_per_class}")
+    if not snr > 0:
+        raise ValueError(f"snr must be > 0 (inf for no noise), got {snr}")
+    return volumes, counts
+
+
+def _random_ctf(
+    N: int,
+    rng: np.random.Generator,
+    defocus_range_A: tuple[float, float],
+    astigmatism_A: float,
+    accel_kv: float,
+    cs_mm: float,
+    amp_contrast: float,
+    bfactor: float,
+) -> CTFParams:
+    """``N`` CTFs: ``df1`` uniform in ``defocus_range_A``, ``df2 = df1 - a`` with ``a`` uniform
+    in ``[0, astigmatism_A]``, angle uniform in ``[0, pi)``; the optics the same for all."""
+    df1 = rng.uniform(*defocus_range_A, N).astype(np.float32)
+    return CTFParams(
+        df1_A=df1,
+        df2_A=(df1 - rng.uniform(0, astigmatism_A, N)).astype(np.float32),
+        df_angle_rad=rng.uniform(0, np.pi, N).astype(np.float32),
+        accel_kv=np.full(N, accel_kv, np.float32),
+        cs_mm=np.full(N, cs_mm, np.float32),
+        amp_contrast=np.full(N, amp_contrast, np.float32),
+        phase_shift_rad=np.zeros(N, np.float32),
+        bfactor=np.full(N, bfactor, np.float32),
+        scale=np.ones(N, np.float32),
+    )
+
+
+def _noise_sigma(clean: np.ndarray, snr: float, radius_px: float) -> float:
+    """Noise standard deviation that gives ``clean`` ``(N, n, n)`` the ``snr`` of the module docstring."""
+    if np.isinf(snr) or len(clean) == 0:
+        return 0.0
+    return float(np.sqrt(disc_variance(clean, radius_px).mean() / snr))
+
+
+def _add_white_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> None:
+    """Add white Gaussian noise of standard deviation ``sigma`` to ``images`` in place."""
+    for b0 in range(0, len(images), 1024):  # bounded float64 temporaries
+        blk = images[b0 : b0 + 1024]
+        blk += rng.normal(0.0, sigma, blk.shape).astype(np.float32) if sigma > 0 else 0
 
 
 def simulation_table(
@@ -192,13 +229,27 @@ def simulation_table(
     ``alignments_class_{k}/*`` slot carries the true pose and shift and a
     one-hot ``class_posterior`` (input for reconstruction-only jobs).
     """
-    from .io.cs import empty_table, slot_fields, with_fields
+    from .io.cs import empty_table, with_fields
 
-    N, n = sim.n, sim.box
+    N = sim.n
     rng = np.random.default_rng([seed, 1])
     split = (rng.permutation(N) % 2).astype(np.uint32)
+    cols = _blob_and_ctf_columns(sim, stack_name)
+    cols.update(_true_slot(sim, "alignments3D/", sim.classes, 1.0, split))
+    K = int(sim.classes.max()) + 1 if N else 0
+    if class_slots and K > 1:
+        for k in range(K):
+            cols.update(_true_slot(sim, f"alignments_class_{k}/", k, sim.classes == k, split))
+    table = with_fields(empty_table(N), cols)
+    table["uid"] = rng.integers(1, np.iinfo(np.int64).max, N, dtype=np.int64).astype(np.uint64)
+    return table
+
+
+def _blob_and_ctf_columns(sim: SimulatedParticles, stack_name: str) -> dict:
+    """The ``blob/*`` and ``ctf/*`` columns of :func:`simulation_table`."""
+    N, n = sim.n, sim.box
     c = sim.ctf
-    cols = {
+    return {
         "blob/path": np.full(N, stack_name.encode()),
         "blob/idx": np.arange(N, dtype=np.uint32),
         "blob/shape": np.broadcast_to(np.array([n, n], np.uint32), (N, 2)),
@@ -216,36 +267,22 @@ def simulation_table(
         "ctf/scale": c.scale.astype(np.float32),
         "ctf/bfactor": c.bfactor.astype(np.float32),
     }
-    cols.update(
-        slot_fields(
-            "alignments3D/",
-            N,
-            pose=sim.poses,
-            shift=sim.shifts_px,
-            psize_A=sim.psize_A,
-            class_=sim.classes,
-            split=split,
-            class_posterior=1.0,
-        )
+
+
+def _true_slot(sim: SimulatedParticles, prefix: str, class_, class_posterior, split) -> dict:
+    """Columns of one alignment slot ``prefix`` holding the true pose and shift of every particle."""
+    from .io.cs import slot_fields
+
+    return slot_fields(
+        prefix,
+        sim.n,
+        pose=sim.poses,
+        shift=sim.shifts_px,
+        psize_A=sim.psize_A,
+        class_=class_,
+        split=split,
+        class_posterior=class_posterior,
     )
-    K = int(sim.classes.max()) + 1 if N else 0
-    if class_slots and K > 1:
-        for k in range(K):
-            cols.update(
-                slot_fields(
-                    f"alignments_class_{k}/",
-                    N,
-                    pose=sim.poses,
-                    shift=sim.shifts_px,
-                    psize_A=sim.psize_A,
-                    class_=k,
-                    split=split,
-                    class_posterior=(sim.classes == k),
-                )
-            )
-    table = with_fields(empty_table(N), cols)
-    table["uid"] = rng.integers(1, np.iinfo(np.int64).max, N, dtype=np.int64).astype(np.uint64)
-    return table
 
 
 def write_simulation(

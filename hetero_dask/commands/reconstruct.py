@@ -15,7 +15,17 @@ from hetero_dask.runtime.cluster import add_cluster_arguments, cluster_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ReconstructParams()
+    # The order of the calls is the order of the options in --help.
+    _add_input_output_arguments(parser)
+    _add_reconstruction_arguments(parser, ReconstructParams())
+    _add_image_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_store_arguments(parser)
+    add_cluster_arguments(parser)
+
+
+def _add_input_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The particles, the output folder and how the classes are read from the particles."""
     parser.add_argument(
         "--particles",
         required=True,
@@ -32,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hard", action="store_true", help="force hard classification (argmax of the posteriors)"
     )
+
+
+def _add_reconstruction_arguments(parser: argparse.ArgumentParser, d: ReconstructParams) -> None:
+    """Symmetry, box, mask and half-set split of the reconstructions."""
     parser.add_argument(
         "--symmetry",
         default=d.symmetry,
@@ -60,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw random half-sets (reproducible with --seed) even if the input has a split",
     )
     parser.add_argument("--seed", type=int, default=d.random_seed, help="random seed (default 0)")
+
+
+def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the particle images are and how their contrast is taken."""
     parser.add_argument(
         "--stack-dir",
         default=None,
@@ -75,9 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not refuse particles whose contrast looks inverted (e.g. particles not centred)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    add_store_arguments(parser)
-    add_cluster_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -25,7 +25,18 @@ def _index_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = RegroupParams(num_superclasses=1)
+    # The order of the calls is the order of the options in --help.
+    defaults = RegroupParams(num_superclasses=1)
+    _add_required_arguments(parser)
+    _add_class_selection_arguments(parser, defaults)
+    _add_alignment_arguments(parser)
+    _add_comparison_arguments(parser, defaults)
+    _add_clustering_arguments(parser, defaults)
+    add_cluster_arguments(parser)
+
+
+def _add_required_arguments(parser: argparse.ArgumentParser) -> None:
+    """The particles, the class volumes, the number of superclasses and the output folder."""
     parser.add_argument(
         "--particles",
         required=True,
@@ -45,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="number of superclasses, 1 <= M <= included classes - 1",
     )
     parser.add_argument("--out", required=True, help="output folder")
+
+
+def _add_class_selection_arguments(parser: argparse.ArgumentParser, d: RegroupParams) -> None:
+    """Which classes take part in the clustering."""
     parser.add_argument(
         "--min-class-size",
         type=int,
@@ -58,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(),
         help="comma-separated zero-based classes to leave out, e.g. 0,3",
     )
+
+
+def _add_alignment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Pairwise alignment and masking of the volumes before they are compared."""
     parser.add_argument(
         "--align-pairs",
         action="store_true",
@@ -81,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mask", default=None, help="mask .mrc at the volumes' box (overrides --mask-radius)"
     )
+
+
+def _add_comparison_arguments(parser: argparse.ArgumentParser, d: RegroupParams) -> None:
+    """The box, resolution and voxel size at which the volumes are compared."""
     parser.add_argument(
         "--crop-box",
         type=int,
@@ -101,6 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A",
         help="voxel size of the volumes when their headers say 0",
     )
+
+
+def _add_clustering_arguments(parser: argparse.ArgumentParser, d: RegroupParams) -> None:
+    """How the classes are clustered, and the names of the output particle files."""
     parser.add_argument(
         "--count-classes-once",
         action="store_true",
@@ -109,7 +136,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=d.random_seed, help="k-means seed")
     parser.add_argument("--prefix", default="", help="prefix of the output particle file names")
-    add_cluster_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:

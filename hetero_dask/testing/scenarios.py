@@ -189,11 +189,54 @@ def build(scenario: Scenario, seed: int, folder: Path | str, reuse: bool = True)
     if reuse and done.exists():
         return load(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sc, n = scenario, scenario.box
+    sc = scenario
     rng = np.random.default_rng(seed)
-    maps = [density_map(s.model, n, sc.psize_A, sc.blur_B, s.drop_residues) for s in sc.states]
+    maps = [density_map(s.model, sc.box, sc.psize_A, sc.blur_B, s.drop_residues) for s in sc.states]
     truth_maps = [write_map(folder / f"truth_{i}.mrc", m, sc.psize_A) for i, m in enumerate(maps)]
+    draws = _draw_particles(sc, rng)
+    # The noise-free stack is not kept in a name here, so that it is freed once the noisy one exists.
+    images, psd = _noisy_images(sc, _project_states(folder / "projection", sc, truth_maps, draws),
+                                draws.noise_image, rng)
+    _write_particles(folder, sc, images, draws)
+    _write_references(folder, sc, maps)
+    np.savez(folder / "truth.npz", labels=draws.labels, noise_image=draws.noise_image,
+             euler_deg=draws.euler_deg, shifts_px=draws.shifts_px, noise_psd=_shell_mean(psd))
+    done.write_text(json.dumps({"scenario": _scenario_dict(sc), "seed": seed}, indent=1))
+    return load(folder)
 
+
+@dataclass(frozen=True)
+class _Draws:
+    """The random part of a set, in particle order: ``labels`` ``(N,)`` (as in :class:`Dataset`),
+    ``noise_image`` ``(N,)`` bool, ``euler_deg`` ``(N, 3)`` RELION rot, tilt, psi, ``shifts_px``
+    ``(N, 2)`` and ``defocus`` ``(N, 3)`` (defocus U, V in A, angle in degrees)."""
+
+    labels: np.ndarray
+    noise_image: np.ndarray
+    euler_deg: np.ndarray
+    shifts_px: np.ndarray
+    defocus: np.ndarray
+
+
+def _draw_particles(sc: Scenario, rng: np.random.Generator) -> _Draws:
+    """States in a random order, then poses, shifts and defocus: the order of the draws is part
+    of what a seed means, and the noise is drawn from ``rng`` after them."""
+    from hetero_dask.simulate import random_shifts_px  # noqa: PLC0415
+
+    N = sc.n_particles
+    labels, noise_image = _shuffled_labels(sc, rng)
+    # Uniform poses: RELION ZYZ Euler angles with cos(tilt) uniform.
+    euler = np.stack([rng.uniform(0, 360, N), np.degrees(np.arccos(rng.uniform(-1, 1, N))),
+                      rng.uniform(0, 360, N)], axis=1)
+    shifts = random_shifts_px(N, sc.shift_range_px, rng)
+    dfu = rng.uniform(*sc.defocus_range_um, N) * 1e4
+    defocus = np.stack([dfu, dfu - rng.uniform(0, sc.astigmatism_A, N), rng.uniform(0, 180, N)], axis=1)
+    return _Draws(labels, noise_image, euler, shifts, defocus)
+
+
+def _shuffled_labels(sc: Scenario, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's label (as in :class:`Dataset`) and whether it is a pure-noise image, in a
+    random order; the states' counts follow their fractions, the largest state takes the rounding."""
     N = sc.n_particles
     n_noise = int(round(sc.noise_images * N))
     fractions = np.array([s.fraction for s in sc.states], dtype=np.float64)
@@ -204,59 +247,69 @@ def build(scenario: Scenario, seed: int, folder: Path | str, reuse: bool = True)
                              np.full(n_noise, -1 if junk is None else junk)])
     noise_image = np.r_[np.zeros(N - n_noise, bool), np.ones(n_noise, bool)]
     order = rng.permutation(N)
-    labels, noise_image = labels[order], noise_image[order]
+    return labels[order], noise_image[order]
 
-    # Uniform poses: RELION ZYZ Euler angles with cos(tilt) uniform.
-    euler = np.stack([rng.uniform(0, 360, N), np.degrees(np.arccos(rng.uniform(-1, 1, N))),
-                      rng.uniform(0, 360, N)], axis=1)
-    r = sc.shift_range_px * np.sqrt(rng.uniform(0, 1, N))
-    phi = rng.uniform(0, 2 * np.pi, N)
-    shifts = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
-    dfu = rng.uniform(*sc.defocus_range_um, N) * 1e4
-    defocus = np.stack([dfu, dfu - rng.uniform(0, sc.astigmatism_A, N), rng.uniform(0, 180, N)], axis=1)
-    names = [f"{i + 1:06d}@particles.mrcs" for i in range(N)]
-    optics = dict(voltage_kv=sc.voltage_kv, cs_mm=sc.cs_mm, amp_contrast=sc.amp_contrast)
 
-    clean = np.zeros((N, n, n), np.float32)
-    proj = folder / "projection"
+def _optics(sc: Scenario) -> dict:
+    """The scenario's optics as keyword arguments of :func:`write_relion_star`."""
+    return dict(voltage_kv=sc.voltage_kv, cs_mm=sc.cs_mm, amp_contrast=sc.amp_contrast)
+
+
+def _project_states(proj: Path, sc: Scenario, truth_maps: list[Path], draws: _Draws) -> np.ndarray:
+    """Noise-free images ``(N, box, box)`` with CTF: each state's particles projected from its
+    true map by ``relion_project --ctf`` in ``proj``; pure-noise images stay zero."""
+    n = sc.box
+    clean = np.zeros((sc.n_particles, n, n), np.float32)
     proj.mkdir(exist_ok=True)
     for i in range(len(sc.states)):
-        idx = np.flatnonzero((labels == i) & ~noise_image)
+        idx = np.flatnonzero((draws.labels == i) & ~draws.noise_image)
         if idx.size == 0:
             continue
-        star = write_relion_star(proj / f"state_{i}.star", euler[idx], shifts[idx] * sc.psize_A, sc.psize_A, n,
-                                 defocus[idx], **optics)
+        star = write_relion_star(proj / f"state_{i}.star", draws.euler_deg[idx], draws.shifts_px[idx] * sc.psize_A,
+                                 sc.psize_A, n, draws.defocus[idx], **_optics(sc))
         run(["relion_project", "--i", str(truth_maps[i]), "--o", str(proj / f"state_{i}"), "--ang", str(star),
              "--angpix", str(sc.psize_A), "--ctf"], cwd=proj)
         clean[idx] = read_mrc(proj / f"state_{i}.mrcs")
+    return clean
 
+
+def _noisy_images(sc: Scenario, clean: np.ndarray, noise_image: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``clean`` plus noise at the scenario's SNR (module docstring), normalised to noise standard
+    deviation 1; returns the images and the 2D noise spectrum ``(box, box)``."""
     from hetero_dask.simulate import disc_variance  # noqa: PLC0415
 
+    n = sc.box
     signal = disc_variance(clean[~noise_image], min(n / 2, sc.particle_diameter_A / (2 * sc.psize_A))).mean()
     sigma = float(np.sqrt(signal / sc.snr))
     psd = noise_psd_2d(n, sc.noise)
-    images = _add_noise(clean, sigma, psd, rng)
-    del clean
+    return _add_noise(clean, sigma, psd, rng), psd
+
+
+def _write_particles(folder: Path, sc: Scenario, images: np.ndarray, draws: _Draws) -> None:
+    """The stack, its STAR file without poses (what a refinement gets) and the truth STAR file."""
+    N, n = len(images), sc.box
     with mrcfile.new(folder / "particles.mrcs", images, overwrite=True) as m:
         m.voxel_size = sc.psize_A
         m.set_image_stack()
-    write_relion_star(folder / "particles.star", np.zeros((N, 3)), np.zeros((N, 2)), sc.psize_A, n, defocus,
-                      image_names=names, **optics)
+    names = [f"{i + 1:06d}@particles.mrcs" for i in range(N)]
+    write_relion_star(folder / "particles.star", np.zeros((N, 3)), np.zeros((N, 2)), sc.psize_A, n,
+                      draws.defocus, image_names=names, **_optics(sc))
     _drop_pose_columns(folder / "particles.star")
-    write_relion_star(folder / "truth.star", euler, shifts * sc.psize_A, sc.psize_A, n, defocus,
-                      image_names=names, extra_columns={"rlnClassNumber": labels + 1}, **optics)
+    write_relion_star(folder / "truth.star", draws.euler_deg, draws.shifts_px * sc.psize_A, sc.psize_A, n,
+                      draws.defocus, image_names=names, extra_columns={"rlnClassNumber": draws.labels + 1},
+                      **_optics(sc))
 
-    refs = _references(sc, maps)
-    ref_paths = [write_map(folder / f"reference_{k}.mrc", v, sc.psize_A) for k, v in enumerate(refs)]
+
+def _write_references(folder: Path, sc: Scenario, maps: list[np.ndarray]) -> None:
+    """The starting references ``reference_{k}.mrc`` and ``references.star`` that lists them."""
     import pandas as pd  # noqa: PLC0415
     import starfile  # noqa: PLC0415
 
+    refs = _references(sc, maps)
+    ref_paths = [write_map(folder / f"reference_{k}.mrc", v, sc.psize_A) for k, v in enumerate(refs)]
     starfile.write({"": pd.DataFrame({"rlnReferenceImage": [p.name for p in ref_paths]})},
                    folder / "references.star", overwrite=True)
-    np.savez(folder / "truth.npz", labels=labels, noise_image=noise_image, euler_deg=euler, shifts_px=shifts,
-             noise_psd=_shell_mean(psd))
-    done.write_text(json.dumps({"scenario": _scenario_dict(sc), "seed": seed}, indent=1))
-    return load(folder)
 
 
 def _scenario_dict(sc: Scenario) -> dict:
@@ -437,18 +490,32 @@ def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, ma
     the true state fractions as priors. Not a bound: a refinement could in principle
     beat it (its maps hold only half the particles), but a refinement that learns its maps
     from unknown poses rarely does. ``max_particles``: score a random subset."""
-    from hetero_dask.core.ctf import CTFParams  # noqa: PLC0415
-    from hetero_dask.core.fourier import fftnc  # noqa: PLC0415
     from hetero_dask.core.fsc import resolution_radius  # noqa: PLC0415
-    from hetero_dask.core.projector import prepare_fourier_map  # noqa: PLC0415
-    from hetero_dask.core.scoring import alignment_band, prepare_particles  # noqa: PLC0415
-    from hetero_dask.core.search import SearchParams, estep  # noqa: PLC0415
 
     sc, n = data.scenario, data.scenario.box
     maps, curves = oracle_maps(data, workdir)
     # One band for all states, to where the best-resolved one has signal; each map is Wiener-
     # filtered by its own FSC, so a poorly resolved state contributes nothing beyond its resolution.
     r = min(n / 2 - 1, max(resolution_radius(c) for c in curves))
+    filtered = _wiener_filtered(maps, curves, n)
+    parts, images = _truth_particles(data)
+    idx = np.arange(len(images))
+    if max_particles is not None and max_particles < len(idx):
+        idx = np.sort(np.random.default_rng([data.seed, 11]).choice(idx, max_particles, replace=False))
+    pred, post = _estep_against_other_half(data, parts, images, idx, filtered, r, order_final)
+    truth = data.labels[idx]
+    mapping = np.arange(sc.n_classes)
+    sub = Dataset(**{**data.__dict__, "labels": truth, "noise_image": data.noise_image[idx]})
+    return {"accuracy": float(np.mean(pred[idx] == truth)), "junk_recall": junk_recall(pred[idx], sub, mapping),
+            "calibration": calibration(post[idx], sub, mapping), "resolution_radius": float(r),
+            "n_scored": int(len(idx)), "fsc": curves.tolist()}
+
+
+def _wiener_filtered(maps: np.ndarray, curves: np.ndarray, n: int) -> list[list[np.ndarray]]:
+    """Each state's half maps ``maps`` ``(S, 2, n, n, n)`` weighted shell by shell by the state's
+    FSC ``curves`` ``(S, shells)``, clipped to [0, 1] and zero beyond the curve."""
+    from hetero_dask.core.fourier import fftnc  # noqa: PLC0415
+
     shell = np.rint(np.linalg.norm(np.indices((n,) * 3) - n // 2, axis=0)).astype(int)
     filtered = []
     for s in range(len(maps)):
@@ -456,15 +523,29 @@ def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, ma
         w = np.r_[w, np.zeros(max(0, shell.max() + 1 - len(w)))][shell]
         filtered.append([np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(fftnc(m) * w))).real.astype(np.float32)
                          for m in maps[s]])
-    import mrcfile  # noqa: PLC0415
+    return filtered
+
+
+def _truth_particles(data: Dataset):
+    """The truth STAR file's particle table and the images ``(N, box, box)`` float32."""
     import starfile  # noqa: PLC0415
 
     parts = starfile.read(data.truth_star, always_dict=True)["particles"]
     with mrcfile.mmap(data.folder / "particles.mrcs", permissive=True) as m:
         images = np.asarray(m.data, np.float32)
-    idx = np.arange(len(images))
-    if max_particles is not None and max_particles < len(idx):
-        idx = np.sort(np.random.default_rng([data.seed, 11]).choice(idx, max_particles, replace=False))
+    return parts, images
+
+
+def _estep_against_other_half(data: Dataset, parts, images: np.ndarray, idx: np.ndarray,
+                              filtered: list[list[np.ndarray]], r: float,
+                              order_final: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best class ``(N,)`` (-1 where not scored) and class posteriors ``(N, K)`` of the particles
+    ``idx``, each half set's from one E-step against the other half's ``filtered`` maps."""
+    from hetero_dask.core.projector import prepare_fourier_map  # noqa: PLC0415
+    from hetero_dask.core.scoring import alignment_band, prepare_particles  # noqa: PLC0415
+    from hetero_dask.core.search import SearchParams, estep  # noqa: PLC0415
+
+    sc, n = data.scenario, data.scenario.box
     halves = half_sets(data)
     band = alignment_band(n, r)
     psd = np.r_[data.noise_psd, np.full(n, data.noise_psd[-1])][: n + 2]
@@ -477,17 +558,19 @@ def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, ma
     post = np.zeros((len(images), sc.n_classes), np.float32)
     for h in (0, 1):
         sel = idx[halves[idx] == h]
-        ctf = CTFParams(df1_A=parts["rlnDefocusU"].to_numpy()[sel], df2_A=parts["rlnDefocusV"].to_numpy()[sel],
-                        df_angle_rad=np.radians(parts["rlnDefocusAngle"].to_numpy()[sel]),
-                        accel_kv=sc.voltage_kv, cs_mm=sc.cs_mm, amp_contrast=sc.amp_contrast)
-        prep = prepare_particles(images[sel], ctf, sc.psize_A, band, normalize=False, mask_radius_px=n)
+        prep = prepare_particles(images[sel], _truth_ctf(parts, sel, sc), sc.psize_A, band, normalize=False,
+                                 mask_radius_px=n)
         fmaps = [prepare_fourier_map(filtered[s][1 - h], r_max=r + 1) for s in range(sc.n_classes)]
         res = estep(prep, fmaps, sigma2, search, class_prior=prior)
         pred[sel] = np.asarray(res.best_class)
         post[sel] = np.asarray(res.class_posterior)
-    truth = data.labels[idx]
-    mapping = np.arange(sc.n_classes)
-    sub = Dataset(**{**data.__dict__, "labels": truth, "noise_image": data.noise_image[idx]})
-    return {"accuracy": float(np.mean(pred[idx] == truth)), "junk_recall": junk_recall(pred[idx], sub, mapping),
-            "calibration": calibration(post[idx], sub, mapping), "resolution_radius": float(r),
-            "n_scored": int(len(idx)), "fsc": curves.tolist()}
+    return pred, post
+
+
+def _truth_ctf(parts, sel: np.ndarray, sc: Scenario):
+    """CTF parameters of the rows ``sel`` of the truth STAR file's particle table."""
+    from hetero_dask.core.ctf import CTFParams  # noqa: PLC0415
+
+    return CTFParams(df1_A=parts["rlnDefocusU"].to_numpy()[sel], df2_A=parts["rlnDefocusV"].to_numpy()[sel],
+                     df_angle_rad=np.radians(parts["rlnDefocusAngle"].to_numpy()[sel]),
+                     accel_kv=sc.voltage_kv, cs_mm=sc.cs_mm, amp_contrast=sc.amp_contrast)
