@@ -309,30 +309,47 @@ def _local_stage(
     then a hill climb over grid neighbours of each class's best pose (``params.climb_steps``)."""
     band = prep.band
     B, K, _ = prev.ids.shape
-    # Parents: the max_poses scored poses of largest weight, per class.
+    par_ids, par_shift = _parents(prev, params.max_poses, xp)
+    ch = _children(prev.order, par_ids, xp)  # (B, K, C, 8)
+    offsets = _shift_offsets(params.shift_step_px / 2**stage_no, xp)
+    m = band.size_at(params.radius_at(stage_no))
+    xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
+    cache = _ProjectionCache(fmaps, prev.order + 1, band, m, xp)
+    logw, shift = _score_groups(cache, band, xc, cc, ch, par_shift, offsets, params, xp)
+    n_eval = (ch >= 0).sum(axis=(1, 2, 3)) * offsets.shape[0]
+    found = _dedupe_max(
+        ch.reshape(B, K, -1), logw.reshape(B, K, -1), shift.reshape(B, K, -1, 2), xp
+    )
+    ids, logw, shift, n_eval = _climb(cache, xc, cc, found, offsets, log_prior, n_eval, params, xp)
+    return _stage_of(ids, logw, shift, cache.order, xp), n_eval
+
+
+def _parents(prev: _Stage, max_poses: int, xp):
+    """Per class, the ``max_poses`` scored poses of ``prev`` of largest weight: grid ids
+    ``(B, K, C)`` (-1: none) and their trial shifts ``(B, K, C, 2)``."""
     valid = (prev.ids >= 0) & xp.isfinite(prev.logw)
     lw = xp.where(valid, prev.logw, -np.inf)
-    C = min(params.max_poses, lw.shape[2])
+    C = min(max_poses, lw.shape[2])
     sel = xp.argsort(-lw, axis=2)[..., :C]
     par_ids = xp.where(
         xp.take_along_axis(valid, sel, axis=2), xp.take_along_axis(prev.ids, sel, axis=2), -1
     )
-    par_shift = xp.take_along_axis(prev.shift, sel[..., None], axis=2)  # (B, K, C, 2)
-    order = prev.order + 1
-    ch = xp.asarray(pose_grids.children(prev.order, np.maximum(to_host(par_ids), 0)))
-    ch = xp.where(par_ids[..., None] >= 0, ch, -1)  # (B, K, C, 8)
-    offsets = _shift_offsets(params.shift_step_px / 2**stage_no, xp)
-    m = band.size_at(params.radius_at(stage_no))
-    xc, cc, _ = weighted_terms(prep, sigma2, m, params.sigma2_scale)
-    cache = _ProjectionCache(fmaps, order, band, m, xp)
-    logw, shift = _score_groups(cache, band, xc, cc, ch, par_shift, offsets, params, xp)
-    n_eval = (ch >= 0).sum(axis=(1, 2, 3)) * offsets.shape[0]
-    ids = ch.reshape(B, K, -1)
-    logw = logw.reshape(B, K, -1)
-    shift = shift.reshape(B, K, -1, 2)
-    ids, logw, shift = _dedupe_max(ids, logw, shift, xp)
-    # Hill climb (classes holding keep_mass): the grid neighbours of each class's best pose,
-    # shifts around its shift, while the best pose moves.
+    return par_ids, xp.take_along_axis(prev.shift, sel[..., None], axis=2)
+
+
+def _children(order: int, par_ids, xp):
+    """The 8 children ``(..., 8)`` at ``order + 1`` of grid ids ``par_ids`` at ``order``
+    (-1 stays none)."""
+    ch = xp.asarray(pose_grids.children(order, np.maximum(to_host(par_ids), 0)))
+    return xp.where(par_ids[..., None] >= 0, ch, -1)
+
+
+def _climb(cache: _ProjectionCache, xc, cc, found, offsets, log_prior, n_eval, params, xp):
+    """Hill climb for the classes holding ``params.keep_mass`` of the posterior: the grid
+    neighbours of each class's best pose, shifts around its shift, while the best pose moves
+    (at most ``params.climb_steps`` times). ``found``: (ids, logw, shift) ``(B, K, Q)`` so far;
+    returns them with the neighbours added, and ``n_eval`` ``(B,)`` grown by the poses scored."""
+    ids, logw, shift = found
     active = _class_keep(
         _logsumexp(logw.astype(xp.float64), xp, axis=2), log_prior, params.keep_mass, xp
     )  # (B, K)
@@ -344,12 +361,12 @@ def _local_stage(
         best_id = xp.take_along_axis(ids, q[..., None], axis=2)[..., 0]  # (B, K)
         best_shift = xp.take_along_axis(shift, q[..., None, None], axis=2)[:, :, 0]  # (B, K, 2)
         nb = xp.asarray(
-            neighbours(order, to_host(best_id[rows]), params.climb_neighbours)
+            neighbours(cache.order, to_host(best_id[rows]), params.climb_neighbours)
         )  # (b, K, J)
         nb = xp.where(active[rows][..., None], nb, -1)
         lw_nb, sh_nb = _score_groups(
             cache,
-            band,
+            cache.band,
             xc[rows],
             cc[rows],
             nb[:, :, None, :],
@@ -359,28 +376,44 @@ def _local_stage(
             xp,
         )
         n_eval[rows] += (nb >= 0).sum(axis=(1, 2)) * offsets.shape[0]
-        J = nb.shape[-1]
-        new_ids = xp.full((B, K, J), -1, dtype=ids.dtype)
-        new_lw = xp.full((B, K, J), -np.inf, dtype=xp.float32)
-        new_sh = xp.zeros((B, K, J, 2), dtype=xp.float32)
-        new_ids[rows], new_lw[rows], new_sh[rows] = nb, lw_nb[:, :, 0], sh_nb[:, :, 0]
-        ids, logw, shift = _dedupe_max(
-            xp.concatenate([ids, new_ids], axis=2),
-            xp.concatenate([logw, new_lw], axis=2),
-            xp.concatenate([shift, new_sh], axis=2),
-            xp,
+        ids, logw, shift = _add_rows(
+            (ids, logw, shift), rows, nb, lw_nb[:, :, 0], sh_nb[:, :, 0], xp
         )
         q_new = xp.argmax(logw, axis=2)
         active &= xp.take_along_axis(ids, q_new[..., None], axis=2)[..., 0] != best_id
-    stage = _Stage(
+    return ids, logw, shift, n_eval
+
+
+def _add_rows(found, rows, ids_r, logw_r, shift_r, xp):
+    """``found`` (ids, logw, shift) ``(B, K, Q)`` with candidates ``(b, K, J)`` of particles
+    ``rows`` appended (the others get none), one entry per rotation id kept."""
+    ids, logw, shift = found
+    B, K, _ = ids.shape
+    J = ids_r.shape[-1]
+    new_ids = xp.full((B, K, J), -1, dtype=ids.dtype)
+    new_lw = xp.full((B, K, J), -np.inf, dtype=xp.float32)
+    new_sh = xp.zeros((B, K, J, 2), dtype=xp.float32)
+    new_ids[rows], new_lw[rows], new_sh[rows] = ids_r, logw_r, shift_r
+    return _dedupe_max(
+        xp.concatenate([ids, new_ids], axis=2),
+        xp.concatenate([logw, new_lw], axis=2),
+        xp.concatenate([shift, new_sh], axis=2),
+        xp,
+    )
+
+
+def _stage_of(ids, logw, shift, order: int, xp) -> _Stage:
+    """A stage from its candidates ``(B, K, Q)``, with each class's log-sum-exps of the
+    weights and of their squares."""
+    lw = logw.astype(xp.float64)
+    return _Stage(
         ids=ids,
         logw=logw,
         shift=shift,
-        class_lse=_logsumexp(logw.astype(xp.float64), xp, axis=2),
-        class_lse2=_logsumexp(2.0 * logw.astype(xp.float64), xp, axis=2),
+        class_lse=_logsumexp(lw, xp, axis=2),
+        class_lse2=_logsumexp(2.0 * lw, xp, axis=2),
         order=order,
     )
-    return stage, n_eval
 
 
 def estep(

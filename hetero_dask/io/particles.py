@@ -237,8 +237,31 @@ def load_particles(
     if len(table) == 0:
         raise InputError(path, "no particles", expected="at least one row")
     if flip_contrast:
-        sign = table["blob/sign"] if "blob/sign" in table.dtype.names else np.ones(len(table))
-        table = with_fields(table, {"blob/sign": -np.asarray(sign, dtype=np.float32)})
+        table = _flipped_contrast(table)
+    psizes = _pixel_sizes(path, table)
+    stacks, stack_of_row = _resolve_stacks(path, table, stack_dir)
+    table = _check_stacks(path, table, stacks, stack_of_row)
+    box0 = int(table["blob/shape"][0, -1])
+    psize0 = float(str(np.float32(psizes[0])))  # 2.806, not 2.80599999 (table is float32)
+    _check_resampling(path, table["blob/shape"][:, -1], psizes, psize0)
+    return ParticleSet(
+        table=table,
+        source=os.path.abspath(path),
+        box=box0,
+        psize_A=psize0,
+        stacks=stacks,
+        stack_of_row=stack_of_row.reshape(-1),
+    )
+
+
+def _flipped_contrast(table: np.ndarray) -> np.ndarray:
+    """``table`` with ``blob/sign`` negated (absent: +1, so it becomes -1)."""
+    sign = table["blob/sign"] if "blob/sign" in table.dtype.names else np.ones(len(table))
+    return with_fields(table, {"blob/sign": -np.asarray(sign, dtype=np.float32)})
+
+
+def _pixel_sizes(path: Path, table: np.ndarray) -> np.ndarray:
+    """``blob/psize_A`` ``(n,)`` float64; refuses a row without a positive pixel size."""
     psizes = np.asarray(table["blob/psize_A"], dtype=np.float64)
     bad = ~(psizes > 0)
     if bad.any():
@@ -249,25 +272,29 @@ def load_particles(
             field="blob/psize_A",
             expected="a positive pixel size; pass psize_A (--psize-A)",
         )
+    return psizes
+
+
+def _resolve_stacks(path: Path, table: np.ndarray, stack_dir):
+    """The stack files named in ``blob/path``, resolved (:func:`.cs.resolve_blob_path`), and
+    ``(n,)`` the stack of each row; a stack not found is reported at its first row."""
     names, stack_of_row = np.unique(table["blob/path"], return_inverse=True)
     stacks = []
     for s, name in enumerate(names):
         try:
-            stacks.append(
-                resolve_blob_path(name, source=path, stack_dir=stack_dir)
-            )
+            stacks.append(resolve_blob_path(name, source=path, stack_dir=stack_dir))
         except InputError as err:
             row = int(np.argmax(stack_of_row == s))
             raise InputError(
                 path, str(err).split(": ", 2)[-1], row=row, field="blob/path (rlnImageName)"
             ) from None
-    table = _check_stacks(path, table, stacks, stack_of_row)
+    return stacks, stack_of_row
 
-    box0 = int(table["blob/shape"][0, -1])
-    psize0 = float(str(np.float32(psizes[0])))  # 2.806, not 2.80599999 (table is float32)
-    groups = np.unique(
-        np.stack([table["blob/shape"][:, -1].astype(np.float64), psizes], axis=1), axis=0
-    )
+
+def _check_resampling(path: Path, boxes, psizes, psize0: float) -> None:
+    """Refuse optics groups (box, pixel size of the rows' ``boxes``, ``psizes`` ``(n,)``) that a
+    Fourier crop/pad to ``psize0`` would leave more than :data:`PSIZE_RTOL` off in pixel size."""
+    groups = np.unique(np.stack([boxes.astype(np.float64), psizes], axis=1), axis=0)
     for n_g, p_g in groups:
         new_n = _resampled_box(int(n_g), p_g, psize0)
         err = abs(n_g * p_g / new_n - psize0) / psize0
@@ -279,14 +306,6 @@ def load_particles(
                 field="blob/psize_A (rlnImagePixelSize)",
                 expected=f"pixel sizes whose box ratio is within {100 * PSIZE_RTOL:.1f}%",
             )
-    return ParticleSet(
-        table=table,
-        source=os.path.abspath(path),
-        box=box0,
-        psize_A=psize0,
-        stacks=stacks,
-        stack_of_row=stack_of_row.reshape(-1),
-    )
 
 
 def locate_stacks(table: np.ndarray, source=None, stack_dir=None) -> np.ndarray:

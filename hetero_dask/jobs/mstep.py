@@ -44,6 +44,7 @@ from hetero_dask.core.backprojector import (
     symmetrise_grids,
 )
 from hetero_dask.core.ctf import CTFParams, ctf_band
+from hetero_dask.core.fourier import shell_index
 from hetero_dask.core.fsc import fsc as fsc_curve
 from hetero_dask.core.fsc import full_map_fsc, resolution_A
 from hetero_dask.core.reconstruction import reconstruct
@@ -134,11 +135,6 @@ def select_class(merged: ClassGridsPartial, k: int) -> ClassGridsPartial:
     )
 
 
-def _shell_of(kx, ky, n_shells: int):
-    xp = xp_of(kx)
-    return xp.minimum(xp.rint(xp.sqrt(kx**2 + ky**2)).astype(xp.int64), n_shells - 1)
-
-
 def _fused_cpu_path(partial: ClassGridsPartial, k: int) -> bool:
     """True when class ``k``'s grids take the compiled CPU kernel: inside :func:`accumulating`,
     numpy float32 grids."""
@@ -216,43 +212,69 @@ def backproject_particles(
     """
     grids0 = partial.grids[(k, 0)]
     xp = xp_of(grids0.data)
-    images = xp.asarray(images)
-    B, n = images.shape[0], images.shape[-1]
-    if n != grids0.n:
-        raise ValueError(f"images of box {n} for grids of box {grids0.n}")
-    weights = xp.asarray(weights, dtype=xp.float32).reshape(B, -1)
-    rotations = xp.asarray(rotations, dtype=xp.float32).reshape(B, -1, 3, 3)
-    shifts_px = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
-    halves = xp.asarray(halves).reshape(B)
+    images, rotations, shifts_px, weights, halves = _batch_arrays(
+        xp, grids0.n, images, rotations, shifts_px, weights, halves
+    )
     r_max = grids0.r_max if r_max is None else min(float(r_max), grids0.r_max)
     if _fused_cpu_path(partial, k):
         # One compiled pass per (pose slot, half): products formed per sample, rows by index.
         F, kx, ky, ctf, ctf_isig = _fused_inputs(images, ctf_params, psize_A, r_max, inv_sigma2)
-        _fused_deposit(partial, k, F, kx, ky, ctf_isig, ctf, np.arange(B), rotations, shifts_px,
-                       weights, halves)
-        return partial
+        _fused_deposit(partial, k, F, kx, ky, ctf_isig, ctf, np.arange(images.shape[0]), rotations,
+                       shifts_px, weights, halves)
+    else:
+        _array_deposit(partial, k, images, ctf_params, psize_A, r_max, inv_sigma2, rotations,
+                       shifts_px, weights, halves)
+    return partial
+
+
+def _batch_arrays(xp, n_grids: int, images, rotations, shifts_px, weights, halves):
+    """The batch of :func:`backproject_particles` as ``xp`` arrays ``(B, n, n)``, float32
+    ``(B, P, 3, 3)``, ``(B, P, 2)``, ``(B, P)`` and ``(B,)``; refuses images of another box than
+    the grids' ``n_grids``."""
+    images = xp.asarray(images)
+    B, n = images.shape[0], images.shape[-1]
+    if n != n_grids:
+        raise ValueError(f"images of box {n} for grids of box {n_grids}")
+    weights = xp.asarray(weights, dtype=xp.float32).reshape(B, -1)
+    rotations = xp.asarray(rotations, dtype=xp.float32).reshape(B, -1, 3, 3)
+    shifts_px = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
+    halves = xp.asarray(halves).reshape(B)
+    return images, rotations, shifts_px, weights, halves
+
+
+def _pose_slots(weights, halves, xp):
+    """``(p, h, rows)`` for each pose slot ``p`` of ``weights`` ``(B, P)`` and half-set ``h``:
+    the rows of that half with a positive weight in that slot (slots with none are skipped)."""
+    for p in range(weights.shape[1]):
+        w = weights[:, p]
+        for h in HALVES:
+            sel = xp.nonzero((halves == h) & (w > 0))[0]
+            if sel.size:
+                yield p, h, sel
+
+
+def _array_deposit(partial, k, images, ctf_params, psize_A, r_max, inv_sigma2, rotations,
+                   shifts_px, weights, halves):
+    """The array path of :func:`backproject_particles` (any namespace): spectra, CTF and noise
+    weights of the batch once, then one :func:`backproject` per (pose slot, half-set)."""
+    xp = xp_of(images)
+    n = images.shape[-1]
     kx, ky, Y = half_plane_spectra(images, r_max)
     ctf = ctf_band(ctf_params.to(xp), kx, ky, n, psize_A)
     ctf_isig = _over_sigma2(ctf, kx, ky, inv_sigma2)
     cy = ctf_isig * Y  # CTF * Y / sigma2, before centring
     c2 = ctf_isig * ctf  # CTF^2 / sigma2
-    for p in range(weights.shape[1]):
-        w = weights[:, p]
-        for h in HALVES:
-            sel = xp.nonzero((halves == h) & (w > 0))[0]
-            if sel.size == 0:
-                continue
-            phase = separable_phase_ramp(shifts_px[sel, p], kx, ky, n)
-            ws = w[sel][:, None]
-            phase *= cy[sel]
-            if bool(xp.any(ws != 1)):
-                phase *= ws
-                wc2 = ws * c2[sel]
-            else:
-                wc2 = c2[sel]
-            backproject(partial.grids[(k, h)], rotations[sel, p], phase, wc2, kx, ky)
+    for p, h, sel in _pose_slots(weights, halves, xp):
+        phase = separable_phase_ramp(shifts_px[sel, p], kx, ky, n)
+        ws = weights[sel, p][:, None]
+        phase *= cy[sel]
+        if bool(xp.any(ws != 1)):
+            phase *= ws
+            wc2 = ws * c2[sel]
+        else:
+            wc2 = c2[sel]
+        backproject(partial.grids[(k, h)], rotations[sel, p], phase, wc2, kx, ky)
     partial.weight_sum[k] += float(xp.sum(weights))
-    return partial
 
 
 def _fused_inputs(images, ctf_params: CTFParams, psize_A: float, r_max, inv_sigma2):
@@ -274,7 +296,8 @@ def _over_sigma2(ctf, kx, ky, inv_sigma2):
         return ctf
     xp = xp_of(ctf)
     isig = xp.asarray(inv_sigma2, dtype=xp.float32)
-    return ctf * isig[_shell_of(kx, ky, isig.shape[0])][None, :]
+    shell = shell_index(xp.sqrt(kx**2 + ky**2), isig.shape[0] - 1)
+    return ctf * isig[shell][None, :]
 
 
 def _fused_deposit(partial, k, F, kx, ky, a, c, rows, rotations, shifts_px, weights, halves):
@@ -282,15 +305,11 @@ def _fused_deposit(partial, k, F, kx, ky, a, c, rows, rotations, shifts_px, weig
     ``(R, P, 3, 3)``, ``shifts_px`` ``(R, P, 2)``, ``weights`` ``(R, P)`` and ``halves``
     ``(R,)``, one call per (pose slot, half-set)."""
     n = F.shape[-2]
-    for p in range(weights.shape[1]):
-        w = weights[:, p]
-        for h in HALVES:
-            sel = np.nonzero((halves == h) & (w > 0))[0]
-            if sel.size:
-                cpu_kernels.backproject_images(
-                    _accumulator(partial, (k, h)), rotations[sel, p], kx, ky, F, a, c, rows[sel],
-                    shifts_px[sel, p], w[sel], n, partial.grids[(k, h)].pad,
-                )
+    for p, h, sel in _pose_slots(weights, halves, np):
+        cpu_kernels.backproject_images(
+            _accumulator(partial, (k, h)), rotations[sel, p], kx, ky, F, a, c, rows[sel],
+            shifts_px[sel, p], weights[sel, p], n, partial.grids[(k, h)].pad,
+        )
     partial.weight_sum[k] += float(weights.sum())
 
 
@@ -382,50 +401,62 @@ def mstep_class(
     n = halves[0].n
     weight = float(part_k.weight_sum[k])
     xp = xp_of(halves[0].data)
-    n_shells = n // 2 + 1
     if weight < min_weight:
-        zero = np.zeros((n, n, n), np.float32)
-        return ClassResult(
-            zero, zero.copy(), zero.copy(), np.zeros(n_shells), float("inf"), weight, True
-        )
+        return _empty_result(n, weight)
     if symmetry_ops is not None and len(symmetry_ops) > 1:
         halves = [symmetrise_grids(g, symmetry_ops) for g in halves]
     full = merge_grids(*halves)
     half_empty = any(float(xp.sum(g.weight)) <= 0 for g in halves)
-    prior = None
+    prior, raw_pair = None, None
     if regularise and not half_empty:
-        if fsc_prior is None:
-            vA, vB = (reconstruct(g) for g in halves)
-            prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
-        else:
-            prior = np.asarray(fsc_prior, dtype=np.float64)
-    raw_halves = prior is not None and fsc_prior is None and not regularise_halves
+        prior, raw_pair = _wiener_prior(halves, fsc_prior, keep_maps=not regularise_halves)
+    vA, vB, vF = _class_maps(halves, full, prior, tau2_fudge, raw_pair, xp)
+    if half_empty:
+        curve, res_A = np.zeros(n // 2 + 1), float("inf")
+    else:
+        curve = _reported_fsc(vA, vB, halves, prior, fsc_prior)
+        res_A = resolution_A(curve, n, psize_A)
+    return ClassResult(vF, vA, vB, curve, res_A, weight, False, prior)
+
+
+def _empty_result(n: int, weight: float) -> ClassResult:
+    """Zero maps ``(n, n, n)``, zero FSC and resolution inf for a class without weight."""
+    zero = np.zeros((n, n, n), np.float32)
+    return ClassResult(
+        zero, zero.copy(), zero.copy(), np.zeros(n // 2 + 1), float("inf"), weight, True
+    )
+
+
+def _wiener_prior(halves, fsc_prior, keep_maps: bool):
+    """The half-map FSC ``(n // 2 + 1,)`` float64 for the Wiener prior: ``fsc_prior`` when
+    given, else measured on the unregularised half-maps, which come back too when
+    ``keep_maps`` (else None) to be returned as they are."""
+    if fsc_prior is not None:
+        return np.asarray(fsc_prior, dtype=np.float64), None
+    vA, vB = (reconstruct(g) for g in halves)
+    prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
+    return prior, ((vA, vB) if keep_maps else None)
+
+
+def _class_maps(halves, full, prior, tau2_fudge: float, raw_pair, xp):
+    """Half-maps and full map ``(n, n, n)`` numpy float32: plain ``B / W`` without ``prior``,
+    else Wiener-filtered, the half-maps taken as ``raw_pair`` when it is given."""
     if prior is None:
         vA, vB = (reconstruct(g) for g in halves)
         vF = reconstruct(full)
     else:
-        if not raw_halves:
-            vA, vB = (reconstruct(g, prior, tau2_fudge) for g in halves)
+        vA, vB = raw_pair or (reconstruct(g, prior, tau2_fudge) for g in halves)
         vF = reconstruct(full, xp.asarray(to_host(full_map_fsc(prior))), tau2_fudge)
-    vA, vB, vF = (np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
-    if half_empty:
-        curve = np.zeros(n_shells)
-    elif prior is None:
-        curve = fsc_curve(vA, vB)  # the maps are unregularised
-    elif fsc_prior is None:
-        curve = prior  # measured above on the unregularised maps
-    else:
-        # The FSC of Wiener-filtered half-maps overstates the data's: the filter damps the
-        # voxels with little weight (mostly noise) more than the others. Fed back as the next
-        # prior it would regularise less and less. Measure it on the unregularised maps.
-        curve = fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves))
-    return ClassResult(
-        vF,
-        vA,
-        vB,
-        curve,
-        resolution_A(curve, n, psize_A) if not half_empty else float("inf"),
-        weight,
-        False,
-        prior,
-    )
+    return tuple(np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
+
+
+def _reported_fsc(vA, vB, halves, prior, fsc_prior):
+    """The class's half-map FSC, always of unregularised maps, for two non-empty halves."""
+    if prior is None:
+        return fsc_curve(vA, vB)  # the maps are unregularised
+    if fsc_prior is None:
+        return prior  # measured on the unregularised maps
+    # The FSC of Wiener-filtered half-maps overstates the data's: the filter damps the
+    # voxels with little weight (mostly noise) more than the others. Fed back as the next
+    # prior it would regularise less and less. Measure it on the unregularised maps.
+    return fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves))
