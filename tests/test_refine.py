@@ -138,6 +138,8 @@ def test_identical_references_are_split_by_variability(consensus_set, tmp_path):
     held = [h["split_assignment"] for h in report["iterations"]]
     assert held[:3] == [True, True, False]
     assert all(h["class_change_fraction"] in (None, 0.0) for h in report["iterations"][:2])
+    # The held groups are no posteriors: the class priors stay equal until the classification.
+    assert all(h["class_fraction"] == [0.5, 0.5] for h in report["iterations"][:2])
     best = read_cs(tmp_path / "out" / "particles.cs")["alignments3D/class"]
     acc = agreement(best, sim.classes)
     print(f"consensus start: accuracy {acc:.3f}")
@@ -158,3 +160,27 @@ def test_sigma_scale_schedule_and_bad_values():
     for name in ("initial_sigma_scale", "final_sigma_scale"):
         with pytest.raises(ValueError, match=rf"\({name}\) = 0.0: expected a value > 0"):
             RefineParams(**{name: 0.0}).validate()
+
+
+def test_split_resolutions_from_the_initial_lowpass_to_half_of_it():
+    """Four geometric steps; resolutions the box cannot tell apart (beyond Nyquist) count once."""
+    from hetero_dask.jobs.refine.split import split_resolutions
+
+    assert split_resolutions(20.0, 64, 1.5) == pytest.approx([20.0, 20 / 2 ** (1 / 3), 20 / 2 ** (2 / 3), 10.0])
+    # Box 32 at 8 A/px: Nyquist 16 A, every resolution finer than 17.1 A (radius 15) is radius 15.
+    assert split_resolutions(30.0, 32, 8.0) == pytest.approx([30.0, 30 / 2 ** (1 / 3), 30 / 2 ** (2 / 3), 15.0])
+    assert split_resolutions(20.0, 32, 8.0) == pytest.approx([20.0, 20 / 2 ** (1 / 3)])
+    assert split_resolutions(20.0, 64, 1.5, fixed_A=12.0) == [12.0]
+
+
+def test_split_separation_tells_two_states_from_one_cloud():
+    """Groups cut out of one Gaussian cloud at its median: between / within scatter
+    (2 / pi) / (1 - 2 / pi) = 1.75; two clouds 4 sigma apart: (2^2) / 1 = 4."""
+    from hetero_dask.jobs.refine.split import _separation
+
+    z = np.random.default_rng(0).standard_normal((200_000, 1))
+    halves = (z[:, 0] > 0).astype(int)
+    assert _separation(z, halves, 2) == pytest.approx((2 / np.pi) / (1 - 2 / np.pi), rel=0.01)
+    labels = np.arange(z.shape[0]) % 2
+    clouds = z + np.where(labels[:, None] == 1, 2.0, -2.0)
+    assert _separation(clouds, labels, 2) == pytest.approx(4.0, rel=0.02)

@@ -40,7 +40,7 @@ from .schedule import (
     radii,
     search_params,
 )
-from .split import identical_references, split_by_variability
+from .split import identical_references, split_by_variability, split_resolutions
 from .state import (
     State,
     checkpoint,
@@ -169,24 +169,27 @@ def _start(run: _Run, plan: RefinePlan, bar: IterationProgress) -> State:
         bar.note(f"reference grey scales: {np.round(scales, 4).tolist()}")
         refs = refs * scales[:, None, None, None].astype(np.float32)
     if p.initial_split == "pca" and K > 1 and identical_references(refs):
-        refs = _split(run, refs[0], sigma2, r0, bar)
+        refs = _split(run, refs[0], sigma2, bar)
     return State(volumes=np.repeat(refs[:, None], 2, axis=1), sigma2=sigma2, class_prior=np.full(K, 1.0 / K),
                  resolution_A=np.full(K, p.initial_lowpass_A))
 
 
-def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, r_align: float, bar: IterationProgress):
+def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationProgress):
     """K starting maps from one consensus map; the particles' groups saved to hold them
     (``run.assignment_file``) for ``split_iterations`` iterations."""
     p, N, K = run.params, run.n_particles, run.n_classes
-    refs, groups = split_by_variability(run.store, consensus, K, run.box, run.psize_A, run.mask_radius_px,
-                                        r_align, run.shift_range_px, sigma2 * run.mask_T, p, run.mask,
-                                        n=min(N, p.split_particles))
+    resolutions = split_resolutions(p.initial_lowpass_A, run.box, run.psize_A, p.split_lowpass_A)
+    split = split_by_variability(run.store, consensus, K, run.box, run.psize_A, run.mask_radius_px, resolutions,
+                                 run.shift_range_px, sigma2 * run.mask_T, p, run.mask, n=min(N, p.split_particles))
+    groups = split.groups
     assignment = np.full(N, -1, np.int16)
     assignment[: groups.size] = groups
     np.save(run.assignment_file, assignment)
-    bar.note(f"identical references: {groups.size} particles split by their variability into groups of "
-             f"{np.bincount(groups, minlength=K).tolist()}, held for {p.split_iterations} iterations")
-    return refs
+    tried = ", ".join(f"{res:.1f} A: {sep:.2f}" for res, sep in split.separation.items())
+    bar.note(f"identical references: {groups.size} particles split by their variability at {split.resolution_A:.1f} A "
+             f"(group separation {tried}) into groups of {np.bincount(groups, minlength=K).tolist()}, held for "
+             f"{p.split_iterations} iterations")
+    return split.refs
 
 
 def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
@@ -204,7 +207,9 @@ def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
         step = next_step(state, p, N, batch, random_its, run.n_classes)
         prev_res_radius = _res_radius(run, state) if state.history else None
         results, stats, info = _run_iteration(run, state, step, assigned_its)
-        update_state(state, results, stats, step.lr, step.random, p.reference_mode != "full")
+        # Neither random nor the split's held groups are posteriors: the priors stay where they are.
+        held_prior = step.random or step.iteration < assigned_its
+        update_state(state, results, stats, step.lr, held_prior, p.reference_mode != "full")
         changed = class_change(stats)
         _record(state, step, changed, info, step.iteration < assigned_its, bar)
         state.batch_start = 0 if step.stop >= N else step.stop

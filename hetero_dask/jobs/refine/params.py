@@ -75,6 +75,9 @@ class RefineParams:
     initial_split: str = "pca"
     split_particles: int = 4000
     split_iterations: int = 2
+    # Resolution of the split (None: the best separated of initial_lowpass_A down to half
+    # of it; split.split_resolutions).
+    split_lowpass_A: float | None = None
     max_iterations: int = 100
     shift_range_px: float | None = None
     max_order: int = 4
@@ -101,6 +104,8 @@ class RefineParams:
                      "backproject_factor"):
             if not getattr(self, name) > 0:
                 raise bad_value(name, getattr(self, name), "a value > 0")
+        if self.split_lowpass_A is not None and not self.split_lowpass_A > 0:
+            raise bad_value("split_lowpass_A", self.split_lowpass_A, "a resolution in A > 0")
         if self.shift_range_px is not None and self.shift_range_px < 0:
             raise bad_value("shift_range_px", self.shift_range_px, "a shift in pixels >= 0")
         if self.reference_mode not in REFERENCE_MODES:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetero_dask.core import pose_grids as so3
-from hetero_dask.core.fourier import lowpass
+from hetero_dask.core.fourier import lowpass, resolution_to_radius
 from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.scoring import (
     Band,
@@ -35,9 +35,70 @@ def identical_references(refs, tol: float = 1e-3) -> bool:
     return all(float(np.linalg.norm(r - ref0)) <= tol * scale for r in refs[1:])
 
 
-def split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_align, shift_range, sigma2,
-                         p: RefineParams, mask, n: int):
-    """K starting maps and particle groups from one consensus map: ``(refs (K, n, n, n), groups (n,))``.
+@dataclass
+class Split:
+    """The split of identical references: starting maps, groups, and how it was chosen."""
+
+    refs: np.ndarray  # (K, box, box, box)
+    groups: np.ndarray  # (n,) int16
+    resolution_A: float  # the split's resolution, the best separated of the candidates
+    separation: dict  # candidate resolution (A) -> between / within group scatter
+
+
+def split_resolutions(initial_lowpass_A: float, box: int, psize_A: float, fixed_A: float | None = None) -> list:
+    """Candidate resolutions of the split, coarse to fine: ``fixed_A`` alone, else from
+    ``initial_lowpass_A`` to half of it in four geometric steps, those the box reaches
+    at distinct Fourier radii. Which of them shows a particle's state depends on how the
+    states differ (a domain swung far apart at 30 A, a shifted domain or a missing loop
+    at 10-15 A), so the data choose (:func:`split_by_variability`)."""
+    wanted = [fixed_A] if fixed_A is not None else [initial_lowpass_A * 2.0 ** (-i / 3) for i in range(4)]
+    out, radii = [], set()
+    for res in wanted:
+        r = round(_split_radius(res, box, psize_A), 3)
+        if r not in radii:
+            radii.add(r)
+            out.append(float(res))
+    return out
+
+
+def _split_radius(resolution_A: float, box: int, psize_A: float) -> float:
+    return min(resolution_to_radius(resolution_A, box, psize_A), box / 2 - 1)
+
+
+def split_by_variability(store, consensus, K, box, psize, mask_radius_px, resolutions_A, shift_range, sigma2,
+                         p: RefineParams, mask, n: int) -> Split:
+    """K starting maps and particle groups from one consensus map, at the candidate resolution
+    (``resolutions_A``) whose groups are best separated.
+
+    At each resolution the first ``n`` particles are split (:func:`_split_at`); the groups'
+    separation is the ratio of between-group to within-group scatter of the particles'
+    coordinates. Groups cut out of one unimodal cloud by k-means score about 1.75 (two
+    halves of a Gaussian); states the residuals tell apart score higher, and the
+    classification error of two Gaussians falls as their separation grows, so the best
+    separated split is the one kept.
+    """
+    best, separation = None, {}
+    for res_A in resolutions_A:
+        refs, z, groups = _split_at(store, consensus, K, box, psize, mask_radius_px, res_A, shift_range, sigma2,
+                                    p, mask, n)
+        separation[res_A] = _separation(z, groups, K)
+        if best is None or separation[res_A] > separation[best[2]]:
+            best = (refs, groups, res_A)
+    return Split(best[0], best[1], best[2], separation)
+
+
+def _separation(z, groups, K: int) -> float:
+    """Between-group over within-group sum of squares of coordinates ``z`` (n, m)."""
+    mu = z.mean(axis=0)
+    members = [groups == k for k in range(K)]
+    within = sum(float(((z[m] - z[m].mean(axis=0)) ** 2).sum()) for m in members if m.any())
+    between = sum(int(m.sum()) * float(((z[m].mean(axis=0) - mu) ** 2).sum()) for m in members if m.any())
+    return between / max(within, 1e-30)
+
+
+def _split_at(store, consensus, K, box, psize, mask_radius_px, resolution_A, shift_range, sigma2,
+              p: RefineParams, mask, n: int):
+    """The split at one resolution: ``(refs (K, box, box, box), coordinates (n, K - 1), groups (n,))``.
 
     The first ``n`` particles are aligned to the consensus with soft poses (their
     ``_SPLIT_POSES`` most probable poses, weighted, at sigma scale ``final_sigma_scale``):
@@ -56,12 +117,14 @@ def split_by_variability(store, consensus, K, box, psize, mask_radius_px, r_alig
     better, measured: ``benchmarks/results/refine.md``). The starting map of group k is the
     consensus plus the basis at the group's mean coordinates.
     """
-    res = _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p, mask, n)
+    r_align = _split_radius(resolution_A, box, psize)
+    res = _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p, mask, n,
+                     resolution_A)
     V = _principal_components(res, K + 1, p.seed)
     basis, z, groups = _classify(res, V[: K - 1], K, p.seed)
     centre = [z[m > 0].mean(axis=0) if m.any() else np.zeros(K - 1) for m in _members(groups, K)]
-    return (np.stack([consensus + np.tensordot(c, basis, axes=1) for c in centre]).astype(np.float32),
-            groups.astype(np.int16))
+    refs = np.stack([consensus + np.tensordot(c, basis, axes=1) for c in centre]).astype(np.float32)
+    return refs, z, groups.astype(np.int16)
 
 
 @dataclass
@@ -115,7 +178,7 @@ class _Residuals:
 
 
 def _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p: RefineParams,
-               mask, n: int) -> _Residuals:
+               mask, n: int, lowpass_A: float) -> _Residuals:
     """The first ``n`` particles aligned to the consensus with ``_SPLIT_POSES`` soft poses, and
     their residuals at each (image minus the consensus's scaled, CTF-modulated projection)."""
     imgs = normalised_images(store, box, 0, n, mask_radius_px, np)
@@ -138,7 +201,7 @@ def _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_rang
     inv_s2 = (1.0 / s2[band.shell]).astype(np.float32)
     U = (prep.ctf[:, None, :] * inv_s2 * (y - alpha[..., None] * CP)).astype(np.complex64)  # C r / sigma2
     CC = (prep.ctf ** 2 * inv_s2)[:, None, :]  # C^2 / sigma2
-    return _Residuals(n, P, box, r_align, band, R, w, U, CC, p.initial_lowpass_A, mask, psize)
+    return _Residuals(n, P, box, r_align, band, R, w, U, CC, lowpass_A, mask, psize)
 
 
 def _orthonormal(maps):

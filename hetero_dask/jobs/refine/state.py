@@ -26,9 +26,9 @@ class State:
     history: list = field(default_factory=list)
 
 
-def update_state(state: State, results, ex: dict, lr: float, random: bool, half_maps: bool):
+def update_state(state: State, results, ex: dict, lr: float, hold_prior: bool, half_maps: bool):
     """Take the M-step's maps, resolutions and FSCs (``results``, one per class); move the class
-    priors (held during random assignments) and the noise by ``lr`` towards the E-step's (``ex``)."""
+    priors (unless ``hold_prior``: random or held assignments) and the noise by ``lr`` towards the E-step's (``ex``)."""
     K = len(results)
     if half_maps:
         state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
@@ -39,7 +39,7 @@ def update_state(state: State, results, ex: dict, lr: float, random: bool, half_
     state.fsc = np.stack([np.pad(np.asarray(results[k].fsc, np.float64), (0, n_sh - len(results[k].fsc)))
                           for k in range(K)])
     frac = ex["posterior_sum"] / max(ex["posterior_sum"].sum(), 1e-12)
-    if not random:
+    if not hold_prior:
         state.class_prior = (1 - lr) * state.class_prior + lr * frac if lr < 1 else frac
         state.class_prior = np.maximum(state.class_prior, 1e-4)
         state.class_prior /= state.class_prior.sum()
