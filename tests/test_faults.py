@@ -226,7 +226,7 @@ def test_unwritable_run_folder_clear_error(dataset, monkeypatch):
     out = d / "read_only"
     run_dir = out / "run"
     real_write_iteration = ckpt.write_iteration
-    real_save = np.save
+    real_save, real_savez = np.save, np.savez
     read_only = threading.Event()
 
     def write_iteration(rd, iteration, *a, **k):
@@ -235,13 +235,17 @@ def test_unwritable_run_folder_clear_error(dataset, monkeypatch):
             read_only.set()
         return result
 
-    def save(file, *a, **k):  # as np.save would fail in a folder without write permission
-        if read_only.is_set() and Path(file).parent == run_dir:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
-        return real_save(file, *a, **k)
+    def refusing(real):  # as np.save(z) would fail in a folder without write permission
+        def save(file, *a, **k):
+            path = Path(file if isinstance(file, (str, os.PathLike)) else file.name)  # or a file opened for it
+            if read_only.is_set() and run_dir in path.parents:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real(file, *a, **k)
+        return save
 
     monkeypatch.setattr(ckpt, "write_iteration", write_iteration)
-    monkeypatch.setattr(np, "save", save)
+    monkeypatch.setattr(np, "save", refusing(real_save))
+    monkeypatch.setattr(np, "savez", refusing(real_savez))
     with pytest.raises(PermissionError) as info:
         refine(particles, refs, out, progress=False, **PARAMS)
     assert str(run_dir) in str(info.value) and "Permission denied" in str(info.value)
