@@ -73,7 +73,7 @@ def test_refinement_ends_above_where_it_starts(small_set, tmp_path):
 _SHORT_OF_THE_GOALS = {
     "two_conformations": "3-4 points below the oracle (ECE 0.05 met)",
     "transition": "12-13 points below the oracle on the two smallest states; ECE ~0.2",
-    "consensus_start": "the split from identical references ends 5-11 points below the oracle",
+    "consensus_start": "from identical references 6-9 points below the oracle (one state's map stays poorer)",
     "coloured_noise": "5-7 points below the oracle; overconfident (ECE ~0.15)",
     "symmetric": "about 5 points below the oracle; ECE ~0.1",
     "junk": "junk recall ~10 points below the oracle's; ECE ~0.12",
