@@ -257,29 +257,6 @@ def test_worker_cached_inside_tasks_loads_once_per_worker(client3, tmp_path):
     assert log.read_text().count("load") == 1
 
 
-def test_shared_data_reaches_every_process_task_once_per_worker(client3):
-    """``shared`` is sent to the workers once (scattered, in memory) and every process task
-    gets it; the synchronous scheduler gives the same sums."""
-
-    def process(p, weights):
-        x = DATA[p.start : p.stop] * weights
-        return {"sum": x.sum(0), "sq": (x**2).sum(0), "n": p.size}
-
-    weights = np.arange(1, DIM + 1, dtype=float)
-    parts = partition_ranges(N_PARTICLES, 12)
-    scattered = []
-    real_scatter = client3.scatter
-    client3.scatter = lambda data, **kw: scattered.append(kw) or real_scatter(data, **kw)
-    try:
-        got = map_reduce(client3, process, parts, toy_merge, shared=weights)
-    finally:
-        client3.scatter = real_scatter
-    assert scattered == [{"broadcast": True, "hash": False}]
-    want = {"sum": (DATA * weights).sum(0), "sq": ((DATA * weights) ** 2).sum(0), "n": N_PARTICLES}
-    assert_partial_close(got, want)
-    assert_partial_close(map_reduce(None, process, parts, toy_merge, shared=weights), got)
-
-
 def test_task_errors_reach_the_driver(client3):
     def bad(p):
         raise ValueError(f"partition {p.index} is broken")

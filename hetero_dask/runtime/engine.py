@@ -10,10 +10,9 @@ A job supplies three pure functions that know nothing about Dask:
 ``process(partition) -> partial``
     Work on one contiguous particle range (a :class:`Partition`), streaming
     it from the store and accumulating into ONE partial (grids, statistics).
-    Bind static arguments with ``functools.partial``; big inputs every task
-    needs (an iteration's class volumes) go in as ``shared``, scattered to
-    the workers once (``process(partition, shared)``), and what is derived
-    from them is kept per worker by :func:`worker_cached`.
+    Bind static arguments with ``functools.partial``; big static inputs
+    (class volumes) are read on the worker through :func:`worker_cached`,
+    never put in the graph.
 ``merge(a, b) -> partial``
     Combine two partials. It may update ``a`` in place and return it, and
     the engine lets it: a merge task accumulates into its first input
@@ -171,11 +170,6 @@ def _gated(process: Callable, partition, *gates):
     return process(partition)
 
 
-def _gated_shared(process: Callable, shared, partition, *gates):
-    """``process(partition, shared)``, as :func:`_gated`."""
-    return process(partition, shared)
-
-
 def _fold(merge: Callable, total, group_sum, *gate):
     """``total + group_sum``, accumulated into ``total``; ``gate`` (the token of ``total``,
     which must run before ``total`` changes) is not read."""
@@ -212,7 +206,6 @@ def build_graph(
     slots: Sequence[str] | None = None,
     select_first: bool = False,
     in_flight: int | None = None,
-    shared=None,
 ) -> tuple[list, Any]:
     """The delayed nodes of a :func:`map_reduce` graph.
 
@@ -231,9 +224,7 @@ def build_graph(
     ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each
     (:func:`_finish_chain`). ``select_first`` (needs ``select`` and keyed
     ``finish``): cut each process partial into its keys' parts where it was
-    computed and reduce each key on its own. ``shared``: None, or a value (a
-    ``distributed.Future``, or data for the synchronous scheduler) every
-    process task gets as ``process(partition, shared)``.
+    computed and reduce each key on its own.
 
     Keys: ``(f"{key_prefix}-process-{token}", i)``; group sums
     ``(f"{key_prefix}-merge-{token}", 0, g)`` and running sums ``(..., 1, g)``
@@ -254,7 +245,7 @@ def build_graph(
     }
     nodes, totals = _reduce(
         process, partitions, merge, fan_in, in_flight, names, slots, select,
-        finish_keys if select_first else None, shared,
+        finish_keys if select_first else None,
     )
     finishing, outputs = _finishing(finish, finish_keys, select, select_first, totals, slots, names)
     return nodes + finishing, outputs
@@ -300,7 +291,6 @@ def _reduce(
     slots: Sequence[str] | None,
     select: Callable | None,
     select_keys: list | None,
-    shared=None,
 ) -> tuple[list, dict[tuple, Any]]:
     """The process tasks and the reduction of their partials: ``(nodes, totals)``, the process
     nodes first in partition order, and each tree's running sum through the last group.
@@ -329,8 +319,10 @@ def _reduce(
     for g in range(n_groups):
         wait = gates[g - in_flight] if g >= in_flight else []
         members = range(g * fan_in, min(len(partitions), (g + 1) * fan_in))
-        head = (_gated, process) if shared is None else (_gated_shared, process, shared)
-        level = [_placed(slots, i, *head, partitions[i], *wait, key=(names["process"], i)) for i in members]
+        level = [
+            _placed(slots, i, _gated, process, partitions[i], *wait, key=(names["process"], i))
+            for i in members
+        ]
         processes += level
         for t in trees:
             parts = level
@@ -490,7 +482,6 @@ def map_reduce(
     progress: bool | None = False,
     after_map: Callable[[], Any] | None = None,
     select_first: bool = False,
-    shared=None,
 ):
     """Run process -> merge (groups folded in partition order) -> finish as one graph;
     return the finished results.
@@ -506,20 +497,17 @@ def map_reduce(
     graph (default: a hash of the arguments); pass e.g. ``f"it{iteration}"`` for readable keys.
     ``progress``: one bar per stage (None: only when stderr is a terminal).
     ``after_map``: driver work that needs no result (e.g. writing particle
-    files), run in a driver thread once every process task is done, so it
-    overlaps the merges and finishing tasks; joined (its exception raised)
-    before returning; without a client, after the graph. ``shared``: data
-    every process task needs (e.g. an iteration's references), sent to each
-    worker once, in memory: ``process(partition, shared)``.
+    files), run in a driver thread as soon as every process task is done, so
+    it overlaps the merges and finishing tasks (which leave cores idle)
+    instead of following them; joined (and its exception raised) before
+    returning. Without a client it runs after the graph.
     """
     # Spread over the task threads: the scheduler's default bandwidth prices a class's grids far
     # above its finishing task, so it would run every finishing task where the merged partial is.
     slots = _task_slots(client) if client is not None else None
-    if shared is not None and client is not None:
-        shared = client.scatter(shared, broadcast=True, hash=False)
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
-        select_first, shared=shared,
+        select_first,
     )
     finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
     side = _DriverSide(after_map)

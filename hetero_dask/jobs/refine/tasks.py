@@ -43,7 +43,7 @@ class EStepContext:
     """Static inputs of one iteration's E-step tasks (small: everything big is read from files)."""
 
     store_path: str
-    maps_key: str  # names this iteration's references (references.class_maps)
+    volumes_file: str
     results_path: str
     split_file: str
     iteration: int
@@ -62,9 +62,8 @@ class EStepContext:
     assignment_file: str | None = None  # (N,) class per particle held fixed, -1 free
 
 
-def estep_task(part: Partition, volumes: np.ndarray, ctx: EStepContext) -> ClassGridsPartial:
-    """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial,
-    against the references ``volumes`` (K, 2, n, n, n).
+def estep_task(part: Partition, ctx: EStepContext) -> ClassGridsPartial:
+    """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial.
 
     Each half-set is scored against every class (``reference_mode``: the other half's
     maps, its own, or the full map), its results are written to the run's results and
@@ -78,7 +77,7 @@ def estep_task(part: Partition, volumes: np.ndarray, ctx: EStepContext) -> Class
     ctf = store.ctf(start, stop)
     halves = np.load(ctx.split_file, mmap_mode="r", allow_pickle=False)[start:stop].astype(np.int64)
     band = alignment_band(ctx.box, ctx.r_band, xp)
-    maps = class_maps(volumes, ctx.maps_key, ctx.r_band, xp)
+    maps = class_maps(ctx.volumes_file, ctx.r_band, xp)
     found = TaskResults.empty(stop - start, ctx.n_classes)
     out = empty_partial(ctx.n_classes, ctx.box, r_max=ctx.r_backproject, xp=xp)
     noise = ResidualPower.empty(ctx.r_band)
