@@ -140,6 +140,11 @@ def test_identical_references_are_split_by_variability(consensus_set, tmp_path):
     assert all(h["class_change_fraction"] in (None, 0.0) for h in report["iterations"][:2])
     # The held groups are no posteriors: the class priors stay equal until the classification.
     assert all(h["class_fraction"] == [0.5, 0.5] for h in report["iterations"][:2])
+    # The report says at which of the candidate resolutions the split was made, and why.
+    split = report["initial_split"]
+    assert split["particles"] == 500 and sum(split["group_sizes"]) == 500
+    seps = split["separation_by_resolution_A"]
+    assert len(seps) >= 2 and seps[f"{split['resolution_A']:.2f}"] == max(seps.values())
     best = read_cs(tmp_path / "out" / "particles.cs")["alignments3D/class"]
     acc = agreement(best, sim.classes)
     print(f"consensus start: accuracy {acc:.3f}")

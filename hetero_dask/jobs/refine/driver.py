@@ -28,7 +28,7 @@ from hetero_dask.runtime.progress import IterationProgress
 
 from .images import image_mask_radius_px, likelihood_temperature
 from .noise import extend_shells, initial_sigma2
-from .outputs import load_report, write_outputs
+from .outputs import SPLIT_SUMMARY, load_report, write_outputs
 from .params import RefineParams
 from .references import estimate_scales, mask_for, prepare_references
 from .results import batch_rows, init_results, partitions
@@ -160,6 +160,7 @@ def _start(run: _Run, plan: RefinePlan, bar: IterationProgress) -> State:
     noise estimate, equal class priors."""
     p, store, box, psize, K = run.params, run.store, run.box, run.psize_A, run.n_classes
     run.assignment_file.unlink(missing_ok=True)
+    (run.run_dir / SPLIT_SUMMARY).unlink(missing_ok=True)
     refs = prepare_references(plan.volumes, plan.volumes_psize_A, box, psize, p, run.mask)
     sigma2 = initial_sigma2(store, box, psize, box / 2, run.mask_radius_px, 0, min(run.n_particles, 500))
     r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
@@ -185,6 +186,10 @@ def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationP
     assignment = np.full(N, -1, np.int16)
     assignment[: groups.size] = groups
     np.save(run.assignment_file, assignment)
+    ckpt.write_json_atomic(run.run_dir / SPLIT_SUMMARY, {
+        "particles": int(groups.size), "resolution_A": split.resolution_A,
+        "separation_by_resolution_A": {f"{res:.2f}": sep for res, sep in split.separation.items()},
+        "group_sizes": np.bincount(groups, minlength=K).tolist(), "held_iterations": p.split_iterations})
     tried = ", ".join(f"{res:.1f} A: {sep:.2f}" for res, sep in split.separation.items())
     bar.note(f"identical references: {groups.size} particles split by their variability at {split.resolution_A:.1f} A "
              f"(group separation {tried}) into groups of {np.bincount(groups, minlength=K).tolist()}, held for "

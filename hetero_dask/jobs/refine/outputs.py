@@ -15,6 +15,9 @@ from hetero_dask.jobs.common import output_table
 from .params import RefineParams
 from .state import State
 
+# How identical references were split, in the run folder (driver._split), copied into the report.
+SPLIT_SUMMARY = "initial_split.json"
+
 
 def write_outputs(out: Path, store, state: State, results, p: RefineParams, box, psize, K, names, t0,
                   run_dir: Path, stack_dir) -> dict:
@@ -58,6 +61,8 @@ def write_outputs(out: Path, store, state: State, results, p: RefineParams, box,
         "seconds": time.time() - t0,
         "outputs": {k: str(v) for k, v in {**paths, **plots}.items()},
     }
+    if (run_dir / SPLIT_SUMMARY).is_file():
+        report["initial_split"] = json.loads((run_dir / SPLIT_SUMMARY).read_text())
     outputs.write_report_json(out, report)
     outputs.write_job_html(out, "Heterogeneous Refinement", report, plots.values())
     return report
