@@ -165,6 +165,8 @@ def test_sigma_scale_schedule_and_bad_values():
     for name in ("initial_sigma_scale", "final_sigma_scale"):
         with pytest.raises(ValueError, match=rf"\({name}\) = 0.0: expected a value > 0"):
             RefineParams(**{name: 0.0}).validate()
+    with pytest.raises(ValueError, match=r"^split_lowpass_A = -5.0: expected a resolution in A > 0"):
+        RefineParams(split_lowpass_A=-5.0).validate()
 
 
 def test_split_resolutions_from_the_initial_lowpass_to_half_of_it():

@@ -183,17 +183,17 @@ def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationP
     split = split_by_variability(run.store, consensus, K, run.box, run.psize_A, run.mask_radius_px, resolutions,
                                  run.shift_range_px, sigma2 * run.mask_T, p, run.mask, n=min(N, p.split_particles))
     groups = split.groups
+    sizes = np.bincount(groups, minlength=K).tolist()
     assignment = np.full(N, -1, np.int16)
     assignment[: groups.size] = groups
     np.save(run.assignment_file, assignment)
     ckpt.write_json_atomic(run.run_dir / SPLIT_SUMMARY, {
         "particles": int(groups.size), "resolution_A": split.resolution_A,
         "separation_by_resolution_A": {f"{res:.2f}": sep for res, sep in split.separation.items()},
-        "group_sizes": np.bincount(groups, minlength=K).tolist(), "held_iterations": p.split_iterations})
+        "group_sizes": sizes, "held_iterations": p.split_iterations})
     tried = ", ".join(f"{res:.1f} A: {sep:.2f}" for res, sep in split.separation.items())
     bar.note(f"identical references: {groups.size} particles split by their variability at {split.resolution_A:.1f} A "
-             f"(group separation {tried}) into groups of {np.bincount(groups, minlength=K).tolist()}, held for "
-             f"{p.split_iterations} iterations")
+             f"(group separation {tried}) into groups of {sizes}, held for {p.split_iterations} iterations")
     return split.refs
 
 

@@ -77,10 +77,12 @@ def split_by_variability(store, consensus, K, box, psize, mask_radius_px, resolu
     classification error of two Gaussians falls as their separation grows, so the best
     separated split is the one kept.
     """
+    images = normalised_images(store, box, 0, n, mask_radius_px, np)  # read once for every candidate
+    ctf = store.ctf(0, n)
     best, separation = None, {}
     for res_A in resolutions_A:
-        refs, z, groups = _split_at(store, consensus, K, box, psize, mask_radius_px, res_A, shift_range, sigma2,
-                                    p, mask, n)
+        refs, z, groups = _split_at(images, ctf, consensus, K, box, psize, mask_radius_px, res_A, shift_range,
+                                    sigma2, p, mask)
         separation[res_A] = _separation(z, groups, K)
         if best is None or separation[res_A] > separation[best[2]]:
             best = (refs, groups, res_A)
@@ -96,11 +98,11 @@ def _separation(z, groups, K: int) -> float:
     return between / max(within, 1e-30)
 
 
-def _split_at(store, consensus, K, box, psize, mask_radius_px, resolution_A, shift_range, sigma2,
-              p: RefineParams, mask, n: int):
+def _split_at(images, ctf, consensus, K, box, psize, mask_radius_px, resolution_A, shift_range, sigma2,
+              p: RefineParams, mask):
     """The split at one resolution: ``(refs (K, box, box, box), coordinates (n, K - 1), groups (n,))``.
 
-    The first ``n`` particles are aligned to the consensus with soft poses (their
+    The ``n`` particles (``images``, normalised, and their ``ctf``) are aligned to the consensus with soft poses (their
     ``_SPLIT_POSES`` most probable poses, weighted, at sigma scale ``final_sigma_scale``):
     a particle of one state often fits the consensus best in a wrong pose, and a single
     hard pose puts that error into its residual. The residuals ``r`` (image minus the
@@ -118,7 +120,7 @@ def _split_at(store, consensus, K, box, psize, mask_radius_px, resolution_A, shi
     consensus plus the basis at the group's mean coordinates.
     """
     r_align = _split_radius(resolution_A, box, psize)
-    res = _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p, mask, n,
+    res = _residuals(images, ctf, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p, mask,
                      resolution_A)
     V = _principal_components(res, K + 1, p.seed)
     basis, z, groups = _classify(res, V[: K - 1], K, p.seed)
@@ -177,13 +179,13 @@ class _Residuals:
         return lowpass(reconstruct(g), self.lowpass_A, self.psize_A, 3) * self.mask
 
 
-def _residuals(store, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p: RefineParams,
-               mask, n: int, lowpass_A: float) -> _Residuals:
-    """The first ``n`` particles aligned to the consensus with ``_SPLIT_POSES`` soft poses, and
-    their residuals at each (image minus the consensus's scaled, CTF-modulated projection)."""
-    imgs = normalised_images(store, box, 0, n, mask_radius_px, np)
+def _residuals(images, ctf, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2,
+               p: RefineParams, mask, lowpass_A: float) -> _Residuals:
+    """The particles aligned to the consensus with ``_SPLIT_POSES`` soft poses, and their
+    residuals at each (image minus the consensus's scaled, CTF-modulated projection)."""
+    n = images.shape[0]
     band = alignment_band(box, r_align, np)
-    prep = prepare_particles(imgs, store.ctf(0, n), psize, band, normalize=False, mask_radius_px=mask_radius_px)
+    prep = prepare_particles(images, ctf, psize, band, normalize=False, mask_radius_px=mask_radius_px)
     fm = prepare_fourier_map(consensus, r_max=r_align + 1)
     s2 = extend_shells(sigma2, int(math.ceil(r_align)) + 2)
     search = SearchParams(radius_final=r_align, order_coarse=max(1, min(2, p.max_order - 1)),
