@@ -370,7 +370,6 @@ class ClassResult:
     weight_sum: float
     empty: bool = False
     fsc_prior: np.ndarray | None = None
-    raw_halves: np.ndarray | None = None  # (2, n, n, n) unregularised half-maps, when asked for
 
 
 def mstep_class(
@@ -383,7 +382,6 @@ def mstep_class(
     min_weight: float = 1e-6,
     regularise: bool = True,
     regularise_halves: bool = True,
-    keep_raw: bool = False,
 ) -> ClassResult:
     """Half-maps and full map of class ``k`` from its grids (see the module docstring).
 
@@ -393,8 +391,7 @@ def mstep_class(
     measured from unregularised half-maps); ``regularise=False`` returns the
     plain ``B / W`` maps; ``regularise_halves=False`` (without ``fsc_prior``)
     regularises the full map only and returns the unregularised half-maps and
-    their FSC, the curves :func:`hetero_dask.core.fsc.fsc_set` is meant for;
-    ``keep_raw``: the unregularised half-maps come back too (``raw_halves``).
+    their FSC, the curves :func:`hetero_dask.core.fsc.fsc_set` is meant for.
     A class whose weight is below ``min_weight`` gives zero maps, resolution
     inf and ``empty=True``. Returns numpy arrays.
     """
@@ -414,16 +411,12 @@ def mstep_class(
     if regularise and not half_empty:
         prior, raw_pair = _wiener_prior(halves, fsc_prior, keep_maps=not regularise_halves)
     vA, vB, vF = _class_maps(halves, full, prior, tau2_fudge, raw_pair, xp)
-    raw = None
-    if keep_raw or (prior is not None and fsc_prior is not None):
-        raw = raw_pair or tuple(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves)
     if half_empty:
         curve, res_A = np.zeros(n // 2 + 1), float("inf")
     else:
-        curve = _reported_fsc(vA, vB, raw, prior, fsc_prior)
+        curve = _reported_fsc(vA, vB, halves, prior, fsc_prior)
         res_A = resolution_A(curve, n, psize_A)
-    raw_halves = np.stack([np.asarray(to_host(v), np.float32) for v in raw]) if keep_raw else None
-    return ClassResult(vF, vA, vB, curve, res_A, weight, False, prior, raw_halves)
+    return ClassResult(vF, vA, vB, curve, res_A, weight, False, prior)
 
 
 def _empty_result(n: int, weight: float) -> ClassResult:
@@ -457,8 +450,8 @@ def _class_maps(halves, full, prior, tau2_fudge: float, raw_pair, xp):
     return tuple(np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
 
 
-def _reported_fsc(vA, vB, raw, prior, fsc_prior):
-    """The class's half-map FSC, always of unregularised maps (``raw``), for two non-empty halves."""
+def _reported_fsc(vA, vB, halves, prior, fsc_prior):
+    """The class's half-map FSC, always of unregularised maps, for two non-empty halves."""
     if prior is None:
         return fsc_curve(vA, vB)  # the maps are unregularised
     if fsc_prior is None:
@@ -466,4 +459,4 @@ def _reported_fsc(vA, vB, raw, prior, fsc_prior):
     # The FSC of Wiener-filtered half-maps overstates the data's: the filter damps the
     # voxels with little weight (mostly noise) more than the others. Fed back as the next
     # prior it would regularise less and less. Measure it on the unregularised maps.
-    return fsc_curve(*raw)
+    return fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves))

@@ -44,7 +44,6 @@ from .split import identical_references, split_by_variability, split_resolutions
 from .state import (
     State,
     checkpoint,
-    class_contrast_references,
     prune_iteration_files,
     references_file,
     restore_state,
@@ -216,8 +215,6 @@ def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
         # Neither random nor the split's held groups are posteriors: the priors stay where they are.
         held_prior = step.random or step.iteration < assigned_its
         update_state(state, results, stats, step.lr, held_prior, p.reference_mode != "full")
-        if p.filter_class_contrast and p.reference_mode != "full":
-            state.volumes = class_contrast_references(results, state.class_prior, p.tau2_fudge, info["r_bp"])
         changed = class_change(stats)
         _record(state, step, changed, info, step.iteration < assigned_its, bar)
         state.batch_start = 0 if step.stop >= N else step.stop
@@ -280,8 +277,7 @@ def _mstep_tasks(run: _Run, state: State, step: Step, r_backproject: float) -> d
     return {
         k: partial(mstep_task, k=k, run_dir=str(run.run_dir), iteration=step.iteration, prev_iteration=prev,
                    decay=step.decay, r_backproject=r_backproject, symmetry_ops=run.symmetry_ops,
-                   tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior,
-                   keep_raw=p.filter_class_contrast)
+                   tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior)
         for k in range(run.n_classes)
     }
 

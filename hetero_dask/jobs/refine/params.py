@@ -43,10 +43,6 @@ class RefineParams:
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True
-    # The references each E-step scores against: the classes' mean plus each class's deviation
-    # from it, each filtered by its own half-set FSC (core.class_filter), instead of each class
-    # map filtered whole (which leaves noise in what tells the classes apart).
-    filter_class_contrast: bool = False
     convergence_class_change: float = 0.05
     convergence_res_shells: float = 1.0
     final_full_passes: int = 2

@@ -3,13 +3,11 @@ and the per-iteration files of the run directory (references, running statistics
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hetero_dask.core.class_filter import contrast_filtered
 from hetero_dask.runtime import checkpoint as ckpt
 
 from .noise import updated_sigma2
@@ -46,20 +44,6 @@ def update_state(state: State, results, ex: dict, lr: float, hold_prior: bool, h
         state.class_prior = np.maximum(state.class_prior, 1e-4)
         state.class_prior /= state.class_prior.sum()
     state.sigma2 = updated_sigma2(state.sigma2, ex, lr)
-
-
-def class_contrast_references(results, class_prior, tau2_fudge: float, r_backproject: float) -> np.ndarray:
-    """The references ``(K, 2, n, n, n)`` from the classes' unregularised half-maps, filtered as
-    the mean over the classes plus each class's deviation (:func:`~hetero_dask.core.class_filter.contrast_filtered`);
-    a class without particles keeps its (zero) maps and stays out of the mean."""
-    K = len(results)
-    live = [k for k in range(K) if not results[k].empty and results[k].raw_halves is not None]
-    refs = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
-    if len(live) < 2:
-        return refs
-    raw = np.stack([results[k].raw_halves for k in live])
-    refs[live] = contrast_filtered(raw, np.asarray(class_prior)[live], tau2_fudge, max_shell=math.floor(r_backproject))
-    return refs
 
 
 def checkpoint(run_dir: Path, state: State):
