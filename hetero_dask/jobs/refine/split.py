@@ -24,8 +24,10 @@ from .images import normalised_images
 from .noise import extend_shells
 from .params import RefineParams
 
-# Poses kept per particle, subspace iterations, rounds of classification in the linear model.
-_SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_ROUNDS = 32, 8, 3
+# Poses kept per particle; the most subspace iterations, and the settling test that ends them
+# sooner (the smallest cosine of the principal angles between the components used, from one
+# iteration to the next); rounds of classification in the linear model.
+_SPLIT_POSES, _SPLIT_PCA_ITERATIONS, _SPLIT_PCA_SETTLED, _SPLIT_ROUNDS = 32, 8, 0.999, 3
 
 
 def identical_references(refs, tol: float = 1e-3) -> bool:
@@ -79,10 +81,10 @@ def split_by_variability(store, consensus, K, box, psize, mask_radius_px, resolu
     """
     images = normalised_images(store, box, 0, n, mask_radius_px, np)  # read once for every candidate
     ctf = store.ctf(0, n)
-    best, separation = None, {}
-    for res_A in resolutions_A:
-        refs, z, groups = _split_at(images, ctf, consensus, K, box, psize, mask_radius_px, res_A, shift_range,
-                                    sigma2, p, mask)
+    best, separation, V = None, {}, None
+    for res_A in resolutions_A:  # each candidate's components start from the previous one's
+        refs, z, groups, V = _split_at(images, ctf, consensus, K, box, psize, mask_radius_px, res_A, shift_range,
+                                       sigma2, p, mask, V)
         separation[res_A] = _separation(z, groups, K)
         if best is None or separation[res_A] > separation[best[2]]:
             best = (refs, groups, res_A)
@@ -99,8 +101,10 @@ def _separation(z, groups, K: int) -> float:
 
 
 def _split_at(images, ctf, consensus, K, box, psize, mask_radius_px, resolution_A, shift_range, sigma2,
-              p: RefineParams, mask):
-    """The split at one resolution: ``(refs (K, box, box, box), coordinates (n, K - 1), groups (n,))``.
+              p: RefineParams, mask, start=None):
+    """The split at one resolution: ``(refs (K, box, box, box), coordinates (n, K - 1), groups (n,),
+    principal components (K + 1, box, box, box))``; ``start``: components to begin the
+    subspace iteration from (another resolution's), else random maps.
 
     The ``n`` particles (``images``, normalised, and their ``ctf``) are aligned to the consensus with soft poses (their
     ``_SPLIT_POSES`` most probable poses, weighted, at sigma scale ``final_sigma_scale``):
@@ -122,11 +126,11 @@ def _split_at(images, ctf, consensus, K, box, psize, mask_radius_px, resolution_
     r_align = _split_radius(resolution_A, box, psize)
     res = _residuals(images, ctf, consensus, box, psize, mask_radius_px, r_align, shift_range, sigma2, p, mask,
                      resolution_A)
-    V = _principal_components(res, K + 1, p.seed)
+    V = _principal_components(res, K + 1, p.seed, K - 1, start)
     basis, z, groups = _classify(res, V[: K - 1], K, p.seed)
     centre = [z[m > 0].mean(axis=0) if m.any() else np.zeros(K - 1) for m in _members(groups, K)]
     refs = np.stack([consensus + np.tensordot(c, basis, axes=1) for c in centre]).astype(np.float32)
-    return refs, z, groups.astype(np.int16)
+    return refs, z, groups.astype(np.int16), V
 
 
 @dataclass
@@ -210,13 +214,18 @@ def _orthonormal(maps):
     return np.linalg.qr(maps.reshape(len(maps), -1).T)[0].T.reshape(maps.shape).astype(np.float32)
 
 
-def _principal_components(res: _Residuals, n_vec: int, seed: int):
+def _principal_components(res: _Residuals, n_vec: int, seed: int, n_used: int, start=None):
     """``(n_vec, box, box, box)`` top principal components of the residual covariance, by subspace
-    iteration with Rayleigh-Ritz: V <- Cov V, Cov V = sum_i (c_i - mean c) A_i^T C r_i / sigma2."""
+    iteration with Rayleigh-Ritz: V <- Cov V, Cov V = sum_i (c_i - mean c) A_i^T C r_i / sigma2.
+
+    From ``start`` (low-passed and masked like the components) or random maps; it stops when the
+    span of the top ``n_used`` components has settled (:data:`_SPLIT_PCA_SETTLED`), or after
+    :data:`_SPLIT_PCA_ITERATIONS` iterations."""
     everyone = np.ones(res.n, np.float32)
-    rng = task_rng(seed, 0, (0,))
-    V = _orthonormal(np.stack([lowpass(rng.standard_normal((res.box,) * 3).astype(np.float32), res.lowpass_A,
-                                       res.psize_A, 3) * res.mask for _ in range(n_vec)]))
+    if start is None:
+        rng = task_rng(seed, 0, (0,))
+        start = [rng.standard_normal((res.box,) * 3).astype(np.float32) for _ in range(n_vec)]
+    V = _orthonormal(np.stack([lowpass(v, res.lowpass_A, res.psize_A, 3) * res.mask for v in start]))
     for _ in range(_SPLIT_PCA_ITERATIONS):
         W = []
         for v in V:
@@ -224,8 +233,15 @@ def _principal_components(res: _Residuals, n_vec: int, seed: int):
             W.append(res.backproject((c - c.mean()).astype(np.float32), everyone))
         W = np.stack(W)
         ev, E = np.linalg.eig((V.reshape(n_vec, -1) @ W.reshape(n_vec, -1).T).T)
-        V = _orthonormal(np.tensordot(E[:, np.argsort(-ev.real)].real.T, W, axes=1))
+        V, old = _orthonormal(np.tensordot(E[:, np.argsort(-ev.real)].real.T, W, axes=1)), V
+        if _span_cosine(V[:n_used], old[:n_used]) >= _SPLIT_PCA_SETTLED:
+            break
     return V
+
+
+def _span_cosine(A, B) -> float:
+    """Smallest cosine of the principal angles between the spans of orthonormal maps ``A`` and ``B``."""
+    return float(np.linalg.svd(A.reshape(len(A), -1) @ B.reshape(len(B), -1).T, compute_uv=False).min())
 
 
 def _classify(res: _Residuals, basis, K: int, seed: int):
