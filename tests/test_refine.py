@@ -127,14 +127,26 @@ def consensus_set(tmp_path_factory):
     return d, vols, sim, str(paths["cs"]), refs
 
 
-def test_identical_references_are_split_by_variability(consensus_set, tmp_path):
+def test_identical_references_are_split_by_variability(consensus_set, tmp_path, monkeypatch):
     """Two copies of the consensus map. On this set random-assignment EM stays at chance
     (0.53) and so did the previous split (0.50: one consensus pose per particle, equal-size
     cut along the top principal component); the split by variability, held for two
     iterations, then free EM reaches 0.92 (oracle 0.95)."""
+    from hetero_dask.jobs.refine import split as S
+
     d, vols, sim, cs, refs = consensus_set
+    warm = []
+    real = S._principal_components
+
+    def recorded(res, n_vec, seed, n_used, start=None):
+        warm.append(start is not None)
+        return real(res, n_vec, seed, n_used, start)
+
+    monkeypatch.setattr(S, "_principal_components", recorded)
     report = refine(cs, refs, tmp_path / "out", refine_box=32, batch_size_per_class=1000, max_iterations=10,
                     initial_lowpass_A=30.0, max_order=2, progress=False, seed=3)
+    # each candidate resolution's components start from the previous (coarser) one's
+    assert warm == [False] + [True] * (len(warm) - 1) and len(warm) >= 2
     held = [h["split_assignment"] for h in report["iterations"]]
     assert held[:3] == [True, True, False]
     assert all(h["class_change_fraction"] in (None, 0.0) for h in report["iterations"][:2])
@@ -191,3 +203,39 @@ def test_split_separation_tells_two_states_from_one_cloud():
     labels = np.arange(z.shape[0]) % 2
     clouds = z + np.where(labels[:, None] == 1, 2.0, -2.0)
     assert _separation(clouds, labels, 2) == pytest.approx(4.0, rel=0.02)
+
+
+def test_split_subspace_iteration_settles_and_warm_starts(consensus_set, monkeypatch):
+    """The split's principal components: the subspace iteration stops once the components
+    settle (the principal angle between two iterates), and started from its own settled
+    answer it stops within two iterations (the start is low-passed and masked again) with
+    the same components."""
+    from hetero_dask.jobs.refine import RefineParams
+    from hetero_dask.jobs.refine import split as S
+
+    rng = np.random.default_rng(0)
+    A = S._orthonormal(rng.standard_normal((2, 8, 8, 8)).astype(np.float32))
+    mixed = S._orthonormal(np.stack([A[0] + A[1], A[0] - A[1]]))
+    assert S._span_cosine(A, mixed) == pytest.approx(1.0, abs=1e-5)  # one span, another basis
+    assert S._span_cosine(A[:1], A[1:]) == pytest.approx(0.0, abs=1e-5)  # orthogonal
+
+    d, vols, sim, cs, refs = consensus_set
+    box, psize, n, limit = 32, 8.0, 200, 40
+    res = S._residuals(sim.images[:n] / sim.noise_sigma, sim.ctf.subset(np.arange(n)), vols.mean(axis=0), box,
+                       psize, box / 2 - 2, S._split_radius(30.0, box, psize), 1.0, np.full(box, 1.0),
+                       RefineParams(max_order=2), np.ones((box,) * 3, np.float32), 30.0)
+    calls = {"n": 0}
+    real = res.backproject
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    res.backproject = counted
+    monkeypatch.setattr(S, "_SPLIT_PCA_ITERATIONS", limit)
+    V = S._principal_components(res, 3, seed=0, n_used=1)
+    from_random = calls["n"] // 3  # three backprojections per iteration
+    W = S._principal_components(res, 3, seed=0, n_used=1, start=V)
+    assert 2 < from_random < limit
+    assert calls["n"] // 3 - from_random <= 2
+    assert S._span_cosine(W[:1], V[:1]) >= 0.99  # within 8 degrees; unrelated maps give about 0
