@@ -96,3 +96,28 @@ def test_relion_project_convention(shared_data, tmp_path):
     r = radius_2d(n, np)
     band = (r > 0) & (r <= n / 3)
     assert abs(np.linalg.norm(F[:, band]) / np.linalg.norm(model[:, band]) - 1) < 0.01
+
+
+@pytest.mark.parametrize("r_max", [6.0, None])  # a cropped cube (fast path) and the whole box
+def test_stacked_maps_project_as_each_alone(r_max, monkeypatch):
+    """C maps stacked in one FourierMap give, map by map, exactly the slices of separate calls,
+    on both code paths of the projector and through project_band's blocks of rotations."""
+    from hetero_dask.core import scoring
+    from hetero_dask.core.projector import stacked
+    from hetero_dask.core.scoring import alignment_band, project_band
+
+    monkeypatch.setattr(scoring, "PROJECT_BLOCK_POINTS", 2**12)  # blocks of ~100 of the 700 rotations
+    rng = np.random.default_rng(4)
+    vols = [rng.standard_normal((16, 16, 16)).astype(np.float32) for _ in range(3)]
+    fmaps = [prepare_fourier_map(v, r_max=r_max) for v in vols]
+    rots = Rotation.random(700, random_state=5).as_matrix()
+    band = alignment_band(16, 5.0)
+    together = project_band(stacked(fmaps), rots, band.kx, band.ky)
+    assert together.shape == (3, 700, band.kx.size)
+    for k, fm in enumerate(fmaps):
+        np.testing.assert_array_equal(together[k], project_band(fm, rots, band.kx, band.ky))
+    k = np.arange(-8, 8, dtype=np.float32)
+    kx, ky = (a.ravel() for a in np.meshgrid(k, k))
+    np.testing.assert_array_equal(project(stacked(fmaps), rots[:5], kx, ky)[1], project(fmaps[1], rots[:5], kx, ky))
+    with pytest.raises(ValueError, match="one shape"):
+        stacked([fmaps[0], prepare_fourier_map(vols[1], r_max=3.0)])

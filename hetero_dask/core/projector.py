@@ -136,6 +136,10 @@ def project(fmap: FourierMap, rotations, kx, ky):
     stored cube read as zero. When the cube holds every corner of the
     ``r_max`` ball (the usual cropped map) the 8 gathers are at constant
     offsets from one base index.
+
+    ``fmap.data`` may hold C maps of one geometry stacked ``(C, S, S, S)``
+    (:func:`stacked`): the slices are then ``(C, R, M)``, the coordinates and
+    weights computed once for all of them, each map's values as from its own call.
     """
     xp = xp_of(fmap.data)
     kx = xp.asarray(kx, dtype=xp.float32)
@@ -151,7 +155,7 @@ def project(fmap: FourierMap, rotations, kx, ky):
         c += Rf[:, a, 1:2] * sy
         c += xp.float32(fmap.center)
         coords.append(c)
-    flat = fmap.data.reshape(-1)
+    flat = fmap.data.reshape(*fmap.data.shape[:-3], -1)
     if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
         idt = xp.int32 if S**3 < 2**31 else xp.int64
         base = None
@@ -170,9 +174,9 @@ def project(fmap: FourierMap, rotations, kx, ky):
             for oy, wy in ((0, 1 - ty), (S, ty)):
                 wzy = wz * wy
                 idx = base + (oz + oy)
-                v0 = xp.take(flat, idx)
+                v0 = xp.take(flat, idx, axis=-1)
                 v0 *= wx0 * wzy
-                v1 = xp.take(flat, idx + 1)
+                v1 = xp.take(flat, idx + 1, axis=-1)
                 v1 *= tx * wzy
                 v0 += v1
                 out = v0 if out is None else out + v0
@@ -180,14 +184,24 @@ def project(fmap: FourierMap, rotations, kx, ky):
     x0, x1, wx0, wx1 = _axis_corners(coords[0], S, xp)
     y0, y1, wy0, wy1 = _axis_corners(coords[1], S, xp)
     z0, z1, wz0, wz1 = _axis_corners(coords[2], S, xp)
-    out = xp.zeros(x0.shape, dtype=xp.complex64)
+    out = xp.zeros((*flat.shape[:-1], *x0.shape), dtype=xp.complex64)
     for oz, wz in ((z0 * (S * S), wz0), (z1 * (S * S), wz1)):
         for oy, wy in ((y0 * S, wy0), (y1 * S, wy1)):
             wzy = wz * wy
             ozy = oz + oy
             for ox, wx in ((x0, wx0 * inside), (x1, wx1 * inside)):
-                out += xp.take(flat, ox + ozy) * (wzy * wx)
+                out += xp.take(flat, ox + ozy, axis=-1) * (wzy * wx)
     return out
+
+
+def stacked(fmaps) -> FourierMap:
+    """One :class:`FourierMap` whose data stacks ``fmaps`` ``(C, S, S, S)`` (same n, pad,
+    r_max), for :func:`project` of all C maps at the same rotations at once."""
+    xp = xp_of(fmaps[0].data)
+    first = fmaps[0]
+    if any((f.data.shape, f.pad, f.n, f.r_max) != (first.data.shape, first.pad, first.n, first.r_max) for f in fmaps):
+        raise ValueError("stacked FourierMaps need one shape, pad, n and r_max")
+    return FourierMap(data=xp.stack([f.data for f in fmaps]), pad=first.pad, n=first.n, r_max=first.r_max)
 
 
 def project_images(fmap: FourierMap, rotations):

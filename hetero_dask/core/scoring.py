@@ -216,7 +216,8 @@ PROJECT_BLOCK_POINTS = 2**17
 
 
 def project_band(fmap: FourierMap, rotations, kx, ky):
-    """Central slices ``(R, M)`` complex64 at band frequencies: :func:`.projector.project`.
+    """Central slices ``(R, M)`` complex64 at band frequencies: :func:`.projector.project`
+    (``(C, R, M)`` for C stacked maps, :func:`.projector.stacked`).
 
     Refuses frequencies beyond the map's ``r_max`` (they would read as zero and
     silently bias the scores): prepare the map at the alignment radius or more.
@@ -233,9 +234,9 @@ def project_band(fmap: FourierMap, rotations, kx, ky):
     step = R if xp is not np else max(1, PROJECT_BLOCK_POINTS // max(kx.size, 1))
     if step >= R:
         return project(fmap, rotations, kx, ky)
-    out = xp.empty((R, kx.size), dtype=xp.complex64)
+    out = xp.empty((*fmap.data.shape[:-3], R, kx.size), dtype=xp.complex64)
     for r0 in range(0, R, step):
-        out[r0 : r0 + step] = project(fmap, rotations[r0 : r0 + step], kx, ky)
+        out[..., r0 : r0 + step, :] = project(fmap, rotations[r0 : r0 + step], kx, ky)
     return out
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from hetero_dask.core import pose_grids as so3
 from hetero_dask.core.fourier import lowpass, resolution_to_radius
-from hetero_dask.core.projector import prepare_fourier_map
+from hetero_dask.core.projector import prepare_fourier_map, stacked
 from hetero_dask.core.scoring import (
     Band,
     alignment_band,
@@ -150,10 +150,11 @@ class _Residuals:
     mask: np.ndarray  # (box, box, box)
     psize_A: float
 
-    def project(self, D):
-        """``(n, P, M)`` projections of map ``D`` at every particle's poses."""
-        return project_band(prepare_fourier_map(D, r_max=self.r_align + 1), self.R, self.band.kx,
-                            self.band.ky).reshape(self.n, self.P, -1)
+    def project(self, maps):
+        """``(C, n, P, M)`` projections of maps ``(C, box, box, box)`` at every particle's poses
+        (the slice coordinates computed once for all C)."""
+        fm = stacked([prepare_fourier_map(D, r_max=self.r_align + 1) for D in maps])
+        return project_band(fm, self.R, self.band.kx, self.band.ky).reshape(len(maps), self.n, self.P, -1)
 
     def correlation(self, q):
         """``(n,)`` pose-weighted <C r, q> (whitened) of projections ``q`` ``(n, P, M)``."""
@@ -163,7 +164,7 @@ class _Residuals:
         """(n, m) least-squares coordinates of each particle's residual on ``basis`` (m maps):
         the pose-weighted normal equations sum_j w_ij <C P_j b_a, C P_j b_b> z = <C r_ij, C P_j b_a>
         (whitened), solved per particle."""
-        Q = [self.project(b) for b in basis]
+        Q = list(self.project(basis))
         rhs = np.stack([self.correlation(q) for q in Q], axis=1)
         gram = np.stack([np.stack([np.sum(self.w * np.sum(self.CC * (qa * np.conj(qb)).real, axis=2), axis=1)
                                    for qb in Q], axis=1) for qa in Q], axis=1)
@@ -228,8 +229,8 @@ def _principal_components(res: _Residuals, n_vec: int, seed: int, n_used: int, s
     V = _orthonormal(np.stack([lowpass(v, res.lowpass_A, res.psize_A, 3) * res.mask for v in start]))
     for _ in range(_SPLIT_PCA_ITERATIONS):
         W = []
-        for v in V:
-            c = res.correlation(res.project(v))
+        for q in res.project(V):
+            c = res.correlation(q)
             W.append(res.backproject((c - c.mean()).astype(np.float32), everyone))
         W = np.stack(W)
         ev, E = np.linalg.eig((V.reshape(n_vec, -1) @ W.reshape(n_vec, -1).T).T)
