@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "correlated Fourier coefficients; 1 = CryoSPARC's)")
     parser.add_argument("--max-order", type=int, default=d.max_order,
                         help=f"finest HEALPix order of the pose search (default {d.max_order})")
+    parser.add_argument("--search-poses", type=int, default=d.search_max_poses,
+                        help="poses of each class refined at every finer stage of the pose search "
+                             f"(default {d.search_max_poses}); more costs time and keeps more of a broad "
+                             "pose posterior")
     parser.add_argument("--reference-mode", choices=REFERENCE_MODES, default=d.reference_mode,
                         help="score each half-set against the other half's maps (cross), its own (half) or the "
                              "full map (full)")
@@ -78,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
         mask_diameter_outer_A=args.mask_diameter_outer, batch_size_per_class=args.batch_size,
         num_random_iterations=args.random_iterations, initial_lowpass_A=args.initial_lowpass,
         max_iterations=args.iterations, seed=args.seed, initial_sigma_scale=args.sigma_scale,
-        max_order=args.max_order, reference_mode=args.reference_mode,
+        max_order=args.max_order, search_max_poses=args.search_poses, reference_mode=args.reference_mode,
         final_sigma_scale=args.final_sigma_scale, flip_contrast=args.flip_contrast,
     )
     volumes = args.volumes[0] if len(args.volumes) == 1 else args.volumes

@@ -52,6 +52,7 @@ OPTIONS = {
     "batch_size_per_class": "--batch-size", "num_random_iterations": "--random-iterations",
     "initial_lowpass_A": "--initial-lowpass", "initial_sigma_scale": "--sigma-scale",
     "final_sigma_scale": "--final-sigma-scale", "max_order": "--max-order",
+    "search_max_poses": "--search-poses",
     "reference_mode": "--reference-mode", "max_iterations": "--iterations", "seed": "--seed",
     "class_prefix": "--prefix", "mask": "--mask", "random_split": "--random-split",
     "random_seed": "--seed", "stack_dir": "--stack-dir", "num_superclasses": "--superclasses",

@@ -81,6 +81,12 @@ class RefineParams:
     max_iterations: int = 100
     shift_range_px: float | None = None
     max_order: int = 4
+    # The pose search's coarse stage runs at this fraction of the alignment radius, and each
+    # later stage refines the search_max_poses best poses of every class. A class's evidence
+    # is summed over the poses the last stage scores: at low SNR a particle's pose posterior
+    # is broad, and a search that keeps few poses loses some classes' mass more than others'.
+    coarse_radius_fraction: float = 0.6
+    search_max_poses: int = 8
     seed: int = 0
     # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
     # which the grey-scale fit refuses (references.estimate_scales).
@@ -91,13 +97,13 @@ class RefineParams:
         if self.refine_box is not None:
             check_even_box("refine_box", self.refine_box)
         for name in ("batch_size_per_class", "learning_rate_halflife", "max_iterations", "max_order",
-                     "sigma_anneal_iterations", "split_particles"):
+                     "sigma_anneal_iterations", "split_particles", "search_max_poses"):
             if getattr(self, name) < 1:
                 raise bad_value(name, getattr(self, name), "a whole number >= 1")
         for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
             if getattr(self, name) < 0:
                 raise bad_value(name, getattr(self, name), "a whole number >= 0")
-        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate"):
+        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate", "coarse_radius_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
         for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",

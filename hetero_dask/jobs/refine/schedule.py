@@ -64,8 +64,8 @@ def search_params(r: Radii, it: int, p: RefineParams, shift_range_px: float, mas
     temperature ``mask_T`` times the annealed sigma scale squared."""
     order_c, order_f = orders_for(r.align, p.max_order)
     return SearchParams(
-        radius_final=r.align, radius_coarse=max(4.0, 0.6 * r.align), order_coarse=order_c,
-        order_final=order_f, shift_range_px=shift_range_px, shift_step_px=max(1.0, shift_range_px / 2.5),
+        radius_final=r.align, radius_coarse=max(4.0, p.coarse_radius_fraction * r.align),
+        order_coarse=order_c, order_final=order_f, max_poses=p.search_max_poses, shift_range_px=shift_range_px, shift_step_px=max(1.0, shift_range_px / 2.5),
         sigma2_scale=mask_T * sigma_scale(it, p, converged) ** 2,
         hard=p.force_hard_classification,
     )
