@@ -146,41 +146,56 @@ def project(fmap: FourierMap, rotations, kx, ky):
     ky = xp.asarray(ky, dtype=xp.float32)
     S = fmap.data.shape[-1]
     inside = ((kx**2 + ky**2) <= fmap.r_max**2).astype(xp.float32)
-    Rf = xp.asarray(rotations, dtype=xp.float32)
-    sx = kx * (fmap.pad * inside)
-    sy = ky * (fmap.pad * inside)
+    coords = _grid_coords(fmap, xp.asarray(rotations, dtype=xp.float32), kx * inside, ky * inside)
+    flat = fmap.data.reshape(*fmap.data.shape[:-3], -1)
+    if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
+        return _gather_interior(flat, coords, inside, S, xp)
+    return _gather_clipped(flat, coords, inside, S, xp)
+
+
+def _grid_coords(fmap: FourierMap, Rf, kx, ky) -> list:
+    """The grid coordinates x, y, z ``(R, M)`` float32 of ``R @ (kx, ky, 0)`` (padded, centred)."""
+    xp = xp_of(Rf)
+    sx = kx * fmap.pad
+    sy = ky * fmap.pad
     coords = []
-    for a in range(3):  # x, y, z on the grid: (R @ (kx, ky, 0))[a] * pad + center
+    for a in range(3):
         c = Rf[:, a, 0:1] * sx
         c += Rf[:, a, 1:2] * sy
         c += xp.float32(fmap.center)
         coords.append(c)
-    flat = fmap.data.reshape(*fmap.data.shape[:-3], -1)
-    if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
-        idt = xp.int32 if S**3 < 2**31 else xp.int64
-        base = None
-        frac = []
-        for c, stride in zip(coords, (1, S, S * S), strict=True):
-            f = xp.floor(c)
-            c -= f  # c now holds the fractional part
-            i = f.astype(idt) * stride
-            base = i if base is None else base + i
-            frac.append(c)
-        tx, ty, tz = frac
-        tx *= inside
-        wx0 = inside - tx
-        out = None
-        for oz, wz in ((0, 1 - tz), (S * S, tz)):
-            for oy, wy in ((0, 1 - ty), (S, ty)):
-                wzy = wz * wy
-                idx = base + (oz + oy)
-                v0 = xp.take(flat, idx, axis=-1)
-                v0 *= wx0 * wzy
-                v1 = xp.take(flat, idx + 1, axis=-1)
-                v1 *= tx * wzy
-                v0 += v1
-                out = v0 if out is None else out + v0
-        return out
+    return coords
+
+
+def _gather_interior(flat, coords, inside, S: int, xp):
+    """Trilinear gathers when every corner lies inside the cube: 8 gathers at constant
+    offsets from one base index. Overwrites ``coords`` with their fractional parts."""
+    idt = xp.int32 if S**3 < 2**31 else xp.int64
+    base = None
+    for c, stride in zip(coords, (1, S, S * S), strict=True):
+        f = xp.floor(c)
+        c -= f  # c now holds the fractional part
+        i = f.astype(idt) * stride
+        base = i if base is None else base + i
+    tx, ty, tz = coords
+    tx *= inside
+    wx0 = inside - tx
+    out = None
+    for oz, wz in ((0, 1 - tz), (S * S, tz)):
+        for oy, wy in ((0, 1 - ty), (S, ty)):
+            wzy = wz * wy
+            idx = base + (oz + oy)
+            v0 = xp.take(flat, idx, axis=-1)
+            v0 *= wx0 * wzy
+            v1 = xp.take(flat, idx + 1, axis=-1)
+            v1 *= tx * wzy
+            v0 += v1
+            out = v0 if out is None else out + v0
+    return out
+
+
+def _gather_clipped(flat, coords, inside, S: int, xp):
+    """Trilinear gathers where corners may fall outside the cube (they read as zero)."""
     x0, x1, wx0, wx1 = _axis_corners(coords[0], S, xp)
     y0, y1, wy0, wy1 = _axis_corners(coords[1], S, xp)
     z0, z1, wz0, wz1 = _axis_corners(coords[2], S, xp)
