@@ -127,16 +127,8 @@ def _scatter_add(target, idx, vals):
         cupyx.scatter_add(flat, idx, vals.astype(flat.dtype))
 
 
-def backproject(
-    grids: BackprojGrids,
-    rotations,
-    values,
-    weights,
-    kx,
-    ky,
-    chunk_points=1 << 18,
-    deterministic: bool = False,
-):
+def backproject(grids: BackprojGrids, rotations, values, weights, kx, ky, chunk_points=1 << 18,
+                deterministic: bool = False):
     """Accumulate ``values`` ``(P, M)`` complex and ``weights`` ``(P, M)`` real into ``grids`` in place.
 
     ``rotations`` ``(P, 3, 3)``; ``kx``, ``ky`` ``(M,)`` in cycles per box.
@@ -178,15 +170,8 @@ def backproject(
     step = max(1, chunk_points // max(M, 1))
     scatter = _CollectedScatter() if deterministic else _scatter_add
     for s in range(0, P, step):
-        _backproject_batch(
-            grids,
-            rotations[s : s + step],
-            values[s : s + step],
-            weights[s : s + step],
-            kx,
-            ky,
-            scatter,
-        )
+        part = slice(s, s + step)
+        _backproject_batch(grids, rotations[part], values[part], weights[part], kx, ky, scatter)
     if deterministic:
         scatter.flush()
     return grids

@@ -385,16 +385,8 @@ def _merge_top(rot, logw, sidx, new_rot, new_logw, new_sidx, keep: int, xp):
     return r, w, s
 
 
-def score_dense(
-    xc,
-    cc,
-    band: Band,
-    projections: list[ClassProjections],
-    shifts_px,
-    keep: int = 8,
-    max_tile_bytes: int = 16 * 2**20,
-    precision: str = "float32",
-) -> TopPoses:
+def score_dense(xc, cc, band: Band, projections: list[ClassProjections], shifts_px, keep: int = 8,
+                max_tile_bytes: int = 16 * 2**20, precision: str = "float32") -> TopPoses:
     """Exhaustive scoring of every particle against shared rotations x shifts, per class.
 
     ``xc``, ``cc`` from :func:`weighted_terms` (B, M); ``projections`` one per
@@ -425,29 +417,33 @@ def score_dense(
         nb = b1 - b0
         x_ri = stack_ri(xc[b0:b1, None, :] * ramps[None]).reshape(nb * T, 2 * m)
         for k, proj in enumerate(projections):
-            rot = out_rot[b0:b1, k]
-            w = out_w[b0:b1, k]
-            s = out_s[b0:b1, k]
+            top = (out_rot[b0:b1, k], out_w[b0:b1, k], out_s[b0:b1, k])
+            sums = (lse[b0:b1, k], lse2[b0:b1, k])
             for r0 in range(0, R, r_chunk):
                 r1 = min(R, r0 + r_chunk)
                 S = scoring_matmul(x_ri, proj.p_ri[r0:r1].T, precision).reshape(nb, T, r1 - r0)
                 L = _lse_shifts(S, xp)  # S now holds exp(S - max over shifts)
                 L -= cc[b0:b1] @ proj.p_pow[r0:r1].T  # the norm term does not depend on t
-                mx = L.max(axis=1)
-                lse[b0:b1, k] = _lse_merge(
-                    lse[b0:b1, k], mx + xp.log(xp.exp(L - mx[:, None]).sum(axis=1)), xp
-                )
-                lse2[b0:b1, k] = _lse_merge(
-                    lse2[b0:b1, k], 2 * mx + xp.log(xp.exp(2 * (L - mx[:, None])).sum(axis=1)), xp
-                )
-                # The tile's own top rotations, then their best shifts only.
-                kk = min(keep, r1 - r0)
-                sel = xp.argpartition(-L, kk - 1, axis=1)[:, :kk]
-                best_t = xp.argmax(xp.take_along_axis(S, sel[:, None, :], axis=2), axis=1)
-                sel_L = xp.take_along_axis(L, sel, axis=1)
-                rot, w, s = _merge_top(rot, w, s, sel + r0, sel_L, best_t, keep, xp)
-            out_rot[b0:b1, k], out_w[b0:b1, k], out_s[b0:b1, k] = rot, w, s
+                sums, top = _reduce_tile(S, L, r0, sums, top, keep, xp)
+            out_rot[b0:b1, k], out_w[b0:b1, k], out_s[b0:b1, k] = top
+            lse[b0:b1, k], lse2[b0:b1, k] = sums
     return TopPoses(rot=out_rot, logw=out_w, shift_idx=out_s, class_lse=lse, class_lse2=lse2)
+
+
+def _reduce_tile(S, L, r0: int, sums, top, keep: int, xp):
+    """Fold one tile of rotations ``[r0, r0 + L.shape[1])`` into the running sums (log-sum-exp
+    of the scores and of their doubles over rotations) and the running top ``keep`` rotations,
+    each with its best shift. ``L`` (b, r) scores summed over shifts; ``S`` (b, T, r) their
+    per-shift weights."""
+    mx = L.max(axis=1)
+    lse = _lse_merge(sums[0], mx + xp.log(xp.exp(L - mx[:, None]).sum(axis=1)), xp)
+    lse2 = _lse_merge(sums[1], 2 * mx + xp.log(xp.exp(2 * (L - mx[:, None])).sum(axis=1)), xp)
+    # The tile's own top rotations, then their best shifts only.
+    kk = min(keep, L.shape[1])
+    sel = xp.argpartition(-L, kk - 1, axis=1)[:, :kk]
+    best_t = xp.argmax(xp.take_along_axis(S, sel[:, None, :], axis=2), axis=1)
+    sel_L = xp.take_along_axis(L, sel, axis=1)
+    return (lse, lse2), _merge_top(*top, sel + r0, sel_L, best_t, keep, xp)
 
 
 def score_local(
