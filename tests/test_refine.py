@@ -183,21 +183,23 @@ def test_sigma_scale_schedule_and_bad_values():
 
 def test_search_breadth_reaches_the_pose_search():
     """The coarse stage runs at ``coarse_radius_fraction`` of the alignment radius (at least 4
-    shells) and every later stage refines ``search_max_poses`` poses per class; values no
-    search can use are refused by name."""
+    shells), every later stage refines ``search_max_poses`` poses per class and the E-step
+    returns ``backproject_poses`` per class; values no search can use are refused by name."""
     from hetero_dask.jobs.refine import RefineParams
     from hetero_dask.jobs.refine.schedule import Radii, search_params
 
     r = Radii(align=20.0, backproject=30.0, band=30.0)
     for frac, poses in ((0.6, 8), (1.0, 32)):
-        p = RefineParams(coarse_radius_fraction=frac, search_max_poses=poses)
+        p = RefineParams(coarse_radius_fraction=frac, search_max_poses=poses, backproject_poses=2 * poses)
         s = search_params(r, 0, p, shift_range_px=3.0, mask_T=1.0, converged=False)
-        assert (s.radius_coarse, s.radius_final, s.max_poses) == (20.0 * frac, 20.0, poses)
+        assert (s.radius_coarse, s.radius_final, s.max_poses, s.n_out_poses) == (20.0 * frac, 20.0, poses, 2 * poses)
         assert s.radius_at(0) == pytest.approx(20.0 * frac)
     small = search_params(Radii(5.0, 7.0, 7.0), 0, RefineParams(), 3.0, 1.0, False)
     assert small.radius_coarse == 4.0
     with pytest.raises(ValueError, match=r"--search-poses \(search_max_poses\) = 0: expected a whole number >= 1"):
         RefineParams(search_max_poses=0).validate()
+    with pytest.raises(ValueError, match=r"^backproject_poses = 0: expected a whole number >= 1"):
+        RefineParams(backproject_poses=0).validate()
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"^coarse_radius_fraction = .*: expected a value in \(0, 1\]"):
             RefineParams(coarse_radius_fraction=bad).validate()

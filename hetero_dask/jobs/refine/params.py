@@ -87,6 +87,10 @@ class RefineParams:
     # is broad, and a search that keeps few poses loses some classes' mass more than others'.
     coarse_radius_fraction: float = 0.6
     search_max_poses: int = 8
+    # Each particle is backprojected into a class at that class's backproject_poses most
+    # probable poses, their weights renormalised: fewer make a broad pose posterior look
+    # sharper than it is.
+    backproject_poses: int = 8
     seed: int = 0
     # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
     # which the grey-scale fit refuses (references.estimate_scales).
@@ -97,7 +101,8 @@ class RefineParams:
         if self.refine_box is not None:
             check_even_box("refine_box", self.refine_box)
         for name in ("batch_size_per_class", "learning_rate_halflife", "max_iterations", "max_order",
-                     "sigma_anneal_iterations", "split_particles", "search_max_poses"):
+                     "sigma_anneal_iterations", "split_particles", "search_max_poses",
+                     "backproject_poses"):
             if getattr(self, name) < 1:
                 raise bad_value(name, getattr(self, name), "a whole number >= 1")
         for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
