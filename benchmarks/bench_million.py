@@ -273,8 +273,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir).resolve()
     n_max = max(args.sizes)
-    # stacks + cache entry + job folders, and the box-128 set's stack and cache entry
+    # stacks + cache entry + job folders, and the box-128 set's stack and cache entry, less what
+    # an earlier run left in the workdir (a kept simulation and cache are reused, not rewritten)
     need_gb = (n_max * BOX * BOX * 4 * 2.3 + (0 if args.no_relion else args.relion_n * 128**2 * 4 * 2.2)) / 1e9
+    if work.exists():
+        need_gb = max(0.0, need_gb - _du(work) / 1e9)
     free_gb = shutil.disk_usage(work.parent if not work.exists() else work).free / 1e9
     if free_gb < need_gb:
         raise SystemExit(f"{work}: {free_gb:.0f} GB free, about {need_gb:.0f} GB needed")
