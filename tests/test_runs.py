@@ -94,6 +94,7 @@ def test_bad_inputs_are_refused_before_any_cluster_or_write(data, tmp_path, caps
         ({"box": "63"}, r"--box \(refine_box\) = 63: expected an even number"),
         ({"box": "128"}, r"--box \(refine_box\) = 128: expected at most twice the particles' box 32"),
         ({"symmetry": "X9"}, r"--symmetry \(symmetry\) = 'X9'"),
+        ({"search_poses": "0"}, r"--search-poses \(search_max_poses\) = 0: expected a whole number >= 1"),
         ({"mask_diameter": "500"}, r"--mask-diameter \(mask_diameter_A\) = 500.0: expected a diameter"),
         ({"iterations": "3", "random_iterations": "5"},
          r"--iterations \(max_iterations\) = 3: expected >= 8: the 5 random-assignment"),
