@@ -382,3 +382,22 @@ def test_combine_sums_partials_into_its_first_input():
     np.testing.assert_array_equal(got.weight_sum, [6.0, 6.0])
     np.testing.assert_array_equal(got.extra["stat"], [6.0, 6.0, 6.0])
     assert got.n_particles == 60
+
+
+def test_random_halves_are_balanced_and_computed_per_range(simset):
+    from hetero_dask.io.store import ParticleStore
+    from hetero_dask.jobs.common import random_halves, split_rows
+
+    store = ParticleStore.open(simset["store"])
+    whole = split_rows(store, 0, store.n, None, seed=7)
+    assert abs(int(whole.sum()) * 2 - store.n) <= 1  # halves differ by at most one particle
+    # a task's rows alone give what the whole set gives: no (N,) array on a worker
+    pieces = [split_rows(store, lo, min(lo + 37, store.n), None, 7) for lo in range(0, store.n, 37)]
+    assert np.array_equal(np.concatenate(pieces), whole)
+    # input rows 2j and 2j+1 in opposite halves; which one varies with j and with the seed
+    rows = np.arange(100_000)
+    h = random_halves(rows, 7)
+    assert np.all(h[0::2] != h[1::2])
+    assert 0.48 < (h[0::2] == 0).mean() < 0.52
+    assert 0.48 < (h != random_halves(rows, 8)).mean() < 0.52
+    assert np.array_equal(h, random_halves(rows, 7))

@@ -362,6 +362,12 @@ class ParticleStore:
             self._orig = self._group["original_index"][:]
         return self._orig
 
+    def input_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``original_index[start:stop]``, read without loading all N (a task's rows only)."""
+        if self._orig is not None:
+            return self._orig[start:stop]
+        return np.asarray(self._group["original_index"][start:stop], dtype=np.int64)
+
     def to_input_order(self, values) -> np.ndarray:
         """Per-particle ``values`` ``(N, ...)`` in store order -> the user's input order."""
         values = np.asarray(values)

@@ -142,7 +142,7 @@ def _reconstruct_classes(
         layout=job.layout,
         box=job.box,
         hard=job.hard,
-        random_split=p.random_split,
+        split_field=job.split_field,
         seed=p.random_seed,
         batch_size=batch,
     )

@@ -12,6 +12,7 @@ from hetero_dask.core.symmetry import symmetry_group
 from hetero_dask.io.errors import InputError
 from hetero_dask.io.mrc import read_map, write_map
 from hetero_dask.io.store import ParticleStore
+from hetero_dask.jobs.common import split_field
 
 from .layouts import LAYOUT_HARD, ClassLayout, check_posteriors, class_inputs, class_layout
 from .params import ReconstructParams
@@ -24,7 +25,9 @@ class Prepared:
     ``cols``: the layout's fields, name -> values ``(N, ...)``; ``post`` ``(N, K)``
     float32 class posteriors; ``best`` ``(N,)`` the most probable class; ``hard``:
     one-hot argmax weights instead of ``post``; ``psize_A``: the pixel size at the
-    reconstruction box ``box``; ``mask_path``: ``OUT/mask.mrc`` when a mask is given.
+    reconstruction box ``box``; ``mask_path``: ``OUT/mask.mrc`` when a mask is given;
+    ``split_field``: the input field whose half-sets the job keeps, None for random halves
+    (``random_split``, or no usable field).
     """
 
     source: str
@@ -38,6 +41,7 @@ class Prepared:
     psize_A: float
     symmetry_ops: np.ndarray
     mask_path: Path | None
+    split_field: str | None
 
 
 def prepare(
@@ -62,7 +66,10 @@ def prepare(
         write_map(mask_path, load_mask(p.mask, box, psize_out), psize_out)
     ops = symmetry_group(p.symmetry, p.symmetry_convention)
     best = np.argmax(post, axis=1)
-    return Prepared(source, store, layout, cols, post, best, hard, box, psize_out, ops, mask_path)
+    halves = None if p.random_split else split_field(store)
+    return Prepared(
+        source, store, layout, cols, post, best, hard, box, psize_out, ops, mask_path, halves
+    )
 
 
 def load_mask(path, box: int, psize_A: float) -> np.ndarray:

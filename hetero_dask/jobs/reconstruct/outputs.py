@@ -11,7 +11,7 @@ import numpy as np
 
 import hetero_dask
 from hetero_dask.io.mrc import read_map
-from hetero_dask.jobs.common import output_table
+from hetero_dask.jobs.common import output_table, split_rows
 from hetero_dask.jobs.outputs import (
     fsc_figure,
     map_figures,
@@ -24,7 +24,6 @@ from hetero_dask.jobs.outputs import (
 from .inputs import Prepared
 from .layouts import class_inputs, class_poses
 from .params import ReconstructParams
-from .tasks import split_of
 
 TITLE = "Heterogeneous Reconstruction Only"
 
@@ -42,7 +41,7 @@ def write_particle_files(out_dir: Path, job: Prepared, p: ReconstructParams) -> 
         to_input(class_inputs(job.cols, job.layout, store.psize_A, store.psize_A)[2]),
         store.psize_A,
         best_class=to_input(job.best),
-        split=to_input(split_of(str(store.path), p.random_split, p.random_seed)),
+        split=to_input(split_rows(store, 0, store.n, job.split_field, p.random_seed)),
         job="hetero_dask reconstruct",
     )
 

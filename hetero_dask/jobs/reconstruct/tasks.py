@@ -12,11 +12,9 @@ import numpy as np
 from hetero_dask.core.backend import worker_xp
 from hetero_dask.core.fsc import fsc_set, resolution_A
 from hetero_dask.io.mrc import read_map
-from hetero_dask.io.store import store_version
-from hetero_dask.jobs.common import particle_split, worker_store
+from hetero_dask.jobs.common import split_rows, worker_store
 from hetero_dask.jobs.mstep import accumulating, backproject_classes, empty_partial, mstep_class
 from hetero_dask.jobs.outputs import write_class_maps
-from hetero_dask.runtime.engine import worker_cached
 
 from .layouts import ClassLayout, class_inputs
 
@@ -29,34 +27,20 @@ def auto_batch(box: int, K: int) -> int:
     return int(np.clip(2 * K * (1 << 21) / m, 64, max(64, (1 << 30) // (64 * box * box))))
 
 
-def split_of(path: str, random_split: bool, seed: int) -> np.ndarray:
-    """Half-set (0/1) of every particle ``(N,)`` int64 in store order, once per worker: random
-    halves by input row from ``seed`` with ``random_split``, else
-    :func:`~hetero_dask.jobs.common.particle_split` (the input's, or random)."""
-
-    def load():
-        store = worker_store(path)
-        if random_split:
-            by_input = np.random.default_rng([int(seed), 2]).permutation(store.n) % 2
-            return by_input[store.original_index].astype(np.int64)
-        return particle_split(store, seed)
-
-    return worker_cached(("split", path, store_version(path), bool(random_split), int(seed)), load)
-
-
 def backproject_range(
     partition,
     store_path: str,
     layout: ClassLayout,
     box: int,
     hard: bool,
-    random_split: bool,
+    split_field: str | None,
     seed: int,
     batch_size: int,
 ):
-    """Process task: class half-grids ``ClassGridsPartial`` of the particles in ``partition``."""
+    """Process task: class half-grids ``ClassGridsPartial`` of the particles in ``partition``
+    (half-sets from the input's ``split_field``, else random by ``seed``: see
+    :func:`~hetero_dask.jobs.common.split_rows`)."""
     store = worker_store(store_path)
-    split = split_of(store_path, random_split, seed)
     start, stop = partition.start, partition.stop
     psize_out = store.psize_at_box(box)
     xp = worker_xp()
@@ -77,7 +61,7 @@ def backproject_range(
                 rot,
                 shifts,
                 post,
-                split[lo:hi],
+                split_rows(store, lo, hi, split_field, seed),
             )
     partial.n_particles = stop - start
     return partial.to(np)
