@@ -28,6 +28,7 @@ from hetero_dask.runtime.engine import (
     clear_worker_cache,
     map_reduce,
     partition_ranges,
+    row_hash,
     task_rng,
     worker_cached,
 )
@@ -97,6 +98,20 @@ def test_task_rng_depends_only_on_seed_iteration_partition():
         assert not np.allclose(a, other.random(5))
     with pytest.raises(ValueError, match="non-negative"):
         task_rng(-1, 0, 0)
+
+
+def test_row_hash_depends_only_on_the_row_and_key_and_is_uniform():
+    rows = np.arange(200_000)
+    h = row_hash(rows, 1, 2)
+    np.testing.assert_array_equal(h[1234:5678], row_hash(rows[1234:5678], 1, 2))  # any slice alone
+    for other in (row_hash(rows, 1, 3), row_hash(rows, 2, 2), row_hash(rows, 1, 2, 0)):
+        assert (other != h).mean() > 0.999
+    counts = np.bincount((h % np.uint64(4)).astype(np.int64), minlength=4)
+    assert np.abs(counts / rows.size - 0.25).max() < 0.005  # binomial sd ~0.001
+    bits = (h & np.uint64(1)).astype(np.int64)  # neighbouring rows independent
+    assert abs(np.corrcoef(bits[:-1], bits[1:])[0, 1]) < 0.01
+    with pytest.raises(ValueError, match="non-negative"):
+        row_hash(rows, -1)
 
 
 def test_worker_cached_loads_once_per_key_and_evicts_lru():

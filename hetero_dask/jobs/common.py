@@ -17,7 +17,7 @@ import numpy as np
 
 from hetero_dask.io.errors import InputError
 from hetero_dask.io.store import ParticleStore, is_store, store_version
-from hetero_dask.runtime.engine import worker_cached
+from hetero_dask.runtime.engine import row_hash, worker_cached
 
 SPLIT_FIELDS = ("alignments3D/split", "alignments3D_multi/split")
 
@@ -110,26 +110,16 @@ def split_rows(store: ParticleStore, start: int, stop: int, field: str | None, s
 def random_halves(input_rows: np.ndarray, seed: int) -> np.ndarray:
     """Random, balanced, reproducible half-sets of particles by their input row.
 
-    Input rows ``2j`` and ``2j + 1`` fall in opposite halves, which one decided by a hash
-    of ``(seed, j)``: the halves differ by at most one particle, and a particle's half depends
-    only on ``seed`` and its input row, so any row range is computed alone (no ``(N,)``
-    permutation on a worker: 80 MB per worker at 10^7 particles) and the answer does not
-    depend on the store's permutation or on how the work is partitioned.
+    Input rows ``2j`` and ``2j + 1`` fall in opposite halves, which one decided by
+    :func:`~hetero_dask.runtime.engine.row_hash` of ``j``: the halves differ by at most one
+    particle, and a particle's half depends only on ``seed`` and its input row, so any row
+    range is computed alone (no ``(N,)`` permutation on a worker: 80 MB per worker at 10^7
+    particles) and the answer depends neither on the store's permutation nor on how the work
+    is partitioned.
     """
     rows = np.asarray(input_rows, dtype=np.uint64)
-    pair = rows >> np.uint64(1)
-    flip = _splitmix64(pair ^ _splitmix64(np.array([int(seed) & (2**64 - 1)], np.uint64)))
+    flip = row_hash(rows >> np.uint64(1), int(seed), 2)
     return ((rows ^ flip) & np.uint64(1)).astype(np.int64)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic): a well-mixed
-    hash of each value."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def particle_split(store: ParticleStore, seed: int = 0) -> np.ndarray:

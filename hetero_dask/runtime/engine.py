@@ -115,6 +115,30 @@ def task_rng(seed: int, iteration: int, partition: int | Sequence[int]) -> np.ra
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
+def row_hash(rows, *key: int) -> np.ndarray:
+    """A well-mixed ``uint64`` per entry of ``rows`` that depends only on ``key`` and that row.
+
+    For per-particle random draws keyed by the particle's index (e.g. ``row_hash(rows, seed,
+    iteration) % K``): a task computes its rows' values alone, so the draws depend neither on
+    the partitioning nor on N (no ``(N,)`` stream drawn to take a slice of).
+    """
+    if any(int(k) < 0 for k in key):
+        raise ValueError(f"row_hash needs non-negative integer keys, got {key}")
+    h = np.asarray(rows, dtype=np.uint64)
+    for k in (len(key), *key):  # the length too: (3,) and (3, 0) differ
+        h = _splitmix64(h ^ _splitmix64(np.uint64(int(k) & (2**64 - 1))))
+    return h
+
+
+def _splitmix64(x):
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 _CACHE: OrderedDict[Hashable, Any] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _LOAD_LOCKS: dict[Hashable, threading.Lock] = {}

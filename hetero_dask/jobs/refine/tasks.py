@@ -28,7 +28,7 @@ from hetero_dask.jobs.mstep import (
     empty_partial,
     mstep_class,
 )
-from hetero_dask.runtime.engine import Partition, task_rng
+from hetero_dask.runtime.engine import Partition, row_hash
 
 from .images import normalised_images
 from .noise import ResidualPower
@@ -90,7 +90,7 @@ def estep_task(part: Partition, ctx: EStepContext) -> ClassGridsPartial:
         refs = [maps[k][ref] for k in range(ctx.n_classes)]
         prep = prepare_particles(x, c, ctx.psize_A, band, normalize=False, mask_radius_px=ctx.mask_radius_px)
         res = estep(prep, refs, xp.asarray(ctx.sigma2), ctx.search, class_prior=xp.asarray(ctx.class_prior))
-        p = _class_posterior(ctx, res, h, start + sel, stop)
+        p = _class_posterior(ctx, res, start + sel)
         found.put(sel, p, res)
         noise.add(prep, res, p, refs, ctx.box, xp)
         _backproject(out, ctx, res, p, x, c, h)
@@ -104,17 +104,17 @@ def estep_task(part: Partition, ctx: EStepContext) -> ClassGridsPartial:
     return _to_numpy(out)
 
 
-def _class_posterior(ctx: EStepContext, res, h: int, rows: np.ndarray, n_rows: int) -> np.ndarray:
-    """``(len(rows), K)`` class posteriors of particles ``rows`` (of half-set ``h``): the
+def _class_posterior(ctx: EStepContext, res, rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), K)`` class posteriors of the particles at store rows ``rows``: the
     E-step's, or the assignments that replace them (random ones in random-assignment
     iterations; the split's groups while they are held)."""
     K = ctx.n_classes
     p = to_host(res.class_posterior)
     if ctx.random_assignment:
-        # Random hard assignment: draw i of one (seed, iteration, half) stream goes to particle i,
-        # so it does not depend on the partitioning (number of workers).
-        rng = task_rng(ctx.seed, ctx.iteration, (h,))
-        p = np.eye(K, dtype=np.float32)[rng.integers(0, K, n_rows)[rows]]
+        # Random hard assignment keyed by (seed, iteration, particle): it does not depend on
+        # the partitioning (number of workers), and a task draws for its own rows only.
+        drawn = row_hash(rows, ctx.seed, ctx.iteration) % np.uint64(K)
+        p = np.eye(K, dtype=np.float32)[drawn.astype(np.int64)]
     if ctx.assignment_file is not None:
         a = np.load(ctx.assignment_file, mmap_mode="r", allow_pickle=False)[rows]
         p = np.where((a >= 0)[:, None], np.eye(K, dtype=np.float32)[np.maximum(a, 0)], p)
