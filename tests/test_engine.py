@@ -252,6 +252,29 @@ def test_one_worker_and_three_workers_with_different_partitions_agree(client3):
     assert_partial_close(r3, r1)
 
 
+def _scaled_process(p: Partition, scale: np.ndarray) -> dict:
+    part = toy_process(p)
+    part["sum"] *= scale
+    return part
+
+
+def test_shared_values_reach_every_task_in_memory_and_are_released(client3):
+    scale = np.linspace(1.0, 2.0, DIM)
+    parts = partition_ranges(N_PARTICLES, 9, 16)
+    want = {**expected(), "sum": DATA.sum(0) * scale}
+    assert_partial_close(map_reduce(None, _scaled_process, parts, toy_merge, shared={"scale": scale}), want)
+    got = map_reduce(client3, _scaled_process, parts, toy_merge, fan_in=3, shared={"scale": scale})
+    assert_partial_close(got, want)
+    # a second graph with the same token and another value reads the new value, and the
+    # first graph's copies are gone from the workers
+    again = map_reduce(client3, _scaled_process, parts, toy_merge, token="same", shared={"scale": 2 * scale})
+    assert_partial_close(again, {**want, "sum": 2 * want["sum"]})
+    deadline = time.monotonic() + 10  # releases reach the scheduler asynchronously
+    while any(client3.has_what().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(client3.has_what().values())
+
+
 def test_worker_cached_inside_tasks_loads_once_per_worker(client3, tmp_path):
     clear_worker_cache()
     log = tmp_path / "loads.txt"  # tasks run on copies of this test's objects: count in a file

@@ -189,9 +189,10 @@ def _combine(merge: Callable, *partials):
     return acc
 
 
-def _gated(process: Callable, partition, *gates):
-    """``process(partition)``; the gates (tokens, see :func:`_reduce`) only make it wait."""
-    return process(partition)
+def _gated(process: Callable, partition, shared, *gates):
+    """``process(partition, **shared)``; the gates (tokens, see :func:`_reduce`) only make it
+    wait."""
+    return process(partition, **(shared or {}))
 
 
 def _fold(merge: Callable, total, group_sum, *gate):
@@ -230,6 +231,7 @@ def build_graph(
     slots: Sequence[str] | None = None,
     select_first: bool = False,
     in_flight: int | None = None,
+    shared: Mapping[str, Any] | None = None,
 ) -> tuple[list, Any]:
     """The delayed nodes of a :func:`map_reduce` graph.
 
@@ -248,7 +250,8 @@ def build_graph(
     ``finish[key]`` may be a chain ``(f1, f2, ...)``: one task each
     (:func:`_finish_chain`). ``select_first`` (needs ``select`` and keyed
     ``finish``): cut each process partial into its keys' parts where it was
-    computed and reduce each key on its own.
+    computed and reduce each key on its own. ``shared``: keyword arguments of every process
+    task (values, or futures of values already on the workers).
 
     Keys: ``(f"{key_prefix}-process-{token}", i)``; group sums
     ``(f"{key_prefix}-merge-{token}", 0, g)`` and running sums ``(..., 1, g)``
@@ -269,7 +272,7 @@ def build_graph(
     }
     nodes, totals = _reduce(
         process, partitions, merge, fan_in, in_flight, names, slots, select,
-        finish_keys if select_first else None,
+        finish_keys if select_first else None, shared,
     )
     finishing, outputs = _finishing(finish, finish_keys, select, select_first, totals, slots, names)
     return nodes + finishing, outputs
@@ -315,6 +318,7 @@ def _reduce(
     slots: Sequence[str] | None,
     select: Callable | None,
     select_keys: list | None,
+    shared: Mapping[str, Any] | None = None,
 ) -> tuple[list, dict[tuple, Any]]:
     """The process tasks and the reduction of their partials: ``(nodes, totals)``, the process
     nodes first in partition order, and each tree's running sum through the last group.
@@ -344,7 +348,10 @@ def _reduce(
         wait = gates[g - in_flight] if g >= in_flight else []
         members = range(g * fan_in, min(len(partitions), (g + 1) * fan_in))
         level = [
-            _placed(slots, i, _gated, process, partitions[i], *wait, key=(names["process"], i))
+            _placed(
+                slots, i, _gated, process, partitions[i], shared, *wait,
+                key=(names["process"], i),
+            )
             for i in members
         ]
         processes += level
@@ -506,6 +513,7 @@ def map_reduce(
     progress: bool | None = False,
     after_map: Callable[[], Any] | None = None,
     select_first: bool = False,
+    shared: Mapping[str, Any] | None = None,
 ):
     """Run process -> merge (groups folded in partition order) -> finish as one graph;
     return the finished results.
@@ -525,13 +533,19 @@ def map_reduce(
     it overlaps the merges and finishing tasks (which leave cores idle)
     instead of following them; joined (and its exception raised) before
     returning. Without a client it runs after the graph.
+    ``shared``: name -> value given to every process task as a keyword argument (e.g. an
+    iteration's references): with a client, sent to every worker once for the graph
+    (scattered, broadcast) and held in memory there, not written to a file by the driver and
+    read back by each task; released with the graph.
     """
     # Spread over the task threads: the scheduler's default bandwidth prices a class's grids far
     # above its finishing task, so it would run every finishing task where the merged partial is.
     slots = _task_slots(client) if client is not None else None
+    if token is None and shared:
+        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first, shared)
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
-        select_first,
+        select_first, shared=_scattered(client, shared),
     )
     finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
     side = _DriverSide(after_map)
@@ -551,6 +565,17 @@ def map_reduce(
     if isinstance(outputs, dict):
         return dict(zip(outputs, results, strict=True))
     return results[0]
+
+
+def _scattered(client, shared: Mapping[str, Any] | None) -> dict | None:
+    """``shared`` with each value replaced by a future of it held on every worker (one copy per
+    worker process, under a new key each time: a later graph never reads an earlier value)."""
+    if not shared:
+        return None
+    if client is None:
+        return dict(shared)
+    futures = client.scatter(list(shared.values()), broadcast=True, hash=False)
+    return dict(zip(shared, futures, strict=True))
 
 
 def _gather_finals(client, nodes: list, finals: list, n_process: int, side: _DriverSide) -> list:

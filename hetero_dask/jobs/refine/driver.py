@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +46,6 @@ from .state import (
     State,
     checkpoint,
     prune_iteration_files,
-    references_file,
     restore_state,
     update_state,
 )
@@ -246,10 +246,9 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
     p, it = run.params, step.iteration
     r = radii(state.resolution_A, run.box, run.psize_A, p.backproject_factor)
     search = search_params(r, it, p, run.shift_range_px, run.mask_T, state.converged_at is not None)
-    vol_file = references_file(run.run_dir, it)
-    np.save(vol_file, state.volumes.astype(np.float32))
     ctx = EStepContext(
-        store_path=str(run.store.path), volumes_file=str(vol_file), results_path=str(run.results_path),
+        store_path=str(run.store.path), references_id=f"{uuid.uuid4().hex}-it{it}",
+        results_path=str(run.results_path),
         split_file=str(run.split_file), iteration=it, box=run.box, psize_A=run.psize_A,
         n_classes=run.n_classes, search=search, sigma2=extend_shells(state.sigma2, int(math.ceil(r.band)) + 2),
         class_prior=state.class_prior, r_backproject=r.backproject, r_band=r.band,
@@ -260,7 +259,8 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
     t_it = time.time()
     results = map_reduce(run.client, partial(estep_task, ctx=ctx), partitions(step.start, step.stop),
                          merge_partials, fan_in=8, finish=finish, select=select_class, key_prefix="refine",
-                         token=f"it{it}-{step.start}-{step.stop}", progress=False)
+                         token=f"it{it}-{step.start}-{step.stop}", progress=False,
+                         shared={"references": state.volumes.astype(np.float32)})
     # Every class's task returns the merged (small) statistics too: take class 0's.
     stats = results[0][1]
     info = dict(r_align=r.align, r_bp=r.backproject, order=search.order_final, t=time.time() - t_it,

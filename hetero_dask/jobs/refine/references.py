@@ -4,7 +4,6 @@ each iteration's per-(class, half) Fourier maps, read once per worker."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -97,18 +96,14 @@ def estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, sh
     return scales
 
 
-def class_maps(volumes_file: str, r_band: float, xp):
-    """Per (class, half) Fourier maps of this iteration's references, cached per worker."""
+def class_maps(references: np.ndarray, references_id: str, r_band: float, xp):
+    """Per (class, half) Fourier maps of this iteration's ``references`` ``(K, 2, n, n, n)``,
+    prepared once per worker: ``references_id`` names them (new each iteration and run)."""
 
     def load():
-        vols = np.load(volumes_file, allow_pickle=False)  # (K, 2, n, n, n)
         return [
-            [prepare_fourier_map(xp.asarray(vols[k, h]), r_max=r_band + 1) for h in range(2)]
-            for k in range(vols.shape[0])
+            [prepare_fourier_map(xp.asarray(references[k, h]), r_max=r_band + 1) for h in range(2)]
+            for k in range(references.shape[0])
         ]
 
-    # The file's modification time is in the key: a later run into the same folder on a
-    # long-lived cluster writes new references under the same name.
-    stamp = os.stat(volumes_file).st_mtime_ns
-    return worker_cached(("maps", volumes_file, stamp, r_band, xp.__name__), load)
-
+    return worker_cached(("maps", references_id, r_band, xp.__name__), load)

@@ -66,25 +66,18 @@ def restore_state(last) -> State:
                  batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"])
 
 
-def references_file(run_dir: Path, iteration: int) -> Path:
-    """The references ``(K, 2, n, n, n)`` the E-step of ``iteration`` scores against."""
-    return run_dir / f"references_it{iteration:04d}.npy"
-
-
 def grids_file(run_dir: str, iteration: int, k: int) -> Path:
     """Class ``k``'s running half-map statistics after ``iteration``."""
     return Path(run_dir) / "accumulators" / f"it{iteration:04d}_class{k:03d}.npz"
 
 
 def prune_iteration_files(run_dir: Path, iteration: int) -> None:
-    """Delete the references and running statistics of ``iteration`` and before.
+    """Delete the running statistics of ``iteration`` and before.
 
     The M-step of iteration i reads the statistics of i - 1 and a resumed run starts
     from the last checkpoint, so everything older is no longer needed.
     """
-    for path in list((run_dir / "accumulators").glob("it*_class*.npz")) + list(
-        run_dir.glob("references_it*.npy")
-    ):
-        digits = path.name[len("references_it"):][:4] if path.name.startswith("references") else path.name[2:6]
+    for path in (run_dir / "accumulators").glob("it*_class*.npz"):
+        digits = path.name[2:6]
         if digits.isdigit() and int(digits) <= iteration:
             path.unlink(missing_ok=True)

@@ -40,10 +40,11 @@ from .state import grids_file
 
 @dataclass
 class EStepContext:
-    """Static inputs of one iteration's E-step tasks (small: everything big is read from files)."""
+    """Static inputs of one iteration's E-step tasks (small: the references reach the workers
+    in memory, see :func:`estep_task`; the particles are read from the store)."""
 
     store_path: str
-    volumes_file: str
+    references_id: str  # names this iteration's references in each worker's cache
     results_path: str
     split_file: str
     iteration: int
@@ -62,8 +63,11 @@ class EStepContext:
     assignment_file: str | None = None  # (N,) class per particle held fixed, -1 free
 
 
-def estep_task(part: Partition, ctx: EStepContext) -> ClassGridsPartial:
+def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> ClassGridsPartial:
     """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial.
+
+    ``references``: the iteration's ``(K, 2, n, n, n)`` half-maps, one copy per worker (the
+    engine's ``shared``).
 
     Each half-set is scored against every class (``reference_mode``: the other half's
     maps, its own, or the full map), its results are written to the run's results and
@@ -77,7 +81,7 @@ def estep_task(part: Partition, ctx: EStepContext) -> ClassGridsPartial:
     ctf = store.ctf(start, stop)
     halves = np.load(ctx.split_file, mmap_mode="r", allow_pickle=False)[start:stop].astype(np.int64)
     band = alignment_band(ctx.box, ctx.r_band, xp)
-    maps = class_maps(ctx.volumes_file, ctx.r_band, xp)
+    maps = class_maps(references, ctx.references_id, ctx.r_band, xp)
     found = TaskResults.empty(stop - start, ctx.n_classes)
     out = empty_partial(ctx.n_classes, ctx.box, r_max=ctx.r_backproject, xp=xp)
     noise = ResidualPower.empty(ctx.r_band)
