@@ -37,7 +37,10 @@ class ReconstructParams:
         any number of workers. Each partial is a whole set of padded grids (~630 MB at
         box 128 and K=3), so partitions are large.
     partitions: exact number of particle ranges (overrides the above).
-    fan_in: partial grids merged per combine task (4-8).
+    fan_in: partial grids merged per combine task. A worker holds about
+        ``fan_in * in_flight / workers`` partials at once (the engine keeps
+        ``1 + ceil(threads / fan_in)`` groups in flight), so 2 keeps the peak
+        per worker at about two partials whatever N and the partition count.
     batch_size: images per backprojection batch (None = by box and K).
     workers, scheduler: cluster for the Python API when no client is passed
         (None and None: run in this process, synchronously).
@@ -63,7 +66,7 @@ class ReconstructParams:
     posterior_tolerance: float = 0.01
     partition_rows: int = 25_000
     partitions: int | None = None
-    fan_in: int = 4
+    fan_in: int = 2
     batch_size: int | None = None
     workers: int | None = None
     scheduler: str | None = None
