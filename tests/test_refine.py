@@ -194,7 +194,7 @@ def test_search_breadth_reaches_the_pose_search():
         s = search_params(r, 0, p, shift_range_px=3.0, mask_T=1.0, converged=False)
         assert (s.radius_coarse, s.radius_final, s.max_poses, s.n_out_poses) == (20.0 * frac, 20.0, poses, 2 * poses)
         assert s.radius_at(0) == pytest.approx(20.0 * frac)
-    small = search_params(Radii(5.0, 7.0, 7.0), 0, RefineParams(), 3.0, 1.0, False)
+    small = search_params(Radii(5.0, 7.0, 7.0), 0, RefineParams(coarse_radius_fraction=0.6), 3.0, 1.0, False)
     assert small.radius_coarse == 4.0
     with pytest.raises(ValueError, match=r"--search-poses \(search_max_poses\) = 0: expected a whole number >= 1"):
         RefineParams(search_max_poses=0).validate()

@@ -84,9 +84,10 @@ class RefineParams:
     # The pose search's coarse stage runs at this fraction of the alignment radius, and each
     # later stage refines the search_max_poses best poses of every class. A class's evidence
     # is summed over the poses the last stage scores: at low SNR a particle's pose posterior
-    # is broad, and a search that keeps few poses loses some classes' mass more than others'.
-    coarse_radius_fraction: float = 0.6
-    search_max_poses: int = 8
+    # is broad, and a search that keeps few poses loses some classes' mass more than others'
+    # (the choice and its cost: benchmarks/results/realistic/TUNING.md).
+    coarse_radius_fraction: float = 1.0
+    search_max_poses: int = 32
     # Each particle is backprojected into a class at that class's backproject_poses most
     # probable poses, their weights renormalised: fewer make a broad pose posterior look
     # sharper than it is.
