@@ -75,14 +75,18 @@ def _simulate_chunk(workdir: str, index: int, n: int, box: int, psize: float, se
 
 
 def simulate_set(workdir: Path, n: int, box: int, chunk: int, workers: int, seed: int):
-    """``(workdir/particles.cs, reused)``: ``n`` simulated particles (reused when there)."""
+    """``(workdir/particles.cs, reused)``: at least ``n`` simulated particles (a kept set of as
+    many or more is reused: each stack is seeded by its index, so the first ``n`` particles of
+    a larger set are the ``n``-particle set)."""
     from hetero_dask.io.cs import write_cs
 
     manifest = workdir / "simulation.json"
     want = {"n": n, "box": box, "psize_A": PSIZE, "snr": SNR, "chunk": chunk, "seed": seed}
     cs = workdir / "particles.cs"
-    if manifest.is_file() and json.loads(manifest.read_text()) == want and cs.is_file():
-        return cs, True
+    if manifest.is_file() and cs.is_file():
+        kept = json.loads(manifest.read_text())
+        if kept.get("n", 0) >= n and {**kept, "n": n} == want:
+            return cs, True
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = [min(chunk, n - s) for s in range(0, n, chunk)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
