@@ -64,9 +64,23 @@ def run_ours(data: S.Dataset, work: Path, params: dict, workers: int) -> dict:
             cluster.close()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     first = report["iterations"][0]
-    return dict(wall_s=wall, cpu_s=cpu, **S.score_refine_run(out, data), iterations=len(report["iterations"]),
+    return dict(wall_s=wall, cpu_s=cpu, code=_commit(), **S.score_refine_run(out, data), iterations=len(report["iterations"]),
                 first_iteration=first, converged_at=report.get("converged_at_iteration"),
                 resolution_A=[c["resolution_A"] for c in report["classes"]], params=kw)
+
+
+def _commit() -> str | None:
+    """The checkout's commit (``+`` when it has changes), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int) -> dict:
@@ -139,8 +153,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         return "-" if not v else f"{np.mean(v):.{digits}f}"
 
     lines = ["| scenario | variant | seeds | oracle | ours | RELION | ours - oracle | junk recall ours / oracle "
-             "| ECE ours | map corr. 8 A ours / RELION | time ours / RELION (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ECE ours | map corr. 8 A ours / RELION | time ours / RELION (s) | ours' code |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, variant), rs in sorted(groups.items()):
         o = [r.get("oracle", {}).get("accuracy") for r in rs]
         u = [r.get("ours", {}).get("accuracy") for r in rs]
@@ -155,9 +169,10 @@ def write_table(rows: list[dict], path: Path) -> None:
         tu = [r.get("ours", {}).get("wall_s") for r in rs]
         tr = [r.get("relion", {}).get("wall_s") for r in rs]
         seeds = ",".join(str(r["seed"]) for r in rs)
+        code = ",".join(sorted({str(r["ours"].get("code")) for r in rs if "ours" in r} - {"None"})) or "-"
         lines.append(f"| {name} | {variant} | {seeds} | {fmt(o)} | {fmt(u)} | {fmt(rel)} | "
                      f"{fmt([100 * d for d in diff], 1)} | {fmt(ju)} / {fmt(jo)} | {fmt(ece)} | {fmt(mc)} / {fmt(mr)} "
-                     f"| {fmt(tu, 0)} / {fmt(tr, 0)} |")
+                     f"| {fmt(tu, 0)} / {fmt(tr, 0)} | {code} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -226,24 +241,45 @@ def main() -> None:
                     help="built data sets (kept and reused)")
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: DATA/runs)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "realistic")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                    help="run nothing: merge DIR/results.json (runs written elsewhere with --out, e.g. "
+                         "side by side) into --out's, each run replacing what it measured")
     args = ap.parse_args()
     args.work = args.work or args.data / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "results.json"
     rows = json.loads(log.read_text()) if log.exists() else []
+    if args.merge:
+        for folder in args.merge:
+            for row in json.loads((folder / "results.json").read_text()):
+                _put(rows, row)
+        _write(rows, args.out)
+        print((args.out / "results.md").read_text())
+        return
     for name in args.scenarios:
         for seed in args.seeds:
             print(f"{name} seed {seed} {args.params}", flush=True)
-            row = run_case(name, seed, args)
-            same = [r for r in rows if (r["scenario"], r["seed"], r.get("variant", "{}")) == (name, seed, args.params)]
-            if same:  # a rerun replaces what it ran again and keeps the rest (e.g. RELION's figures)
-                same[0].update(row)
-            else:
-                rows.append(row)
-            log.write_text(json.dumps(rows, indent=1, default=str))
-            write_table(rows, args.out / "results.md")
-            write_plots(rows, args.out)
+            _put(rows, run_case(name, seed, args))
+            _write(rows, args.out)
     print((args.out / "results.md").read_text())
+
+
+def _put(rows: list[dict], row: dict) -> None:
+    """Add ``row``; a rerun of the same scenario, seed and variant replaces what it measured
+    again and keeps the rest (e.g. RELION's figures, or the oracle's under --skip-oracle)."""
+    key = (row["scenario"], row["seed"], row.get("variant", "{}"))
+    same = [r for r in rows if (r["scenario"], r["seed"], r.get("variant", "{}")) == key]
+    if same:
+        same[0].update(row)
+    else:
+        rows.append(row)
+
+
+def _write(rows: list[dict], out: Path) -> None:
+    """``results.json``, ``results.md`` and the plots in ``out``."""
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    write_table(rows, out / "results.md")
+    write_plots(rows, out)
 
 
 if __name__ == "__main__":
