@@ -266,7 +266,7 @@ def build_graph(
     _check_graph_arguments(partitions, fan_in, key_prefix, select, finish_keys, select_first)
     in_flight = _in_flight(in_flight, slots, fan_in)
     if token is None:
-        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first)
+        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first, shared)
     names = {
         s: f"{key_prefix}-{s}-{token}" for s in ("process", "merge", "gate", "select", "finish")
     }
@@ -541,8 +541,6 @@ def map_reduce(
     # Spread over the task threads: the scheduler's default bandwidth prices a class's grids far
     # above its finishing task, so it would run every finishing task where the merged partial is.
     slots = _task_slots(client) if client is not None else None
-    if token is None and shared:
-        token = tokenize(process, list(partitions), merge, fan_in, finish, select, select_first, shared)
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
         select_first, shared=_scattered(client, shared),
