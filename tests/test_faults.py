@@ -134,6 +134,41 @@ def test_worker_killed_during_estep(dataset, reference):
     assert_same_run(out, reference)
 
 
+def _map_sum(partition, scale):
+    return {"sum": scale * partition.size}
+
+
+def _add(a, b):
+    return {"sum": a["sum"] + b["sum"]}
+
+
+def test_shared_values_survive_the_loss_of_every_worker_holding_them():
+    """A graph's shared value is recomputed when the workers holding it die (scattered data is
+    not: the active memory manager trims broadcast copies to one, and the CI once lost it)."""
+    from distributed import Client
+
+    from hetero_dask.runtime.cluster import make_local_cluster
+    from hetero_dask.runtime.engine import _held, map_reduce, partition_ranges
+
+    scale = np.arange(1000.0)
+    with make_local_cluster(workers=2, processes=True, dashboard=False) as cluster, Client(cluster) as client:
+        held = _held(client, scale)
+        assert np.array_equal(held.result(), scale)
+        pids = client.run(os.getpid)
+        holders = client.who_has([held])[held.key]
+        assert holders, "the shared value is held by no worker"
+        for worker in holders:
+            os.kill(pids[worker], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (set(client.scheduler_info()["workers"]) & set(holders)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held.result(timeout=60).sum() == scale.sum()
+        # and through map_reduce, whose process tasks read it as a keyword argument
+        parts = partition_ranges(40, 4)
+        got = map_reduce(client, _map_sum, parts, _add, shared={"scale": scale})
+        np.testing.assert_array_equal(got["sum"], 40 * scale)
+
+
 # ---------------------------------------------------------------------------
 # (b) the driver killed, then resumed
 # ---------------------------------------------------------------------------

@@ -54,6 +54,8 @@ import itertools
 import math
 import re
 import threading
+import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -534,8 +536,8 @@ def map_reduce(
     instead of following them; joined (and its exception raised) before
     returning. Without a client it runs after the graph.
     ``shared``: name -> value given to every process task as a keyword argument (e.g. an
-    iteration's references): with a client, sent to every worker once for the graph
-    (scattered, broadcast) and held in memory there, not written to a file by the driver and
+    iteration's references): with a client, sent to each worker once for the graph
+    (:func:`_held`) and held in memory there, not written to a file by the driver and
     read back by each task; released with the graph.
     """
     # Spread over the task threads: the scheduler's default bandwidth prices a class's grids far
@@ -543,7 +545,7 @@ def map_reduce(
     slots = _task_slots(client) if client is not None else None
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
-        select_first, shared=_scattered(client, shared),
+        select_first, shared=_in_cluster(client, shared),
     )
     finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
     side = _DriverSide(after_map)
@@ -565,15 +567,31 @@ def map_reduce(
     return results[0]
 
 
-def _scattered(client, shared: Mapping[str, Any] | None) -> dict | None:
-    """``shared`` with each value replaced by a future of it held on every worker (one copy per
-    worker process, under a new key each time: a later graph never reads an earlier value)."""
+def _in_cluster(client, shared: Mapping[str, Any] | None) -> dict | None:
+    """``shared`` with each value replaced by a future of it (see :func:`_held`)."""
     if not shared:
         return None
     if client is None:
         return dict(shared)
-    futures = client.scatter(list(shared.values()), broadcast=True, hash=False)
-    return dict(zip(shared, futures, strict=True))
+    return {name: _held(client, value) for name, value in shared.items()}
+
+
+def _held(client, value) -> Any:
+    """A future of ``value`` in the cluster, under a new key each time (a later graph never
+    reads an earlier value); each worker fetches one copy, from a peer, when a task first needs it.
+
+    Submitted as a task rather than scattered: scattered data cannot be recovered, and the
+    scheduler's active memory manager trims broadcast copies to one once the tasks reading them
+    are done, so a single lost worker would fail the graph. A task's value is recomputed from its
+    spec, which the scheduler keeps until the future is released.
+    """
+    with warnings.catch_warnings():  # the value is meant to travel with the graph, once
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        return client.submit(_value_of, value, key=f"shared-{uuid.uuid4().hex}", pure=False)
+
+
+def _value_of(value):
+    return value
 
 
 def _gather_finals(client, nodes: list, finals: list, n_process: int, side: _DriverSide) -> list:
@@ -699,8 +717,7 @@ def map_items(
             raise ValueError("map_items needs a token when items is not a sequence")
         token = tokenize(fn, list(items), shared)
     name = f"{key_prefix}-item-{token}"
-    # A fresh key: a content-hashed one may be released by the previous call as this one uses it.
-    ref = client.scatter(shared, broadcast=True, hash=False) if shared is not None else None
+    ref = _held(client, shared) if shared is not None else None
     return _submit_window(client, fn, ref, enumerate(items), name, window, on_done)
 
 
