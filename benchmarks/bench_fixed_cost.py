@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ def timed_refine(cs: str, refs: list[str], out: Path, client, cache: Path, **par
 
     from hetero_dask.jobs.refine import refine
 
+    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run folder, from an earlier run
     t0 = time.perf_counter()
     with get_task_stream(client) as ts, contextlib.redirect_stdout(sys.stderr):
         report = refine(cs, refs, out, client=client, progress=False, cache_dir=cache, final_full_passes=0,
