@@ -105,11 +105,12 @@ def test_reference_order_is_not_the_sequential_order():
 @pytest.mark.parametrize("n_parts", [16, 256])
 def test_partials_alive_at_once_do_not_grow_with_partitions(n_parts, on_cluster, request):
     """The partials of 2 groups and the running sum (measured: 6 without a client, 8 or 9 on the
-    cluster); on the cluster, one more for a sum its worker has not dropped yet when the next
-    group starts (releases travel as messages)."""
+    cluster, 12 once in CI on a loaded machine); on the cluster, up to one group more, copies
+    their workers have not dropped yet when the next group starts (releases travel as messages).
+    Still below the replaced tree's 19 to 26 on two workers."""
     client = request.getfixturevalue("client2") if on_cluster else None
     got, alive = most_alive(client, n_parts)
-    bound = IN_FLIGHT * FAN_IN + 1 + on_cluster
+    bound = IN_FLIGHT * FAN_IN + 1 + (FAN_IN if on_cluster else 0)
     assert alive <= bound, f"{alive} partials at once for {n_parts} partitions"
     np.testing.assert_array_equal(got, reference(n_parts))
 
