@@ -20,7 +20,7 @@ from hetero_dask.core.fourier import resolution_to_radius
 from hetero_dask.core.symmetry import symmetry_group
 from hetero_dask.io.store import IMAGE_DTYPES
 from hetero_dask.jobs.common import open_particle_store, particle_split
-from hetero_dask.jobs.mstep import merge_partials, select_class
+from hetero_dask.jobs.mstep import merge_partials
 from hetero_dask.jobs.preflight import RefinePlan, bad_value, check_refine
 from hetero_dask.runtime import checkpoint as ckpt
 from hetero_dask.runtime.cluster import job_client
@@ -49,7 +49,7 @@ from .state import (
     restore_state,
     update_state,
 )
-from .tasks import EStepContext, estep_task, mstep_task
+from .tasks import STATISTICS, EStepContext, estep_task, mstep_task, select_part, statistics_task
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
@@ -255,31 +255,31 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
         mask_radius_px=run.mask_radius_px, random_assignment=step.random, reference_mode=p.reference_mode,
         seed=p.seed, assignment_file=str(run.assignment_file) if it < assigned_its else None,
     )
-    finish = _mstep_tasks(run, state, step, r.backproject)
+    finish = _finish_tasks(run, state, step, r.backproject)
     t_it = time.time()
     results = map_reduce(run.client, partial(estep_task, ctx=ctx), partitions(step.start, step.stop),
-                         merge_partials, fan_in=8, finish=finish, select=select_class, key_prefix="refine",
+                         merge_partials, fan_in=8, finish=finish, select=select_part, key_prefix="refine",
                          token=f"it{it}-{step.start}-{step.stop}", progress=False,
                          shared={"references": state.volumes.astype(np.float32)})
-    # Every class's task returns the merged (small) statistics too: take class 0's.
-    stats = results[0][1]
     info = dict(r_align=r.align, r_bp=r.backproject, order=search.order_final, t=time.time() - t_it,
                 n=step.stop - step.start)
-    return [results[k][0] for k in range(run.n_classes)], stats, info
+    return [results[k] for k in range(run.n_classes)], results[STATISTICS], info
 
 
-def _mstep_tasks(run: _Run, state: State, step: Step, r_backproject: float) -> dict:
-    """The M-step task of each class: the previous iteration's running statistics decayed by
-    ``step.decay`` (none to read when it is 0) plus the batch's; FSC prior: the max over classes."""
+def _finish_tasks(run: _Run, state: State, step: Step, r_backproject: float) -> dict:
+    """The finishing tasks: each class's M-step (the previous iteration's running statistics
+    decayed by ``step.decay``, none to read when it is 0, plus the batch's; FSC prior: the max
+    over classes), and :data:`STATISTICS`, the batch's summed E-step statistics."""
     p = run.params
     prev = step.iteration - 1 if (step.decay > 0 and step.iteration > 0) else None
     fsc_prior = np.max(state.fsc, axis=0) if p.filter_max_fsc and state.fsc is not None else None
-    return {
+    tasks = {
         k: partial(mstep_task, k=k, run_dir=str(run.run_dir), iteration=step.iteration, prev_iteration=prev,
                    decay=step.decay, r_backproject=r_backproject, symmetry_ops=run.symmetry_ops,
                    tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior)
         for k in range(run.n_classes)
     }
+    return {**tasks, STATISTICS: statistics_task}
 
 
 def _record(state: State, step: Step, changed: float | None, info: dict, split_held: bool,

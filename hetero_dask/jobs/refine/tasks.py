@@ -27,6 +27,7 @@ from hetero_dask.jobs.mstep import (
     backproject_particles,
     empty_partial,
     mstep_class,
+    select_class,
 )
 from hetero_dask.runtime.engine import Partition, row_hash
 
@@ -167,7 +168,8 @@ def _resize_grids(g: BackprojGrids, r_max: float) -> BackprojGrids:
 def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, prev_iteration: int | None,
                decay: float, r_backproject: float, symmetry_ops, tau2_fudge: float, psize_A: float,
                fsc_prior):
-    """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC."""
+    """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC
+    (:class:`hetero_dask.jobs.mstep.ClassResult`)."""
     for h in (0, 1):
         g = part_k.grids[(k, h)]
         if prev_iteration is not None and decay > 0:
@@ -190,6 +192,23 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
     # correction's leakage, which correlates: the FSC there says nothing and is set to 0.
     fsc = np.asarray(result.fsc, dtype=np.float64).copy()
     fsc[int(math.floor(r_backproject)):] = 0.0
-    result = dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
-    return result, part_k.extra
+    return dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
+
+
+# The finishing key whose task returns the iteration's summed E-step statistics (class changes,
+# posterior sums, residual power), beside one M-step per class.
+STATISTICS = "statistics"
+
+
+def select_part(merged: ClassGridsPartial, key) -> ClassGridsPartial | dict:
+    """What finishing task ``key`` needs of the merged partial: class ``key``'s grids, or for
+    :data:`STATISTICS` the summed statistics alone (small)."""
+    if key == STATISTICS:
+        return dict(merged.extra)
+    return select_class(merged, key)
+
+
+def statistics_task(statistics: dict) -> dict:
+    """The summed E-step statistics, as the driver reads them (see :func:`select_part`)."""
+    return statistics
 
