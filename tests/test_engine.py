@@ -275,6 +275,28 @@ def test_shared_values_reach_every_task_in_memory_and_are_released(client3):
     assert not any(client3.has_what().values())
 
 
+def _process_with_rows(p: Partition) -> tuple[dict, np.ndarray]:
+    return toy_process(p), DATA[p.start : p.stop].max(axis=1)
+
+
+def _write_row_max(p: Partition, rows: np.ndarray, path: str) -> None:
+    zarr.open_array(path, mode="r+")[p.start : p.stop] = rows
+
+
+@pytest.mark.parametrize("on_cluster", [False, True])
+def test_declared_rows_are_written_by_the_engine_and_only_partials_merge(on_cluster, tmp_path, request):
+    """process returns (partial, rows); every partition's rows land in the output array and the
+    merges see the partials alone (toy_merge would fail on a tuple)."""
+    client = request.getfixturevalue("client3") if on_cluster else None
+    path = str(tmp_path / "row_max.zarr")
+    zarr.create_array(path, shape=(N_PARTICLES,), chunks=(16,), dtype="f8", fill_value=np.nan)
+    parts = partition_ranges(N_PARTICLES, 10, 16)
+    got = map_reduce(client, _process_with_rows, parts, toy_merge, fan_in=3,
+                     write_rows=functools.partial(_write_row_max, path=path))
+    assert_partial_close(got, expected())
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], DATA.max(axis=1))
+
+
 def test_worker_cached_inside_tasks_loads_once_per_worker(client3, tmp_path):
     clear_worker_cache()
     log = tmp_path / "loads.txt"  # tasks run on copies of this test's objects: count in a file

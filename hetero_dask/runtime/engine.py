@@ -50,6 +50,7 @@ its worker is recomputed to the same value.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import re
@@ -195,6 +196,13 @@ def _gated(process: Callable, partition, shared, *gates):
     """``process(partition, **shared)``; the gates (tokens, see :func:`_reduce`) only make it
     wait."""
     return process(partition, **(shared or {}))
+
+
+def _writing(process: Callable, write_rows: Callable, partition, **shared):
+    """``process``'s partial, its per-particle rows written by ``write_rows`` (see :func:`map_reduce`)."""
+    result, rows = process(partition, **shared)
+    write_rows(partition, rows)
+    return result
 
 
 def _fold(merge: Callable, total, group_sum, *gate):
@@ -516,6 +524,7 @@ def map_reduce(
     after_map: Callable[[], Any] | None = None,
     select_first: bool = False,
     shared: Mapping[str, Any] | None = None,
+    write_rows: Callable[[Any, Any], None] | None = None,
 ):
     """Run process -> merge (groups folded in partition order) -> finish as one graph;
     return the finished results.
@@ -539,10 +548,17 @@ def map_reduce(
     iteration's references): with a client, sent to each worker once for the graph
     (:func:`_held`) and held in memory there, not written to a file by the driver and
     read back by each task; released with the graph.
+    ``write_rows``: the job's declared per-particle outputs. ``process`` then returns
+    ``(partial, rows)`` and the engine hands ``rows`` to ``write_rows(partition, rows)`` in the
+    same task, on the worker (e.g. into Zarr arrays chunked on partition boundaries), before
+    the partial goes on to the merges; a task re-run after a worker loss writes the same rows
+    again. Nothing per particle travels to the driver.
     """
     # Spread over the task threads: the scheduler's default bandwidth prices a class's grids far
     # above its finishing task, so it would run every finishing task where the merged partial is.
     slots = _task_slots(client) if client is not None else None
+    if write_rows is not None:
+        process = functools.partial(_writing, process, write_rows)
     nodes, outputs = build_graph(
         process, partitions, merge, fan_in, finish, select, key_prefix, token, slots,
         select_first, shared=_in_cluster(client, shared),

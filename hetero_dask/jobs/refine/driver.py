@@ -49,7 +49,15 @@ from .state import (
     restore_state,
     update_state,
 )
-from .tasks import STATISTICS, EStepContext, estep_task, mstep_task, select_part, statistics_task
+from .tasks import (
+    STATISTICS,
+    EStepContext,
+    estep_task,
+    mstep_task,
+    select_part,
+    statistics_task,
+    write_rows,
+)
 
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
@@ -260,7 +268,8 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
     results = map_reduce(run.client, partial(estep_task, ctx=ctx), partitions(step.start, step.stop),
                          merge_partials, fan_in=8, finish=finish, select=select_part, key_prefix="refine",
                          token=f"it{it}-{step.start}-{step.stop}", progress=False,
-                         shared={"references": state.volumes.astype(np.float32)})
+                         shared={"references": state.volumes.astype(np.float32)},
+                         write_rows=partial(write_rows, results_path=str(run.results_path)))
     info = dict(r_align=r.align, r_bp=r.backproject, order=search.order_final, t=time.time() - t_it,
                 n=step.stop - step.start)
     return [results[k] for k in range(run.n_classes)], results[STATISTICS], info

@@ -1,8 +1,10 @@
 """The engine's tasks of one EM iteration (pure functions of partition, iteration, run files and seed).
 
-:func:`estep_task` scores particles ``[start, stop)`` against every class, writes their
-results and backprojects them into per-class, per-half partial grids; the engine sums
-the partials in a tree; :func:`mstep_task` turns class ``k``'s sum into its maps.
+:func:`estep_task` scores particles ``[start, stop)`` against every class and backprojects
+them into per-class, per-half partial grids, and returns their results, which the engine
+hands to :func:`write_rows` (the declared per-particle outputs); the engine sums the partials
+in a tree; :func:`mstep_task` turns class ``k``'s sum into its maps, and
+:func:`statistics_task` hands the summed statistics to the driver.
 """
 
 from __future__ import annotations
@@ -64,16 +66,16 @@ class EStepContext:
     assignment_file: str | None = None  # (N,) class per particle held fixed, -1 free
 
 
-def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> ClassGridsPartial:
-    """E-step + backprojection of particles ``[part.start, part.stop)`` into one partial.
+def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tuple[ClassGridsPartial, RowResults]:
+    """E-step + backprojection of particles ``[part.start, part.stop)``: one partial and the
+    particles' results (the engine's declared per-particle outputs, :func:`write_rows`).
 
     ``references``: the iteration's ``(K, 2, n, n, n)`` half-maps, one copy per worker (the
     engine's ``shared``).
 
     Each half-set is scored against every class (``reference_mode``: the other half's
-    maps, its own, or the full map), its results are written to the run's results and
-    its particles backprojected; the partial carries the statistics the driver needs
-    (class changes, class sums, residual power).
+    maps, its own, or the full map) and its particles backprojected; the partial carries
+    the statistics the driver needs (class changes, class sums, residual power).
     """
     xp = worker_xp()
     store = worker_store(ctx.store_path)
@@ -99,14 +101,30 @@ def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> Cl
         found.put(sel, p, res)
         noise.add(prep, res, p, refs, ctx.box, xp)
         _backproject(out, ctx, res, p, x, c, h)
-    group = zarr.open_group(ctx.results_path, mode="r+")
+    group = zarr.open_group(ctx.results_path, mode="r")
     prev, prev_post = previous_classes(group, start, stop, ctx.iteration)
     out.extra["class_changed"] = class_change_sums(found.posterior, prev, prev_post)
     out.extra["posterior_sum"] = found.posterior.sum(axis=0).astype(np.float64)
     out.extra["sigma2_num"] = noise.num
     out.extra["sigma2_den"] = noise.den
-    write_results(group, start, ctx.iteration, prev, prev_post, found)
-    return _to_numpy(out)
+    return _to_numpy(out), RowResults(ctx.iteration, prev, prev_post, found)
+
+
+@dataclass
+class RowResults:
+    """An E-step task's per-particle results and the classes they replace (:func:`previous_classes`)."""
+
+    iteration: int
+    previous_class: np.ndarray
+    previous_posterior: np.ndarray
+    found: TaskResults
+
+
+def write_rows(part: Partition, rows: RowResults, results_path: str) -> None:
+    """Write an E-step task's per-particle results into the run's results (rows on chunk
+    boundaries: no two tasks write one chunk)."""
+    group = zarr.open_group(results_path, mode="r+")
+    write_results(group, part.start, rows.iteration, rows.previous_class, rows.previous_posterior, rows.found)
 
 
 def _class_posterior(ctx: EStepContext, res, rows: np.ndarray) -> np.ndarray:
