@@ -207,6 +207,10 @@ def _cropped_irfftn(spec, D: int, crop, xp):
         return vol[crop][:, crop][:, :, crop]
     import scipy.fft  # noqa: PLC0415
 
-    a = scipy.fft.ifft(spec, axis=0, overwrite_x=True)[crop]
-    b = scipy.fft.ifft(a, axis=1, overwrite_x=True)[:, crop]
-    return scipy.fft.irfft(b, n=D, axis=2)[:, :, crop]
+    from .scoring import cpu_threads  # noqa: PLC0415
+
+    # The task's cores (one task thread per worker gets them all, as the E-step does).
+    workers = cpu_threads()
+    a = scipy.fft.ifft(spec, axis=0, overwrite_x=True, workers=workers)[crop]
+    b = scipy.fft.ifft(a, axis=1, overwrite_x=True, workers=workers)[:, crop]
+    return scipy.fft.irfft(b, n=D, axis=2, workers=workers)[:, :, crop]
