@@ -122,7 +122,8 @@ def merge_partials(a: ClassGridsPartial, b: ClassGridsPartial) -> ClassGridsPart
 def select_class(merged: ClassGridsPartial, k: int) -> ClassGridsPartial:
     """The part of ``merged`` one class's M-step needs: class ``k``'s two half-grids.
 
-    ``weight_sum`` and ``extra`` (small) are kept whole.
+    ``weight_sum`` (small) is kept whole; ``extra`` stays behind (a job that needs its sums
+    selects them for a finishing task of their own, as refine's ``select_part`` does).
     """
     missing = [h for h in HALVES if (k, h) not in merged.grids]
     if missing:
@@ -131,7 +132,6 @@ def select_class(merged: ClassGridsPartial, k: int) -> ClassGridsPartial:
         {(k, h): merged.grids[(k, h)] for h in HALVES},
         merged.weight_sum.copy(),
         merged.n_particles,
-        dict(merged.extra),
     )
 
 
