@@ -24,8 +24,8 @@ check the two agree):
 * :func:`shell_sums` and :func:`wiener_spectrum`: the per-shell weight sums
   and the Wiener division of :func:`hetero_dask.core.reconstruction.reconstruct`,
   fused with the Hermitian completion of the x = 0 plane and the placement
-  into the uncentred FFT array (one pass over the grids instead of about ten
-  grid-sized temporaries);
+  into the band-limited spectrum the pruned inverse FFT reads (one pass over
+  the grids instead of about ten grid-sized temporaries);
 * :func:`deinterleave`: the interleaved accumulator split in place into the
   data and weight grids a partial carries (no new grid-sized memory);
 
@@ -289,7 +289,7 @@ def _wiener_kernel(B, W, shell, reg, floor, h, he, D, spec):
     for iz in range(h - he, h + he + 1):
         zd = (iz - h) % D
         for iy in range(h - he, h + he + 1):
-            yd = (iy - h) % D
+            yd = iy - (h - he)
             for x in range(he + 1):
                 b = B[iz, iy, x]
                 w = W[iz, iy, x]
@@ -303,15 +303,17 @@ def _wiener_kernel(B, W, shell, reg, floor, h, he, D, spec):
 
 def wiener_spectrum(B, W, shell, reg, floor, D: int):
     """``B / max(W + reg[shell], floor[shell])`` of half-grids ``(2h+1, 2h+1, h+1)``, x = 0
-    plane completed, written uncentred into a new ``(D, D, D // 2 + 1)`` complex64 array.
+    plane completed, as the band-limited spectrum of
+    :func:`hetero_dask.core.reconstruction._spectrum_to_volume`: a new
+    ``(D, 2 he + 1, he + 1)`` complex64 array, z uncentred, y centred.
 
     ``B`` complex64, ``W`` float32, ``shell`` per-voxel indices into ``reg`` and
     ``floor`` (float32, ``floor`` inf for voxels to leave at zero); frequencies
-    beyond ``(D - 1) // 2`` are dropped.
+    beyond ``he = min(h, (D - 1) // 2)`` are dropped.
     """
     h = B.shape[-1] - 1
     he = min(h, (D - 1) // 2)
-    spec = np.zeros((D, D, D // 2 + 1), np.complex64)
+    spec = np.zeros((D, 2 * he + 1, he + 1), np.complex64)
     _wiener_kernel(B, W, shell, np.asarray(reg, np.float32), np.asarray(floor, np.float32), h, he, D, spec)
     return spec
 

@@ -172,45 +172,78 @@ def reconstruct(
 def _to_real_space(V_half, n: int, pad: int):
     """Inverse FFT of a completed, centred half-grid spectrum; central ``n^3`` crop over the gridding factor.
 
-    The spectrum goes straight into an uncentred ``(D, D, D // 2 + 1)``
-    array (``D = pad n``), complex64, and only the crop is read back from
-    the uncentred result (no shifts of the padded volume).
+    Only the band the half-grid covers goes into the band-limited spectrum of
+    :func:`_spectrum_to_volume` (the rest of the padded spectrum is zero).
     """
     xp = xp_of(V_half)
     D = pad * n
     h = V_half.shape[-1] - 1
     he = min(h, (D - 1) // 2)
-    spec = xp.zeros((D, D, D // 2 + 1), dtype=xp.complex64)
+    spec = xp.zeros((D, 2 * he + 1, he + 1), dtype=xp.complex64)
     src = V_half[h - he : h + he + 1, h - he : h + he + 1, : he + 1]
-    # centred index i (0..2he) = frequency i - he -> uncentred (i - he) mod D
-    for zs, zd in ((slice(he, None), slice(0, he + 1)), (slice(0, he), slice(D - he, D))):
-        for ys, yd in ((slice(he, None), slice(0, he + 1)), (slice(0, he), slice(D - he, D))):
-            spec[zd, yd, : he + 1] = src[zs, ys]
+    # centred z index i (0..2he) = frequency i - he -> uncentred (i - he) mod D
+    spec[: he + 1] = src[he:]
+    spec[D - he :] = src[:he]
     return _spectrum_to_volume(spec, n, pad)
 
 
 def _spectrum_to_volume(spec, n: int, pad: int):
-    """The central ``n^3`` of the inverse FFT of an uncentred ``(D, D, D // 2 + 1)`` spectrum,
-    over the gridding correction (``spec`` is overwritten)."""
+    """The central ``n^3`` of the inverse FFT of size ``D = pad n`` of a band-limited spectrum,
+    over the gridding correction (``spec`` is overwritten).
+
+    ``spec`` ``(D, 2 he + 1, he + 1)`` complex64 holds the frequencies up to ``he`` (every other
+    one of the padded ``(D, D, D // 2 + 1)`` spectrum is zero): the first axis uncentred (index
+    ``f mod D``), the second centred (index ``f + he``), the last ``0 .. he``.
+    """
     xp = xp_of(spec)
     D = pad * n
     crop = (xp.arange(n) - n // 2) % D
     vol = _cropped_irfftn(spec, D, crop, xp)
-    return (vol / gridding_correction(n, pad, xp)).astype(xp.float32)
+    corr = _gridding_np(n, pad) if xp is np else gridding_correction(n, pad, xp)
+    # The last axis's crop, two contiguous runs of the uncentred axis, written straight
+    # into the output with the division (no gathered copy, no float32 -> float32 copy).
+    out = xp.empty((n, n, n), dtype=xp.float32)
+    lo = n // 2
+    xp.divide(vol[:, :, D - lo :], corr[:, :, :lo], out=out[:, :, :lo])
+    xp.divide(vol[:, :, : n - lo], corr[:, :, lo:], out=out[:, :, lo:])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _gridding_np(n: int, pad: int):
+    """The numpy gridding correction, cached per box (read-only)."""
+    corr = gridding_correction(n, pad, np)
+    corr.flags.writeable = False
+    return corr
 
 
 def _cropped_irfftn(spec, D: int, crop, xp):
-    """``irfftn(spec, (D, D, D))[crop][:, crop][:, :, crop]``, pruned: each 1D inverse pass
-    keeps only the ``crop`` outputs before the next axis (about half the work of a full one)."""
+    """``irfftn`` of size ``(D, D, D)`` of the band-limited ``spec`` (see :func:`_spectrum_to_volume`)
+    at ``crop`` on the first two axes (the last comes back whole, real), pruned: each 1D
+    inverse pass runs only on the columns that are not all zeros and keeps only the ``crop``
+    outputs before the next axis."""
+    he = spec.shape[-1] - 1
+    ifft, irfft = _inverse_ffts(xp)
+    a = ifft(spec, axis=0)[crop]  # (n, 2he+1, he+1)
+    b = xp.zeros((crop.shape[0], D, he + 1), dtype=a.dtype)
+    b[:, : he + 1] = a[:, he:]  # centred -> uncentred, as in _to_real_space
+    b[:, D - he :] = a[:, :he]
+    del a
+    b = ifft(b, axis=1)[:, crop]  # (n, n, he+1)
+    return irfft(b, n=D, axis=2)  # (n, n, D), the input zero-padded to D // 2 + 1
+
+
+def _inverse_ffts(xp):
+    """``(ifft, irfft)`` of namespace ``xp``, called as ``f(a, axis=...)``, ``f(a, n=..., axis=...)``.
+
+    On numpy, scipy's with the task's cores (one task thread per worker gets them all, as the
+    E-step does), overwriting their input, always a temporary here."""
     if xp is not np:
-        vol = xp.fft.irfftn(spec, s=(D, D, D), axes=(0, 1, 2))
-        return vol[crop][:, crop][:, :, crop]
+        return xp.fft.ifft, xp.fft.irfft
     import scipy.fft  # noqa: PLC0415
 
     from .scoring import cpu_threads  # noqa: PLC0415
 
-    # The task's cores (one task thread per worker gets them all, as the E-step does).
     workers = cpu_threads()
-    a = scipy.fft.ifft(spec, axis=0, overwrite_x=True, workers=workers)[crop]
-    b = scipy.fft.ifft(a, axis=1, overwrite_x=True, workers=workers)[:, crop]
-    return scipy.fft.irfft(b, n=D, axis=2, workers=workers)[:, :, crop]
+    return (functools.partial(scipy.fft.ifft, overwrite_x=True, workers=workers),
+            functools.partial(scipy.fft.irfft, overwrite_x=True, workers=workers))
