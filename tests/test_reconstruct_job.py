@@ -401,3 +401,31 @@ def test_random_halves_are_balanced_and_computed_per_range(simset):
     assert 0.48 < (h[0::2] == 0).mean() < 0.52
     assert 0.48 < (h != random_halves(rows, 8)).mean() < 0.52
     assert np.array_equal(h, random_halves(rows, 7))
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_mstep_without_the_full_map_changes_nothing_else(prior):
+    """``mstep_class(full_map=False)`` returns the same half-maps, FSC and resolution, bit for
+    bit, and refuses to be read for the full map it did not make (also for an empty class)."""
+    import copy
+
+    from hetero_dask.jobs.mstep import empty_partial, mstep_class
+
+    rng = np.random.default_rng(5)
+    part = empty_partial(2, 16, r_max=6.0)
+    for g in part.grids.values():
+        g.data[...] = rng.standard_normal(g.data.shape) + 1j * rng.standard_normal(g.data.shape)
+        g.weight[...] = rng.random(g.weight.shape) + 0.5
+    part.weight_sum[:] = [50.0, 0.0]
+    kw = {"psize_A": 2.0, "fsc_prior": np.linspace(0.95, 0.0, 9) if prior else None}
+    for k in range(2):
+        whole = mstep_class(copy.deepcopy(part), k, **kw)
+        halves = mstep_class(copy.deepcopy(part), k, full_map=False, **kw)
+        assert whole.has_full_map and not halves.has_full_map
+        assert whole.empty == halves.empty == (k == 1)
+        assert k == 1 or np.abs(whole.vol_full).max() > 0
+        for name in ("vol_A", "vol_B", "fsc", "fsc_prior"):
+            np.testing.assert_array_equal(getattr(halves, name), getattr(whole, name))
+        assert halves.resolution_A == whole.resolution_A and halves.weight_sum == whole.weight_sum
+        with pytest.raises(ValueError, match="without its full map"):
+            halves.vol_full  # noqa: B018

@@ -108,6 +108,32 @@ def test_reference_mode_scores_halves_against_half_maps(two_states, default_run,
         assert np.abs(halves[k, 0] - halves[k, 1]).max() > 0.01 * np.abs(halves[k]).max()
 
 
+@pytest.mark.parametrize("mode", ["cross", "full"])
+def test_full_maps_only_where_they_are_read(two_states, tmp_path, monkeypatch, mode):
+    """The M-step makes the full maps only on the last iteration (the outputs are its maps),
+    and on every iteration when the references are full maps; the maps written are the last
+    M-step's. A run that skipped a full map someone reads fails (ClassResult refuses it)."""
+    from hetero_dask.jobs.refine import driver
+
+    real, made = driver.mstep_task, {}
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        made[kwargs["iteration"], kwargs["k"]] = result.vol_full if result.has_full_map else None
+        return result
+
+    monkeypatch.setattr(driver, "mstep_task", recording)
+    out = tmp_path / mode
+    report = refine(two_states["cs"], two_states["refs"], out, **{**BASE, "reference_mode": mode,
+                                                                   "max_iterations": 3})
+    last = report["iterations"][-1]["iteration"]
+    assert last == 2 and sorted(made) == [(it, k) for it in range(3) for k in range(2)]
+    for (it, k), vol in made.items():
+        assert (vol is not None) == (it == last or mode == "full"), (it, k)
+    for k in range(2):
+        np.testing.assert_array_equal(_map(out, k), made[last, k])
+
+
 def test_initial_split_random_assigns_at_random(two_states, tmp_path):
     """Two copies of one map: ``pca`` splits the particles by variability and holds the
     groups; ``random`` is CryoSPARC's random assignment."""

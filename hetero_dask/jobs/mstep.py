@@ -21,7 +21,8 @@ regularisation to measure their FSC (unless a prior FSC is given; the FSC
 needs the real-space crop of the padded maps: one measured on the padded
 Fourier grids, without it, is much lower), then with the Wiener prior from
 that FSC (``tau2 = T * SSNR / mean W``, RELION);
-the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``.
+the full map from the summed grids uses ``sqrt(2 FSC / (1 + FSC))``, made only when asked for
+(``full_map``: refinement reads it only for its outputs and for full-map references).
 """
 
 from __future__ import annotations
@@ -360,9 +361,13 @@ class ClassResult:
     at FSC 0.143 (inf when empty); ``weight_sum`` of the class; ``empty``:
     the class got (almost) no weight and its maps are zeros;
     ``fsc_prior``: the FSC the Wiener prior used (None: unregularised).
+
+    A result made without the full map (``mstep_class(full_map=False)``) holds None in
+    ``_vol_full`` and refuses to be read for it (``has_full_map`` is False): a map
+    skipped by mistake fails where it is read, not later as a None in an array.
     """
 
-    vol_full: np.ndarray
+    _vol_full: np.ndarray | None
     vol_A: np.ndarray
     vol_B: np.ndarray
     fsc: np.ndarray
@@ -370,6 +375,19 @@ class ClassResult:
     weight_sum: float
     empty: bool = False
     fsc_prior: np.ndarray | None = None
+
+    @property
+    def has_full_map(self) -> bool:
+        """Whether the full map was made (see the class docstring)."""
+        return self._vol_full is not None
+
+    @property
+    def vol_full(self) -> np.ndarray:
+        """The full map; ValueError for a result made without it."""
+        if self._vol_full is None:
+            raise ValueError("this M-step result was made without its full map "
+                             "(mstep_class(..., full_map=False)), yet its full map is read")
+        return self._vol_full
 
 
 def mstep_class(
@@ -382,6 +400,7 @@ def mstep_class(
     min_weight: float = 1e-6,
     regularise: bool = True,
     regularise_halves: bool = True,
+    full_map: bool = True,
 ) -> ClassResult:
     """Half-maps and full map of class ``k`` from its grids (see the module docstring).
 
@@ -392,6 +411,8 @@ def mstep_class(
     plain ``B / W`` maps; ``regularise_halves=False`` (without ``fsc_prior``)
     regularises the full map only and returns the unregularised half-maps and
     their FSC, the curves :func:`hetero_dask.core.fsc.fsc_set` is meant for.
+    ``full_map=False`` skips the full map (one inverse FFT of the padded grid
+    of five): the result then has none (``has_full_map`` False).
     A class whose weight is below ``min_weight`` gives zero maps, resolution
     inf and ``empty=True``. Returns numpy arrays.
     """
@@ -402,10 +423,10 @@ def mstep_class(
     weight = float(part_k.weight_sum[k])
     xp = xp_of(halves[0].data)
     if weight < min_weight:
-        return _empty_result(n, weight)
+        return _empty_result(n, weight, full_map)
     if symmetry_ops is not None and len(symmetry_ops) > 1:
         halves = [symmetrise_grids(g, symmetry_ops) for g in halves]
-    full = merge_grids(*halves)
+    full = merge_grids(*halves) if full_map else None
     half_empty = any(float(xp.sum(g.weight)) <= 0 for g in halves)
     prior, raw_pair = None, None
     if regularise and not half_empty:
@@ -419,11 +440,13 @@ def mstep_class(
     return ClassResult(vF, vA, vB, curve, res_A, weight, False, prior)
 
 
-def _empty_result(n: int, weight: float) -> ClassResult:
-    """Zero maps ``(n, n, n)``, zero FSC and resolution inf for a class without weight."""
+def _empty_result(n: int, weight: float, full_map: bool) -> ClassResult:
+    """Zero maps ``(n, n, n)`` (no full map unless ``full_map``), zero FSC and resolution inf
+    for a class without weight."""
     zero = np.zeros((n, n, n), np.float32)
     return ClassResult(
-        zero, zero.copy(), zero.copy(), np.zeros(n // 2 + 1), float("inf"), weight, True
+        zero if full_map else None, zero.copy(), zero.copy(), np.zeros(n // 2 + 1), float("inf"),
+        weight, True,
     )
 
 
@@ -439,15 +462,16 @@ def _wiener_prior(halves, fsc_prior, keep_maps: bool):
 
 
 def _class_maps(halves, full, prior, tau2_fudge: float, raw_pair, xp):
-    """Half-maps and full map ``(n, n, n)`` numpy float32: plain ``B / W`` without ``prior``,
-    else Wiener-filtered, the half-maps taken as ``raw_pair`` when it is given."""
+    """Half-maps and full map ``(n, n, n)`` numpy float32 (the full map None when ``full`` is):
+    plain ``B / W`` without ``prior``, else Wiener-filtered, the half-maps taken as
+    ``raw_pair`` when it is given."""
     if prior is None:
         vA, vB = (reconstruct(g) for g in halves)
-        vF = reconstruct(full)
+        vF = None if full is None else reconstruct(full)
     else:
         vA, vB = raw_pair or (reconstruct(g, prior, tau2_fudge) for g in halves)
-        vF = reconstruct(full, xp.asarray(to_host(full_map_fsc(prior))), tau2_fudge)
-    return tuple(np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
+        vF = None if full is None else reconstruct(full, xp.asarray(to_host(full_map_fsc(prior))), tau2_fudge)
+    return tuple(None if v is None else np.asarray(to_host(v), dtype=np.float32) for v in (vA, vB, vF))
 
 
 def _reported_fsc(vA, vB, halves, prior, fsc_prior):

@@ -218,8 +218,12 @@ def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
     batch = batch_rows(N, run.n_classes, p.batch_size_per_class)
     while True:
         step = next_step(state, p, N, batch, random_its, run.n_classes)
+        last = _ends_run(p, state.converged_at, step.iteration)
         prev_res_radius = _res_radius(run, state) if state.history else None
-        results, stats, info = _run_iteration(run, state, step, assigned_its)
+        # Full maps are read by the outputs (the last iteration's results) and as full-map
+        # references; every other iteration's M-step skips them.
+        full_map = last or p.reference_mode == "full"
+        results, stats, info = _run_iteration(run, state, step, assigned_its, full_map)
         # Neither random nor the split's held groups are posteriors: the priors stay where they are.
         held_prior = step.random or step.iteration < assigned_its
         update_state(state, results, stats, step.lr, held_prior, p.reference_mode != "full")
@@ -227,18 +231,23 @@ def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
         _record(state, step, changed, info, step.iteration < assigned_its, bar)
         state.batch_start = 0 if step.stop >= N else step.stop
         it = state.iteration = step.iteration + 1
-        done = False
-        if state.converged_at is not None:
-            done = it - state.converged_at >= p.final_full_passes
-        elif not step.random and it > assigned_its:
+        if state.converged_at is None and not step.random and it > assigned_its:
             moved = None if prev_res_radius is None else abs(_res_radius(run, state) - prev_res_radius)
             if em_converged(p, changed, moved, state.history) or it >= p.max_iterations - p.final_full_passes:
                 state.converged_at = it
-        if done or it >= p.max_iterations:
+        if last:
             return results
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         _checkpoint(run, state)
         ckpt.write_status(run.run_dir, iteration=it, message=f"iteration {it - 1} done")
+
+
+def _ends_run(p: RefineParams, converged_at: int | None, iteration: int) -> bool:
+    """Whether ``iteration`` is the run's last: it completes the final full passes after
+    convergence, or ``max_iterations``. Known before it runs (its M-step makes the full maps
+    then): convergence is decided after an iteration and is never the last one's."""
+    it = iteration + 1
+    return (converged_at is not None and it - converged_at >= p.final_full_passes) or it >= p.max_iterations
 
 
 def _res_radius(run: _Run, state: State) -> float:
@@ -246,10 +255,11 @@ def _res_radius(run: _Run, state: State) -> float:
     return resolution_to_radius(float(np.min(state.resolution_A)), run.box, run.psize_A)
 
 
-def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
+def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int, full_map: bool):
     """One EM iteration on the engine: E-step tasks over the batch, their tree sum, one M-step per class.
 
-    Returns the classes' M-step results, the summed E-step statistics, and what the history records.
+    Returns the classes' M-step results (with their full maps only if ``full_map``), the summed
+    E-step statistics, and what the history records.
     """
     p, it = run.params, step.iteration
     r = radii(state.resolution_A, run.box, run.psize_A, p.backproject_factor)
@@ -263,7 +273,7 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
         mask_radius_px=run.mask_radius_px, random_assignment=step.random, reference_mode=p.reference_mode,
         seed=p.seed, assignment_file=str(run.assignment_file) if it < assigned_its else None,
     )
-    finish = _finish_tasks(run, state, step, r.backproject)
+    finish = _finish_tasks(run, state, step, r.backproject, full_map)
     t_it = time.time()
     results = map_reduce(run.client, partial(estep_task, ctx=ctx), partitions(step.start, step.stop),
                          merge_partials, fan_in=8, finish=finish, select=select_part, key_prefix="refine",
@@ -275,17 +285,18 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int):
     return [results[k] for k in range(run.n_classes)], results[STATISTICS], info
 
 
-def _finish_tasks(run: _Run, state: State, step: Step, r_backproject: float) -> dict:
+def _finish_tasks(run: _Run, state: State, step: Step, r_backproject: float, full_map: bool) -> dict:
     """The finishing tasks: each class's M-step (the previous iteration's running statistics
     decayed by ``step.decay``, none to read when it is 0, plus the batch's; FSC prior: the max
-    over classes), and :data:`STATISTICS`, the batch's summed E-step statistics."""
+    over classes; the full map only if ``full_map``), and :data:`STATISTICS`, the batch's
+    summed E-step statistics."""
     p = run.params
     prev = step.iteration - 1 if (step.decay > 0 and step.iteration > 0) else None
     fsc_prior = np.max(state.fsc, axis=0) if p.filter_max_fsc and state.fsc is not None else None
     tasks = {
         k: partial(mstep_task, k=k, run_dir=str(run.run_dir), iteration=step.iteration, prev_iteration=prev,
                    decay=step.decay, r_backproject=r_backproject, symmetry_ops=run.symmetry_ops,
-                   tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior)
+                   tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior, full_map=full_map)
         for k in range(run.n_classes)
     }
     return {**tasks, STATISTICS: statistics_task}

@@ -185,9 +185,9 @@ def _resize_grids(g: BackprojGrids, r_max: float) -> BackprojGrids:
 
 def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, prev_iteration: int | None,
                decay: float, r_backproject: float, symmetry_ops, tau2_fudge: float, psize_A: float,
-               fsc_prior):
+               fsc_prior, full_map: bool = True):
     """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC
-    (:class:`hetero_dask.jobs.mstep.ClassResult`)."""
+    (:class:`hetero_dask.jobs.mstep.ClassResult`; the full map only with ``full_map``)."""
     for h in (0, 1):
         g = part_k.grids[(k, h)]
         if prev_iteration is not None and decay > 0:
@@ -205,7 +205,7 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
              r_max=np.array(part_k.grids[(k, 0)].r_max))
     tmp.replace(path)
     result = mstep_class(part_k, k, symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A,
-                         fsc_prior=fsc_prior)
+                         fsc_prior=fsc_prior, full_map=full_map)
     # Beyond the backprojection radius the half-maps hold no data, only the shared gridding
     # correction's leakage, which correlates: the FSC there says nothing and is set to 0.
     fsc = np.asarray(result.fsc, dtype=np.float64).copy()
