@@ -197,8 +197,7 @@ def _spectrum_to_volume(spec, n: int, pad: int):
     """
     xp = xp_of(spec)
     D = pad * n
-    crop = (xp.arange(n) - n // 2) % D
-    vol = _cropped_irfftn(spec, D, crop, xp)
+    vol = _cropped_irfftn(spec, n, D, xp)
     corr = _gridding_np(n, pad) if xp is np else gridding_correction(n, pad, xp)
     # The last axis's crop, two contiguous runs of the uncentred axis, written straight
     # into the output with the division (no gathered copy, no float32 -> float32 copy).
@@ -217,20 +216,26 @@ def _gridding_np(n: int, pad: int):
     return corr
 
 
-def _cropped_irfftn(spec, D: int, crop, xp):
+def _cropped_irfftn(spec, n: int, D: int, xp):
     """``irfftn`` of size ``(D, D, D)`` of the band-limited ``spec`` (see :func:`_spectrum_to_volume`)
-    at ``crop`` on the first two axes (the last comes back whole, real), pruned: each 1D
-    inverse pass runs only on the columns that are not all zeros and keeps only the ``crop``
-    outputs before the next axis."""
-    he = spec.shape[-1] - 1
+    at the central ``n`` (indices ``(i - n // 2) mod D``) of the first two axes (the last comes
+    back whole, real), pruned: each 1D inverse pass runs only on the columns that are not all
+    zeros and keeps only the ``n`` outputs of the crop before the next axis."""
+    he, lo = spec.shape[-1] - 1, n // 2
     ifft, irfft = _inverse_ffts(xp)
-    a = ifft(spec, axis=0)[crop]  # (n, 2he+1, he+1)
-    b = xp.zeros((crop.shape[0], D, he + 1), dtype=a.dtype)
+    a = ifft(spec, axis=0)[(xp.arange(n) - lo) % D]  # (n, 2he+1, he+1)
+    b = xp.zeros((n, D, he + 1), dtype=a.dtype)
     b[:, : he + 1] = a[:, he:]  # centred -> uncentred, as in _to_real_space
     b[:, D - he :] = a[:, :he]
     del a
-    b = ifft(b, axis=1)[:, crop]  # (n, n, he+1)
-    return irfft(b, n=D, axis=2)  # (n, n, D), the input zero-padded to D // 2 + 1
+    b = ifft(b, axis=1)  # (n, D, he+1)
+    # The y crop, two runs of the uncentred axis, copied straight into the last pass's input
+    # zero-padded to D // 2 + 1 (given he + 1 values, the FFT would copy them to pad them).
+    c = xp.zeros((n, n, D // 2 + 1), dtype=b.dtype)
+    c[:, :lo, : he + 1] = b[:, D - lo :]
+    c[:, lo:, : he + 1] = b[:, : n - lo]
+    del b
+    return irfft(c, n=D, axis=2)  # (n, n, D)
 
 
 def _inverse_ffts(xp):
