@@ -43,9 +43,8 @@ from .schedule import (
 )
 from .split import identical_references, split_by_variability, split_resolutions
 from .state import (
+    CheckpointWriter,
     State,
-    checkpoint,
-    prune_iteration_files,
     restore_state,
     update_state,
 )
@@ -124,7 +123,13 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
                             enabled=progress)
     state = restore_state(last) if last is not None else _start(run, plan, bar)
     ckpt.write_status(run.run_dir, iteration=state.iteration, n_iterations=p.max_iterations)
-    results = _iterate(run, state, bar)
+    writer = CheckpointWriter(run.run_dir)
+    try:
+        results = _iterate(run, state, bar, writer)
+    except BaseException:
+        writer.wait(raise_error=False)  # the run's own error is the one to report
+        raise
+    writer.wait()
     bar.close()
     bar.note(f"writing outputs to {plan.output.out}")
     ckpt.write_status(run.run_dir, message="writing outputs")
@@ -132,7 +137,8 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
                            plan.volume_names, t0, run.run_dir, plan.stack_dir)
     # The last iteration's checkpoint follows its outputs: a run stopped while writing them
     # resumes from the one before, repeats the last iteration and writes them.
-    _checkpoint(run, state)
+    writer.write(state)
+    writer.wait()
     out = plan.output.out
     ckpt.write_status(run.run_dir, state="done", iteration=state.iteration, message="finished",
                       results={"report": str(out / "report.json"), "report_html": str(out / "report.html")})
@@ -205,9 +211,10 @@ def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationP
     return split.refs
 
 
-def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
+def _iterate(run: _Run, state: State, bar: IterationProgress, writer: CheckpointWriter) -> list:
     """EM iterations from ``state`` until the final full passes after convergence are done, or
-    ``max_iterations``; returns the last iteration's M-step results (one per class).
+    ``max_iterations``; returns the last iteration's M-step results (one per class). Each
+    iteration but the last is checkpointed by ``writer`` while the next one runs.
 
     Convergence bookkeeping continues from a resumed checkpoint as if uninterrupted.
     """
@@ -238,8 +245,7 @@ def _iterate(run: _Run, state: State, bar: IterationProgress) -> list:
         if last:
             return results
         # The checkpoint comes after the convergence decision, so --resume repeats it.
-        _checkpoint(run, state)
-        ckpt.write_status(run.run_dir, iteration=it, message=f"iteration {it - 1} done")
+        writer.write(state)
 
 
 def _ends_run(p: RefineParams, converged_at: int | None, iteration: int) -> bool:
@@ -318,7 +324,3 @@ def _record(state: State, step: Step, changed: float | None, info: dict, split_h
                        f"r_align {info['r_align']:.1f} r_bp {info['r_bp']:.1f} order {info['order']}")
 
 
-def _checkpoint(run: _Run, state: State) -> None:
-    """Checkpoint the iteration just done; drop the files no resume needs any more."""
-    checkpoint(run.run_dir, state)
-    prune_iteration_files(run.run_dir, state.iteration - 2)
