@@ -148,11 +148,11 @@ def test_shared_values_survive_the_loss_of_every_worker_holding_them():
     from distributed import Client
 
     from hetero_dask.runtime.cluster import make_local_cluster
-    from hetero_dask.runtime.engine import _held, map_reduce, partition_ranges
+    from hetero_dask.runtime.engine import hold, map_reduce, partition_ranges
 
     scale = np.arange(1000.0)
     with make_local_cluster(workers=2, processes=True, dashboard=False) as cluster, Client(cluster) as client:
-        held = _held(client, scale)
+        held = hold(client, scale)
         assert np.array_equal(held.result(), scale)
         pids = client.run(os.getpid)
         holders = client.who_has([held])[held.key]

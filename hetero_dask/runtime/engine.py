@@ -546,7 +546,7 @@ def map_reduce(
     returning. Without a client it runs after the graph.
     ``shared``: name -> value given to every process task as a keyword argument (e.g. an
     iteration's references): with a client, sent to each worker once for the graph
-    (:func:`_held`) and held in memory there, not written to a file by the driver and
+    (:func:`hold`) and held in memory there, not written to a file by the driver and
     read back by each task; released with the graph.
     ``write_rows``: the job's declared per-particle outputs. ``process`` then returns
     ``(partial, rows)`` and the engine hands ``rows`` to ``write_rows(partition, rows)`` in the
@@ -584,15 +584,15 @@ def map_reduce(
 
 
 def _in_cluster(client, shared: Mapping[str, Any] | None) -> dict | None:
-    """``shared`` with each value replaced by a future of it (see :func:`_held`)."""
+    """``shared`` with each value replaced by a future of it (see :func:`hold`)."""
     if not shared:
         return None
     if client is None:
         return dict(shared)
-    return {name: _held(client, value) for name, value in shared.items()}
+    return {name: hold(client, value) for name, value in shared.items()}
 
 
-def _held(client, value) -> Any:
+def hold(client, value) -> Any:
     """A future of ``value`` in the cluster, under a new key each time (a later graph never
     reads an earlier value); each worker fetches one copy, from a peer, when a task first needs it.
 
@@ -733,7 +733,7 @@ def map_items(
             raise ValueError("map_items needs a token when items is not a sequence")
         token = tokenize(fn, list(items), shared)
     name = f"{key_prefix}-item-{token}"
-    ref = _held(client, shared) if shared is not None else None
+    ref = hold(client, shared) if shared is not None else None
     return _submit_window(client, fn, ref, enumerate(items), name, window, on_done)
 
 
