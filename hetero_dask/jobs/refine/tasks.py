@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -188,22 +191,21 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
                fsc_prior, full_map: bool = True):
     """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC
     (:class:`hetero_dask.jobs.mstep.ClassResult`; the full map only with ``full_map``)."""
+    old = None
+    if prev_iteration is not None and decay > 0:
+        old = _RUNNING.read(grids_file(run_dir, prev_iteration, k))
     for h in (0, 1):
         g = part_k.grids[(k, h)]
-        if prev_iteration is not None and decay > 0:
-            with np.load(grids_file(run_dir, prev_iteration, k), allow_pickle=False) as f:
-                old = BackprojGrids(f[f"data{h}"], f[f"weight{h}"], g.pad, g.n, float(f["r_max"]))
-            old = _resize_grids(old, r_backproject)
+        if old is not None:
+            before = _resize_grids(BackprojGrids(old[f"data{h}"], old[f"weight{h}"], g.pad, g.n,
+                                                 float(old["r_max"])), r_backproject)
             g = _resize_grids(g, r_backproject)
-            g = dataclasses.replace(g, data=decay * old.data + g.data, weight=decay * old.weight + g.weight)
+            g = dataclasses.replace(g, data=decay * before.data + g.data, weight=decay * before.weight + g.weight)
         part_k.grids[(k, h)] = g
-    path = grids_file(run_dir, iteration, k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, data0=part_k.grids[(k, 0)].data, weight0=part_k.grids[(k, 0)].weight,
-             data1=part_k.grids[(k, 1)].data, weight1=part_k.grids[(k, 1)].weight,
-             r_max=np.array(part_k.grids[(k, 0)].r_max))
-    tmp.replace(path)
+    _RUNNING.write(grids_file(run_dir, iteration, k), {
+        "data0": part_k.grids[(k, 0)].data, "weight0": part_k.grids[(k, 0)].weight,
+        "data1": part_k.grids[(k, 1)].data, "weight1": part_k.grids[(k, 1)].weight,
+        "r_max": np.array(part_k.grids[(k, 0)].r_max)})
     result = mstep_class(part_k, k, symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A,
                          fsc_prior=fsc_prior, full_map=full_map)
     # Beyond the backprojection radius the half-maps hold no data, only the shared gridding
@@ -211,6 +213,61 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
     fsc = np.asarray(result.fsc, dtype=np.float64).copy()
     fsc[int(math.floor(r_backproject)):] = 0.0
     return dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
+
+
+class RunningStatistics:
+    """Each class's running statistics, written to the run folder (the checkpoint's record, which a
+    resume reads) and kept in this worker process's memory for the class's next M-step, which then
+    does not read the file back when it runs on the same worker: on GPU workers, whose M-step
+    takes milliseconds, the file's round trip would be most of it.
+
+    A kept copy is used only while its file is still the one it was written as (same inode, size
+    and modification time): a file rewritten by another run in the same folder, or by another
+    worker, is read from disk. The arrays are kept read-only, so nothing can change them in place,
+    and the oldest are dropped beyond ``max_bytes`` per process.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
+
+    def write(self, path: Path, arrays: dict) -> None:
+        """Write ``arrays`` to ``path`` (a temporary name, then renamed) and keep them."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        self._kept.pop(str(path), None)
+        size = _nbytes(arrays)
+        while self._kept and size + sum(_nbytes(kept) for _, kept in self._kept.values()) > self.max_bytes:
+            self._kept.popitem(last=False)  # the oldest first
+        if size <= self.max_bytes:
+            for a in arrays.values():
+                a.flags.writeable = False
+            self._kept[str(path)] = (_identity(path), dict(arrays))
+
+    def read(self, path: Path) -> dict:
+        """The arrays at ``path``: the kept ones while the file is unchanged, else the file's."""
+        kept = self._kept.pop(str(path), None)
+        if kept is not None and kept[0] == _identity(path):
+            return kept[1]  # the next write of the class keeps its successor
+        with np.load(path, allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def _nbytes(arrays: dict) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
+def _identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_RUNNING = RunningStatistics()
 
 
 # The finishing key whose task returns the iteration's summed E-step statistics (class changes,
