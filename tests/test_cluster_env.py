@@ -3,7 +3,10 @@ environment is left as it was (a later cluster of another size must not inherit 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 from hetero_dask.runtime.cluster import BLAS_ENV_VARS, blas_threads_per_worker, make_local_cluster
 
@@ -28,13 +31,42 @@ def _malloc_env() -> dict:
     return {v: os.environ.get(v) for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
 
 
-def test_workers_keep_glibc_reusing_arrays_below_32_mib():
+WANT_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+WITHOUT_PROJECT_CONFIG = """
+import json, os
+from distributed import Client
+from hetero_dask.runtime.cluster import make_local_cluster
+
+def env():
+    return {v: os.environ.get(v) for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+
+if __name__ == "__main__":
+    with make_local_cluster(workers=1, dashboard=False) as lc, Client(lc) as client:
+        print(json.dumps(list(client.run(env).values())))
+    print(json.dumps(env()))
+"""
+
+
+def test_workers_keep_glibc_reusing_arrays_below_32_mib(tmp_path):
     """Dask's trim threshold alone fixes glibc's mmap threshold at 128 KiB (every larger array
-    a fresh, page-faulted mapping: the E-step ran 2-3x slower in a worker); the project's
-    configuration sets the mmap threshold back to glibc's dynamic ceiling."""
+    a fresh, page-faulted mapping: the E-step ran 2-3x slower in a worker); local clusters set
+    it back to glibc's dynamic ceiling, with the project's Dask configuration and without it
+    (an installed package does not find deploy/dask.yaml), and leave this process's alone."""
     from distributed import Client
 
+    before = _malloc_env()
     with make_local_cluster(workers=1, dashboard=False) as lc, Client(lc) as client:
         seen = client.run(_malloc_env)
-    assert all(env == {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
-               for env in seen.values()), seen
+    assert all(env == WANT_MALLOC for env in seen.values()), seen
+    assert _malloc_env()["MALLOC_MMAP_THRESHOLD_"] == before["MALLOC_MMAP_THRESHOLD_"]
+
+    script, empty = tmp_path / "cluster.py", tmp_path / "empty.yaml"
+    script.write_text(WITHOUT_PROJECT_CONFIG)
+    empty.write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True,
+                         env={**env, "HETERO_DASK_DASK_CONFIG": str(empty)}).stdout.splitlines()
+    workers, driver = json.loads(out[-2]), json.loads(out[-1])
+    assert workers == [WANT_MALLOC], workers
+    assert driver["MALLOC_MMAP_THRESHOLD_"] is None  # (Dask's nanny leaves its own trim setting)
