@@ -239,12 +239,14 @@ class RunningStatistics:
         tmp.replace(path)
         self._kept.pop(str(path), None)
         size = _nbytes(arrays)
-        while self._kept and size + sum(_nbytes(kept) for _, kept in self._kept.values()) > self.max_bytes:
-            self._kept.popitem(last=False)  # the oldest first
-        if size <= self.max_bytes:
-            for a in arrays.values():
-                a.flags.writeable = False
-            self._kept[str(path)] = (_identity(path), dict(arrays))
+        if size > self.max_bytes:
+            return  # the file only; what is kept stays
+        held = sum(_nbytes(kept) for _, kept in self._kept.values())
+        while self._kept and held + size > self.max_bytes:
+            held -= _nbytes(self._kept.popitem(last=False)[1][1])  # the oldest first
+        for a in arrays.values():
+            a.flags.writeable = False
+        self._kept[str(path)] = (_identity(path), dict(arrays))
 
     def read(self, path: Path) -> dict:
         """The arrays at ``path``: the kept ones while the file is unchanged, else the file's."""
