@@ -161,6 +161,42 @@ def test_identical_references_are_split_by_variability(consensus_set, tmp_path, 
     acc = agreement(best, sim.classes)
     print(f"consensus start: accuracy {acc:.3f}")
     assert acc >= 0.85
+    # Once converged (its two final full passes done), the run started again from its classes.
+    its = report["iterations"]
+    r = its[-1]["round_start"]
+    assert 0 < r < len(its) and [h["round_start"] for h in its] == [0] * r + [r] * (len(its) - r)
+    assert its[r - 1]["full_pass"] and its[r - 2]["full_pass"]
+    assert not its[r]["split_assignment"] and its[r]["class_change_fraction"] is not None
+
+
+def test_restarted_round_resumes_as_if_uninterrupted(consensus_set, tmp_path, monkeypatch):
+    """A run stopped inside the round that restarted from the split's classes resumes there
+    (the round's schedule and its references from the checkpoint), not from the first round, and
+    ends as the uninterrupted run does."""
+    from hetero_dask.jobs.refine import driver
+
+    d, vols, sim, cs, refs = consensus_set
+    params = dict(refine_box=32, batch_size_per_class=1000, max_iterations=9, initial_lowpass_A=30.0, max_order=2,
+                  split_iterations=1, split_lowpass_A=30.0, progress=False, seed=3)
+    whole = refine(cs, refs, tmp_path / "whole", **params)
+    r = whole["iterations"][-1]["round_start"]
+    assert 0 < r < len(whole["iterations"]) - 1, "no restart with two iterations after it"
+
+    real = driver._run_iteration
+
+    def stop_in_round_two(run, state, *args):
+        if state.round_start > 0 and state.round_iteration == 1:
+            raise RuntimeError("stopped")
+        return real(run, state, *args)
+
+    monkeypatch.setattr(driver, "_run_iteration", stop_in_round_two)
+    with pytest.raises(RuntimeError, match="stopped"):
+        refine(cs, refs, tmp_path / "resumed", **params)
+    monkeypatch.setattr(driver, "_run_iteration", real)
+    resumed = refine(cs, refs, tmp_path / "resumed", resume=True, **params)
+    assert [h["round_start"] for h in resumed["iterations"]] == [h["round_start"] for h in whole["iterations"]]
+    a, b = (read_cs(tmp_path / run / "particles.cs")["alignments3D_multi/class_posterior"] for run in ("whole", "resumed"))
+    np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_sigma_scale_schedule_and_bad_values():

@@ -6,6 +6,7 @@ schedule's (:mod:`.schedule`), what it leaves is the state (:mod:`.state`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -125,7 +126,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     ckpt.write_status(run.run_dir, iteration=state.iteration, n_iterations=p.max_iterations)
     writer = CheckpointWriter(run.run_dir)
     try:
-        results = _iterate(run, state, bar, writer)
+        state, results = _iterate(run, state, bar, writer)
     except BaseException:
         writer.wait(raise_error=False)  # the run's own error is the one to report
         raise
@@ -169,24 +170,44 @@ def _open_run(plan: RefinePlan, client, progress: bool | None, cache_dir, image_
 
 
 def _start(run: _Run, plan: RefinePlan, bar: IterationProgress) -> State:
-    """The state before the first iteration: the starting references on the refinement grid and
-    the particles' grey scale (identical ones split by the particles' variability), the first
-    noise estimate, equal class priors."""
-    p, store, box, psize, K = run.params, run.store, run.box, run.psize_A, run.n_classes
+    """The state before the first iteration (:func:`_references_state`), identical references
+    split by the particles' variability."""
     run.assignment_file.unlink(missing_ok=True)
     (run.run_dir / SPLIT_SUMMARY).unlink(missing_ok=True)
-    refs = prepare_references(plan.volumes, plan.volumes_psize_A, box, psize, p, run.mask)
+    state = _references_state(run, plan.volumes, plan.volumes_psize_A, bar, source=plan.particles.path)
+    refs = state.volumes[:, 0]
+    if run.params.initial_split == "pca" and run.n_classes > 1 and identical_references(refs):
+        refs = _split(run, refs[0], state.sigma2, bar)
+        state.volumes = np.repeat(refs[:, None], 2, axis=1)
+    return state
+
+
+def _references_state(run: _Run, volumes: np.ndarray, volumes_psize_A: float, bar: IterationProgress,
+                      source="particles") -> State:
+    """A round's state before its first iteration: the references on the refinement grid,
+    low-passed and masked, at the particles' grey scale, the first noise estimate, equal class
+    priors (``source``: the particles' input file, for the grey scale's messages)."""
+    p, store, box, psize, K = run.params, run.store, run.box, run.psize_A, run.n_classes
+    refs = prepare_references(volumes, volumes_psize_A, box, psize, p, run.mask)
     sigma2 = initial_sigma2(store, box, psize, box / 2, run.mask_radius_px, 0, min(run.n_particles, 500))
     r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
     if p.estimate_scale:
         scales = estimate_scales(store, refs, box, psize, run.mask_radius_px, sigma2, r0, run.shift_range_px,
-                                 source=plan.particles.path)
+                                 source=source)
         bar.note(f"reference grey scales: {np.round(scales, 4).tolist()}")
         refs = refs * scales[:, None, None, None].astype(np.float32)
-    if p.initial_split == "pca" and K > 1 and identical_references(refs):
-        refs = _split(run, refs[0], sigma2, bar)
     return State(volumes=np.repeat(refs[:, None], 2, axis=1), sigma2=sigma2, class_prior=np.full(K, 1.0 / K),
                  resolution_A=np.full(K, p.initial_lowpass_A))
+
+
+def _restart(run: _Run, state: State, results: list, bar: IterationProgress) -> State:
+    """The next round after ``state``'s converged one: it starts from that round's class maps
+    (``results``' full maps) as from given references; iterations and history go on."""
+    maps = np.stack([r.vol_full for r in results])
+    bar.note(f"iteration {state.iteration}: the classes found from the split restart EM as references "
+             f"(low-passed to {run.params.initial_lowpass_A:g} A)")
+    new = _references_state(run, maps, run.psize_A, bar)
+    return dataclasses.replace(new, iteration=state.iteration, round_start=state.iteration, history=state.history)
 
 
 def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationProgress):
@@ -211,10 +232,12 @@ def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationP
     return split.refs
 
 
-def _iterate(run: _Run, state: State, bar: IterationProgress, writer: CheckpointWriter) -> list:
+def _iterate(run: _Run, state: State, bar: IterationProgress, writer: CheckpointWriter) -> tuple[State, list]:
     """EM iterations from ``state`` until the final full passes after convergence are done, or
-    ``max_iterations``; returns the last iteration's M-step results (one per class). Each
-    iteration but the last is checkpointed by ``writer`` while the next one runs.
+    ``max_iterations``; returns the final state and the last iteration's M-step results (one
+    per class). Each iteration but the last is checkpointed by ``writer`` while the next one
+    runs. A run started from a split (identical references) converges once, then starts again
+    from its classes (:func:`_restart`, ``split_restart``).
 
     Convergence bookkeeping continues from a resumed checkpoint as if uninterrupted.
     """
@@ -226,9 +249,9 @@ def _iterate(run: _Run, state: State, bar: IterationProgress, writer: Checkpoint
     while True:
         step = next_step(state, p, N, batch, random_its, run.n_classes)
         last = _ends_run(p, state.converged_at, step.iteration)
-        prev_res_radius = _res_radius(run, state) if state.history else None
-        # Full maps are read by the outputs (the last iteration's results) and as full-map
-        # references; every other iteration's M-step skips them.
+        prev_res_radius = _res_radius(run, state) if state.round_iteration > 0 else None
+        # Full maps are read by the outputs (the last iteration's results), as full-map
+        # references and by a restart; every other iteration's M-step skips them.
         full_map = last or p.reference_mode == "full"
         results, stats, info = _run_iteration(run, state, step, assigned_its, full_map)
         # Neither random nor the split's held groups are posteriors: the priors stay where they are.
@@ -242,15 +265,17 @@ def _iterate(run: _Run, state: State, bar: IterationProgress, writer: Checkpoint
             moved = None if prev_res_radius is None else abs(_res_radius(run, state) - prev_res_radius)
             if em_converged(p, changed, moved, state.history) or it >= p.max_iterations - p.final_full_passes:
                 state.converged_at = it
+        if last and not (held and p.split_restart and state.round_start == 0 and it < p.max_iterations):
+            return state, results
         if last:
-            return results
+            state = _restart(run, state, results, bar)
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         writer.write(state)
 
 
 def _ends_run(p: RefineParams, converged_at: int | None, iteration: int) -> bool:
-    """Whether ``iteration`` is the run's last: it completes the final full passes after
-    convergence, or ``max_iterations``. Known before it runs (its M-step makes the full maps
+    """Whether ``iteration`` is its round's last (the run's, but for a round that restarts): it
+    completes the final full passes after convergence, or ``max_iterations``. Known before it runs (its M-step makes the full maps
     then): convergence is decided after an iteration and is never the last one's."""
     it = iteration + 1
     return (converged_at is not None and it - converged_at >= p.final_full_passes) or it >= p.max_iterations
@@ -269,7 +294,7 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int, full_
     """
     p, it = run.params, step.iteration
     r = radii(state.resolution_A, run.box, run.psize_A, p.backproject_factor)
-    search = search_params(r, it, p, run.shift_range_px, run.mask_T, state.converged_at is not None)
+    search = search_params(r, state.round_iteration, p, run.shift_range_px, run.mask_T, state.converged_at is not None)
     ctx = EStepContext(
         store_path=str(run.store.path), references_id=f"{uuid.uuid4().hex}-it{it}",
         results_path=str(run.results_path),
@@ -317,6 +342,7 @@ def _record(state: State, step: Step, changed: float | None, info: dict, split_h
         "class_fraction": state.class_prior.tolist(), "resolution_A": state.resolution_A.tolist(),
         "class_change_fraction": changed, "r_align": info["r_align"], "healpix_order": info["order"],
         "seconds": info["t"], "particle_iterations_per_s": info["n"] / max(info["t"], 1e-9),
+        "round_start": state.round_start,
     })
     bar.iteration_done(f"particles {step.start}-{step.stop} res {np.round(state.resolution_A, 1).tolist()} A "
                        f"fractions {np.round(state.class_prior, 3).tolist()} changed "

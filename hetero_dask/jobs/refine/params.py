@@ -78,6 +78,11 @@ class RefineParams:
     # Resolution of the split (None: the best separated of initial_lowpass_A down to half
     # of it; split.split_resolutions).
     split_lowpass_A: float | None = None
+    # Once the EM from the split has converged, start it again from its classes as from
+    # given references (low-passed to initial_lowpass_A, noise, priors and grey scales
+    # estimated afresh): the split's groups leave errors that the EM keeps, and a second
+    # start from the classes it found climbs further (benchmarks/results/realistic/TUNING.md).
+    split_restart: bool = True
     max_iterations: int = 100
     shift_range_px: float | None = None
     max_order: int = 4

@@ -30,12 +30,14 @@ class Step:
 
 def next_step(state: State, p: RefineParams, n_particles: int, batch: int, random_its: int, n_classes: int) -> Step:
     """The iteration after ``state``: the next batch of ``batch`` particles, or all of them once
-    converged (or when a batch covers them); random assignments for the first ``random_its``."""
-    it = state.iteration
+    converged (or when a batch covers them); random assignments for the first ``random_its``.
+    The learning rate counts the iterations of the state's round."""
+    it, t = state.iteration, state.round_iteration
     full = state.converged_at is not None or batch >= n_particles
     start, stop = (0, n_particles) if full else (state.batch_start, min(n_particles, state.batch_start + batch))
-    lr = p.full_pass_learning_rate if full else learning_rate(it, p)
-    decay = 0.0 if (full and state.converged_at is not None) or it == 0 else 1.0 - lr
+    lr = p.full_pass_learning_rate if full else learning_rate(t, p)
+    # A round's first M-step has no running statistics of its own to decay.
+    decay = 0.0 if (full and state.converged_at is not None) or t == 0 else 1.0 - lr
     return Step(it, start, stop, full, it < random_its and n_classes > 1, lr, decay)
 
 

@@ -27,6 +27,14 @@ class State:
     batch_start: int = 0
     converged_at: int | None = None
     history: list = field(default_factory=list)
+    # The iteration the current round of EM began at: 0, or where a split's run restarted
+    # from its own classes (RefineParams.split_restart). The schedule counts from it.
+    round_start: int = 0
+
+    @property
+    def round_iteration(self) -> int:
+        """The next iteration, counted from the start of its round."""
+        return self.iteration - self.round_start
 
 
 def update_state(state: State, results, ex: dict, lr: float, hold_prior: bool, half_maps: bool):
@@ -56,7 +64,7 @@ def checkpoint(run_dir: Path, state: State):
     if state.fsc is not None:
         arrays["fsc"] = state.fsc
     meta = {"iteration": state.iteration, "batch_start": state.batch_start,
-            "converged_at": state.converged_at, "history": state.history}
+            "converged_at": state.converged_at, "history": state.history, "round_start": state.round_start}
     ckpt.write_iteration(run_dir, state.iteration - 1, arrays, meta)
 
 
@@ -113,7 +121,8 @@ def restore_state(last) -> State:
     m = last.meta
     return State(iteration=m["iteration"], volumes=a["volumes"], sigma2=a["sigma2"],
                  class_prior=a["class_prior"], resolution_A=a["resolution_A"], fsc=a.get("fsc"),
-                 batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"])
+                 batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"],
+                 round_start=m.get("round_start", 0))
 
 
 def grids_file(run_dir: str, iteration: int, k: int) -> Path:
