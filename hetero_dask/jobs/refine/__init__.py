@@ -6,8 +6,9 @@ every class at every pose of a coarse-to-fine search, write the per-particle
 results to disjoint regions of the run's Zarr results, backproject into
 per-class, per-half partial grids), a tree reduction of the partials, and one
 M-step task per class (running half-map statistics with decay, half-map FSC,
-Wiener reconstruction). Class volumes reach the workers through files
-in the run directory, read once per worker per iteration.
+Wiener reconstruction). The iteration's class volumes are a value the engine holds
+for the graph (:func:`hetero_dask.runtime.engine.hold`): sent once, recomputable if
+the workers holding it are lost.
 
 Schedule (:class:`RefineParams`): online EM on batches of ``batch_size_per_class * K``
 particles (contiguous ranges), learning rate 0.1 halving every
@@ -18,7 +19,9 @@ fractions as priors; backprojection to 1.5x the best class resolution; all class
 filtered with the max FSC across classes; convergence when the class posteriors move by
 less than 5% (total variation, averaged over particles), the class fractions by less
 than 1 point and the resolution by at most one shell, then ``final_full_passes`` passes
-over every particle.
+over every particle. Identical starting maps are split first (``split``); that run,
+once converged, starts again from its own classes as from given references
+(``split_restart``), its schedule counted from the restart.
 
 The modules, in the order a run uses them:
 
