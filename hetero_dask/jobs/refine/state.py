@@ -122,7 +122,7 @@ def restore_state(last) -> State:
     return State(iteration=m["iteration"], volumes=a["volumes"], sigma2=a["sigma2"],
                  class_prior=a["class_prior"], resolution_A=a["resolution_A"], fsc=a.get("fsc"),
                  batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"],
-                 round_start=m.get("round_start", 0))
+                 round_start=m["round_start"])
 
 
 def grids_file(run_dir: str, iteration: int, k: int) -> Path:
