@@ -204,8 +204,8 @@ def _restart(run: _Run, state: State, results: list, bar: IterationProgress) -> 
     """The next round after ``state``'s converged one: it starts from that round's class maps
     (``results``' full maps) as from given references; iterations and history go on."""
     maps = np.stack([r.vol_full for r in results])
-    bar.note(f"iteration {state.iteration}: the classes found from the split restart EM as references "
-             f"(low-passed to {run.params.initial_lowpass_A:g} A)")
+    bar.note(f"iteration {state.iteration}: EM starts again from the classes it found from the split, as "
+             f"references (low-passed to {run.params.initial_lowpass_A:g} A)")
     new = _references_state(run, maps, run.psize_A, bar)
     return dataclasses.replace(new, iteration=state.iteration, round_start=state.iteration, history=state.history)
 
@@ -265,18 +265,19 @@ def _iterate(run: _Run, state: State, bar: IterationProgress, writer: Checkpoint
             moved = None if prev_res_radius is None else abs(_res_radius(run, state) - prev_res_radius)
             if em_converged(p, changed, moved, state.history) or it >= p.max_iterations - p.final_full_passes:
                 state.converged_at = it
-        if last and not (held and p.split_restart and state.round_start == 0 and it < p.max_iterations):
-            return state, results
         if last:
-            state = _restart(run, state, results, bar)
+            if not (held and p.split_restart and state.round_start == 0 and it < p.max_iterations):
+                return state, results
+            state = _restart(run, state, results, bar)  # once: the first round began from the split
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         writer.write(state)
 
 
 def _ends_run(p: RefineParams, converged_at: int | None, iteration: int) -> bool:
     """Whether ``iteration`` is its round's last (the run's, but for a round that restarts): it
-    completes the final full passes after convergence, or ``max_iterations``. Known before it runs (its M-step makes the full maps
-    then): convergence is decided after an iteration and is never the last one's."""
+    completes the final full passes after convergence, or ``max_iterations``. Known before it
+    runs (its M-step makes the full maps then): convergence is decided after an iteration and
+    is never the last one's."""
     it = iteration + 1
     return (converged_at is not None and it - converged_at >= p.final_full_passes) or it >= p.max_iterations
 
