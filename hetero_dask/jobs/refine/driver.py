@@ -256,7 +256,7 @@ def _iterate(run: _Run, state: State, bar: IterationProgress, writer: Checkpoint
         results, stats, info = _run_iteration(run, state, step, assigned_its, full_map)
         # Neither random nor the split's held groups are posteriors: the priors stay where they are.
         held_prior = step.random or step.iteration < assigned_its
-        update_state(state, results, stats, step.lr, held_prior, p.reference_mode != "full")
+        update_state(state, results, stats, step.lr, step.prior_lr, held_prior, p.reference_mode != "full")
         changed = class_change(stats)
         _record(state, step, changed, info, step.iteration < assigned_its, bar)
         state.batch_start = 0 if step.stop >= N else step.stop

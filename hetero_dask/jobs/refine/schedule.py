@@ -24,7 +24,8 @@ class Step:
     stop: int
     full: bool  # a pass over every particle
     random: bool  # random class assignments
-    lr: float  # learning rate of the class priors and the noise
+    lr: float  # learning rate of the noise (and of the class priors on a batch)
+    prior_lr: float  # learning rate of the class priors
     decay: float  # weight of the running half-map statistics before this iteration's are added
 
 
@@ -38,7 +39,8 @@ def next_step(state: State, p: RefineParams, n_particles: int, batch: int, rando
     lr = p.full_pass_learning_rate if full else learning_rate(t, p)
     # A round's first M-step has no running statistics of its own to decay.
     decay = 0.0 if (full and state.converged_at is not None) or t == 0 else 1.0 - lr
-    return Step(it, start, stop, full, it < random_its and n_classes > 1, lr, decay)
+    prior_lr = p.full_pass_prior_rate if full else lr
+    return Step(it, start, stop, full, it < random_its and n_classes > 1, lr, prior_lr, decay)
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ class State:
         return self.iteration - self.round_start
 
 
-def update_state(state: State, results, ex: dict, lr: float, hold_prior: bool, half_maps: bool):
+def update_state(state: State, results, ex: dict, lr: float, prior_lr: float, hold_prior: bool, half_maps: bool):
     """Take the M-step's maps, resolutions and FSCs (``results``, one per class); move the class
-    priors (unless ``hold_prior``: random or held assignments) and the noise by ``lr`` towards the E-step's (``ex``)."""
+    priors by ``prior_lr`` (unless ``hold_prior``: random or held assignments) and the noise by
+    ``lr`` towards the E-step's (``ex``)."""
     K = len(results)
     if half_maps:
         state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
@@ -51,7 +52,7 @@ def update_state(state: State, results, ex: dict, lr: float, hold_prior: bool, h
                           for k in range(K)])
     frac = ex["posterior_sum"] / max(ex["posterior_sum"].sum(), 1e-12)
     if not hold_prior:
-        state.class_prior = (1 - lr) * state.class_prior + lr * frac if lr < 1 else frac
+        state.class_prior = (1 - prior_lr) * state.class_prior + prior_lr * frac if prior_lr < 1 else frac
         state.class_prior = np.maximum(state.class_prior, 1e-4)
         state.class_prior /= state.class_prior.sum()
     state.sigma2 = updated_sigma2(state.sigma2, ex, lr)
