@@ -9,8 +9,9 @@ stated SNR: data no part of this project generated. Per scenario and seed:
 * **ours**: ``hetero_dask.refine`` with its DEFAULT parameters (only the refinement box
   and symmetry of the scenario given) from the scenario's references: wall time to the
   final classes, accuracy, junk recall, calibration (ECE), class maps against the truth;
-* **RELION**: ``relion_refine --K`` (3D classification) from the same references
-  (``--relion``): accuracy after ``--relion-iter`` iterations, its measured time; on the
+* **RELION**: ``relion_refine --K`` (3D classification) from the same references, searching
+  the scenario's shift range as ours does (``--relion``): accuracy after ``--relion-iter``
+  iterations, its measured time; on the
   large scenario only its first iterations are run and the total is their mean x the
   iterations (``--relion-iter``), marked as extrapolated.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -91,7 +93,7 @@ def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int) -> d
 
     sc = data.scenario
     rel = relion_class3d(work, data.particles_star, data.references_star, sc.n_classes, measured,
-                         sc.particle_diameter_A, seed=data.seed,
+                         sc.particle_diameter_A, seed=data.seed, offset_range_px=math.ceil(sc.shift_range_px),
                          extra_args=[] if sc.symmetry == "C1" else ["--sym", sc.symmetry])
     per_it = np.asarray(rel["per_iteration"])
     out = dict(cmd=rel["cmd"], measured_iterations=measured, iterations=iterations, setup_s=rel["setup"],

@@ -161,11 +161,13 @@ def relion_class3d(
     seed: int = 0,
     threads: int = 2,
     extra_args: list[str] | None = None,
+    offset_range_px: float = 5.0,
 ) -> dict:
     """Run ``relion_refine`` 3D classification (``--K``) in ``workdir`` and time each iteration.
 
-    HEALPix order 2 (7.5 deg), oversampling 1, offsets 5 px by 1, tau2_fudge 4 (RELION's
-    Class3D habit), CTF, references taken as CTF-free maps, initial low-pass 30 A. Returns
+    HEALPix order 2 (15 deg; 7.5 deg after oversampling 1), offsets up to ``offset_range_px``
+    (RELION's default 5) by 1 px, tau2_fudge 4 (RELION's Class3D habit), CTF, references taken
+    as CTF-free maps, initial low-pass 30 A. Returns
     ``cmd``, ``setup`` (s to the first iteration's output), ``per_iteration`` /
     ``per_iteration_cpu`` (s), ``wall`` / ``cpu`` (s in all) and ``data_star`` (the last
     iteration's particles). CPU seconds matter on a shared machine, where wall time
@@ -181,7 +183,7 @@ def relion_class3d(
         "relion_refine", "--i", Path(particles_star).name, "--ref", str(Path(references_star).resolve()),
         "--o", str(out / "run"),
         "--K", str(n_classes), "--iter", str(iterations), "--healpix_order", "2", "--oversampling", "1",
-        "--offset_range", "5", "--offset_step", "1", "--tau2_fudge", "4", "--ctf", "--ctf_corrected_ref",
+        "--offset_range", f"{offset_range_px:g}", "--offset_step", "1", "--tau2_fudge", "4", "--ctf", "--ctf_corrected_ref",
         "--particle_diameter", str(particle_diameter_A), "--ini_high", "30", "--j", str(threads), "--pool", "3",
         "--pad", "2", "--dont_combine_weights_via_disc", "--random_seed", str(seed),
     ] + list(extra_args or [])  # fmt: skip
