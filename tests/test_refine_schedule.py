@@ -20,12 +20,15 @@ def _stats(posterior_sum):
             "sigma2_num": np.full(3, 2.0), "sigma2_den": np.full(3, 1.0)}
 
 
-@pytest.mark.parametrize("rate", [1.0, 0.3])
+@pytest.mark.parametrize("rate", [None, 1.0, 0.3])
 def test_a_full_pass_moves_the_priors_by_the_full_pass_prior_rate(rate):
-    p = RefineParams(full_pass_prior_rate=rate)
+    p = RefineParams(full_pass_prior_rate=rate, full_pass_learning_rate=0.4)
     state = State(iteration=3, class_prior=np.array([0.25, 0.25, 0.5]), sigma2=np.ones(3))
     step = next_step(state, p, n_particles=100, batch=3000, random_its=0, n_classes=3)
-    assert step.full and step.prior_lr == rate and step.lr == p.full_pass_learning_rate
+    assert step.full and step.lr == p.full_pass_learning_rate
+    if rate is None:  # the default: as the maps
+        rate = p.full_pass_learning_rate
+    assert step.prior_lr == rate
     update_state(state, [_class_result()] * 3, _stats([60.0, 30.0, 10.0]), step.lr, step.prior_lr,
                  hold_prior=False, half_maps=True)
     expected = (1 - rate) * np.array([0.25, 0.25, 0.5]) + rate * np.array([0.6, 0.3, 0.1])
@@ -36,7 +39,7 @@ def test_a_full_pass_moves_the_priors_by_the_full_pass_prior_rate(rate):
 
 
 def test_a_batch_moves_the_priors_by_the_online_learning_rate():
-    p = RefineParams()
+    p = RefineParams(full_pass_prior_rate=1.0)  # for full passes only
     state = State(iteration=5, class_prior=np.array([0.5, 0.5]), sigma2=np.ones(3))
     step = next_step(state, p, n_particles=100_000, batch=2000, random_its=0, n_classes=2)
     assert not step.full and step.prior_lr == step.lr == learning_rate(5, p) < 1
@@ -51,6 +54,7 @@ def test_held_assignments_leave_the_priors():
     np.testing.assert_array_equal(state.class_prior, [0.5, 0.5])
 
 
-def test_the_prior_rate_is_checked():
+@pytest.mark.parametrize("rate", [0.0, 1.5])
+def test_the_prior_rate_is_checked(rate):
     with pytest.raises(ValueError, match="full_pass_prior_rate"):
-        RefineParams(full_pass_prior_rate=0.0).validate()
+        RefineParams(full_pass_prior_rate=rate).validate()

@@ -40,12 +40,12 @@ class RefineParams:
     # need not settle on the same answer. Half of the new statistics on half of the running
     # ones merges them into one.
     full_pass_learning_rate: float = 0.5
-    # Weight of a full pass's class fractions in the class priors. The damping above is for
-    # the maps; the priors are K numbers that a pass over every particle measures with no
-    # batch noise to average out, and damped they trail the maps: where the classes overlap
-    # (states along a transition) the largest class grows by a few points per iteration
-    # and is still short of its size when the run converges.
-    full_pass_prior_rate: float = 1.0
+    # Weight of a full pass's class fractions in the class priors (None: the maps' weight
+    # above, so the priors stay the fractions of the running statistics). 1 takes a pass's
+    # fractions whole: priors that do not trail the maps gain about two points on overlapping
+    # states (a transition) but let a junk class shrink faster (benchmarks/results/realistic/
+    # TUNING.md), so it is an option, not the default.
+    full_pass_prior_rate: float | None = None
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True
@@ -120,10 +120,11 @@ class RefineParams:
         for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
             if getattr(self, name) < 0:
                 raise bad_value(name, getattr(self, name), "a whole number >= 0")
-        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate", "full_pass_prior_rate",
-                     "coarse_radius_fraction"):
+        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate", "coarse_radius_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
+        if self.full_pass_prior_rate is not None and not 0 < self.full_pass_prior_rate <= 1:
+            raise bad_value("full_pass_prior_rate", self.full_pass_prior_rate, "None or a value in (0, 1]")
         for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",
                      "backproject_factor"):
             if not getattr(self, name) > 0:

@@ -39,7 +39,7 @@ def next_step(state: State, p: RefineParams, n_particles: int, batch: int, rando
     lr = p.full_pass_learning_rate if full else learning_rate(t, p)
     # A round's first M-step has no running statistics of its own to decay.
     decay = 0.0 if (full and state.converged_at is not None) or t == 0 else 1.0 - lr
-    prior_lr = p.full_pass_prior_rate if full else lr
+    prior_lr = lr if not full or p.full_pass_prior_rate is None else p.full_pass_prior_rate
     return Step(it, start, stop, full, it < random_its and n_classes > 1, lr, prior_lr, decay)
 
 
