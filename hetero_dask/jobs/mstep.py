@@ -457,7 +457,7 @@ def _wiener_prior(halves, fsc_prior, keep_maps: bool):
     if fsc_prior is not None:
         return np.asarray(fsc_prior, dtype=np.float64), None
     vA, vB = (reconstruct(g) for g in halves)
-    prior = np.asarray(to_host(fsc_curve(vA, vB)), dtype=np.float64)
+    prior = np.asarray(to_host(fsc_curve(vA, vB, r_max=halves[0].r_max)), dtype=np.float64)
     return prior, ((vA, vB) if keep_maps else None)
 
 
@@ -475,12 +475,13 @@ def _class_maps(halves, full, prior, tau2_fudge: float, raw_pair, xp):
 
 
 def _reported_fsc(vA, vB, halves, prior, fsc_prior):
-    """The class's half-map FSC, always of unregularised maps, for two non-empty halves."""
+    """The class's half-map FSC, always of unregularised maps, for two non-empty halves; measured
+    up to the grids' ``r_max`` (beyond it the maps hold only the gridding correction's leakage)."""
     if prior is None:
-        return fsc_curve(vA, vB)  # the maps are unregularised
+        return fsc_curve(vA, vB, r_max=halves[0].r_max)  # the maps are unregularised
     if fsc_prior is None:
         return prior  # measured on the unregularised maps
     # The FSC of Wiener-filtered half-maps overstates the data's: the filter damps the
     # voxels with little weight (mostly noise) more than the others. Fed back as the next
     # prior it would regularise less and less. Measure it on the unregularised maps.
-    return fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves))
+    return fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves), r_max=halves[0].r_max)
