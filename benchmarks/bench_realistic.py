@@ -21,6 +21,8 @@ Results go to ``--out`` (default ``benchmarks/results/realistic``): ``results.js
     python benchmarks/bench_realistic.py --seeds 10 11 12 13 14            # report seeds
     python benchmarks/bench_realistic.py --scenarios two_conformations --seeds 0 1 2 --relion
     python benchmarks/bench_realistic.py --params '{"initial_sigma_scale": 1}'   # a variant
+    python benchmarks/bench_realistic.py --relion-progress --scenarios two_conformations --seeds 10
+        # each finished iteration of RELION runs (also of runs still going, or stopped)
 
 Seeds 0-2 are for choosing defaults, 10-14 for reporting (never used for tuning).
 """
@@ -87,9 +89,8 @@ def _commit() -> str | None:
 
 def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int) -> dict:
     """RELION Class3D from the same references; ``measured`` < ``iterations``: extrapolated."""
-    import starfile
 
-    from hetero_dask.testing.relion import read_mrc, relion_class3d
+    from hetero_dask.testing.relion import relion_class3d
 
     sc = data.scenario
     rel = relion_class3d(work, data.particles_star, data.references_star, sc.n_classes, measured,
@@ -102,17 +103,48 @@ def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int) -> d
                cpu_s=rel["cpu"] + (iterations - measured) * float(np.mean(rel["per_iteration_cpu"])),
                extrapolated=measured < iterations)
     if measured == iterations:
-        table = starfile.read(rel["data_star"], always_dict=True)["particles"]
-        index = {name: i for i, name in enumerate(starfile.read(data.particles_star, always_dict=True)
-                                                   ["particles"]["rlnImageName"])}
-        pred = np.full(len(data.labels), -1)
-        pred[[index[n] for n in table["rlnImageName"]]] = table["rlnClassNumber"].to_numpy(int) - 1
-        mapping = S.match_classes(pred, data.labels, sc.n_classes)
-        maps = [read_mrc(Path(str(rel["data_star"]).replace("_data.star", f"_class{k + 1:03d}.mrc")))
-                for k in range(sc.n_classes)]
-        out.update(accuracy=S.accuracy(pred, data, mapping), junk_recall=S.junk_recall(pred, data, mapping),
-                   maps=S.map_scores(maps, sc.psize_A, data, mapping))
+        out.update(score_relion_iteration(data, Path(rel["data_star"])))
     return out
+
+
+def score_relion_iteration(data: S.Dataset, data_star: Path) -> dict:
+    """Accuracy, junk recall and class maps against the truth of one RELION iteration
+    (its ``run_itNNN_data.star`` and the class maps beside it)."""
+    import starfile
+
+    from hetero_dask.testing.relion import read_mrc
+
+    sc = data.scenario
+    table = starfile.read(data_star, always_dict=True)["particles"]
+    index = {name: i for i, name in enumerate(starfile.read(data.particles_star, always_dict=True)
+                                               ["particles"]["rlnImageName"])}
+    pred = np.full(len(data.labels), -1)
+    pred[[index[n] for n in table["rlnImageName"]]] = table["rlnClassNumber"].to_numpy(int) - 1
+    mapping = S.match_classes(pred, data.labels, sc.n_classes)
+    maps = [read_mrc(Path(str(data_star).replace("_data.star", f"_class{k + 1:03d}.mrc")))
+            for k in range(sc.n_classes)]
+    return dict(accuracy=S.accuracy(pred, data, mapping), junk_recall=S.junk_recall(pred, data, mapping),
+                maps=S.map_scores(maps, sc.psize_A, data, mapping),
+                class_sizes=np.bincount(pred[pred >= 0], minlength=sc.n_classes).tolist())
+
+
+def relion_progress(args) -> None:
+    """Print every finished iteration of the RELION runs under ``--work`` (finished or not):
+    accuracy, class sizes, class maps against the truth, and when its files were written."""
+    for name in args.scenarios:
+        for seed in args.seeds:
+            run = args.work / name / f"seed{seed}" / "relion"
+            stars = sorted(run.glob("run_it[0-9][0-9][0-9]_data.star"))
+            if not stars:
+                continue
+            data = S.load(args.data / name / f"seed{seed}")
+            start = stars[0].stat().st_mtime
+            for star in stars[1:]:
+                r = score_relion_iteration(data, star)
+                print(f"{name} seed {seed} {star.name[4:9]}: accuracy {r['accuracy']:.3f}, class sizes "
+                      f"{r['class_sizes']}, maps' correlation at 8 A "
+                      f"{[round(m['correlation_8A'], 3) for m in r['maps']]}, "
+                      f"written {star.stat().st_mtime - start:.0f} s after iteration 0", flush=True)
 
 
 def run_case(name: str, seed: int, args) -> dict:
@@ -243,11 +275,16 @@ def main() -> None:
                     help="built data sets (kept and reused)")
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: DATA/runs)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "realistic")
+    ap.add_argument("--relion-progress", action="store_true",
+                    help="run nothing: score every finished iteration of the RELION runs in --work")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                     help="run nothing: merge DIR/results.json (runs written elsewhere with --out, e.g. "
                          "side by side) into --out's, each run replacing what it measured")
     args = ap.parse_args()
     args.work = args.work or args.data / "runs"
+    if args.relion_progress:
+        relion_progress(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "results.json"
     rows = json.loads(log.read_text()) if log.exists() else []
