@@ -564,23 +564,29 @@ def map_reduce(
         select_first, shared=_in_cluster(client, shared),
     )
     finals = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
-    side = _DriverSide(after_map)
+    results = _run_graph(client, nodes, finals, len(partitions), progress, _DriverSide(after_map))
+    if isinstance(outputs, dict):
+        return dict(zip(outputs, results, strict=True))
+    return results[0]
+
+
+def _run_graph(client, nodes: list, finals: list, n_parts: int, progress, side) -> tuple:
+    """The values of ``finals`` (see :func:`map_reduce`), the driver's ``side`` work run beside
+    the graph and joined before returning; after a failure it is joined without running."""
     try:
         if client is None:
             with StageProgress(enabled=progress):
                 results = dask.compute(*finals, scheduler="sync", optimize_graph=False)
             side.start()
         elif progress is False:
-            results = _gather_finals(client, nodes, finals, len(partitions), side)
+            results = _gather_finals(client, nodes, finals, n_parts, side)
         else:
-            results = _gather_with_progress(client, nodes, finals, len(partitions), progress, side)
+            results = _gather_with_progress(client, nodes, finals, n_parts, progress, side)
     except BaseException:
         side.join(run_now=False)  # a failed job writes nothing more
         raise
     side.join()
-    if isinstance(outputs, dict):
-        return dict(zip(outputs, results, strict=True))
-    return results[0]
+    return results
 
 
 def _in_cluster(client, shared: Mapping[str, Any] | None) -> dict | None:
