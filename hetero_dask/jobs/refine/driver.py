@@ -304,6 +304,7 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int, full_
         class_prior=state.class_prior, r_backproject=r.backproject, r_band=r.band,
         mask_radius_px=run.mask_radius_px, random_assignment=step.random, reference_mode=p.reference_mode,
         seed=p.seed, assignment_file=str(run.assignment_file) if it < assigned_its else None,
+        class_scale=_class_scale(state, run.n_classes) if p.per_particle_scale else None,
     )
     finish = _finish_tasks(run, state, step, r.backproject, full_map)
     t_it = time.time()
@@ -315,6 +316,12 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int, full_
     info = dict(r_align=r.align, r_bp=r.backproject, order=search.order_final, t=time.time() - t_it,
                 n=step.stop - step.start)
     return [results[k] for k in range(run.n_classes)], results[STATISTICS], info
+
+
+def _class_scale(state: State, K: int) -> np.ndarray:
+    """Each class's median grey scale of the iteration before (1 before any: the references'
+    grey scales were fitted to the particles)."""
+    return np.ones(K) if state.class_scale is None else state.class_scale
 
 
 def _finish_tasks(run: _Run, state: State, step: Step, r_backproject: float, full_map: bool) -> dict:

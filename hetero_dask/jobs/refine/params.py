@@ -46,6 +46,11 @@ class RefineParams:
     # states (a transition) but let a junk class shrink faster (benchmarks/results/realistic/
     # TUNING.md), so it is an option, not the default.
     full_pass_prior_rate: float | None = None
+    # Backproject each particle at its own grey scale (its least-squares scale at the class's
+    # best pose, relative to the class's median one the iteration before): images that hold
+    # little or no signal of a class (pure noise, thick ice) add little to its map instead of
+    # fading it.
+    per_particle_scale: bool = False
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True

@@ -14,6 +14,7 @@ import numpy as np
 from hetero_dask.runtime import checkpoint as ckpt
 
 from .noise import updated_sigma2
+from .scales import median_scales
 
 
 @dataclass
@@ -30,6 +31,7 @@ class State:
     # The iteration the current round of EM began at: 0, or where a split's run restarted
     # from its own classes (RefineParams.split_restart). The schedule counts from it.
     round_start: int = 0
+    class_scale: np.ndarray | None = None  # (K,) median grey scale per class (None: 1)
 
     @property
     def round_iteration(self) -> int:
@@ -56,6 +58,9 @@ def update_state(state: State, results, ex: dict, lr: float, prior_lr: float, ho
         state.class_prior = np.maximum(state.class_prior, 1e-4)
         state.class_prior /= state.class_prior.sum()
     state.sigma2 = updated_sigma2(state.sigma2, ex, lr)
+    if "scale_histogram" in ex:
+        previous = np.ones(K) if state.class_scale is None else state.class_scale
+        state.class_scale = median_scales(ex["scale_histogram"], previous)
 
 
 def checkpoint(run_dir: Path, state: State):
@@ -64,6 +69,8 @@ def checkpoint(run_dir: Path, state: State):
               "resolution_A": state.resolution_A}
     if state.fsc is not None:
         arrays["fsc"] = state.fsc
+    if state.class_scale is not None:
+        arrays["class_scale"] = state.class_scale
     meta = {"iteration": state.iteration, "batch_start": state.batch_start,
             "converged_at": state.converged_at, "history": state.history, "round_start": state.round_start}
     ckpt.write_iteration(run_dir, state.iteration - 1, arrays, meta)
@@ -123,7 +130,7 @@ def restore_state(last) -> State:
     return State(iteration=m["iteration"], volumes=a["volumes"], sigma2=a["sigma2"],
                  class_prior=a["class_prior"], resolution_A=a["resolution_A"], fsc=a.get("fsc"),
                  batch_start=m["batch_start"], converged_at=m["converged_at"], history=m["history"],
-                 round_start=m["round_start"])
+                 round_start=m["round_start"], class_scale=a.get("class_scale"))
 
 
 def grids_file(run_dir: str, iteration: int, k: int) -> Path:

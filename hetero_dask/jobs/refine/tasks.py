@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from hetero_dask.core import pose_grids as so3
-from hetero_dask.core.backend import to_host, worker_xp
+from hetero_dask.core.backend import to_host, worker_xp, xp_of
 from hetero_dask.core.backprojector import BackprojGrids, crop_grids
 from hetero_dask.core.fsc import resolution_A
 from hetero_dask.core.scoring import alignment_band, prepare_particles
@@ -40,6 +40,7 @@ from .images import normalised_images
 from .noise import ResidualPower
 from .references import class_maps
 from .results import TaskResults, previous_classes, write_results
+from .scales import relative_scales, scale_histogram
 from .schedule import class_change_sums
 from .state import grids_file
 
@@ -67,6 +68,7 @@ class EStepContext:
     reference_mode: str
     seed: int
     assignment_file: str | None = None  # (N,) class per particle held fixed, -1 free
+    class_scale: np.ndarray | None = None  # (K,) median grey scale per class (per_particle_scale)
 
 
 def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tuple[ClassGridsPartial, RowResults]:
@@ -108,6 +110,7 @@ def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tu
     prev, prev_post = previous_classes(group, start, stop, ctx.iteration)
     out.extra["class_changed"] = class_change_sums(found.posterior, prev, prev_post)
     out.extra["posterior_sum"] = found.posterior.sum(axis=0).astype(np.float64)
+    out.extra["scale_histogram"] = scale_histogram(found.alpha, found.posterior)
     out.extra["sigma2_num"] = noise.num
     out.extra["sigma2_den"] = noise.den
     return _to_numpy(out), RowResults(ctx.iteration, prev, prev_post, found)
@@ -155,14 +158,20 @@ def _backproject(out: ClassGridsPartial, ctx: EStepContext, res, p: np.ndarray, 
     pshift = to_host(res.pose_shift_px)
     B, P_out = ids.shape[0], ids.shape[2]
     inv_sigma2 = 1.0 / np.maximum(ctx.sigma2, 1e-12)
+    scale = None if ctx.class_scale is None else relative_scales(to_host(res.alpha), ctx.class_scale)
     with accumulating(out):  # fused CPU kernel; each (class, half) folded once per task
         for k in range(ctx.n_classes):
             w = p[:, k, None] * pw[:, k, :]
+            x = images
+            if scale is not None:
+                # Y at scale s: value s C Y, weight s^2 C^2, i.e. Y / s at weight s^2.
+                w = w * scale[:, k, None] ** 2
+                x = images / xp_of(images).asarray(np.maximum(scale[:, k], 1e-3)[:, None, None])
             if not np.any(w > 0):
                 continue
             mats = so3.matrices_for(res.order, np.maximum(ids[:, k, :], 0).ravel()).reshape(B, P_out, 3, 3)
             backproject_particles(
-                out, images, ctf, ctx.psize_A, mats, pshift[:, k], w, k,
+                out, x, ctf, ctx.psize_A, mats, pshift[:, k], w, k,
                 np.full(B, h), inv_sigma2=inv_sigma2, r_max=ctx.r_backproject,
             )
 
@@ -288,4 +297,5 @@ def select_part(merged: ClassGridsPartial, key) -> ClassGridsPartial | dict:
 def statistics_task(statistics: dict) -> dict:
     """The summed E-step statistics, as the driver reads them (see :func:`select_part`)."""
     return statistics
+
 
