@@ -121,3 +121,22 @@ def test_stacked_maps_project_as_each_alone(r_max, monkeypatch):
     np.testing.assert_array_equal(project(stacked(fmaps), rots[:5], kx, ky)[1], project(fmaps[1], rots[:5], kx, ky))
     with pytest.raises(ValueError, match="one shape"):
         stacked([fmaps[0], prepare_fourier_map(vols[1], r_max=3.0)])
+
+
+@pytest.mark.parametrize("n, pad, r_max", [(32, 2, None), (33, 2, 7.0), (24, 3, 5.0), (40, 2, 30.0)])
+def test_the_fourier_map_is_the_padded_volumes_centred_dft_on_its_band(n, pad, r_max):
+    """The band-only transform equals the whole padded volume's centred DFT (double precision,
+    numpy) on the kept cube, for even and odd boxes and any padding."""
+    from hetero_dask.core.projector import gridding_correction
+
+    v = np.random.default_rng(n).standard_normal((n, n, n)).astype(np.float32)
+    fm = prepare_fourier_map(v, pad=pad, r_max=r_max)
+    D, h = pad * n, fm.data.shape[0] // 2
+    padded = np.zeros((D, D, D))
+    o = D // 2 - n // 2
+    padded[o:o + n, o:o + n, o:o + n] = v / gridding_correction(n, pad, np)
+    F = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(padded)))
+    c = D // 2
+    want = F[c - h:c + h + 1, c - h:c + h + 1, c - h:c + h + 1]
+    assert fm.data.dtype == np.complex64 and fm.data.shape == want.shape
+    assert np.max(np.abs(fm.data - want)) < 1e-5 * np.max(np.abs(want))
