@@ -314,9 +314,10 @@ def test_result_independent_of_partitioning(dataset, reference, monkeypatch):
     """The whole run with four times as many E-step tasks: the same iterations and classes.
 
     Its maps are compared at 2e-3, not at round-off: the partials' float32 sums in another
-    order differ by about 1e-7, and at this set's last iteration a near-tie among one
-    particle's poses resolves the other way (5e-4 on one class; with one iteration more the
-    maps agree to 3e-7 again). On a cluster the partitions are the data's whatever the
+    order differ by about 1e-7, and at this set's last iteration a discrete choice of the E-step
+    (which of a particle's poses it keeps and backprojects; the best poses and classes stay the
+    same) resolves the other way: 5e-4 on one class, and with one iteration more the maps agree
+    to 3e-7 again. On a cluster the partitions are the data's whatever the
     number of workers (``test_same_answer_any_workers``), so this reordering does not occur.
     """
     d, particles, refs = dataset
