@@ -13,8 +13,7 @@ check the two agree):
   (~105 MB per class and half-set at box 128) do not fit in cache and each
   sample lands ~2 voxels from the previous one, so the loop waits on memory:
   it prefetches the cache lines of the sample ``PREFETCH_DISTANCE`` ahead
-  (measured at box 128, one core: 0.56 -> 0.22 ms per particle,
-  ``benchmarks/bench_backprojection.py``);
+  (2.5x faster at box 128: ``benchmarks/results/design_measurements.md``);
 * :func:`backproject_images`: the same deposit of image spectra, read
   straight from the images' real FFTs, with the centring and shift phases,
   CTF, noise weights and posteriors multiplied in per sample (no
@@ -192,10 +191,10 @@ def _prefetch_cell(acc, b, row, plane):
 
 @_jit
 def _backproject_images_kernel(acc, rot, kx, ky, F, idx, a, c, rows, shifts, w, n, pad, h, S, X, ahead):
-    # One flat loop, measured at box 128 (one core, random orientations): 0.20 ms per particle,
-    # against 0.23 with the same steps in helper functions returning tuples (and a per-sample
-    # bounds check); 0.67 without the prefetch. The fold to x >= 0 multiplies by s = +-1 instead of branching (a coin toss
-    # per sample); the caller has checked that every sample lands inside the grid.
+    # One flat loop (helpers returning tuples, and a per-sample bounds check, were slower; the
+    # prefetch matters most: benchmarks/results/design_measurements.md). The fold to x >= 0 multiplies by
+    # s = +-1 instead of branching (a coin toss per sample); the caller has checked that every
+    # sample lands inside the grid.
     P = rows.shape[0]
     M = kx.shape[0]
     o = n // 2
@@ -379,7 +378,7 @@ def backproject_images(acc, rotations, kx, ky, F, a, c, rows, shifts_px, w, n: i
 
     ``acc``: float32 ``(2h+1, 2h+1, h+1, 3)``, C-contiguous: per voxel the real and
     imaginary parts of the data grid and the weight (one cache line holds the data
-    and weight of a corner pair: ~25% faster than separate grids, measured at box 128).
+    and weight of a corner pair: faster than separate grids, ``benchmarks/results/design_measurements.md``).
     ``F`` ``(B, n, n // 2 + 1)`` complex64: the images' real FFTs as they come (origin
     at pixel 0); the kernel reads the samples at integer frequencies ``kx`` (>= 0),
     ``ky`` ``(M,)`` and centres them (origin at pixel ``n // 2``) with the shift's phase.

@@ -4,9 +4,9 @@ The particle store keeps its images uncompressed, in shards of whole inner
 chunks along the particle axis (see :mod:`hetero_dask.io.store`). Reading a
 row range through zarr costs a copy of every inner chunk into a bytes
 object, a second into the result and the event-loop round trips of its
-async store: 0.08 to 0.25 ms per box-128 image, measured, against 0.012 ms
-for reading the same bytes into the result directly; a reconstruction task
-spends 0.3 ms per particle on everything else. So :class:`ShardRowReader`
+async store: up to twenty times what reading the same bytes into the result
+directly costs, and of the order of everything else a reconstruction task does
+per particle (``benchmarks/results/design_measurements.md``). So :class:`ShardRowReader`
 reads the byte ranges the Zarr v3 sharding format records (the shard index:
 per inner chunk an ``(offset, nbytes)`` pair of little-endian uint64 at the
 end of the shard file, checked by its CRC32C) straight into the output

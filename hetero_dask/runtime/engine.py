@@ -23,8 +23,7 @@ A job supplies three pure functions that know nothing about Dask:
     is re-run after a worker loss gets inputs recomputed or kept on the
     surviving workers (which only ever sent copies), so the result is the
     same. Copying instead would put every merge through hundreds of MB of
-    freshly faulted memory (measured at box 128, K = 3: 1.6 s against
-    0.08 s in place, for two 630 MB partials).
+    freshly faulted memory, twenty times slower (``benchmarks/results/design_measurements.md``).
 ``finish[key](merged) -> summary``
     Optional per-key finishing tasks (e.g. one M-step per class), each a
     separate task, or a chain of them (``(mstep, fsc)``: one task per step);
