@@ -336,3 +336,18 @@ def test_separable_phase_ramp_is_the_phase_ramp():
     shifts = np.random.default_rng(1).uniform(-4, 4, (7, 2)).astype(np.float32)
     np.testing.assert_allclose(separable_phase_ramp(shifts, kx, ky, n),
                                phase_ramp(kx, ky, shifts[:, None, :], n)[:, 0], atol=2e-5)
+
+
+@pytest.mark.parametrize("n, r_max", [(32, 15.0), (33, 16.0), (64, 20.0)])
+def test_band_spectra_are_the_centred_fft_on_the_band(n, r_max):
+    """The half-plane band from a single-precision real FFT equals the centred complex FFT
+    (double precision) gathered on the band, for even and odd boxes."""
+    from hetero_dask.core.fourier import fft2c
+    from hetero_dask.core.scoring import alignment_band, band_spectra
+
+    x = np.random.default_rng(n).standard_normal((5, n, n)).astype(np.float32)
+    band = alignment_band(n, r_max)
+    want = fft2c(x.astype(np.float64)).reshape(5, -1)[:, band.flat]
+    got = band_spectra(x, band)
+    assert got.dtype == np.complex64
+    assert np.max(np.abs(got - want)) < 1e-6 * np.max(np.abs(want))

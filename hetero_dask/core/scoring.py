@@ -29,7 +29,7 @@ import numpy as np
 
 from .backend import xp_of
 from .ctf import CTFParams, ctf_values
-from .fourier import fft2c, radius_2d, soft_edge
+from .fourier import radius_2d, soft_edge
 from .projector import FourierMap, project
 
 
@@ -103,6 +103,23 @@ class PreparedParticles:
         return PreparedParticles(self.band, self.y[sl], self.ctf[sl], self.center_px[sl])
 
 
+def band_spectra(images, band: Band):
+    """The centred 2D FFT of real ``images`` ``(B, n, n)`` on ``band``: complex64 ``(B, M)``.
+
+    The band is a half-plane (``ky >= 0``), so a real FFT along y gives it whole, in single
+    precision, without the full complex spectrum: ``fft2c(x)[ky, kx]`` is the uncentred
+    ``X[ky, kx mod n]`` times ``exp(2 pi i (kx + ky) (n // 2) / n)`` (the origin at pixel
+    ``n // 2``).
+    """
+    xp = xp_of(images)
+    B, n = images.shape[0], band.n
+    X = xp.fft.rfftn(images.astype(xp.float32), axes=(-1, -2))  # (B, n // 2 + 1, n): ky >= 0
+    kx = band.kx.astype(xp.int64)
+    ky = band.ky.astype(xp.int64)
+    phase = xp.exp((2j * np.pi * (n // 2) / n) * (kx + ky)).astype(xp.complex64)
+    return (X.reshape(B, -1)[:, ky * n + kx % n] * phase).astype(xp.complex64)
+
+
 def cpu_threads() -> int:
     """Threads for CPU work inside one task: ``HETERO_DASK_ESTEP_THREADS``, else the BLAS
     thread count (``OMP_NUM_THREADS``, set per Dask worker by :mod:`hetero_dask.runtime.cluster`),
@@ -168,7 +185,7 @@ def prepare_particles(
     radius_px = 0.85 * n / 2 if mask_radius_px is None else float(mask_radius_px)
     x = normalise_background(images, radius_px) if normalize else images.astype(xp.float32)
     x = x * circular_mask(n, radius_px, mask_width_px, xp)
-    y = fft2c(x).reshape(B, -1)[:, band.flat].astype(xp.complex64)
+    y = band_spectra(x, band)
     center = (
         xp.zeros((B, 2), dtype=xp.float32)
         if center_px is None
