@@ -103,7 +103,7 @@ class RefineParams:
     # is broad, and a search that keeps few poses loses some classes' mass more than others'
     # (the choice and its cost: benchmarks/results/realistic/TUNING.md).
     coarse_radius_fraction: float = 1.0
-    search_max_poses: int = 32
+    search_max_poses: int = 64
     # Each particle is backprojected into a class at that class's backproject_poses most
     # probable poses, their weights renormalised: fewer make a broad pose posterior look
     # sharper than it is.
