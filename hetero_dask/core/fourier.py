@@ -16,6 +16,8 @@ Conventions:
 
 from __future__ import annotations
 
+import numpy as np
+
 from .backend import xp_of
 
 
@@ -31,6 +33,24 @@ def ifftnc(X, axes=None):
     xp = xp_of(X)
     axes = tuple(range(X.ndim)) if axes is None else axes
     return xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(X, axes=axes), axes=axes), axes=axes)
+
+
+def fft_functions(xp, *names: str, overwrite_x: bool = False) -> tuple:
+    """The 1D transforms ``names`` (e.g. ``"fft"``, ``"irfft"``) of namespace ``xp``, called as
+    ``f(a, n=..., axis=...)``: on numpy scipy's, in the input's precision (numpy's compute in
+    double) and with the task's cores (:func:`hetero_dask.core.scoring.cpu_threads`);
+    ``overwrite_x`` lets them overwrite an input that is a temporary."""
+    if xp is not np:
+        return tuple(getattr(xp.fft, name) for name in names)
+    import functools  # noqa: PLC0415
+
+    import scipy.fft  # noqa: PLC0415
+
+    from .scoring import cpu_threads  # noqa: PLC0415
+
+    workers = cpu_threads()
+    return tuple(functools.partial(getattr(scipy.fft, name), overwrite_x=overwrite_x, workers=workers)
+                 for name in names)
 
 
 def fft2c(images):

@@ -13,14 +13,11 @@ it out beforehand (gridding pre-correction).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from .backend import xp_of
-from .fourier import freq_1d
+from .fourier import fft_functions, freq_1d
 
 
 @dataclass
@@ -78,7 +75,7 @@ def _centred_band(v, D: int, half: int):
     """
     xp = xp_of(v)
     n = v.shape[-1]
-    fft, rfft = _forward_ffts(xp)
+    fft, rfft = fft_functions(xp, "fft", "rfft")
     k = xp.arange(-half, half + 1)
     phase = xp.exp((2j * math.pi * (n // 2) / D) * k).astype(xp.complex64)
     # x: the real input's transform at k >= 0; k < 0 are their conjugates.
@@ -87,19 +84,6 @@ def _centred_band(v, D: int, half: int):
     a = fft(a, n=D, axis=1)[:, k % D] * phase[:, None]
     a = fft(a, n=D, axis=0)[k % D] * phase[:, None, None]
     return xp.ascontiguousarray(a.astype(xp.complex64))
-
-
-def _forward_ffts(xp):
-    """``(fft, rfft)`` of namespace ``xp`` in the input's precision: scipy's on numpy (numpy's
-    would compute in double), with the task's cores."""
-    if xp is not np:
-        return xp.fft.fft, xp.fft.rfft
-    import scipy.fft  # noqa: PLC0415
-
-    from .scoring import cpu_threads  # noqa: PLC0415
-
-    workers = cpu_threads()
-    return functools.partial(scipy.fft.fft, workers=workers), functools.partial(scipy.fft.rfft, workers=workers)
 
 
 def trilinear_corners(points, size: int, center: int):

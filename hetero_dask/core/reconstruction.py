@@ -27,6 +27,7 @@ import numpy as np
 from . import cpu_kernels
 from .backend import xp_of
 from .backprojector import BackprojGrids, hermitian_x0
+from .fourier import fft_functions
 from .projector import gridding_correction
 
 
@@ -222,7 +223,7 @@ def _cropped_irfftn(spec, n: int, D: int, xp):
     back whole, real), pruned: each 1D inverse pass runs only on the columns that are not all
     zeros and keeps only the ``n`` outputs of the crop before the next axis."""
     he, lo = spec.shape[-1] - 1, n // 2
-    ifft, irfft = _inverse_ffts(xp)
+    ifft, irfft = fft_functions(xp, "ifft", "irfft", overwrite_x=True)  # inputs: temporaries
     a = ifft(spec, axis=0)[(xp.arange(n) - lo) % D]  # (n, 2he+1, he+1)
     b = xp.zeros((n, D, he + 1), dtype=a.dtype)
     b[:, : he + 1] = a[:, he:]  # centred -> uncentred, as in _to_real_space
@@ -236,19 +237,3 @@ def _cropped_irfftn(spec, n: int, D: int, xp):
     c[:, lo:, : he + 1] = b[:, : n - lo]
     del b
     return irfft(c, n=D, axis=2)  # (n, n, D)
-
-
-def _inverse_ffts(xp):
-    """``(ifft, irfft)`` of namespace ``xp``, called as ``f(a, axis=...)``, ``f(a, n=..., axis=...)``.
-
-    On numpy, scipy's with the task's cores (one task thread per worker gets them all, as the
-    E-step does), overwriting their input, always a temporary here."""
-    if xp is not np:
-        return xp.fft.ifft, xp.fft.irfft
-    import scipy.fft  # noqa: PLC0415
-
-    from .scoring import cpu_threads  # noqa: PLC0415
-
-    workers = cpu_threads()
-    return (functools.partial(scipy.fft.ifft, overwrite_x=True, workers=workers),
-            functools.partial(scipy.fft.irfft, overwrite_x=True, workers=workers))

@@ -110,7 +110,8 @@ def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tu
     prev, prev_post = previous_classes(group, start, stop, ctx.iteration)
     out.extra["class_changed"] = class_change_sums(found.posterior, prev, prev_post)
     out.extra["posterior_sum"] = found.posterior.sum(axis=0).astype(np.float64)
-    out.extra["scale_histogram"] = scale_histogram(found.alpha, found.posterior)
+    if ctx.class_scale is not None:  # per_particle_scale: the class medians of the next iteration
+        out.extra["scale_histogram"] = scale_histogram(found.alpha, found.posterior)
     out.extra["sigma2_num"] = noise.num
     out.extra["sigma2_den"] = noise.den
     return _to_numpy(out), RowResults(ctx.iteration, prev, prev_post, found)
