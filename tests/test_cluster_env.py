@@ -31,7 +31,7 @@ def _malloc_env() -> dict:
     return {v: os.environ.get(v) for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
 
 
-WANT_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+WANT_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 WITHOUT_PROJECT_CONFIG = """
 import json, os
@@ -48,18 +48,19 @@ if __name__ == "__main__":
 """
 
 
-def test_workers_keep_glibc_reusing_arrays_below_32_mib(tmp_path):
-    """Dask's trim threshold alone fixes glibc's mmap threshold at 128 KiB (every larger array
-    a fresh, page-faulted mapping: the E-step ran 2-3x slower in a worker); local clusters set
-    it back to glibc's dynamic ceiling, with the project's Dask configuration and without it
-    (an installed package does not find deploy/dask.yaml), and leave this process's alone."""
+def test_workers_keep_glibc_reusing_freed_memory(tmp_path):
+    """Dask's trim threshold (64 KiB) gives every freed heap top back to the system and fixes
+    glibc's mmap threshold at 128 KiB (every larger array a fresh, page-faulted mapping: the
+    E-step ran 2-3x slower in a worker); local clusters keep 256 MiB of freed heap and set the
+    mmap threshold to glibc's dynamic ceiling, with the project's Dask configuration and without
+    it (an installed package does not find deploy/dask.yaml), and leave this process's alone."""
     from distributed import Client
 
     before = _malloc_env()
     with make_local_cluster(workers=1, dashboard=False) as lc, Client(lc) as client:
         seen = client.run(_malloc_env)
     assert all(env == WANT_MALLOC for env in seen.values()), seen
-    assert _malloc_env()["MALLOC_MMAP_THRESHOLD_"] == before["MALLOC_MMAP_THRESHOLD_"]
+    assert _malloc_env() == before
 
     script, empty = tmp_path / "cluster.py", tmp_path / "empty.yaml"
     script.write_text(WITHOUT_PROJECT_CONFIG)

@@ -43,11 +43,14 @@ PROJECT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "dask.yaml"
 CONFIG_ENV = "HETERO_DASK_DASK_CONFIG"
 
 BLAS_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-# Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which also stops glibc from raising its mmap
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_ (64 KiB), which also stops glibc from raising its mmap
 # threshold: every array over 128 KiB is then a fresh mapping, page-faulted on each use (the
-# E-step ran 2-3x slower in a worker). glibc's own dynamic ceiling restores their reuse. Set in
-# code as well as in deploy/dask.yaml, which an installed package does not find.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+# E-step ran 2-3x slower in a worker). glibc's own dynamic ceiling, 32 MiB, restores their reuse.
+# The trim threshold itself gives the free top of each heap back to the system at every free, so
+# the next arrays of a task fault their pages in again: at 256 MiB the freed heap stays for reuse
+# (a box-128 iteration's E-step and M-steps 1.6-1.7x faster; benchmarks/results/fixed_cost.md).
+# Set in code as well as in deploy/dask.yaml, which an installed package does not find.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def load_project_config(path: str | os.PathLike | None = None) -> dict:
