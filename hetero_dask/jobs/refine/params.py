@@ -51,6 +51,11 @@ class RefineParams:
     # little or no signal of a class (pure noise, thick ice) add little to its map instead of
     # fading it.
     per_particle_scale: bool = False
+    # The likelihood's overconfidence T (>= 1): the class decision weighs the prior T times
+    # (argmax of T log prior + log likelihood, that of the tempered model prior x likelihood^(1/T)),
+    # the backprojection keeps those sharp posteriors, and the outputs and the class fractions take
+    # the tempered ones. 1: the plain model.
+    class_temperature: float = 1.0
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True
@@ -130,6 +135,8 @@ class RefineParams:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
         if self.full_pass_prior_rate is not None and not 0 < self.full_pass_prior_rate <= 1:
             raise bad_value("full_pass_prior_rate", self.full_pass_prior_rate, "None or a value in (0, 1]")
+        if not self.class_temperature >= 1:
+            raise bad_value("class_temperature", self.class_temperature, "a value >= 1")
         for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",
                      "backproject_factor"):
             if not getattr(self, name) > 0:

@@ -69,6 +69,7 @@ class EStepContext:
     seed: int
     assignment_file: str | None = None  # (N,) class per particle held fixed, -1 free
     class_scale: np.ndarray | None = None  # (K,) median grey scale per class (per_particle_scale)
+    class_temperature: float = 1.0
 
 
 def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tuple[ClassGridsPartial, RowResults]:
@@ -101,9 +102,10 @@ def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tu
         ref = 1 - h if ctx.reference_mode == "cross" else h
         refs = [maps[k][ref] for k in range(ctx.n_classes)]
         prep = prepare_particles(x, c, ctx.psize_A, band, normalize=False, mask_radius_px=ctx.mask_radius_px)
-        res = estep(prep, refs, xp.asarray(ctx.sigma2), ctx.search, class_prior=xp.asarray(ctx.class_prior))
+        prior = weighted_prior(ctx.class_prior, ctx.class_temperature)
+        res = estep(prep, refs, xp.asarray(ctx.sigma2), ctx.search, class_prior=xp.asarray(prior))
         p = _class_posterior(ctx, res, start + sel)
-        found.put(sel, p, res)
+        found.put(sel, tempered(p, ctx.class_temperature), res)
         noise.add(prep, res, p, refs, ctx.box, xp)
         _backproject(out, ctx, res, p, x, c, h)
     group = zarr.open_group(ctx.results_path, mode="r")
@@ -149,6 +151,25 @@ def _class_posterior(ctx: EStepContext, res, rows: np.ndarray) -> np.ndarray:
         a = np.load(ctx.assignment_file, mmap_mode="r", allow_pickle=False)[rows]
         p = np.where((a >= 0)[:, None], np.eye(K, dtype=np.float32)[np.maximum(a, 0)], p)
     return p
+
+
+def weighted_prior(prior: np.ndarray, T: float) -> np.ndarray:
+    """The class prior ``(K,)`` weighed ``T`` times in the E-step: ``prior^T``, normalised. With a
+    likelihood ``T`` times too confident, the E-step's posteriors then rank the classes as the
+    tempered model ``prior x likelihood^(1/T)`` does (:func:`tempered` gives its posteriors)."""
+    if T == 1:
+        return prior
+    w = np.power(np.asarray(prior, dtype=np.float64), T)
+    return w / w.sum()
+
+
+def tempered(p: np.ndarray, T: float) -> np.ndarray:
+    """Class posteriors ``(B, K)`` at temperature ``T``: ``p^(1/T)``, normalised per particle
+    (from posteriors of the prior :func:`weighted_prior`, those of ``prior x likelihood^(1/T)``)."""
+    if T == 1:
+        return p
+    q = np.power(np.asarray(p, dtype=np.float64), 1.0 / T)
+    return (q / np.maximum(q.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 
 
 def _backproject(out: ClassGridsPartial, ctx: EStepContext, res, p: np.ndarray, images, ctf, h: int) -> None:
