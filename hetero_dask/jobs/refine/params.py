@@ -54,7 +54,9 @@ class RefineParams:
     # The likelihood's overconfidence T (>= 1): the class decision weighs the prior T times
     # (argmax of T log prior + log likelihood, that of the tempered model prior x likelihood^(1/T)),
     # the backprojection keeps those sharp posteriors, and the outputs and the class fractions take
-    # the tempered ones. 1: the plain model.
+    # the tempered ones. About 2 suits overlapping states of unequal populations but starves a
+    # small junk class and makes two-class posteriors underconfident (benchmarks/results/
+    # realistic/TUNING.md), so the default is the plain model, 1.
     class_temperature: float = 1.0
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
