@@ -48,7 +48,7 @@ BLAS_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # E-step ran 2-3x slower in a worker). glibc's own dynamic ceiling, 32 MiB, restores their reuse.
 # The trim threshold itself gives the free top of each heap back to the system at every free, so
 # the next arrays of a task fault their pages in again: at 256 MiB the freed heap stays for reuse
-# (a box-128 iteration's E-step and M-steps 1.6-1.7x faster; benchmarks/results/fixed_cost.md).
+# (box 128's E-steps and M-steps run faster: benchmarks/results/fixed_cost.md).
 # Set in code as well as in deploy/dask.yaml, which an installed package does not find.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
