@@ -94,6 +94,7 @@ def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tu
     found = TaskResults.empty(stop - start, ctx.n_classes)
     out = empty_partial(ctx.n_classes, ctx.box, r_max=ctx.r_backproject, xp=xp)
     noise = ResidualPower.empty(ctx.r_band)
+    prior = xp.asarray(weighted_prior(ctx.class_prior, ctx.class_temperature))
     for h in (0, 1):
         sel = np.flatnonzero(halves == h)
         if sel.size == 0:
@@ -102,8 +103,7 @@ def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tu
         ref = 1 - h if ctx.reference_mode == "cross" else h
         refs = [maps[k][ref] for k in range(ctx.n_classes)]
         prep = prepare_particles(x, c, ctx.psize_A, band, normalize=False, mask_radius_px=ctx.mask_radius_px)
-        prior = weighted_prior(ctx.class_prior, ctx.class_temperature)
-        res = estep(prep, refs, xp.asarray(ctx.sigma2), ctx.search, class_prior=xp.asarray(prior))
+        res = estep(prep, refs, xp.asarray(ctx.sigma2), ctx.search, class_prior=prior)
         p = _class_posterior(ctx, res, start + sel)
         found.put(sel, tempered(p, ctx.class_temperature), res)
         noise.add(prep, res, p, refs, ctx.box, xp)
