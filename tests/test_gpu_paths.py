@@ -45,7 +45,7 @@ from hetero_dask.core.fsc import fsc, fsc_set
 from hetero_dask.core.masks import mask_from_map, spherical_window
 from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map, project, project_images
-from hetero_dask.core.reconstruction import reconstruct
+from hetero_dask.core.reconstruction import band_spectrum, half_map_fsc, reconstruct
 from hetero_dask.core.rotations import (
     angle_between,
     euler_to_matrix,
@@ -294,6 +294,10 @@ def test_backprojection_reconstruction_fsc_masks(dev):
     vd = reconstruct(g, dev.asarray(curve))
     close(vd, vh, atol_frac=1e-4)
     close(fsc(vd, dev.asarray(vol)), fsc(vh, vol), atol_frac=1e-4)
+    r = 3.2  # a band well inside the box: the half-map FSC from the band operators
+    hb, gb = crop_grids(host, r), crop_grids(g, r)
+    close(half_map_fsc(gb, gb), half_map_fsc(hb, hb), atol_frac=1e-5)
+    close(band_spectrum(gb, 5, dev.asarray(curve)), band_spectrum(hb, 5, curve), atol_frac=1e-5)
     noisy = vh + 0.1 * np.random.default_rng(0).standard_normal(vh.shape).astype(np.float32)
     host_set = fsc_set(vh, noisy, 2.0, rng=np.random.default_rng(1))
     dev_set = fsc_set(vd, dev.asarray(noisy), 2.0, rng=np.random.default_rng(1))

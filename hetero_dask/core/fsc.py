@@ -106,14 +106,34 @@ def fsc(v1, v2, mask=None, r_max: float | None = None):
     if mask is not None:
         v1, v2 = v1 * mask, v2 * mask
     n = v1.shape[-1]
-    n_shells = n // 2 + 1
-    top = n_shells - 1 if r_max is None else min(n_shells - 1, int(np.ceil(r_max)) + 1)
+    top = band_top(n, r_max)
     if 2 * top + 1 >= n:
-        F1, F2 = _rfftn(v1, xp).ravel(), _rfftn(v2, xp).ravel()
-        idx, mult, _ = _rfft_shells(n, xp)
-    else:
-        F1, F2 = _band_rfftn(v1, top, xp).ravel(), _band_rfftn(v2, top, xp).ravel()
-        idx, mult = _band_shells(n, top, xp)
+        return _curve(_rfftn(v1, xp).ravel(), _rfftn(v2, xp).ravel(), *_rfft_shells(n, xp)[:2], n, top)
+    return band_fsc(_band_rfftn(v1, top, xp), _band_rfftn(v2, top, xp), n)
+
+
+def band_top(n: int, r_max: float | None) -> int:
+    """The last shell :func:`fsc` measures for maps of box ``n`` whose data stop at ``r_max``
+    (cycles per box; None: Nyquist): one shell beyond ``r_max``."""
+    last = n // 2
+    return last if r_max is None else min(last, int(np.ceil(r_max)) + 1)
+
+
+def band_fsc(F1, F2, n: int):
+    """FSC curve ``(n // 2 + 1,)`` of two maps of box ``n`` given as their real-input FFTs at the
+    frequencies up to ``top`` (``(2 top + 1, 2 top + 1, top + 1)``, axes ordered as
+    :func:`band_freqs`, ``2 top + 1 < n``); the shells beyond ``top`` are 0."""
+    top = F1.shape[-1] - 1
+    if F1.shape != F2.shape or F1.shape != (2 * top + 1, 2 * top + 1, top + 1) or 2 * top + 1 >= n:
+        raise ValueError(f"band_fsc needs two band spectra (2 top + 1, 2 top + 1, top + 1) with 2 top + 1 < "
+                         f"{n}, got {F1.shape} and {F2.shape}")
+    return _curve(F1.ravel(), F2.ravel(), *_band_shells(n, top, xp_of(F1, F2)), n, top)
+
+
+def _curve(F1, F2, idx, mult, n: int, top: int):
+    """The FSC from flat spectra, their voxels' shells ``idx`` and multiplicities ``mult``."""
+    xp = xp_of(F1, F2)
+    n_shells = n // 2 + 1
     m = n_shells + 1
 
     def shell_sum(x):
@@ -126,7 +146,7 @@ def fsc(v1, v2, mask=None, r_max: float | None = None):
     return curve
 
 
-def _band_freqs(n: int, top: int, xp):
+def band_freqs(n: int, top: int, xp):
     """The uncentred indices (and frequencies) ``0 .. top, -top .. -1`` of an axis of length ``n``."""
     k = xp.concatenate([xp.arange(top + 1), xp.arange(-top, 0)])
     return k % n, k
@@ -134,10 +154,10 @@ def _band_freqs(n: int, top: int, xp):
 
 def _band_rfftn(v, top: int, xp):
     """The real-input FFT of ``v`` ``(n, n, n)`` at the frequencies up to ``top`` along every
-    axis, ``(2 top + 1, 2 top + 1, top + 1)`` complex64, axes ordered as :func:`_band_freqs`:
+    axis, ``(2 top + 1, 2 top + 1, top + 1)`` complex64, axes ordered as :func:`band_freqs`:
     each 1D pass runs only on the lines the next one keeps."""
     v = xp.asarray(v, dtype=xp.float32)
-    keep = _band_freqs(v.shape[-1], top, xp)[0]
+    keep = band_freqs(v.shape[-1], top, xp)[0]
     if xp is np:
         import scipy.fft  # noqa: PLC0415
 
@@ -155,7 +175,7 @@ def _band_rfftn(v, top: int, xp):
 def _band_shells(n: int, top: int, xp):
     """``(idx, mult)`` of :func:`_band_rfftn`'s voxels, as :func:`_rfft_shells` gives them for
     the whole grid (shells beyond ``top`` are ``n // 2 + 1``, outside)."""
-    k = _band_freqs(n, top, xp)[1].astype(xp.float32)
+    k = band_freqs(n, top, xp)[1].astype(xp.float32)
     kx = xp.arange(top + 1, dtype=xp.float32)
     radius = xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
     idx = xp.rint(radius).astype(xp.int64)

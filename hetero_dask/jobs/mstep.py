@@ -48,7 +48,7 @@ from hetero_dask.core.ctf import CTFParams, ctf_band
 from hetero_dask.core.fourier import shell_index
 from hetero_dask.core.fsc import fsc as fsc_curve
 from hetero_dask.core.fsc import full_map_fsc, resolution_A
-from hetero_dask.core.reconstruction import reconstruct
+from hetero_dask.core.reconstruction import half_map_fsc, reconstruct
 from hetero_dask.core.scoring import separable_phase_ramp
 
 HALVES = (0, 1)
@@ -456,9 +456,10 @@ def _wiener_prior(halves, fsc_prior, keep_maps: bool):
     ``keep_maps`` (else None) to be returned as they are."""
     if fsc_prior is not None:
         return np.asarray(fsc_prior, dtype=np.float64), None
+    if not keep_maps:
+        return np.asarray(to_host(half_map_fsc(*halves)), dtype=np.float64), None
     vA, vB = (reconstruct(g) for g in halves)
-    prior = np.asarray(to_host(fsc_curve(vA, vB, r_max=halves[0].r_max)), dtype=np.float64)
-    return prior, ((vA, vB) if keep_maps else None)
+    return np.asarray(to_host(fsc_curve(vA, vB, r_max=halves[0].r_max)), dtype=np.float64), (vA, vB)
 
 
 def _class_maps(halves, full, prior, tau2_fudge: float, raw_pair, xp):
@@ -484,4 +485,4 @@ def _reported_fsc(vA, vB, halves, prior, fsc_prior):
     # The FSC of Wiener-filtered half-maps overstates the data's: the filter damps the
     # voxels with little weight (mostly noise) more than the others. Fed back as the next
     # prior it would regularise less and less. Measure it on the unregularised maps.
-    return fsc_curve(*(np.asarray(to_host(reconstruct(g)), np.float32) for g in halves), r_max=halves[0].r_max)
+    return np.asarray(to_host(half_map_fsc(*halves)), dtype=np.float64)
