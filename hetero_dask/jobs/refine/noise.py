@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetero_dask.core import pose_grids
 from hetero_dask.core.backend import to_host
 from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.scoring import alignment_band, phase_ramp, prepare_particles, project_band
@@ -50,20 +51,34 @@ class ResidualPower:
         return cls(num, np.zeros_like(num))
 
     def add(self, prep, res, posterior: np.ndarray, refs, box: int, xp) -> None:
-        """Add the residual power of particles ``prep`` at the best pose of their best class
-        (``res``: the E-step's result, ``refs``: the Fourier maps it scored against)."""
+        """Add the residual power of particles ``prep`` in their best class, averaged over that
+        class's significant poses by their posterior weights (``res``: the E-step's result,
+        ``refs``: the Fourier maps it scored against), at unit scale, the scale the likelihood
+        scores them at.
+
+        The residual at the single best pose and least-squares scale is too small in the low
+        shells that decide the alignment: the pose, shift and scale that fit an image best also
+        fit part of its noise there, and a noise model that underrates those shells makes the
+        posteriors overconfident. The posterior average is EM's update of the noise (as
+        RELION's): the spread of the poses adds back part of what the best fit took.
+        """
         band = prep.band
         best = posterior.argmax(axis=1)
+        ids, weights, shifts = to_host(res.pose_ids), to_host(res.pose_weight), to_host(res.pose_shift_px)
         for k in range(len(refs)):
             idx = np.flatnonzero(best == k)
-            if idx.size == 0:
-                continue
-            ix = xp.asarray(idx)
-            P = project_band(refs[k], res.rotation[ix, k], band.kx, band.ky)
-            y = prep.y[ix] * phase_ramp(band.kx, band.ky, res.shift_px[ix, k][:, None, :], box)[:, 0]
-            r = y - prep.ctf[ix] * P * res.alpha[ix, k][:, None]
-            num = to_host(sigma2_from_residuals(r, band.shell, self.num.shape[0]))
-            self.num += num * idx.size
+            for j in range(ids.shape[2]):
+                rows = idx[ids[idx, k, j] >= 0]
+                if rows.size == 0:
+                    continue
+                ix = xp.asarray(rows)
+                R = xp.asarray(pose_grids.matrices_for(int(res.order), ids[rows, k, j]))
+                P = project_band(refs[k], R, band.kx, band.ky)
+                y = prep.y[ix] * phase_ramp(band.kx, band.ky, xp.asarray(shifts[rows, k, j])[:, None, :], box)[:, 0]
+                w = weights[rows, k, j].astype(np.float64)
+                num = to_host(sigma2_from_residuals(y - prep.ctf[ix] * P, band.shell, self.num.shape[0],
+                                                    weights=xp.asarray(w)))
+                self.num += num * w.sum()
             self.den += idx.size
 
 
