@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from hetero_dask.core import pose_grids
+from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.scoring import alignment_band, phase_ramp, prepare_particles, project_band
 from hetero_dask.core.search import SearchParams, estep
@@ -45,11 +46,8 @@ def test_noise_free_particles_leave_little_residual_at_their_poses():
     prep, res, refs = _estep(float("inf"))
     posterior = np.asarray(res.class_posterior)
     assert np.all(posterior.argmax(axis=1) == 1)
-    power = np.asarray(ResidualPower.empty(R).num.copy())
-    shell = np.asarray(prep.band.shell)
-    y2 = (np.abs(prep.y) ** 2).mean(axis=0)
-    power = np.bincount(shell, y2, minlength=len(power))[: len(power)] / np.maximum(np.bincount(shell, minlength=len(power))[: len(power)], 1)
     residual = _estimate(prep, res, posterior, refs)
+    power = np.asarray(sigma2_from_residuals(prep.y, prep.band.shell, len(residual)))  # the particles' own
     assert np.all(residual[1:5] < 0.1 * power[1:5]), (residual[1:5] / power[1:5])
 
 
