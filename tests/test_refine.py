@@ -74,6 +74,13 @@ def test_output_contract(dataset, refined):
     post = cs["alignments3D_multi/class_posterior"]
     np.testing.assert_allclose(post.sum(axis=1), 1.0, atol=1e-3)
     assert np.array_equal(cs["alignments3D/class"], post.argmax(axis=1))
+    # CryoSPARC's per-class pose_ess and alpha slots hold the E-step's, not zeros.
+    best = cs["alignments3D/class"]
+    for field in ("pose_ess", "alpha"):
+        per_class = np.stack([cs[f"alignments_class_{k}/{field}"] for k in range(2)], axis=1)
+        np.testing.assert_array_equal(per_class, cs[field])
+        np.testing.assert_array_equal(cs[f"alignments3D/{field}"], per_class[np.arange(len(cs)), best])
+    assert np.all(cs["alignments3D/pose_ess"] >= 1)
     star = read_star(out / "particles.star")
     particles = star["particles"]
     assert np.array_equal(particles["rlnClassNumber"].to_numpy() - 1, cs["alignments3D/class"])

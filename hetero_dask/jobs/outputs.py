@@ -111,6 +111,7 @@ def particle_table(
     split=None,
     extra_fields=None,
     class_layout: str = "alignments_class",
+    class_values=None,
 ) -> np.ndarray:
     """The output particle table: ``table`` plus the class fields described in the module doc.
 
@@ -118,7 +119,9 @@ def particle_table(
     ``(N, K, 2)`` pixels at ``psize_A`` (scalar or ``(N,)``); ``best_class``
     ``(N,)`` defaults to the argmax of the posteriors; ``split`` ``(N,)`` 0/1
     (default: the table's ``alignments3D/split``, else zeros);
-    ``extra_fields``: more ``name -> (N, ...)`` fields.
+    ``extra_fields``: more ``name -> (N, ...)`` fields; ``class_values``: slot fields
+    ``name -> (N, K)`` per class (e.g. ``alpha``, ``pose_ess``), each class's in its slot and
+    the best class's in ``alignments3D``, where CryoSPARC's readers look for them.
     """
     post = np.asarray(posteriors, dtype=np.float32)
     n, K = post.shape
@@ -130,11 +133,13 @@ def particle_table(
     split = np.broadcast_to(np.asarray(split, dtype=np.uint32), (n,))
     rows = np.arange(n)
     psize = np.broadcast_to(np.asarray(psize_A, dtype=np.float32), (n,))
+    per_class = {name: np.asarray(v).reshape(n, K) for name, v in (class_values or {}).items()}
     fields = _slot(
         table,
         "alignments3D",
         n,
         dict(
+            **{name: v[rows, best] for name, v in per_class.items()},
             pose=poses[rows, best],
             shift=shifts[rows, best],
             psize_A=psize,
@@ -149,6 +154,7 @@ def particle_table(
                 f"{class_layout}_{k}",
                 n,
                 dict(
+                    **{name: v[:, k] for name, v in per_class.items()},
                     pose=poses[:, k],
                     shift=shifts[:, k],
                     psize_A=psize,
@@ -237,6 +243,7 @@ def write_particles(
     extra_fields=None,
     split=None,
     job: str = "hetero_dask",
+    class_values=None,
 ) -> dict:
     """Write ``OUT/{name}.cs|.star|.csg`` (see the module doc); returns paths and the table.
 
@@ -245,7 +252,7 @@ def write_particles(
     Returns ``{"cs", "csg", "star": Path, "table": the written table}``.
     """
     out = particle_table(
-        table, posteriors, poses, shifts_px, psize_A, best_class, split, extra_fields
+        table, posteriors, poses, shifts_px, psize_A, best_class, split, extra_fields, class_values=class_values
     )
     paths = write_table_files(out_dir, name, out, posteriors, job)
     paths["table"] = out

@@ -36,7 +36,7 @@ def write_outputs(out: Path, store, state: State, results, p: RefineParams, box,
              "pose_ess": store.to_input_order(res["pose_ess"][:])}
     split = store.to_input_order(np.load(run_dir / "split.npy", allow_pickle=False))
     paths = outputs.write_particles(out, table, post, pose, shift, psize, best_class=best, extra_fields=extra,
-                                    split=split)
+                                    split=split, class_values={"alpha": extra["alpha"], "pose_ess": extra["pose_ess"]})
     vols = []
     for k in range(K):
         outputs.write_class_maps(out, k, results[k], psize)
