@@ -233,14 +233,18 @@ def test_search_breadth_reaches_the_pose_search():
 
     r = Radii(align=20.0, backproject=30.0, band=30.0)
     for frac, poses in ((0.6, 8), (1.0, 32)):
-        p = RefineParams(coarse_radius_fraction=frac, search_max_poses=poses, backproject_poses=2 * poses)
+        p = RefineParams(coarse_radius_fraction=frac, search_max_poses=poses, backproject_poses=2 * poses,
+                         backproject_mass=frac)
         s = search_params(r, 0, p, shift_range_px=3.0, mask_T=1.0, converged=False)
         assert (s.radius_coarse, s.radius_final, s.max_poses, s.n_out_poses) == (20.0 * frac, 20.0, poses, 2 * poses)
+        assert s.out_mass == frac
         assert s.radius_at(0) == pytest.approx(20.0 * frac)
     small = search_params(Radii(5.0, 7.0, 7.0), 0, RefineParams(coarse_radius_fraction=0.6), 3.0, 1.0, False)
     assert small.radius_coarse == 4.0
     with pytest.raises(ValueError, match=r"--search-poses \(search_max_poses\) = 0: expected a whole number >= 1"):
         RefineParams(search_max_poses=0).validate()
+    with pytest.raises(ValueError, match=r"backproject_mass = 0.0: expected a value in \(0, 1\]"):
+        RefineParams(backproject_mass=0.0).validate()
     with pytest.raises(ValueError, match=r"^backproject_poses = 0: expected a whole number >= 1"):
         RefineParams(backproject_poses=0).validate()
     for bad in (0.0, 1.5):

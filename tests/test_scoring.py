@@ -240,6 +240,27 @@ def test_true_class_wins_k2():
     assert np.all(res.class_ess >= 1) and np.all(res.pose_ess >= 1)
 
 
+def test_returned_poses_stop_at_the_posterior_mass_asked_for():
+    """``out_mass`` m keeps, per (particle, class), the most probable poses until they hold m
+    of the class's pose posterior (each kept pose's predecessors hold less than m), renormalised:
+    the prefix of the full list (every scored pose returned) the rule picks, nothing else."""
+    import dataclasses
+
+    vols, _, _, ctf, _, imgs, noise = _recovery_case(0.03, B=40, K=2, seed=4)
+    base = SearchParams(radius_final=10, order_coarse=1, order_final=2, shift_range_px=2, shift_step_px=2,
+                        n_out_poses=10**6, threads=1)  # one block: one pose count
+    full = _run(vols, imgs, ctf, 10, base, noise)
+    np.testing.assert_allclose(full.pose_weight.sum(axis=2), 1, atol=1e-5)
+    for m in (0.5, 0.9):
+        cut = _run(vols, imgs, ctf, 10, dataclasses.replace(base, out_mass=m), noise)
+        w = full.pose_weight.astype(np.float64)
+        keep = (np.cumsum(w, axis=2) - w < m) & (w > 0)
+        assert 1 < keep.sum(axis=2).mean() < (w > 0).sum(axis=2).mean()  # a broad posterior, cut
+        np.testing.assert_array_equal(cut.pose_ids, np.where(keep, full.pose_ids, -1))
+        expected = np.where(keep, w, 0) / np.where(keep, w, 0).sum(axis=2, keepdims=True)
+        np.testing.assert_allclose(cut.pose_weight, expected, atol=1e-5)
+
+
 def test_coarse_to_fine_matches_exhaustive():
     vols, R_true, s_true, ctf, _, imgs, noise = _recovery_case(1.0, B=100, n=32, seed=5)
     c2f = SearchParams(

@@ -65,7 +65,9 @@ class SearchParams:
     ``climb_steps`` / ``climb_neighbours``: hill-climb iterations at each fine
     stage and the grid neighbours scored around the best pose per iteration
     (0 steps: children only), for the classes that together hold ``keep_mass``
-    of the class posterior. ``precision``: of the scoring products,
+    of the class posterior. ``n_out_poses`` / ``out_mass``: the poses returned per class
+    (``pose_ids``, ...), the most probable first, at most ``n_out_poses`` and no more than
+    hold ``out_mass`` of the class's pose posterior. ``precision``: of the scoring products,
     ``"float32"`` (default), ``"tf32"`` or ``"3xtf32"`` (:func:`.scoring.scoring_matmul`;
     TF32 tensor cores on CuPy, emulated on numpy). ``threads``: on a CPU, particle
     blocks scored concurrently, each with single-threaded BLAS (None:
@@ -83,6 +85,7 @@ class SearchParams:
     max_poses: int = 8
     keep_mass: float = 0.999
     n_out_poses: int = 8
+    out_mass: float = 1.0
     sigma2_scale: float = 1.0
     hard: bool = False
     max_tile_bytes: int = 16 * 2**20
@@ -522,6 +525,10 @@ def _finish(
     sel = xp.argsort(-stage.logw, axis=2)[..., :P_out]
     lw = xp.take_along_axis(stage.logw, sel, axis=2).astype(xp.float64)
     w = xp.exp(lw - stage.class_lse[..., None])
+    if params.out_mass < 1:
+        # The most probable poses that together hold out_mass of the class's pose posterior:
+        # all of a broad posterior's P_out, few of a sharp one's (zero weights are not backprojected).
+        w = xp.where(xp.cumsum(w, axis=2) - w < params.out_mass, w, 0.0)
     if params.hard:
         w = (xp.arange(P_out)[None, None, :] == 0).astype(xp.float64) * xp.ones_like(w)
     w = w / xp.maximum(w.sum(axis=2, keepdims=True), 1e-300)

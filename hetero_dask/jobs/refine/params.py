@@ -111,10 +111,12 @@ class RefineParams:
     # (the choice and its cost: benchmarks/results/realistic/TUNING.md).
     coarse_radius_fraction: float = 1.0
     search_max_poses: int = 64
-    # Each particle is backprojected into a class at that class's backproject_poses most
-    # probable poses, their weights renormalised: fewer make a broad pose posterior look
-    # sharper than it is.
+    # Each particle is backprojected into a class (and its noise residual averaged) at that
+    # class's most probable poses, at most backproject_poses of them and no more than hold
+    # backproject_mass of the class's pose posterior, their weights renormalised: fewer make a
+    # broad pose posterior look sharper than it is.
     backproject_poses: int = 8
+    backproject_mass: float = 1.0
     seed: int = 0
     # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
     # which the grey-scale fit refuses (references.estimate_scales).
@@ -132,7 +134,8 @@ class RefineParams:
         for name in ("num_random_iterations", "final_full_passes", "split_iterations"):
             if getattr(self, name) < 0:
                 raise bad_value(name, getattr(self, name), "a whole number >= 0")
-        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate", "coarse_radius_fraction"):
+        for name in ("learning_rate_init", "learning_rate", "full_pass_learning_rate", "coarse_radius_fraction",
+                     "backproject_mass"):
             if not 0 < getattr(self, name) <= 1:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
         if self.full_pass_prior_rate is not None and not 0 < self.full_pass_prior_rate <= 1:
