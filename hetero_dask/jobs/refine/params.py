@@ -113,10 +113,11 @@ class RefineParams:
     search_max_poses: int = 64
     # Each particle is backprojected into a class (and its noise residual averaged) at that
     # class's most probable poses, at most backproject_poses of them and no more than hold
-    # backproject_mass of the class's pose posterior, their weights renormalised: fewer make a
-    # broad pose posterior look sharper than it is.
-    backproject_poses: int = 8
-    backproject_mass: float = 1.0
+    # backproject_mass of the class's pose posterior, their weights renormalised. Fewer make a
+    # broad pose posterior look sharper than it is, and the maps then fit the references'
+    # errors; the mass bound keeps a sharp posterior's cost to its few poses.
+    backproject_poses: int = 64
+    backproject_mass: float = 0.99
     seed: int = 0
     # Multiply the images by -1 (blob/sign negated in the outputs): for protein-dark stacks,
     # which the grey-scale fit refuses (references.estimate_scales).
