@@ -199,9 +199,19 @@ def _quarter_turn_z(vol):
     return np.roll(np.rot90(vol, 1, axes=(1, 2)), 1, axis=1)
 
 
+def _asymmetry(vol) -> float:
+    """Relative change of ``vol`` under the quarter turn about z, inside the cylinder the turn
+    maps onto itself (an even box's edge row has no partner: it wraps)."""
+    n = vol.shape[-1]
+    c = np.arange(n) - n // 2
+    inside = np.broadcast_to(c[:, None] ** 2 + c[None, :] ** 2 <= (n // 2 - 1) ** 2, vol.shape)
+    return float(np.linalg.norm((vol - _quarter_turn_z(vol))[inside]) / np.linalg.norm(vol[inside]))
+
+
 def test_symmetry_gives_a_symmetric_map(tmp_path):
-    """A C4 object refined with C4: the map is invariant under the 90-degree turn about z;
-    refined in C1, the noise breaks the symmetry (at box 32, in CI)."""
+    """A C4 object refined with C4: the map is invariant under the 90-degree turn about z, to
+    float round-off (the symmetrised grids equal backprojecting every symmetry mate); refined
+    in C1, the noise breaks the symmetry (at box 32, in CI)."""
     vol = symmetric_phantom(BOX, PSIZE, "C4")
     assert np.linalg.norm(vol - _quarter_turn_z(vol)) < 1e-5 * np.linalg.norm(vol)
     data = _dataset(tmp_path, vol[None], 200, 0.3)
@@ -209,9 +219,8 @@ def test_symmetry_gives_a_symmetric_map(tmp_path):
     for sym in ("C1", "C4"):
         out = tmp_path / sym
         refine(data["cs"], data["refs"], out, symmetry=sym, **BASE)
-        m = _map(out)
-        asym[sym] = float(np.linalg.norm(m - _quarter_turn_z(m)) / np.linalg.norm(m))
-    assert asym["C4"] < 0.05 and asym["C1"] > 2 * asym["C4"]
+        asym[sym] = _asymmetry(_map(out))
+    assert asym["C4"] < 1e-4 and asym["C1"] > 0.005
 
 
 def test_reconstruct_hard_gives_the_pure_classes(two_states, tmp_path):
