@@ -133,8 +133,8 @@ def test_symmetrise_equals_expansion():
     expanded = reconstruct(grids_of(n, Rx, kx, ky, np.tile(C, (4, 1)), np.tile(Y, (4, 1))))
     assert np.all(fsc(sym, expanded)[1:] > 0.98)
     assert np.all(fsc(sym, vol)[1 : n // 3] > 0.98)
-    # The symmetrised map is C4-symmetric out to the deposits' last voxel: a quarter turn maps
-    # grid points onto grid points, so to float round-off.
+    # The symmetrised map is C4-symmetric to float round-off: a quarter turn maps grid points
+    # onto grid points (no interpolation error), and at an odd box np.rot90 turns about our origin.
     assert np.linalg.norm(sym - np.rot90(sym, 1, axes=(1, 2))) < 1e-5 * np.linalg.norm(sym)
 
 
