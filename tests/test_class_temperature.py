@@ -4,13 +4,14 @@ written posteriors are those of the tempered model ``prior x likelihood^(1/T)``.
 import numpy as np
 import pytest
 
+from hetero_dask.core.calibration import tempered
 from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map
 from hetero_dask.core.scoring import alignment_band, prepare_particles
 from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.io.cs import read_cs
 from hetero_dask.jobs.refine import RefineParams, refine
-from hetero_dask.jobs.refine.tasks import tempered, weighted_prior
+from hetero_dask.jobs.refine.tasks import weighted_prior
 from hetero_dask.phantoms import moving_domain_phantoms
 from hetero_dask.simulate import simulate, write_references, write_simulation
 

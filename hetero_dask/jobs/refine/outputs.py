@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from hetero_dask.core.calibration import mixture_temperature, tempered
 from hetero_dask.jobs.common import output_table
 
 from .params import RefineParams
@@ -28,6 +29,9 @@ def write_outputs(out: Path, store, state: State, results, p: RefineParams, box,
 
     res = zarr.open_group(run_dir / "results.zarr", mode="r")
     post = store.to_input_order(res["class_posterior"][:])
+    calibration = posterior_calibration(post, p)
+    if calibration["temperature"] != 1.0:
+        post = tempered(post, calibration["temperature"])
     pose = store.to_input_order(res["pose"][:])
     shift = store.to_input_order(res["shift"][:])
     best = store.to_input_order(res["best_class"][:])
@@ -56,6 +60,7 @@ def write_outputs(out: Path, store, state: State, results, p: RefineParams, box,
              "fsc": computed_fsc(results[k].fsc)}
             for k in range(K)
         ],
+        "posterior_calibration": calibration,
         "iterations": state.history,
         "converged_at_iteration": state.converged_at,
         "seconds": time.time() - t0,
@@ -66,6 +71,17 @@ def write_outputs(out: Path, store, state: State, results, p: RefineParams, box,
     outputs.write_report_json(out, report)
     outputs.write_job_html(out, "Heterogeneous Refinement", report, plots.values())
     return report
+
+
+def posterior_calibration(posterior: np.ndarray, p: RefineParams) -> dict:
+    """The temperature the written class posteriors take (``p.posterior_temperature``, or
+    estimated from them) and how it was chosen, for the report."""
+    if p.posterior_temperature is not None:
+        return {"temperature": float(p.posterior_temperature), "how": "given (posterior_temperature)"}
+    t = mixture_temperature(posterior)
+    if t is None:
+        return {"temperature": 1.0, "how": "as computed (fewer than three populated classes: no estimate)"}
+    return {"temperature": t, "how": "estimated from the posteriors (Gaussian mixture of their log-ratios)"}
 
 
 def computed_fsc(curve) -> np.ndarray:

@@ -58,6 +58,12 @@ class RefineParams:
     # small junk class and makes two-class posteriors underconfident (benchmarks/results/
     # realistic/TUNING.md), so the default is the plain model, 1.
     class_temperature: float = 1.0
+    # The temperature of the written class posteriors (None: estimated from them without labels,
+    # core.calibration.mixture_temperature, for three or more classes; two classes' are
+    # written as computed). The E-step's posteriors are overconfident where the class maps
+    # share errors with the particles; the estimate brings them to what they mean (of the
+    # particles given p, about a fraction p right). A number fixes it (1: as computed).
+    posterior_temperature: float | None = None
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True
@@ -141,6 +147,8 @@ class RefineParams:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
         if self.full_pass_prior_rate is not None and not 0 < self.full_pass_prior_rate <= 1:
             raise bad_value("full_pass_prior_rate", self.full_pass_prior_rate, "None or a value in (0, 1]")
+        if self.posterior_temperature is not None and not self.posterior_temperature > 0:
+            raise bad_value("posterior_temperature", self.posterior_temperature, "None (estimated) or a value > 0")
         if not self.class_temperature >= 1:
             raise bad_value("class_temperature", self.class_temperature, "a value >= 1")
         for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",

@@ -22,6 +22,7 @@ import zarr
 from hetero_dask.core import pose_grids as so3
 from hetero_dask.core.backend import to_host, worker_xp, xp_of
 from hetero_dask.core.backprojector import BackprojGrids, crop_grids
+from hetero_dask.core.calibration import tempered
 from hetero_dask.core.fsc import resolution_A
 from hetero_dask.core.scoring import alignment_band, prepare_particles
 from hetero_dask.core.search import SearchParams, estep
@@ -161,15 +162,6 @@ def weighted_prior(prior: np.ndarray, T: float) -> np.ndarray:
         return prior
     w = np.power(np.asarray(prior, dtype=np.float64), T)
     return w / w.sum()
-
-
-def tempered(p: np.ndarray, T: float) -> np.ndarray:
-    """Class posteriors ``(B, K)`` at temperature ``T``: ``p^(1/T)``, normalised per particle
-    (from posteriors of the prior :func:`weighted_prior`, those of ``prior x likelihood^(1/T)``)."""
-    if T == 1:
-        return p
-    q = np.power(np.asarray(p, dtype=np.float64), 1.0 / T)
-    return (q / np.maximum(q.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 
 
 def _backproject(out: ClassGridsPartial, ctx: EStepContext, res, p: np.ndarray, images, ctf, h: int) -> None:
