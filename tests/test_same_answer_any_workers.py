@@ -57,7 +57,7 @@ def test_refine_same_classes_and_maps(dataset, monkeypatch):
         out = d / f"refine_{n}"
         report = _on_workers(n, lambda c, out=out: refine(
             particles, refs, out, client=c, progress=False, refine_box=BOX, batch_size_per_class=80,
-            max_iterations=3, max_order=2, cache_dir="off"))
+            max_iterations=3, max_order=2, search_max_poses=8, backproject_poses=8, cache_dir="off"))
         cs = read_cs(out / "particles.cs")
         runs[n] = (report, np.asarray(cs["alignments3D_multi/class_posterior"]),
                    [read_map(out / f"class_{k}" / "map.mrc")[0] for k in range(2)])
