@@ -47,6 +47,16 @@ def test_no_estimate_below_three_populated_classes():
     assert mixture_temperature(few / few.sum(axis=1, keepdims=True)) is None
 
 
+def test_one_hot_posteriors_give_no_estimate_and_no_error():
+    """Hard assignments (every particle certain): each class's log-ratio cloud is one point."""
+    hard = np.eye(3, dtype=np.float32)[np.arange(300) % 3]
+    t = mixture_temperature(hard)
+    np.testing.assert_array_equal(hard if t is None else tempered(hard, t), hard)  # they stay one-hot
+    from hetero_dask.jobs.refine.outputs import posterior_calibration as calibration
+
+    assert calibration(hard, RefineParams(force_hard_classification=True))["temperature"] == 1.0
+
+
 def test_tempered_keeps_the_classes_and_the_unseen_rows():
     _, _, post = _overconfident(2.0, n=200)
     post = post.astype(np.float32)

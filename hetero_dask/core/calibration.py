@@ -46,7 +46,8 @@ def tempered(posterior: np.ndarray, temperature: float) -> np.ndarray:
 def mixture_temperature(posterior: np.ndarray, max_particles: int = 20_000, min_class_particles: float = 20.0,
                         iterations: int = 300) -> float | None:
     """The temperature of ``posterior`` ``(N, K)`` (see the module docstring); None when fewer
-    than three classes hold ``min_class_particles`` each (summed posterior).
+    than three classes hold ``min_class_particles`` each (summed posterior), or when a class's
+    cloud is too flat to fit.
 
     At most ``max_particles`` rows are used, evenly spaced (the same rows whatever the
     cluster); rows that sum to zero are skipped.
@@ -60,7 +61,10 @@ def mixture_temperature(posterior: np.ndarray, max_particles: int = 20_000, min_
         return None
     p = p / p.sum(axis=1, keepdims=True)
     log_p = np.log(np.maximum(p, np.finfo(np.float64).tiny))
-    resp = _mixture_responsibilities(log_p[:, 1:] - log_p[:, :1], p, iterations)
+    try:
+        resp = _mixture_responsibilities(log_p[:, 1:] - log_p[:, :1], p, iterations)
+    except np.linalg.LinAlgError:  # a class's cloud flat in some direction: nothing to fit
+        return None
     log_r = np.log(np.maximum(resp, np.finfo(np.float64).tiny))
     kl = [np.mean(np.sum(resp * (log_r - np.log(np.maximum(tempered(p, t), np.finfo(np.float64).tiny))), axis=1))
           for t in _TEMPERATURES]

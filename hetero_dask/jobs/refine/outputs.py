@@ -78,9 +78,12 @@ def posterior_calibration(posterior: np.ndarray, p: RefineParams) -> dict:
     estimated from them) and how it was chosen, for the report."""
     if p.posterior_temperature is not None:
         return {"temperature": float(p.posterior_temperature), "how": "given (posterior_temperature)"}
+    if p.force_hard_classification:
+        return {"temperature": 1.0, "how": "as computed (hard classification)"}
     t = mixture_temperature(posterior)
     if t is None:
-        return {"temperature": 1.0, "how": "as computed (fewer than three populated classes: no estimate)"}
+        return {"temperature": 1.0, "how": "as computed (fewer than three populated classes, or their "
+                                           "log-ratios too flat to fit: no estimate)"}
     return {"temperature": t, "how": "estimated from the posteriors (Gaussian mixture of their log-ratios)"}
 
 
