@@ -38,10 +38,8 @@ from hetero_dask.simulate import simulate, write_references, write_simulation
 
 BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 150
 # Any tau2_fudge serves (these tests compare runs with each other); 1 keeps the runs as first measured.
-# A narrow pose search (HEALPix order 2, 8 poses per stage and backprojection): what these tests
-# check is that faults leave the result unchanged, whatever the search.
 PARAMS = dict(refine_box=32, batch_size_per_class=100, max_iterations=4, num_random_iterations=1,
-              initial_sigma_scale=1.0, tau2_fudge=1.0, max_order=2, search_max_poses=8, backproject_poses=8)
+              initial_sigma_scale=1.0, tau2_fudge=1.0)
 N_ITERATIONS = 4  # 0 random, 1 batch, then 2 final full passes (converged at 2 by max_iterations)
 
 
