@@ -141,7 +141,8 @@ def test_initial_split_random_assigns_at_random(two_states, tmp_path):
     history = {}
     for split in ("pca", "random"):
         out = tmp_path / split
-        params = {**BASE, "num_random_iterations": 1, "max_iterations": 2, "split_iterations": 1}
+        params = {**BASE, "num_random_iterations": 1, "max_iterations": 2, "split_iterations": 1,
+                  "search_max_poses": 8, "backproject_poses": 8}  # the schedule is tested, not the search
         history[split] = refine(two_states["cs"], same, out, initial_split=split, **params)["iterations"]
     assert history["pca"][0]["split_assignment"] and not history["pca"][0]["random_assignment"]
     assert history["random"][0]["random_assignment"] and not history["random"][0]["split_assignment"]

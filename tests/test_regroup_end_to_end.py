@@ -133,6 +133,8 @@ def test_refine_regroup_reconstruct_end_to_end(tmp_path):
         initial_sigma_scale=1.0,
         initial_lowpass_A=30.0,
         max_order=2,
+        search_max_poses=8,  # SNR 20: sharp pose posteriors, which a narrow search serves
+        backproject_poses=8,
         seed=0,
     )
     res = regroup(
