@@ -116,7 +116,7 @@ def test_a_class_with_pure_noise_images_keeps_its_strength_with_per_particle_sca
     def run(on: bool):
         out = tmp_path / f"scale_{on}"
         refine(str(tmp_path / "sim" / "particles.cs"), refs, out, progress=False, refine_box=box,
-               max_iterations=6, per_particle_scale=on)
+               max_iterations=6, search_max_poses=16, backproject_poses=16, per_particle_scale=on)
         amp = [float(np.sum(read_map(out / f"class_{k}" / "map.mrc")[0] * v) / np.sum(v * v))
                for k, v in enumerate(vols)]
         cls = np.asarray(read_cs(out / "particles.cs")["alignments3D/class"])
