@@ -66,9 +66,14 @@ def mixture_temperature(posterior: np.ndarray, max_particles: int = 20_000, min_
     except np.linalg.LinAlgError:  # a class's cloud flat in some direction: nothing to fit
         return None
     log_r = np.log(np.maximum(resp, np.finfo(np.float64).tiny))
-    kl = [np.mean(np.sum(resp * (log_r - np.log(np.maximum(tempered(p, t), np.finfo(np.float64).tiny))), axis=1))
-          for t in _TEMPERATURES]
+    kl = [np.mean(np.sum(resp * (log_r - _log_normalised(log_p / t)), axis=1)) for t in _TEMPERATURES]
     return float(_TEMPERATURES[int(np.argmin(kl))])
+
+
+def _log_normalised(log_q: np.ndarray) -> np.ndarray:
+    """Each row of ``log_q`` minus its log-sum-exp: the log of the normalised row."""
+    top = log_q.max(axis=1, keepdims=True)
+    return log_q - top - np.log(np.sum(np.exp(log_q - top), axis=1, keepdims=True))
 
 
 def _mixture_responsibilities(d: np.ndarray, start: np.ndarray, iterations: int, tol: float = 1e-6) -> np.ndarray:

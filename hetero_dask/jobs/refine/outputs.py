@@ -30,8 +30,7 @@ def write_outputs(out: Path, store, state: State, results, p: RefineParams, box,
     res = zarr.open_group(run_dir / "results.zarr", mode="r")
     post = store.to_input_order(res["class_posterior"][:])
     calibration = posterior_calibration(post, p)
-    if calibration["temperature"] != 1.0:
-        post = tempered(post, calibration["temperature"])
+    post = tempered(post, calibration["temperature"])
     pose = store.to_input_order(res["pose"][:])
     shift = store.to_input_order(res["shift"][:])
     best = store.to_input_order(res["best_class"][:])
