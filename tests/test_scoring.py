@@ -348,6 +348,33 @@ def test_threaded_particle_blocks_equal_one_block():
     np.testing.assert_array_equal(three.n_poses_evaluated, one.n_poses_evaluated)
 
 
+def test_local_stage_chunks_equal_one_chunk(monkeypatch):
+    """On a CPU the local stage scores particles in chunks sized by bytes: one particle per
+    call gives the E-step of one call for all of them."""
+    from hetero_dask.core import search
+
+    vols, _, _, ctf, _, imgs, noise = _recovery_case(0.5, B=12, K=2, seed=6)
+    params = SearchParams(radius_final=10, radius_coarse=8, order_coarse=1, order_final=2,
+                          shift_range_px=2, shift_step_px=1, threads=1)  # fmt: skip
+    calls = []
+    score = search.score_local
+
+    def spy(xc, *args):
+        calls.append(xc.shape[0])
+        return score(xc, *args)
+
+    monkeypatch.setattr(search, "score_local", spy)
+    monkeypatch.setattr(search, "LOCAL_BLOCK_BYTES", 2**40)
+    whole = _run(vols, imgs, ctf, 10, params, noise)
+    assert max(calls) > 1
+    calls.clear()
+    monkeypatch.setattr(search, "LOCAL_BLOCK_BYTES", 1)
+    single = _run(vols, imgs, ctf, 10, params, noise)
+    assert max(calls) == 1
+    for name in ("class_posterior", "rot_id", "shift_px", "pose_ids", "pose_weight", "alpha"):
+        np.testing.assert_allclose(getattr(single, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+
+
 def test_separable_phase_ramp_is_the_phase_ramp():
     from hetero_dask.core.backprojector import half_plane_freqs
     from hetero_dask.core.scoring import phase_ramp, separable_phase_ramp

@@ -271,9 +271,10 @@ def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, centers, offsets, 
         if rows.size == 0:
             continue
         p_ri, p_pow, index = cache.lookup(k, ids[rows, k])
-        for c0 in range(0, rows.size, params.particle_chunk):
-            r = rows[c0 : c0 + params.particle_chunk]
-            i = index[c0 : c0 + params.particle_chunk]
+        chunk = _local_chunk(params.particle_chunk, G, max(J, offsets.shape[0]), p_ri.shape[1], xp)
+        for c0 in range(0, rows.size, chunk):
+            r = rows[c0 : c0 + chunk]
+            i = index[c0 : c0 + chunk]
             L, t = score_local(
                 xc[r],
                 cc[r],
@@ -288,6 +289,21 @@ def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, centers, offsets, 
             logw[r, k] = L
             best[r, k] = centers[r, k][:, :, None, :] + offsets[t]
     return logw, best
+
+
+# Bytes of one particle chunk's largest local-stage temporary on a CPU (the shifted
+# images or the gathered candidate projections, ``G x max(T, J) x 2M`` float32 per
+# particle): small enough to stay in cache and below glibc's mmap threshold (32 MiB), above
+# which every temporary is a fresh mapping whose pages fault in again on each call.
+LOCAL_BLOCK_BYTES = 2**21
+
+
+def _local_chunk(particle_chunk: int, G: int, width: int, m2: int, xp) -> int:
+    """Particles per :func:`score_local` call: ``particle_chunk``, and on a CPU no more than
+    hold :data:`LOCAL_BLOCK_BYTES` in one temporary (a GPU wants the large blocks)."""
+    if xp is not np:
+        return particle_chunk
+    return int(max(1, min(particle_chunk, LOCAL_BLOCK_BYTES // (4 * G * width * m2))))
 
 
 def _dedupe_max(ids, logw, shift, xp):
