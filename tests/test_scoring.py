@@ -78,6 +78,31 @@ def test_project_fast_path_equals_uncropped_map():
         project_band(cropped, R, wide.kx, wide.ky)
 
 
+def test_compiled_projection_equals_array_path(monkeypatch):
+    """On a CPU the interior projection is a compiled kernel: the array path's float32 steps, so
+    the same slices for one map and for stacked maps, with zeros beyond r_max."""
+    from hetero_dask.core import cpu_kernels
+    from hetero_dask.core.projector import stacked
+
+    if not cpu_kernels.enabled():
+        pytest.skip("numba not installed")
+    maps = [prepare_fourier_map(_blobs(24, s), r_max=8) for s in (0, 1)]
+    wide = alignment_band(24, 10)  # beyond r_max: read as zero
+    R = Rotation.random(40, random_state=2).as_matrix().astype(np.float32)
+    calls = []
+    kernel = cpu_kernels.project_interior
+    monkeypatch.setattr(cpu_kernels, "project_interior", lambda *a: calls.append(1) or kernel(*a))
+    fast = [project(m, R, wide.kx, wide.ky) for m in (maps[0], stacked(maps))]
+    assert len(calls) == 2
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    slow = [project(m, R, wide.kx, wide.ky) for m in (maps[0], stacked(maps))]
+    assert len(calls) == 2 and fast[1].shape == (2, 40, wide.kx.size)
+    for a, b in zip(fast, slow, strict=True):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+    assert np.all(fast[0][:, wide.radius > 8] == 0)
+
+
 def test_project_band_blocks_equal_one_pass(monkeypatch):
     """On a CPU project_band projects the rotations in blocks: the same slices as one pass,
     also for a last, shorter block."""

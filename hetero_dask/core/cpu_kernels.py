@@ -27,6 +27,11 @@ check the two agree):
   the grids instead of about ten grid-sized temporaries);
 * :func:`deinterleave`: the interleaved accumulator split in place into the
   data and weight grids a partial carries (no new grid-sized memory);
+* :func:`project_interior`: the central slices of
+  :func:`hetero_dask.core.projector.project` when every trilinear corner lies inside the
+  stored cube (the usual cropped map), all C stacked maps per point in one pass: no
+  rotation-by-frequency coordinate, index or weight arrays (the array code makes about a
+  dozen per call);
 
 Set ``HETERO_DASK_NO_NUMBA=1`` to use the array code everywhere.
 """
@@ -419,3 +424,63 @@ def backproject_images(acc, rotations, kx, ky, F, a, c, rows, shifts_px, w, n: i
         h + 1,
         PREFETCH_DISTANCE,
     )
+
+
+@_jit
+def _project_kernel(flat, rot, kx, ky, inside, pad, center, S, out, ahead):
+    C = flat.shape[0]
+    R, M = rot.shape[0], kx.shape[0]
+    SS = S * S
+    one = np.float32(1)
+    for r in range(R):
+        a0, a1 = rot[r, 0, 0], rot[r, 0, 1]
+        b0, b1 = rot[r, 1, 0], rot[r, 1, 1]
+        c0, c1 = rot[r, 2, 0], rot[r, 2, 1]
+        for m in range(M):
+            if m + ahead < M:  # the corners' cache lines of the point ``ahead``
+                qx, qy = kx[m + ahead] * pad, ky[m + ahead] * pad
+                q = (int(c0 * qx + c1 * qy + center) * S + int(b0 * qx + b1 * qy + center)) * S + int(
+                    a0 * qx + a1 * qy + center)
+                for c in range(C):
+                    _prefetch(flat[c], q)
+                    _prefetch(flat[c], q + S)
+                    _prefetch(flat[c], q + SS)
+                    _prefetch(flat[c], q + SS + S)
+            if inside[m] == 0:
+                for c in range(C):
+                    out[c, r, m] = 0
+                continue
+            sx, sy = kx[m] * pad, ky[m] * pad
+            # the array code's float32 steps: R[:, a, 0] * sx + R[:, a, 1] * sy + center
+            x = a0 * sx + a1 * sy + center
+            y = b0 * sx + b1 * sy + center
+            z = c0 * sx + c1 * sy + center
+            fx, fy, fz = np.floor(x), np.floor(y), np.floor(z)
+            tx, ty, tz = x - fx, y - fy, z - fz
+            i = (int(fz) * S + int(fy)) * S + int(fx)
+            wx0 = one - tx
+            w00 = (one - tz) * (one - ty)
+            w01 = (one - tz) * ty
+            w10 = tz * (one - ty)
+            w11 = tz * ty
+            for c in range(C):
+                f = flat[c]
+                v = f[i] * (wx0 * w00) + f[i + 1] * (tx * w00)
+                v = v + (f[i + S] * (wx0 * w01) + f[i + S + 1] * (tx * w01))
+                v = v + (f[i + SS] * (wx0 * w10) + f[i + SS + 1] * (tx * w10))
+                v = v + (f[i + SS + S] * (wx0 * w11) + f[i + SS + S + 1] * (tx * w11))
+                out[c, r, m] = v
+
+
+def project_interior(data, rotations, kx, ky, inside, pad: int, center: int):
+    """Trilinear central slices ``(C, R, M)`` complex64 of the maps ``data`` ``(C, S, S, S)``
+    at ``pad * R @ (kx, ky, 0) + center`` for every frequency with ``inside`` (M,) 1, 0 where
+    it is 0; every corner of an inside point must lie in the cube (the caller checks).
+    Same float32 arithmetic as :func:`hetero_dask.core.projector.project`'s array code."""
+    S = data.shape[-1]
+    flat = np.ascontiguousarray(data, dtype=np.complex64).reshape(-1, S**3)
+    rot = np.ascontiguousarray(rotations, dtype=np.float32)
+    out = np.empty((flat.shape[0], rot.shape[0], kx.shape[0]), dtype=np.complex64)
+    _project_kernel(flat, rot, np.ascontiguousarray(kx, dtype=np.float32), np.ascontiguousarray(ky, dtype=np.float32),
+                    np.ascontiguousarray(inside, dtype=np.float32), np.float32(pad), np.float32(center), S, out, PREFETCH_DISTANCE)
+    return out

@@ -16,6 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from . import cpu_kernels
 from .backend import xp_of
 from .fourier import fft_functions, freq_1d
 
@@ -162,9 +165,14 @@ def project(fmap: FourierMap, rotations, kx, ky):
     ky = xp.asarray(ky, dtype=xp.float32)
     S = fmap.data.shape[-1]
     inside = ((kx**2 + ky**2) <= fmap.r_max**2).astype(xp.float32)
+    interior = fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1
+    if interior and xp is np and cpu_kernels.enabled():
+        out = cpu_kernels.project_interior(fmap.data, rotations, kx * inside, ky * inside, inside, fmap.pad,
+                                           fmap.center)
+        return out.reshape(*fmap.data.shape[:-3], *out.shape[1:])
     coords = _grid_coords(fmap, xp.asarray(rotations, dtype=xp.float32), kx * inside, ky * inside)
     flat = fmap.data.reshape(*fmap.data.shape[:-3], -1)
-    if fmap.center + math.ceil(fmap.pad * fmap.r_max) + 1 <= S - 1:
+    if interior:
         return _gather_interior(flat, coords, inside, S, xp)
     return _gather_clipped(flat, coords, inside, S, xp)
 
