@@ -154,7 +154,8 @@ def project(fmap: FourierMap, rotations, kx, ky):
     points are moved to the origin and weighted 0); corners outside the
     stored cube read as zero. When the cube holds every corner of the
     ``r_max`` ball (the usual cropped map) the 8 gathers are at constant
-    offsets from one base index.
+    offsets from one base index; on a CPU with numba that case is the compiled
+    :func:`hetero_dask.core.cpu_kernels.project_interior` (same arithmetic, one pass).
 
     ``fmap.data`` may hold C maps of one geometry stacked ``(C, S, S, S)``
     (:func:`stacked`): the slices are then ``(C, R, M)``, the coordinates and
