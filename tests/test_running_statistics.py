@@ -9,6 +9,7 @@ import pytest
 from hetero_dask.jobs.mstep import empty_partial
 from hetero_dask.jobs.refine import tasks
 from hetero_dask.jobs.refine.state import grids_file
+from hetero_dask.runtime.kept import KeptFiles
 
 N, R = 16, 6.0
 
@@ -30,8 +31,8 @@ def _mstep(run_dir, iteration, prev, part):
 
 @pytest.fixture
 def running(monkeypatch):
-    kept = tasks.RunningStatistics()
-    monkeypatch.setattr(tasks, "_RUNNING", kept)
+    kept = KeptFiles()
+    monkeypatch.setattr(tasks, "KEPT", kept)
     return kept
 
 
@@ -87,7 +88,7 @@ def test_a_rewritten_file_is_read_not_the_kept_copy(tmp_path, running):
 
 
 def test_kept_arrays_are_read_only_and_bounded(tmp_path):
-    kept = tasks.RunningStatistics(max_bytes=3000)
+    kept = KeptFiles(max_bytes=3000)
     small = {"a": np.zeros(200, np.float32)}  # 800 bytes
     for i in range(5):
         kept.write(tmp_path / f"s{i}.npz", {"a": np.full(200, i, np.float32)})

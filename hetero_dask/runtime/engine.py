@@ -65,6 +65,7 @@ import numpy as np
 from dask import delayed
 from dask.base import tokenize
 
+from hetero_dask.runtime.kept import Recall, recall, recall_all
 from hetero_dask.runtime.progress import StageProgress, wait_with_progress
 
 
@@ -546,7 +547,10 @@ def map_reduce(
     ``shared``: name -> value given to every process task as a keyword argument (e.g. an
     iteration's references): with a client, sent to each worker once for the graph
     (:func:`hold`) and held in memory there, not written to a file by the driver and
-    read back by each task; released with the graph.
+    read back by each task; released with the graph. A
+    :class:`~hetero_dask.runtime.kept.Recall` value is what earlier tasks left on their
+    workers: the tasks get the list of its arrays, which never pass through the driver
+    (:func:`recalled`).
     ``write_rows``: the job's declared per-particle outputs. ``process`` then returns
     ``(partial, rows)`` and the engine hands ``rows`` to ``write_rows(partition, rows)`` in the
     same task, on the worker (e.g. into Zarr arrays chunked on partition boundaries), before
@@ -589,12 +593,29 @@ def _run_graph(client, nodes: list, finals: list, n_parts: int, progress, side) 
 
 
 def _in_cluster(client, shared: Mapping[str, Any] | None) -> dict | None:
-    """``shared`` with each value replaced by a future of it (see :func:`hold`)."""
+    """``shared`` with each value replaced by a future of it (see :func:`hold`); a
+    :class:`~hetero_dask.runtime.kept.Recall` by the list of its arrays, each read where it
+    was kept (:func:`recalled`)."""
     if not shared:
         return None
+    return {
+        name: recalled(client, value) if isinstance(value, Recall)
+        else value if client is None else hold(client, value)
+        for name, value in shared.items()
+    }
+
+
+def recalled(client, spec: Recall) -> list:
+    """The arrays of ``spec``: read here without a client; with one, futures of tasks that read
+    them, each on the worker that kept it (a preference, so a lost worker's file is read by
+    another), under a new key each time. The tasks depend on nothing: their lineage is the file."""
     if client is None:
-        return dict(shared)
-    return {name: hold(client, value) for name, value in shared.items()}
+        return recall_all(spec.paths, spec.field)
+    return [
+        client.submit(recall, path, spec.field, key=f"recall-{uuid.uuid4().hex}", pure=False,
+                      workers=None if worker is None else [worker], allow_other_workers=True)
+        for path, worker in zip(spec.paths, spec.workers, strict=True)
+    ]
 
 
 def hold(client, value) -> Any:

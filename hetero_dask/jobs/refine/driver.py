@@ -26,6 +26,7 @@ from hetero_dask.jobs.preflight import RefinePlan, bad_value, check_refine
 from hetero_dask.runtime import checkpoint as ckpt
 from hetero_dask.runtime.cluster import job_client
 from hetero_dask.runtime.engine import map_reduce
+from hetero_dask.runtime.kept import Recall
 from hetero_dask.runtime.progress import IterationProgress
 
 from .images import image_mask_radius_px, likelihood_temperature
@@ -312,11 +313,19 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int, full_
     results = map_reduce(run.client, partial(estep_task, ctx=ctx), partitions(step.start, step.stop),
                          merge_partials, fan_in=8, finish=finish, select=select_part, key_prefix="refine",
                          token=f"it{it}-{step.start}-{step.stop}", progress=False,
-                         shared={"references": state.volumes.astype(np.float32)},
+                         shared={"references": _references(state)},
                          write_rows=partial(write_rows, results_path=str(run.results_path)))
     info = dict(r_align=r.align, r_bp=r.backproject, order=search.order_final, t=time.time() - t_it,
                 n=step.stop - step.start)
     return [results[k] for k in range(run.n_classes)], results[STATISTICS], info
+
+
+def _references(state: State):
+    """The iteration's references as the engine's shared value: the maps the last M-steps kept
+    on their workers, recalled there, or the driver's (the start, a restart, a resume)."""
+    if state.kept is not None:
+        return Recall(tuple(r.path for r in state.kept), tuple(r.worker for r in state.kept), "maps")
+    return state.volumes.astype(np.float32)
 
 
 def _class_scale(state: State, K: int) -> np.ndarray:
@@ -328,15 +337,17 @@ def _class_scale(state: State, K: int) -> np.ndarray:
 def _finish_tasks(run: _Run, state: State, step: Step, r_backproject: float, full_map: bool) -> dict:
     """The finishing tasks: each class's M-step (the previous iteration's running statistics
     decayed by ``step.decay``, none to read when it is 0, plus the batch's; FSC prior: the max
-    over classes; the full map only if ``full_map``), and :data:`STATISTICS`, the batch's
-    summed E-step statistics."""
+    over classes; the full map only if ``full_map``, its half maps kept on its worker unless
+    ``full_map``, which the driver then reads), and :data:`STATISTICS`, the batch's summed
+    E-step statistics."""
     p = run.params
     prev = step.iteration - 1 if (step.decay > 0 and step.iteration > 0) else None
     fsc_prior = np.max(state.fsc, axis=0) if p.filter_max_fsc and state.fsc is not None else None
     tasks = {
         k: partial(mstep_task, k=k, run_dir=str(run.run_dir), iteration=step.iteration, prev_iteration=prev,
                    decay=step.decay, r_backproject=r_backproject, symmetry_ops=run.symmetry_ops,
-                   tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior, full_map=full_map)
+                   tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior, full_map=full_map,
+                   keep=not full_map)
         for k in range(run.n_classes)
     }
     return {**tasks, STATISTICS: statistics_task}

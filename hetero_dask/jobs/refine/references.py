@@ -96,14 +96,12 @@ def estimate_scales(store, refs, box, psize, mask_radius_px, sigma2, r_align, sh
     return scales
 
 
-def class_maps(references: np.ndarray, references_id: str, r_band: float, xp):
-    """Per (class, half) Fourier maps of this iteration's ``references`` ``(K, 2, n, n, n)``,
-    prepared once per worker: ``references_id`` names them (new each iteration and run)."""
+def class_maps(references, references_id: str, r_band: float, xp):
+    """Per (class, half) Fourier maps of this iteration's ``references`` (``(K, 2, n, n, n)``, or K
+    arrays ``(2, n, n, n)``), prepared once per worker: ``references_id`` names them (new each
+    iteration and run)."""
 
     def load():
-        return [
-            [prepare_fourier_map(xp.asarray(references[k, h]), r_max=r_band + 1) for h in range(2)]
-            for k in range(references.shape[0])
-        ]
+        return [[prepare_fourier_map(xp.asarray(maps[h]), r_max=r_band + 1) for h in range(2)] for maps in references]
 
     return worker_cached(("maps", references_id, r_band, xp.__name__), load)

@@ -11,16 +11,29 @@ from pathlib import Path
 
 import numpy as np
 
+from hetero_dask.jobs.mstep import ClassResult
 from hetero_dask.runtime import checkpoint as ckpt
+from hetero_dask.runtime.kept import KEPT
 
 from .noise import updated_sigma2
 from .scales import median_scales
 
 
+@dataclass(frozen=True)
+class KeptClassResult:
+    """An M-step's result whose half maps stayed on its worker: ``result`` without them
+    (``vol_A`` and ``vol_B`` None), and where they are: ``path``, the run folder's file, and
+    ``worker``, the process that keeps a copy (None: no Dask worker)."""
+
+    result: ClassResult
+    path: str
+    worker: str | None
+
+
 @dataclass
 class State:
     iteration: int = 0
-    volumes: np.ndarray | None = None  # (K, 2, n, n, n) half maps used as references
+    volumes: np.ndarray | None = None  # (K, 2, n, n, n) half maps used as references (None: kept)
     sigma2: np.ndarray | None = None
     class_prior: np.ndarray | None = None
     resolution_A: np.ndarray | None = None  # (K,)
@@ -32,6 +45,16 @@ class State:
     # from its own classes (RefineParams.split_restart). The schedule counts from it.
     round_start: int = 0
     class_scale: np.ndarray | None = None  # (K,) median grey scale per class (None: 1)
+    # The references as the last M-steps left them on their workers (tasks.KeptClassResult, one per
+    # class), in place of ``volumes``: the next iteration recalls them there (runtime.kept).
+    kept: tuple[KeptClassResult, ...] | None = None
+
+    def reference_volumes(self) -> np.ndarray:
+        """The references ``(K, 2, n, n, n)``: ``volumes``, or the kept maps read back (from this
+        process's copy, or the run folder's files)."""
+        if self.kept is None:
+            return self.volumes
+        return np.stack([KEPT.read(Path(r.path), release=False)["maps"] for r in self.kept])
 
     @property
     def round_iteration(self) -> int:
@@ -44,7 +67,11 @@ def update_state(state: State, results, ex: dict, lr: float, prior_lr: float, ho
     priors by ``prior_lr`` (unless ``hold_prior``: random or held assignments) and the noise by
     ``lr`` towards the E-step's (``ex``)."""
     K = len(results)
-    if half_maps:
+    state.kept = None
+    if all(isinstance(r, KeptClassResult) for r in results):  # the maps stayed on the workers
+        state.kept, results = tuple(results), [r.result for r in results]
+        state.volumes = None
+    elif half_maps:
         state.volumes = np.stack([np.stack([results[k].vol_A, results[k].vol_B]) for k in range(K)])
     else:
         state.volumes = np.stack([np.stack([results[k].vol_full, results[k].vol_full]) for k in range(K)])
@@ -65,7 +92,7 @@ def update_state(state: State, results, ex: dict, lr: float, prior_lr: float, ho
 
 def checkpoint(run_dir: Path, state: State):
     """Write ``state`` as the checkpoint of the iteration just done (``state.iteration - 1``)."""
-    arrays = {"volumes": state.volumes, "sigma2": state.sigma2, "class_prior": state.class_prior,
+    arrays = {"volumes": state.reference_volumes(), "sigma2": state.sigma2, "class_prior": state.class_prior,
               "resolution_A": state.resolution_A}
     if state.fsc is not None:
         arrays["fsc"] = state.fsc
@@ -138,13 +165,20 @@ def grids_file(run_dir: str, iteration: int, k: int) -> Path:
     return Path(run_dir) / "accumulators" / f"it{iteration:04d}_class{k:03d}.npz"
 
 
-def prune_iteration_files(run_dir: Path, iteration: int) -> None:
-    """Delete the running statistics of ``iteration`` and before.
+def references_file(run_dir: str, iteration: int, k: int) -> Path:
+    """Class ``k``'s half maps made by ``iteration``'s M-step (the next iteration's references)."""
+    return Path(run_dir) / "references" / f"it{iteration:04d}_class{k:03d}.npz"
 
-    The M-step of iteration i reads the statistics of i - 1 and a resumed run starts
-    from the last checkpoint, so everything older is no longer needed.
+
+def prune_iteration_files(run_dir: Path, iteration: int) -> None:
+    """Delete the running statistics and kept references of ``iteration`` and before.
+
+    The M-step of iteration i reads the statistics of i - 1, its E-steps the references of
+    i - 1, and a resumed run starts from the last checkpoint (which holds its references),
+    so everything older is no longer needed.
     """
-    for path in (run_dir / "accumulators").glob("it*_class*.npz"):
-        digits = path.name[2:6]
-        if digits.isdigit() and int(digits) <= iteration:
-            path.unlink(missing_ok=True)
+    for folder in ("accumulators", "references"):
+        for path in (run_dir / folder).glob("it*_class*.npz"):
+            digits = path.name[2:6]
+            if digits.isdigit() and int(digits) <= iteration:
+                path.unlink(missing_ok=True)

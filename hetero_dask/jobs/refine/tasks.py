@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -29,6 +26,7 @@ from hetero_dask.core.search import SearchParams, estep
 from hetero_dask.jobs.common import worker_store
 from hetero_dask.jobs.mstep import (
     ClassGridsPartial,
+    ClassResult,
     accumulating,
     backproject_particles,
     empty_partial,
@@ -36,6 +34,7 @@ from hetero_dask.jobs.mstep import (
     select_class,
 )
 from hetero_dask.runtime.engine import Partition, row_hash
+from hetero_dask.runtime.kept import KEPT, worker_address
 
 from .images import normalised_images
 from .noise import ResidualPower
@@ -43,7 +42,7 @@ from .references import class_maps
 from .results import TaskResults, previous_classes, write_results
 from .scales import relative_scales, scale_histogram
 from .schedule import class_change_sums
-from .state import grids_file
+from .state import KeptClassResult, grids_file, references_file
 
 
 @dataclass
@@ -73,12 +72,12 @@ class EStepContext:
     class_temperature: float = 1.0
 
 
-def estep_task(part: Partition, ctx: EStepContext, references: np.ndarray) -> tuple[ClassGridsPartial, RowResults]:
+def estep_task(part: Partition, ctx: EStepContext, references) -> tuple[ClassGridsPartial, RowResults]:
     """E-step + backprojection of particles ``[part.start, part.stop)``: one partial and the
     particles' results (the engine's declared per-particle outputs, :func:`write_rows`).
 
-    ``references``: the iteration's ``(K, 2, n, n, n)`` half-maps, one copy per worker (the
-    engine's ``shared``).
+    ``references``: the iteration's half-maps, ``(K, 2, n, n, n)`` or K arrays ``(2, n, n, n)``,
+    one copy per worker (the engine's ``shared``).
 
     Each half-set is scored against every class (``reference_mode``: the other half's
     maps, its own, or the full map) and its particles backprojected; the partial carries
@@ -211,12 +210,16 @@ def _resize_grids(g: BackprojGrids, r_max: float) -> BackprojGrids:
 
 def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, prev_iteration: int | None,
                decay: float, r_backproject: float, symmetry_ops, tau2_fudge: float, psize_A: float,
-               fsc_prior, full_map: bool = True):
+               fsc_prior, full_map: bool = True, keep: bool = False):
     """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC
-    (:class:`hetero_dask.jobs.mstep.ClassResult`; the full map only with ``full_map``)."""
+    (:class:`hetero_dask.jobs.mstep.ClassResult`; the full map only with ``full_map``).
+
+    ``keep``: the half maps, the next iteration's references, stay here (:func:`keep_references`)
+    and a :class:`KeptClassResult` comes back, the result without them.
+    """
     old = None
     if prev_iteration is not None and decay > 0:
-        old = _RUNNING.read(grids_file(run_dir, prev_iteration, k))
+        old = KEPT.read(grids_file(run_dir, prev_iteration, k))
     for h in (0, 1):
         g = part_k.grids[(k, h)]
         if old is not None:
@@ -225,7 +228,7 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
             g = _resize_grids(g, r_backproject)
             g = dataclasses.replace(g, data=decay * before.data + g.data, weight=decay * before.weight + g.weight)
         part_k.grids[(k, h)] = g
-    _RUNNING.write(grids_file(run_dir, iteration, k), {
+    KEPT.write(grids_file(run_dir, iteration, k), {
         "data0": part_k.grids[(k, 0)].data, "weight0": part_k.grids[(k, 0)].weight,
         "data1": part_k.grids[(k, 1)].data, "weight1": part_k.grids[(k, 1)].weight,
         "r_max": np.array(part_k.grids[(k, 0)].r_max)})
@@ -235,64 +238,19 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
     # correction's leakage, which correlates: the FSC there says nothing and is set to 0.
     fsc = np.asarray(result.fsc, dtype=np.float64).copy()
     fsc[int(math.floor(r_backproject)):] = 0.0
-    return dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
+    result = dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
+    return keep_references(result, references_file(run_dir, iteration, k)) if keep else result
 
 
-class RunningStatistics:
-    """Each class's running statistics, written to the run folder (the checkpoint's record, which a
-    resume reads) and kept in this worker process's memory for the class's next M-step, which then
-    does not read the file back when it runs on the same worker: on GPU workers, whose M-step
-    takes milliseconds, the file's round trip would be most of it.
-
-    A kept copy is used only while its file is still the one it was written as (same inode, size
-    and modification time): a file rewritten by another run in the same folder, or by another
-    worker, is read from disk. The arrays are kept read-only, so nothing can change them in place,
-    and the oldest are dropped beyond ``max_bytes`` per process.
-    """
-
-    def __init__(self, max_bytes: int = 2 << 30):
-        self.max_bytes = max_bytes
-        self._kept: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
-
-    def write(self, path: Path, arrays: dict) -> None:
-        """Write ``arrays`` to ``path`` (a temporary name, then renamed) and keep them."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        self._kept.pop(str(path), None)
-        size = _nbytes(arrays)
-        if size > self.max_bytes:
-            return  # the file only; what is kept stays
-        held = sum(_nbytes(kept) for _, kept in self._kept.values())
-        while self._kept and held + size > self.max_bytes:
-            held -= _nbytes(self._kept.popitem(last=False)[1][1])  # the oldest first
-        for a in arrays.values():
-            a.flags.writeable = False
-        self._kept[str(path)] = (_identity(path), dict(arrays))
-
-    def read(self, path: Path) -> dict:
-        """The arrays at ``path``: the kept ones while the file is unchanged, else the file's."""
-        kept = self._kept.pop(str(path), None)
-        if kept is not None and kept[0] == _identity(path):
-            return kept[1]  # the next write of the class keeps its successor
-        with np.load(path, allow_pickle=False) as f:
-            return {name: f[name] for name in f.files}
-
-    def clear(self) -> None:
-        self._kept.clear()
+def keep_references(result: ClassResult, path) -> KeptClassResult:
+    """Write the half maps of ``result`` to ``path`` as ``maps`` ``(2, n, n, n)`` float32, keep them
+    in this process (:data:`~hetero_dask.runtime.kept.KEPT`), and return the result without them:
+    the next iteration's references need not travel to the driver and back."""
+    maps = np.stack([np.asarray(result.vol_A, np.float32), np.asarray(result.vol_B, np.float32)])
+    KEPT.write(path, {"maps": maps})
+    return KeptClassResult(dataclasses.replace(result, vol_A=None, vol_B=None), str(path), worker_address())
 
 
-def _nbytes(arrays: dict) -> int:
-    return sum(a.nbytes for a in arrays.values())
-
-
-def _identity(path: Path) -> tuple:
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-_RUNNING = RunningStatistics()
 
 
 # The finishing key whose task returns the iteration's summed E-step statistics (class changes,
