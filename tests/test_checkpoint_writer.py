@@ -100,4 +100,4 @@ def test_references_kept_on_the_workers_are_checkpointed_from_their_files(tmp_pa
     np.testing.assert_array_equal(back.volumes, 2 * maps)
     assert back.kept is None
     left = sorted(p.name for p in (tmp_path / "references").iterdir())
-    assert left == ["it0002_class000.npz", "it0002_class001.npz"]
+    assert left == ["it0002_class000.npy", "it0002_class001.npy"]

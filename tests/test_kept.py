@@ -30,7 +30,7 @@ def _add(a, b):
 
 
 def _keep(path: str, value: np.ndarray) -> str | None:
-    KEPT.write(path, {"v": value})
+    KEPT.write(path, value)
     return worker_address()
 
 
@@ -54,16 +54,16 @@ def test_recall_reads_the_copy_on_the_worker_that_kept_it(two_workers, tmp_path)
     client = two_workers
     a, b = sorted(client.nthreads())
     w = np.linspace(1.0, 2.0, DIM)
-    path = str(tmp_path / "w.npz")
+    path = str(tmp_path / "w.npy")
     assert _kept_on(client, b, path, w) == b
     assert client.run(_holds, path) == {a: False, b: True}
     parts = partition_ranges(N, 6, 8)
-    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall((path,), (b,), "v")})
+    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall((path,), (b,))})
     np.testing.assert_allclose(got, DATA.sum(0) * w, rtol=1e-12)
     # the recall ran on b and took its copy (released to the graph); a never loaded one
     assert client.run(_holds, path) == {a: False, b: False}
     # without a client: the file, in this process
-    np.testing.assert_allclose(map_reduce(None, _weighted, parts, _add, shared={"weights": Recall((path,), (None,), "v")}),
+    np.testing.assert_allclose(map_reduce(None, _weighted, parts, _add, shared={"weights": Recall((path,), (None,))}),
                                DATA.sum(0) * w, rtol=1e-12)
 
 
@@ -71,7 +71,7 @@ def test_a_lost_workers_kept_value_is_read_from_its_file(two_workers, tmp_path):
     client = two_workers
     a, _ = sorted(client.nthreads())
     w = np.linspace(3.0, 1.0, DIM)
-    path = str(tmp_path / "lost.npz")
+    path = str(tmp_path / "lost.npy")
     _kept_on(client, a, path, w)
     pid = client.run(os.getpid, workers=[a])[a]
     os.kill(pid, signal.SIGKILL)
@@ -80,7 +80,7 @@ def test_a_lost_workers_kept_value_is_read_from_its_file(two_workers, tmp_path):
         time.sleep(0.1)
     assert a not in client.nthreads()
     parts = partition_ranges(N, 6, 8)
-    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall((path,), (a,), "v")})
+    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall((path,), (a,))})
     np.testing.assert_allclose(got, DATA.sum(0) * w, rtol=1e-12)
 
 
@@ -97,4 +97,4 @@ def test_a_kept_copy_is_only_used_while_its_file_is_unchanged(tmp_path):
 
 def test_recall_needs_a_worker_or_none_per_path():
     with pytest.raises(ValueError, match="one worker"):
-        Recall(("a.npz", "b.npz"), (None,), "v")
+        Recall(("a.npy", "b.npy"), (None,))

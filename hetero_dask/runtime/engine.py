@@ -610,9 +610,9 @@ def recalled(client, spec: Recall) -> list:
     them, each on the worker that kept it (a preference, so a lost worker's file is read by
     another), under a new key each time. The tasks depend on nothing: their lineage is the file."""
     if client is None:
-        return recall_all(spec.paths, spec.field)
+        return recall_all(spec.paths)
     return [
-        client.submit(recall, path, spec.field, key=f"recall-{uuid.uuid4().hex}", pure=False,
+        client.submit(recall, path, key=f"recall-{uuid.uuid4().hex}", pure=False,
                       workers=None if worker is None else [worker], allow_other_workers=True)
         for path, worker in zip(spec.paths, spec.workers, strict=True)
     ]

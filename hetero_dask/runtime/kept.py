@@ -22,8 +22,8 @@ import numpy as np
 
 
 class KeptFiles:
-    """Arrays written to ``.npz`` files and kept in this process's memory while the files are
-    unchanged.
+    """Arrays written to files (a dict of arrays as ``.npz``, one array as ``.npy``, by the path's
+    suffix) and kept in this process's memory while the files are unchanged.
 
     A kept copy is used only while its file is still the one it was written as (same inode, size
     and modification time): a file rewritten by another run in the same folder, or by another
@@ -36,35 +36,48 @@ class KeptFiles:
         self._kept: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def write(self, path: Path, arrays: dict) -> None:
-        """Write ``arrays`` to ``path`` (a temporary name, then renamed) and keep them."""
+    def write(self, path: Path, value: dict | np.ndarray) -> None:
+        """Write ``value`` (a dict of arrays for a ``.npz`` path, an array for ``.npy``) to ``path``
+        (a temporary name, then renamed) and keep it. A ``.npy`` file is written without the
+        zip container's checksum: a third of the time for a map."""
         path = Path(path)
+        single = _single(path)
+        if single != isinstance(value, np.ndarray):
+            raise TypeError(f"{path}: a .npy file holds one array, a .npz file a dict of arrays; "
+                            f"got {type(value).__name__}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+        if single:
+            np.save(tmp, value, allow_pickle=False)
+        else:
+            np.savez(tmp, **value)
         tmp.replace(path)
+        arrays = [value] if single else list(value.values())
         size = _nbytes(arrays)
         with self._lock:
             self._kept.pop(str(path), None)
             if size > self.max_bytes:
                 return  # the file only; what is kept stays
-            held = sum(_nbytes(kept) for _, kept in self._kept.values())
+            held = sum(_size(kept) for _, kept in self._kept.values())
             while self._kept and held + size > self.max_bytes:
-                held -= _nbytes(self._kept.popitem(last=False)[1][1])  # the oldest first
-            for a in arrays.values():
+                held -= _size(self._kept.popitem(last=False)[1][1])  # the oldest first
+            for a in arrays:
                 a.flags.writeable = False
-            self._kept[str(path)] = (_identity(path), dict(arrays))
+            self._kept[str(path)] = (_identity(path), value if single else dict(value))
 
-    def read(self, path: Path, release: bool = True) -> dict:
-        """The arrays at ``path``: the kept ones while the file is unchanged, else the file's.
+    def read(self, path: Path, release: bool = True) -> dict | np.ndarray:
+        """What ``path`` holds: the kept value while the file is unchanged, else the file's.
 
         ``release``: drop the kept copy (its one reader has it; the memory goes with that reader's
         use); False leaves it for a later reader.
         """
+        path = Path(path)
         with self._lock:
             kept = self._kept.pop(str(path), None) if release else self._kept.get(str(path))
         if kept is not None and kept[0] == _identity(path):
             return kept[1]
+        if _single(path):
+            return np.load(path, allow_pickle=False)
         with np.load(path, allow_pickle=False) as f:
             return {name: f[name] for name in f.files}
 
@@ -78,8 +91,18 @@ class KeptFiles:
             self._kept.clear()
 
 
-def _nbytes(arrays: dict) -> int:
-    return sum(a.nbytes for a in arrays.values())
+def _single(path: Path) -> bool:
+    if path.suffix not in (".npy", ".npz"):
+        raise ValueError(f"{path}: kept files are .npy (one array) or .npz (a dict of arrays)")
+    return path.suffix == ".npy"
+
+
+def _nbytes(arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def _size(value: dict | np.ndarray) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else _nbytes(value.values())
 
 
 def _identity(path: Path) -> tuple:
@@ -103,7 +126,7 @@ def worker_address() -> str | None:
 @dataclass(frozen=True)
 class Recall:
     """A shared value of :func:`~hetero_dask.runtime.engine.map_reduce` read from kept files:
-    ``[KEPT.read(p)[field] for p in paths]``.
+    ``[KEPT.read(p) for p in paths]``.
 
     With a client, each file's array is one task with no dependencies, placed on the worker that
     wrote it (``workers[i]``, a preference), which takes its kept copy; Dask then moves it to the
@@ -113,7 +136,6 @@ class Recall:
 
     paths: tuple[str, ...]
     workers: tuple[str | None, ...]
-    field: str
 
     def __post_init__(self):
         if len(self.paths) != len(self.workers):
@@ -121,10 +143,10 @@ class Recall:
                              f"{len(self.workers)} workers")
 
 
-def recall(path: str, field: str) -> np.ndarray:
-    """The ``field`` array of kept file ``path`` (this process's copy, or the file)."""
-    return KEPT.read(Path(path))[field]
+def recall(path: str) -> dict | np.ndarray:
+    """What kept file ``path`` holds (this process's copy, or the file's)."""
+    return KEPT.read(Path(path))
 
 
-def recall_all(paths: Sequence[str], field: str) -> list[np.ndarray]:
-    return [recall(p, field) for p in paths]
+def recall_all(paths: Sequence[str]) -> list:
+    return [recall(p) for p in paths]

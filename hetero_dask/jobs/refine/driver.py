@@ -324,7 +324,7 @@ def _references(state: State):
     """The iteration's references as the engine's shared value: the maps the last M-steps kept
     on their workers, recalled there, or the driver's (the start, a restart, a resume)."""
     if state.kept is not None:
-        return Recall(tuple(r.path for r in state.kept), tuple(r.worker for r in state.kept), "maps")
+        return Recall(tuple(r.path for r in state.kept), tuple(r.worker for r in state.kept))
     return state.volumes.astype(np.float32)
 
 

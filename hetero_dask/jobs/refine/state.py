@@ -54,7 +54,7 @@ class State:
         process's copy, or the run folder's files)."""
         if self.kept is None:
             return self.volumes
-        return np.stack([KEPT.read(Path(r.path), release=False)["maps"] for r in self.kept])
+        return np.stack([KEPT.read(Path(r.path), release=False) for r in self.kept])
 
     @property
     def round_iteration(self) -> int:
@@ -167,7 +167,7 @@ def grids_file(run_dir: str, iteration: int, k: int) -> Path:
 
 def references_file(run_dir: str, iteration: int, k: int) -> Path:
     """Class ``k``'s half maps made by ``iteration``'s M-step (the next iteration's references)."""
-    return Path(run_dir) / "references" / f"it{iteration:04d}_class{k:03d}.npz"
+    return Path(run_dir) / "references" / f"it{iteration:04d}_class{k:03d}.npy"
 
 
 def prune_iteration_files(run_dir: Path, iteration: int) -> None:
@@ -178,7 +178,7 @@ def prune_iteration_files(run_dir: Path, iteration: int) -> None:
     so everything older is no longer needed.
     """
     for folder in ("accumulators", "references"):
-        for path in (run_dir / folder).glob("it*_class*.npz"):
+        for path in (run_dir / folder).glob("it*_class*.np[yz]"):
             digits = path.name[2:6]
             if digits.isdigit() and int(digits) <= iteration:
                 path.unlink(missing_ok=True)

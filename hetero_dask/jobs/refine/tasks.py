@@ -243,11 +243,11 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
 
 
 def keep_references(result: ClassResult, path) -> KeptClassResult:
-    """Write the half maps of ``result`` to ``path`` as ``maps`` ``(2, n, n, n)`` float32, keep them
+    """Write the half maps of ``result`` to ``path`` (``.npy``, ``(2, n, n, n)`` float32), keep them
     in this process (:data:`~hetero_dask.runtime.kept.KEPT`), and return the result without them:
     the next iteration's references need not travel to the driver and back."""
     maps = np.stack([np.asarray(result.vol_A, np.float32), np.asarray(result.vol_B, np.float32)])
-    KEPT.write(path, {"maps": maps})
+    KEPT.write(path, maps)
     return KeptClassResult(dataclasses.replace(result, vol_A=None, vol_B=None), str(path), worker_address())
 
 
