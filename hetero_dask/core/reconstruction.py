@@ -258,6 +258,8 @@ def _spectrum_to_volume(spec, n: int, pad: int):
     """
     xp = xp_of(spec)
     D = pad * n
+    if spec.shape[-1] <= BAND_INVERSE_PER_LOG2 * math.log2(D):
+        return _band_inverse(spec, n, pad)
     vol = _cropped_irfftn(spec, n, D, xp)
     corr = _gridding_np(n, pad) if xp is np else gridding_correction(n, pad, xp)
     # The last axis's crop, two contiguous runs of the uncentred axis, written straight
@@ -266,6 +268,52 @@ def _spectrum_to_volume(spec, n: int, pad: int):
     lo = n // 2
     xp.divide(vol[:, :, D - lo :], corr[:, :, :lo], out=out[:, :, :lo])
     xp.divide(vol[:, :, : n - lo], corr[:, :, lo:], out=out[:, :, lo:])
+    return out
+
+
+# A band of up to this many times log2(D) frequencies on the last axis goes to the map by three
+# matrix products (:func:`_band_inverse`) rather than the pruned FFTs: their cost grows with the
+# band, the FFTs' with the box (at box 128 and a 29-frequency band, 4 against 13 ms per map;
+# even at a band of 57, 13 against 17 ms; benchmarks/results/design_measurements.md).
+BAND_INVERSE_PER_LOG2 = 5
+
+
+def _band_inverse(spec, n: int, pad: int):
+    """:func:`_spectrum_to_volume` as three matrix products on the band: every step (the inverse
+    DFT of size ``D`` at the crop's positions, the gridding correction) acts on each axis alone,
+    so the first two axes are one ``(n, 2 he + 1)`` complex matrix each and the last, with the
+    real output's Hermitian weights folded in, one real ``(2 (he + 1), n)`` matrix on the
+    interleaved real and imaginary parts. Equal to the FFT path to float32 round-off."""
+    xp = xp_of(spec)
+    D, he = pad * n, spec.shape[-1] - 1
+    centred = xp.concatenate([spec[D - he :], spec[: he + 1]])  # z = -he .. he
+    Ezy = xp.asarray(_inverse_operator(n, pad, he, False))
+    a = (Ezy @ centred.reshape(2 * he + 1, -1)).reshape(n, 2 * he + 1, he + 1)
+    b = xp.matmul(Ezy, a)  # (z, y, kx) at the crop's z and y
+    Ex = xp.asarray(_inverse_operator(n, pad, he, True))
+    return (b.view(xp.float32).reshape(n * n, 2 * (he + 1)) @ Ex).reshape(n, n, n)
+
+
+@functools.lru_cache(maxsize=8)
+def _inverse_operator(n: int, pad: int, he: int, x_half: bool) -> np.ndarray:
+    """One axis of :func:`_band_inverse`: the inverse DFT of size ``D = pad n`` (1/D as the inverse
+    FFT scales) from frequencies ``-he .. he`` to the box's positions ``r = i - n // 2``, over the
+    gridding correction's ``sinc^2(r / D)``: ``(n, 2 he + 1)`` complex64. ``x_half``: the real
+    output's last axis from frequencies ``0 .. he`` (each but 0 twice: its Friedel mate's share),
+    ``(2 (he + 1), n)`` float32 whose rows ``2 f`` and ``2 f + 1`` take the real and imaginary
+    parts, ``Re(c e) = Re(c) Re(e) - Im(c) Im(e)``."""
+    D = pad * n
+    r = np.arange(n) - n // 2
+    corr = np.sinc(r / D) ** 2
+    if not x_half:
+        f = np.arange(-he, he + 1)
+        out = (np.exp(2j * np.pi * np.outer(r, f) / D) / D / corr[:, None]).astype(np.complex64)
+    else:
+        f = np.arange(he + 1)
+        E = np.where(f == 0, 1.0, 2.0)[:, None] * np.exp(2j * np.pi * np.outer(f, r) / D) / D / corr[None, :]
+        out = np.empty((2 * (he + 1), n), np.float32)
+        out[0::2], out[1::2] = E.real, -E.imag
+    out.flags.writeable = False
     return out
 
 
