@@ -75,29 +75,27 @@ def test_a_failed_write_is_raised_by_the_next_wait_once(tmp_path, monkeypatch):
     writer.wait(raise_error=False)
 
 
-def test_references_kept_on_the_workers_are_checkpointed_from_their_files(tmp_path):
-    """An iteration whose M-steps kept their maps (state.volumes None): the checkpoint holds the
-    maps read back, and its prune drops the files no resume reads."""
-    from hetero_dask.jobs.mstep import ClassResult
-    from hetero_dask.jobs.refine.tasks import keep_references
+def test_references_kept_on_the_workers_are_checkpointed_rebuilt(tmp_path):
+    """An iteration whose M-steps kept their maps on the workers (state.volumes None): the
+    checkpoint holds the maps rebuilt from the running statistics, equal to the kept ones."""
+    from hetero_dask.jobs.mstep import empty_partial
+    from hetero_dask.jobs.refine.tasks import mstep_task
     from hetero_dask.runtime.kept import KEPT
 
     rng = np.random.default_rng(0)
-    maps = rng.standard_normal((2, 2, 4, 4, 4)).astype(np.float32)
-    kept = []
-    for it in (1, 2):
-        for k in range(2):
-            result = ClassResult(None, maps[k, 0] * it, maps[k, 1] * it, np.ones(3), 9.0, 1.0)
-            kept.append(keep_references(result, refine_state.references_file(str(tmp_path), it, k)))
-    assert all(r.result.vol_A is None and r.worker is None for r in kept)
-    KEPT.clear()  # as in a driver whose workers kept them: the files are read
-    state = _state(3)
-    state.volumes, state.kept = None, tuple(kept[2:])
+    part = empty_partial(2, 8, 2, r_max=3.0)
+    for g in part.grids.values():
+        g.data[...] = rng.standard_normal(g.data.shape) + 1j * rng.standard_normal(g.data.shape)
+        g.weight[...] = rng.random(g.weight.shape) + 0.5
+    part.weight_sum[:] = 10.0
+    kept = tuple(mstep_task(part, k, str(tmp_path), 0, None, 0.0, 3.0, None, 0.5, 2.0, None, full_map=False,
+                            keep=f"test-class{k}") for k in range(2))
+    maps = np.stack([KEPT.take(r.key) for r in kept])  # as in a driver whose workers kept them
+    state = _state(1)
+    state.volumes, state.kept = None, kept
     writer = CheckpointWriter(tmp_path)
     writer.write(state)
     writer.wait()
     back = restore_state(ckpt.load_latest(tmp_path))
-    np.testing.assert_array_equal(back.volumes, 2 * maps)
+    np.testing.assert_array_equal(back.volumes, maps)
     assert back.kept is None
-    left = sorted(p.name for p in (tmp_path / "references").iterdir())
-    assert left == ["it0002_class000.npy", "it0002_class001.npy"]

@@ -1,8 +1,9 @@
-"""Values left by a task where it ran (runtime.kept): read by the next graph on that worker, from
-the file elsewhere or after the worker's loss, and never through the driver."""
+"""Values left by a task where it ran (runtime.kept): taken by the next graph on that worker,
+rebuilt from their recipe after the worker's loss, and never through the driver."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ from distributed import Client
 
 from hetero_dask.runtime.cluster import make_local_cluster
 from hetero_dask.runtime.engine import map_reduce, partition_ranges
-from hetero_dask.runtime.kept import KEPT, KeptFiles, Recall, worker_address
+from hetero_dask.runtime.kept import KEPT, Kept, Recall, worker_address
 
 N, DIM = 96, 5
 DATA = np.arange(N * DIM, dtype=np.float64).reshape(N, DIM) % 7
@@ -29,13 +30,17 @@ def _add(a, b):
     return a + b
 
 
-def _keep(path: str, value: np.ndarray) -> str | None:
-    KEPT.write(path, value)
+def _keep(key: str, value: np.ndarray) -> str | None:
+    KEPT.keep(key, value)
     return worker_address()
 
 
-def _holds(path: str) -> bool:
-    return KEPT.holds(path)
+def _holds(key: str) -> bool:
+    return KEPT.holds(key)
+
+
+def _never() -> np.ndarray:
+    raise AssertionError("rebuilt where a copy was kept")
 
 
 @pytest.fixture(scope="module")
@@ -46,33 +51,34 @@ def two_workers():
         yield client
 
 
-def _kept_on(client, worker: str, path: str, value) -> str:
-    return client.submit(_keep, path, value, workers=[worker], allow_other_workers=False, pure=False).result()
+def _kept_on(client, worker: str, key: str, value) -> str:
+    return client.submit(_keep, key, value, workers=[worker], allow_other_workers=False, pure=False).result()
 
 
-def test_recall_reads_the_copy_on_the_worker_that_kept_it(two_workers, tmp_path):
+def test_recall_takes_the_copy_on_the_worker_that_kept_it(two_workers):
     client = two_workers
     a, b = sorted(client.nthreads())
     w = np.linspace(1.0, 2.0, DIM)
-    path = str(tmp_path / "w.npy")
-    assert _kept_on(client, b, path, w) == b
-    assert client.run(_holds, path) == {a: False, b: True}
+    assert _kept_on(client, b, "w", w) == b
+    assert client.run(_holds, "w") == {a: False, b: True}
     parts = partition_ranges(N, 6, 8)
-    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall((path,), (b,))})
+    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall(("w",), (b,), (_never,))})
     np.testing.assert_allclose(got, DATA.sum(0) * w, rtol=1e-12)
-    # the recall ran on b and took its copy (released to the graph); a never loaded one
-    assert client.run(_holds, path) == {a: False, b: False}
-    # without a client: the file, in this process
-    np.testing.assert_allclose(map_reduce(None, _weighted, parts, _add, shared={"weights": Recall((path,), (None,))}),
+    # the recall ran on b and took its copy (released to the graph); a never held one
+    assert client.run(_holds, "w") == {a: False, b: False}
+    # without a client: this process's copy
+    KEPT.keep("w-here", w)
+    np.testing.assert_allclose(map_reduce(None, _weighted, parts, _add, shared={"weights": Recall(("w-here",), (None,), (_never,))}),
                                DATA.sum(0) * w, rtol=1e-12)
+    assert not KEPT.holds("w-here")
 
 
-def test_a_lost_workers_kept_value_is_read_from_its_file(two_workers, tmp_path):
+def test_a_lost_workers_value_is_rebuilt_from_its_recipe(two_workers, tmp_path):
     client = two_workers
     a, _ = sorted(client.nthreads())
     w = np.linspace(3.0, 1.0, DIM)
-    path = str(tmp_path / "lost.npy")
-    _kept_on(client, a, path, w)
+    np.save(tmp_path / "w.npy", w)
+    _kept_on(client, a, "lost", w)
     pid = client.run(os.getpid, workers=[a])[a]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -80,12 +86,13 @@ def test_a_lost_workers_kept_value_is_read_from_its_file(two_workers, tmp_path):
         time.sleep(0.1)
     assert a not in client.nthreads()
     parts = partition_ranges(N, 6, 8)
-    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall((path,), (a,))})
+    rebuild = functools.partial(np.load, str(tmp_path / "w.npy"))
+    got = map_reduce(client, _weighted, parts, _add, fan_in=3, shared={"weights": Recall(("lost",), (a,), (rebuild,))})
     np.testing.assert_allclose(got, DATA.sum(0) * w, rtol=1e-12)
 
 
 def test_a_kept_copy_is_only_used_while_its_file_is_unchanged(tmp_path):
-    kept = KeptFiles()
+    kept = Kept()
     path = tmp_path / "x.npz"
     kept.write(path, {"v": np.zeros(3)})
     assert kept.read(path, release=False)["v"].sum() == 0 and kept.holds(path)
@@ -95,6 +102,8 @@ def test_a_kept_copy_is_only_used_while_its_file_is_unchanged(tmp_path):
     assert not kept.holds(path)
 
 
-def test_recall_needs_a_worker_or_none_per_path():
+def test_recall_needs_a_worker_and_a_rebuild_per_key():
     with pytest.raises(ValueError, match="one worker"):
-        Recall(("a.npy", "b.npy"), (None,))
+        Recall(("a", "b"), (None,), (_never, _never))
+    with pytest.raises(ValueError, match="one rebuild"):
+        Recall(("a",), (None,), ())

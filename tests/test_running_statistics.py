@@ -9,7 +9,7 @@ import pytest
 from hetero_dask.jobs.mstep import empty_partial
 from hetero_dask.jobs.refine import tasks
 from hetero_dask.jobs.refine.state import grids_file
-from hetero_dask.runtime.kept import KeptFiles
+from hetero_dask.runtime.kept import Kept
 
 N, R = 16, 6.0
 
@@ -31,7 +31,7 @@ def _mstep(run_dir, iteration, prev, part):
 
 @pytest.fixture
 def running(monkeypatch):
-    kept = KeptFiles()
+    kept = Kept()
     monkeypatch.setattr(tasks, "KEPT", kept)
     return kept
 
@@ -88,7 +88,7 @@ def test_a_rewritten_file_is_read_not_the_kept_copy(tmp_path, running):
 
 
 def test_kept_arrays_are_read_only_and_bounded(tmp_path):
-    kept = KeptFiles(max_bytes=3000)
+    kept = Kept(max_bytes=3000)
     small = {"a": np.zeros(200, np.float32)}  # 800 bytes
     for i in range(5):
         kept.write(tmp_path / f"s{i}.npz", {"a": np.full(200, i, np.float32)})
@@ -100,3 +100,25 @@ def test_kept_arrays_are_read_only_and_bounded(tmp_path):
     assert str(tmp_path / "big.npz") not in kept._kept
     assert np.load(tmp_path / "big.npz")["a"].shape == (1000,)
     assert small["a"].flags.writeable
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kept_references_are_rebuilt_equal_from_the_statistics(tmp_path, running, symmetric):
+    """The half maps an M-step keeps (the next references) and their rebuild from the running
+    statistics it wrote (a lost worker's, another process's) are the same arrays."""
+    from hetero_dask.core.symmetry import symmetry_group
+
+    ops = symmetry_group("C2") if symmetric else None
+    prior = np.linspace(0.99, 0.0, N // 2 + 1)
+    tasks.mstep_task(copy.deepcopy(_partial(0)), 0, str(tmp_path), 0, None, 0.8, R, ops, 0.5, 2.0, prior,
+                     full_map=False)
+    kept = tasks.mstep_task(copy.deepcopy(_partial(1)), 0, str(tmp_path), 1, 0, 0.8, R, ops, 0.5, 2.0, prior,
+                            full_map=False, keep="refs")
+    assert kept.result.vol_A is None and kept.worker is None
+    maps = running.take("refs")
+    assert maps.shape == (2, N, N, N) and np.abs(maps).max() > 0
+    running.clear()  # another process: the statistics from the file
+    np.testing.assert_array_equal(kept.rebuild(), maps)
+    plain = tasks.mstep_task(copy.deepcopy(_partial(1)), 0, str(tmp_path / "again"), 1, None, 0.8, R, ops, 0.5, 2.0,
+                             prior, full_map=False)
+    assert not np.array_equal(plain.vol_A, maps[0])  # the decayed statistics made them

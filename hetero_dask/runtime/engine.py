@@ -606,15 +606,16 @@ def _in_cluster(client, shared: Mapping[str, Any] | None) -> dict | None:
 
 
 def recalled(client, spec: Recall) -> list:
-    """The arrays of ``spec``: read here without a client; with one, futures of tasks that read
-    them, each on the worker that kept it (a preference, so a lost worker's file is read by
-    another), under a new key each time. The tasks depend on nothing: their lineage is the file."""
+    """The values of ``spec``: taken or rebuilt here without a client; with one, futures of
+    tasks that take them, each on the worker that kept it (a preference: a lost worker's value is
+    rebuilt by another), under a new key each time. The tasks depend on nothing: their lineage
+    is their recipe."""
     if client is None:
-        return recall_all(spec.paths)
+        return recall_all(spec)
     return [
-        client.submit(recall, path, key=f"recall-{uuid.uuid4().hex}", pure=False,
+        client.submit(recall, key, rebuild, key=f"recall-{uuid.uuid4().hex}", pure=False,
                       workers=None if worker is None else [worker], allow_other_workers=True)
-        for path, worker in zip(spec.paths, spec.workers, strict=True)
+        for key, worker, rebuild in zip(spec.keys, spec.workers, spec.rebuilds, strict=True)
     ]
 
 

@@ -110,6 +110,8 @@ class _Run:
     split_file: Path  # (N,) int8 half-set of each particle
     results_path: Path  # the per-particle results (results.init_results)
     assignment_file: Path  # (N,) int16 the split's groups (-1: not in the split), while held
+    # Names what this run's M-steps keep on the workers (new for every start or resume).
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def n_particles(self) -> int:
@@ -324,7 +326,8 @@ def _references(state: State):
     """The iteration's references as the engine's shared value: the maps the last M-steps kept
     on their workers, recalled there, or the driver's (the start, a restart, a resume)."""
     if state.kept is not None:
-        return Recall(tuple(r.path for r in state.kept), tuple(r.worker for r in state.kept))
+        return Recall(tuple(r.key for r in state.kept), tuple(r.worker for r in state.kept),
+                      tuple(r.rebuild for r in state.kept))
     return state.volumes.astype(np.float32)
 
 
@@ -347,7 +350,7 @@ def _finish_tasks(run: _Run, state: State, step: Step, r_backproject: float, ful
         k: partial(mstep_task, k=k, run_dir=str(run.run_dir), iteration=step.iteration, prev_iteration=prev,
                    decay=step.decay, r_backproject=r_backproject, symmetry_ops=run.symmetry_ops,
                    tau2_fudge=p.tau2_fudge, psize_A=run.psize_A, fsc_prior=fsc_prior, full_map=full_map,
-                   keep=not full_map)
+                   keep=None if full_map else f"{run.token}-it{step.iteration}-class{k}")
         for k in range(run.n_classes)
     }
     return {**tasks, STATISTICS: statistics_task}

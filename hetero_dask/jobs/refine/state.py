@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from .scales import median_scales
 @dataclass(frozen=True)
 class KeptClassResult:
     """An M-step's result whose half maps stayed on its worker: ``result`` without them
-    (``vol_A`` and ``vol_B`` None), and where they are: ``path``, the run folder's file, and
-    ``worker``, the process that keeps a copy (None: no Dask worker)."""
+    (``vol_A`` and ``vol_B`` None), the ``key`` they are kept under in ``worker``'s process (None:
+    no Dask worker) and ``rebuild``, the recipe that makes them again from the run folder's
+    running statistics (``tasks.rebuild_references``)."""
 
     result: ClassResult
-    path: str
+    key: str
     worker: str | None
+    rebuild: Callable[[], np.ndarray]
 
 
 @dataclass
@@ -54,7 +57,8 @@ class State:
         process's copy, or the run folder's files)."""
         if self.kept is None:
             return self.volumes
-        return np.stack([KEPT.read(Path(r.path), release=False) for r in self.kept])
+        kept = [KEPT.take(r.key, release=False) for r in self.kept]  # held here without a client
+        return np.stack([r.rebuild() if maps is None else maps for r, maps in zip(self.kept, kept, strict=True)])
 
     @property
     def round_iteration(self) -> int:
@@ -165,20 +169,14 @@ def grids_file(run_dir: str, iteration: int, k: int) -> Path:
     return Path(run_dir) / "accumulators" / f"it{iteration:04d}_class{k:03d}.npz"
 
 
-def references_file(run_dir: str, iteration: int, k: int) -> Path:
-    """Class ``k``'s half maps made by ``iteration``'s M-step (the next iteration's references)."""
-    return Path(run_dir) / "references" / f"it{iteration:04d}_class{k:03d}.npy"
-
-
 def prune_iteration_files(run_dir: Path, iteration: int) -> None:
-    """Delete the running statistics and kept references of ``iteration`` and before.
+    """Delete the running statistics of ``iteration`` and before.
 
-    The M-step of iteration i reads the statistics of i - 1, its E-steps the references of
-    i - 1, and a resumed run starts from the last checkpoint (which holds its references),
-    so everything older is no longer needed.
+    The M-step of iteration i reads the statistics of i - 1 (and a lost worker's references of
+    iteration i are rebuilt from those of i - 1), and a resumed run starts from the last
+    checkpoint, so everything older is no longer needed.
     """
-    for folder in ("accumulators", "references"):
-        for path in (run_dir / folder).glob("it*_class*.np[yz]"):
-            digits = path.name[2:6]
-            if digits.isdigit() and int(digits) <= iteration:
-                path.unlink(missing_ok=True)
+    for path in (run_dir / "accumulators").glob("it*_class*.npz"):
+        digits = path.name[2:6]
+        if digits.isdigit() and int(digits) <= iteration:
+            path.unlink(missing_ok=True)

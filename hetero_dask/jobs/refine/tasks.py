@@ -10,8 +10,10 @@ in a tree; :func:`mstep_task` turns class ``k``'s sum into its maps, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -42,7 +44,7 @@ from .references import class_maps
 from .results import TaskResults, previous_classes, write_results
 from .scales import relative_scales, scale_histogram
 from .schedule import class_change_sums
-from .state import KeptClassResult, grids_file, references_file
+from .state import KeptClassResult, grids_file
 
 
 @dataclass
@@ -210,12 +212,14 @@ def _resize_grids(g: BackprojGrids, r_max: float) -> BackprojGrids:
 
 def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, prev_iteration: int | None,
                decay: float, r_backproject: float, symmetry_ops, tau2_fudge: float, psize_A: float,
-               fsc_prior, full_map: bool = True, keep: bool = False):
+               fsc_prior, full_map: bool = True, keep: str | None = None):
     """Running half-map statistics of class ``k`` (decay, then add), then the class's maps and FSC
     (:class:`hetero_dask.jobs.mstep.ClassResult`; the full map only with ``full_map``).
 
-    ``keep``: the half maps, the next iteration's references, stay here (:func:`keep_references`)
-    and a :class:`KeptClassResult` comes back, the result without them.
+    ``keep`` (a key, new each iteration and run): the half maps, the next iteration's references,
+    stay in this process under that key, and a :class:`KeptClassResult` comes back: the result
+    without them, with the recipe that rebuilds them from the statistics just written
+    (:func:`rebuild_references`).
     """
     old = None
     if prev_iteration is not None and decay > 0:
@@ -228,29 +232,43 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
             g = _resize_grids(g, r_backproject)
             g = dataclasses.replace(g, data=decay * before.data + g.data, weight=decay * before.weight + g.weight)
         part_k.grids[(k, h)] = g
-    KEPT.write(grids_file(run_dir, iteration, k), {
+    path = grids_file(run_dir, iteration, k)
+    KEPT.write(path, {
         "data0": part_k.grids[(k, 0)].data, "weight0": part_k.grids[(k, 0)].weight,
         "data1": part_k.grids[(k, 1)].data, "weight1": part_k.grids[(k, 1)].weight,
         "r_max": np.array(part_k.grids[(k, 0)].r_max)})
-    result = mstep_class(part_k, k, symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A,
-                         fsc_prior=fsc_prior, full_map=full_map)
+    maps = dict(symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A, fsc_prior=fsc_prior)
+    result = mstep_class(part_k, k, full_map=full_map, **maps)
     # Beyond the backprojection radius the half-maps hold no data, only the shared gridding
     # correction's leakage, which correlates: the FSC there says nothing and is set to 0.
     fsc = np.asarray(result.fsc, dtype=np.float64).copy()
     fsc[int(math.floor(r_backproject)):] = 0.0
     result = dataclasses.replace(result, fsc=fsc, resolution_A=resolution_A(fsc, result.vol_A.shape[-1], psize_A))
-    return keep_references(result, references_file(run_dir, iteration, k)) if keep else result
+    if keep is None:
+        return result
+    if full_map:
+        raise ValueError("mstep_task keeps the half maps of an iteration without full maps only")
+    half = part_k.grids[(k, 0)]
+    rebuild = functools.partial(rebuild_references, str(path), k, half.n, half.pad, float(part_k.weight_sum[k]),
+                                **maps)
+    KEPT.keep(keep, _half_maps(result))
+    return KeptClassResult(dataclasses.replace(result, vol_A=None, vol_B=None), keep, worker_address(), rebuild)
 
 
-def keep_references(result: ClassResult, path) -> KeptClassResult:
-    """Write the half maps of ``result`` to ``path`` (``.npy``, ``(2, n, n, n)`` float32), keep them
-    in this process (:data:`~hetero_dask.runtime.kept.KEPT`), and return the result without them:
-    the next iteration's references need not travel to the driver and back."""
-    maps = np.stack([np.asarray(result.vol_A, np.float32), np.asarray(result.vol_B, np.float32)])
-    KEPT.write(path, maps)
-    return KeptClassResult(dataclasses.replace(result, vol_A=None, vol_B=None), str(path), worker_address())
+def rebuild_references(grids_path: str, k: int, n: int, pad: int, weight: float, **maps) -> np.ndarray:
+    """Class ``k``'s half maps ``(2, n, n, n)`` as :func:`mstep_task` made them (``keep``), from
+    the running statistics it wrote to ``grids_path`` (``maps``: its map arguments): where the
+    kept copy is gone (another process, a lost worker). Equal to the copy: the same grids through
+    the same :func:`~hetero_dask.jobs.mstep.mstep_class`."""
+    stats = KEPT.read(Path(grids_path), release=False)  # the class's next M-step takes the copy
+    grids = {(k, h): BackprojGrids(stats[f"data{h}"], stats[f"weight{h}"], pad, n, float(stats["r_max"]))
+             for h in (0, 1)}
+    part = ClassGridsPartial(grids, np.full(k + 1, weight))
+    return _half_maps(mstep_class(part, k, full_map=False, **maps))
 
 
+def _half_maps(result: ClassResult) -> np.ndarray:
+    return np.stack([np.asarray(result.vol_A, np.float32), np.asarray(result.vol_B, np.float32)])
 
 
 # The finishing key whose task returns the iteration's summed E-step statistics (class changes,
