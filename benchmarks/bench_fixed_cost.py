@@ -11,7 +11,10 @@ local cluster, for each refinement box and worker count:
   (the one task that scores and backprojects the batch, compute from Dask's task stream) is
   taken out: what is left is what an iteration costs whatever its size (graph submission,
   references to the workers, merges, the K M-steps, the driver's state update and
-  checkpoint). The M-step's compute is printed as a part of it;
+  checkpoint). The M-step's compute is printed as a part of it. This difference of two runs
+  is as noisy as the E-step's time on a shared machine, so the median time from one
+  iteration's E-step to the next's (the task stream of the long run) is printed too: the
+  same fixed cost on the critical path, measured directly;
 - **an iteration of 4,000 particles** (``--batch-per-class`` x K): the same difference of
   two runs, of one and ``1 + --big-its`` iterations; the fixed cost's share of it.
 
@@ -27,12 +30,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from bench_scaling import task_compute_s
 
 from hetero_dask.jobs.refine.results import partitions
@@ -75,15 +80,33 @@ def compute_s(stream: list[dict], kind: str) -> float:
     return task_compute_s([t for t in stream if f"-{kind}-" in str(t["key"])])
 
 
+def estep_gaps(stream: list[dict]) -> list[float]:
+    """The time from each iteration's last E-step task to the next iteration's first, in a task
+    stream: what the critical path spends on everything else (merges, M-steps, the driver, the
+    references reaching the workers), measured directly rather than as a difference of runs."""
+    spans: dict[int, list[float]] = {}
+    for t in stream:
+        m = re.search(r"-process-it(\d+)-", str(t["key"]))
+        for ss in t["startstops"]:
+            if m and ss["action"] == "compute":
+                span = spans.setdefault(int(m.group(1)), [ss["start"], ss["stop"]])
+                span[0], span[1] = min(span[0], ss["start"]), max(span[1], ss["stop"])
+    its = sorted(spans)
+    return [spans[b][0] - spans[a][1] for a, b in zip(its, its[1:], strict=False) if b == a + 1]
+
+
 def per_iteration(cs, refs, work: Path, client, cache: Path, short: int, long: int, tag: str, workers: int,
                   **params) -> dict:
     """Per-iteration wall, E-step and M-step compute, and the fixed cost (wall less the E-step's
-    share), from the difference of a short and a long run."""
+    share), from the difference of a short and a long run; and the median gap between
+    consecutive iterations' E-steps in the long run (:func:`estep_gaps`)."""
     runs = {}
     for its in (short, long):
         wall, report, stream = timed_refine(cs, refs, work / f"{tag}-{its}", client, cache, max_iterations=its,
                                             **params)
         runs[its] = (wall, compute_s(stream, "process"), compute_s(stream, "finish"), report["iterations"])
+        if its == long:
+            gaps = estep_gaps(stream)
     d = long - short
     wall, estep, mstep = ((runs[long][i] - runs[short][i]) / d for i in range(3))
     last = runs[long][3][-1]
@@ -91,6 +114,7 @@ def per_iteration(cs, refs, work: Path, client, cache: Path, short: int, long: i
     tasks = len(partitions(0, n))  # E-step tasks of the batch: they share the workers
     return {"wall_s": wall, "estep_compute_s": estep, "mstep_compute_s": mstep,
             "fixed_s": wall - estep / min(tasks, workers), "particles_per_iteration": n,
+            "gap_median_s": float(np.median(gaps)), "gap_quartiles_s": np.percentile(gaps, [25, 75]).tolist(),
             "estep_tasks": tasks, "r_align_last": last["r_align"], "healpix_order_last": last["healpix_order"]}
 
 
@@ -124,8 +148,10 @@ def measure(box: int, workers: int, args, work: Path) -> dict:
 
 def print_row(r: dict) -> None:
     f = r["fixed"]
+    q = f["gap_quartiles_s"]
     line = (f"box {r['box']:4d}  workers {r['workers']}  fixed/iteration {f['fixed_s']:6.2f} s "
-            f"(of which M-step compute {f['mstep_compute_s']:.2f} s over {r['K']} classes; "
+            f"(E-step to E-step {f['gap_median_s']:.2f} s, quartiles {q[0]:.2f}-{q[1]:.2f}; "
+            f"M-step compute {f['mstep_compute_s']:.2f} s over {r['K']} classes; "
             f"{f['particles_per_iteration']}-particle iteration {f['wall_s']:.2f} s, its E-step "
             f"{f['estep_compute_s']:.2f} s)")
     if r["big"]:

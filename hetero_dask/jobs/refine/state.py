@@ -53,12 +53,16 @@ class State:
     kept: tuple[KeptClassResult, ...] | None = None
 
     def reference_volumes(self) -> np.ndarray:
-        """The references ``(K, 2, n, n, n)``: ``volumes``, or the kept maps read back (from this
-        process's copy, or the run folder's files)."""
+        """The references ``(K, 2, n, n, n)``: ``volumes``, or the kept maps: this process's copies
+        (without a client the M-steps ran here), rebuilt where it holds none."""
         if self.kept is None:
             return self.volumes
-        kept = [KEPT.take(r.key, release=False) for r in self.kept]  # held here without a client
-        return np.stack([r.rebuild() if maps is None else maps for r, maps in zip(self.kept, kept, strict=True)])
+        return np.stack([r.rebuild() if maps is None else maps for r, maps in zip(self.kept, self.local_maps(),
+                                                                                strict=True)])
+
+    def local_maps(self) -> list[np.ndarray | None]:
+        """This process's copies of the kept maps (None for each it does not hold), left kept."""
+        return [KEPT.take(r.key, release=False) for r in self.kept or ()]
 
     @property
     def round_iteration(self) -> int:
@@ -130,6 +134,9 @@ class CheckpointWriter:
         # The driver appends to the history and replaces (never mutates) the arrays: a shallow
         # copy with its own history list is a stable snapshot.
         snapshot = dataclasses.replace(state, history=list(state.history))
+        if state.kept is not None and all(m is not None for m in state.local_maps()):
+            # Held here (no client): the next iteration takes them, the thread would rebuild them.
+            snapshot.volumes, snapshot.kept = np.stack(state.local_maps()), None
         context = contextvars.copy_context()  # the status publisher of a submitted job
         self._thread = threading.Thread(target=context.run, args=(self._write, snapshot),
                                         name="refine-checkpoint", daemon=True)
