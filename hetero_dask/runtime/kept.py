@@ -27,9 +27,8 @@ import numpy as np
 
 
 class Kept:
-    """Arrays kept in this process's memory: copies of files (a dict of arrays as ``.npz``, one
-    array as ``.npy``, by the path's suffix), used while the files are unchanged, and values kept
-    under a key.
+    """Arrays kept in this process's memory: copies of ``.npz`` files, used while the files are
+    unchanged, and values kept under a key.
 
     A kept copy of a file is used only while the file is still the one it was written as (same
     inode, size and modification time): a file rewritten by another run in the same folder, or by
@@ -40,26 +39,42 @@ class Kept:
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
-        self._kept: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
+        # key -> (the file's identity, or None for a value; the dict of arrays, or the value)
+        self._kept: OrderedDict[str, tuple[tuple | None, dict | np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def write(self, path: Path, value: dict | np.ndarray) -> None:
-        """Write ``value`` (a dict of arrays for a ``.npz`` path, an array for ``.npy``) to ``path``
-        (a temporary name, then renamed) and keep it. A ``.npy`` file is written without the
-        zip container's checksum: a third of the time for a map."""
+    def write(self, path: Path, arrays: dict) -> None:
+        """Write ``arrays`` to ``path`` (``.npz``; a temporary name, then renamed) and keep them."""
         path = Path(path)
-        single = _single(path)
-        if single != isinstance(value, np.ndarray):
-            raise TypeError(f"{path}: a .npy file holds one array, a .npz file a dict of arrays; "
-                            f"got {type(value).__name__}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        if single:
-            np.save(tmp, value, allow_pickle=False)
-        else:
-            np.savez(tmp, **value)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
         tmp.replace(path)
-        self._put(str(path), _identity(path), value if single else dict(value))
+        self._put(str(path), _identity(path), dict(arrays))
+
+    def read(self, path: Path, release: bool = True) -> dict:
+        """The arrays at ``path``: the kept ones while the file is unchanged, else the file's.
+
+        ``release``: drop the kept copy (its one reader has it; the memory goes with that reader's
+        use); False leaves it for a later reader.
+        """
+        path = Path(path)
+        with self._lock:
+            kept = self._kept.pop(str(path), None) if release else self._kept.get(str(path))
+        if kept is not None and kept[0] is not None and kept[0] == _identity(path):
+            return kept[1]
+        with np.load(path, allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
+
+    def holds(self, key: str | Path) -> bool:
+        """Whether this process keeps a value under ``key`` (or a copy of file ``key``, whatever
+        the file now holds)."""
+        with self._lock:
+            return str(key) in self._kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
 
     def keep(self, key: str, value: np.ndarray) -> None:
         """Keep ``value`` under ``key`` (memory only: see :class:`Recall` for its rebuild)."""
@@ -84,38 +99,6 @@ class Kept:
             for a in _arrays(value):
                 a.flags.writeable = False
             self._kept[key] = (identity, value)
-
-    def read(self, path: Path, release: bool = True) -> dict | np.ndarray:
-        """What ``path`` holds: the kept value while the file is unchanged, else the file's.
-
-        ``release``: drop the kept copy (its one reader has it; the memory goes with that reader's
-        use); False leaves it for a later reader.
-        """
-        path = Path(path)
-        with self._lock:
-            kept = self._kept.pop(str(path), None) if release else self._kept.get(str(path))
-        if kept is not None and kept[0] is not None and kept[0] == _identity(path):
-            return kept[1]
-        if _single(path):
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as f:
-            return {name: f[name] for name in f.files}
-
-    def holds(self, key: str | Path) -> bool:
-        """Whether this process keeps a value under ``key`` (or a copy of file ``key``, whatever
-        the file now holds)."""
-        with self._lock:
-            return str(key) in self._kept
-
-    def clear(self) -> None:
-        with self._lock:
-            self._kept.clear()
-
-
-def _single(path: Path) -> bool:
-    if path.suffix not in (".npy", ".npz"):
-        raise ValueError(f"{path}: kept files are .npy (one array) or .npz (a dict of arrays)")
-    return path.suffix == ".npy"
 
 
 def _arrays(value: dict | np.ndarray) -> list[np.ndarray]:

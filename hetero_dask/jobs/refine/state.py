@@ -48,7 +48,7 @@ class State:
     # from its own classes (RefineParams.split_restart). The schedule counts from it.
     round_start: int = 0
     class_scale: np.ndarray | None = None  # (K,) median grey scale per class (None: 1)
-    # The references as the last M-steps left them on their workers (tasks.KeptClassResult, one per
+    # The references as the last M-steps left them on their workers (one KeptClassResult per
     # class), in place of ``volumes``: the next iteration recalls them there (runtime.kept).
     kept: tuple[KeptClassResult, ...] | None = None
 
@@ -179,8 +179,8 @@ def grids_file(run_dir: str, iteration: int, k: int) -> Path:
 def prune_iteration_files(run_dir: Path, iteration: int) -> None:
     """Delete the running statistics of ``iteration`` and before.
 
-    The M-step of iteration i reads the statistics of i - 1 (and a lost worker's references of
-    iteration i are rebuilt from those of i - 1), and a resumed run starts from the last
+    The M-step of iteration i reads the statistics of i - 1, the references iteration i reads
+    are rebuilt from them where a worker lost its copy, and a resumed run starts from the last
     checkpoint, so everything older is no longer needed.
     """
     for path in (run_dir / "accumulators").glob("it*_class*.npz"):
