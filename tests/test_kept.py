@@ -107,3 +107,38 @@ def test_recall_needs_a_worker_and_a_rebuild_per_key():
         Recall(("a", "b"), (None,), (_never, _never))
     with pytest.raises(ValueError, match="one rebuild"):
         Recall(("a",), (None,), ())
+
+
+def test_refine_sends_the_references_once_and_keeps_the_rest_on_the_workers(two_workers, tmp_path):
+    """Refine's engine contract for the references: the driver's copy reaches the cluster for
+    the first iteration only; every later one takes the maps its M-steps left on the workers
+    (one recall task per class), and the driver receives no map until the last iteration."""
+    from distributed import get_task_stream
+
+    from hetero_dask.jobs.refine import driver, refine
+    from hetero_dask.phantoms import moving_domain_phantoms
+    from hetero_dask.simulate import simulate, write_references, write_simulation
+
+    box, psize, its = 24, 5.0, 4
+    vols = moving_domain_phantoms(box, psize, n_classes=2)
+    write_simulation(tmp_path / "sim", simulate(vols, psize, 128, snr=0.2, seed=3, shift_range_px=1.0), vols)
+    refs = write_references(tmp_path, vols + 0.3 * vols.mean(0), psize)
+    received = []
+    real = driver.update_state
+
+    def recording(state, results, *args, **kwargs):
+        received.append([getattr(r, "vol_A", "kept") for r in results])
+        return real(state, results, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m, get_task_stream(two_workers) as ts:
+        m.setattr(driver, "update_state", recording)
+        report = refine(str(tmp_path / "sim" / "particles.cs"), refs, tmp_path / "out", client=two_workers,
+                        progress=False, max_iterations=its, final_full_passes=0, max_order=1, search_max_poses=8,
+                        backproject_poses=8, cache_dir="off")
+    ran = len(report["iterations"])
+    assert ran >= 3 and len(received) == ran
+    keys = [str(t["key"]) for t in ts.data]
+    assert sum(k.startswith("shared-") for k in keys) == 1
+    assert sum(k.startswith("recall-") for k in keys) == 2 * (ran - 1)
+    assert received[:-1] == [["kept", "kept"]] * (ran - 1)
+    assert all(isinstance(v, np.ndarray) for v in received[-1])
