@@ -598,11 +598,13 @@ def _in_cluster(client, shared: Mapping[str, Any] | None) -> dict | None:
     was kept (:func:`recalled`)."""
     if not shared:
         return None
-    return {
-        name: recalled(client, value) if isinstance(value, Recall)
-        else value if client is None else hold(client, value)
-        for name, value in shared.items()
-    }
+    return {name: _shared_value(client, value) for name, value in shared.items()}
+
+
+def _shared_value(client, value):
+    if isinstance(value, Recall):
+        return recalled(client, value)
+    return value if client is None else hold(client, value)
 
 
 def recalled(client, spec: Recall) -> list:

@@ -134,9 +134,10 @@ class CheckpointWriter:
         # The driver appends to the history and replaces (never mutates) the arrays: a shallow
         # copy with its own history list is a stable snapshot.
         snapshot = dataclasses.replace(state, history=list(state.history))
-        if state.kept is not None and all(m is not None for m in state.local_maps()):
+        local = state.local_maps()
+        if local and all(m is not None for m in local):
             # Held here (no client): the next iteration takes them, the thread would rebuild them.
-            snapshot.volumes, snapshot.kept = np.stack(state.local_maps()), None
+            snapshot.volumes, snapshot.kept = np.stack(local), None
         context = contextvars.copy_context()  # the status publisher of a submitted job
         self._thread = threading.Thread(target=context.run, args=(self._write, snapshot),
                                         name="refine-checkpoint", daemon=True)

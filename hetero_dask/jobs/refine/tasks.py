@@ -237,8 +237,8 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
         "data0": part_k.grids[(k, 0)].data, "weight0": part_k.grids[(k, 0)].weight,
         "data1": part_k.grids[(k, 1)].data, "weight1": part_k.grids[(k, 1)].weight,
         "r_max": np.array(part_k.grids[(k, 0)].r_max)})
-    maps = dict(symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A, fsc_prior=fsc_prior)
-    result = mstep_class(part_k, k, full_map=full_map, **maps)
+    map_args = dict(symmetry_ops=symmetry_ops, tau2_fudge=tau2_fudge, psize_A=psize_A, fsc_prior=fsc_prior)
+    result = mstep_class(part_k, k, full_map=full_map, **map_args)
     # Beyond the backprojection radius the half-maps hold no data, only the shared gridding
     # correction's leakage, which correlates: the FSC there says nothing and is set to 0.
     fsc = np.asarray(result.fsc, dtype=np.float64).copy()
@@ -250,21 +250,21 @@ def mstep_task(part_k: ClassGridsPartial, k: int, run_dir: str, iteration: int, 
         raise ValueError("mstep_task keeps the half maps of an iteration without full maps only")
     half = part_k.grids[(k, 0)]
     rebuild = functools.partial(rebuild_references, str(path), k, half.n, half.pad, float(part_k.weight_sum[k]),
-                                **maps)
+                                **map_args)
     KEPT.keep(keep, _half_maps(result))
     return KeptClassResult(dataclasses.replace(result, vol_A=None, vol_B=None), keep, worker_address(), rebuild)
 
 
-def rebuild_references(grids_path: str, k: int, n: int, pad: int, weight: float, **maps) -> np.ndarray:
+def rebuild_references(grids_path: str, k: int, n: int, pad: int, weight: float, **map_args) -> np.ndarray:
     """Class ``k``'s half maps ``(2, n, n, n)`` as :func:`mstep_task` made them (``keep``), from
-    the running statistics it wrote to ``grids_path`` (``maps``: its map arguments): where the
+    the running statistics it wrote to ``grids_path`` (``map_args``: its map arguments): where the
     kept copy is gone (another process, a lost worker). Equal to the copy: the same grids through
     the same :func:`~hetero_dask.jobs.mstep.mstep_class`."""
     stats = KEPT.read(Path(grids_path), release=False)  # the class's next M-step takes the copy
     grids = {(k, h): BackprojGrids(stats[f"data{h}"], stats[f"weight{h}"], pad, n, float(stats["r_max"]))
              for h in (0, 1)}
     part = ClassGridsPartial(grids, np.full(k + 1, weight))
-    return _half_maps(mstep_class(part, k, full_map=False, **maps))
+    return _half_maps(mstep_class(part, k, full_map=False, **map_args))
 
 
 def _half_maps(result: ClassResult) -> np.ndarray:
