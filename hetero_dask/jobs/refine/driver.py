@@ -308,7 +308,7 @@ def _run_iteration(run: _Run, state: State, step: Step, assigned_its: int, full_
         mask_radius_px=run.mask_radius_px, random_assignment=step.random, reference_mode=p.reference_mode,
         seed=p.seed, assignment_file=str(run.assignment_file) if it < assigned_its else None,
         class_scale=_class_scale(state, run.n_classes) if p.per_particle_scale else None,
-        class_temperature=p.class_temperature,
+        class_temperature=p.class_temperature, backproject_sharpness=p.backproject_sharpness,
     )
     finish = _finish_tasks(run, state, step, r.backproject, full_map)
     t_it = time.time()

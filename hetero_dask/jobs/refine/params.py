@@ -64,6 +64,11 @@ class RefineParams:
     # share errors with the particles; the estimate brings them to what they mean (of the
     # particles given p, about a fraction p right). A number fixes it (1: as computed).
     posterior_temperature: float | None = None
+    # The power s of the class posteriors a particle is backprojected with (p^s, normalised per
+    # particle; 1: the posteriors as they are): > 1 keeps a particle's weight out of the classes
+    # it probably is not, so overlapping states' maps mix less. The outputs, the class fractions
+    # and the noise estimate keep the posteriors.
+    backproject_sharpness: float = 1.0
     initial_lowpass_A: float = 20.0
     backproject_factor: float = 1.5
     filter_max_fsc: bool = True
@@ -149,6 +154,8 @@ class RefineParams:
             raise bad_value("full_pass_prior_rate", self.full_pass_prior_rate, "None or a value in (0, 1]")
         if self.posterior_temperature is not None and not self.posterior_temperature > 0:
             raise bad_value("posterior_temperature", self.posterior_temperature, "None (estimated) or a value > 0")
+        if not self.backproject_sharpness >= 1:
+            raise bad_value("backproject_sharpness", self.backproject_sharpness, "a value >= 1")
         if not self.class_temperature >= 1:
             raise bad_value("class_temperature", self.class_temperature, "a value >= 1")
         for name in ("initial_sigma_scale", "final_sigma_scale", "initial_lowpass_A", "tau2_fudge",

@@ -72,6 +72,7 @@ class EStepContext:
     assignment_file: str | None = None  # (N,) class per particle held fixed, -1 free
     class_scale: np.ndarray | None = None  # (K,) median grey scale per class (per_particle_scale)
     class_temperature: float = 1.0
+    backproject_sharpness: float = 1.0
 
 
 def estep_task(part: Partition, ctx: EStepContext, references) -> tuple[ClassGridsPartial, RowResults]:
@@ -109,7 +110,7 @@ def estep_task(part: Partition, ctx: EStepContext, references) -> tuple[ClassGri
         p = _class_posterior(ctx, res, start + sel)
         found.put(sel, tempered(p, ctx.class_temperature), res)
         noise.add(prep, res, p, refs, ctx.box, xp)
-        _backproject(out, ctx, res, p, x, c, h)
+        _backproject(out, ctx, res, tempered(p, 1 / ctx.backproject_sharpness), x, c, h)
     group = zarr.open_group(ctx.results_path, mode="r")
     prev, prev_post = previous_classes(group, start, stop, ctx.iteration)
     out.extra["class_changed"] = class_change_sums(found.posterior, prev, prev_post)
