@@ -491,3 +491,24 @@ def test_band_to_map_by_matrices_equals_the_padded_inverse_fft(n, pad, he, monke
     for got in (by_matrices, by_ffts):
         assert got.shape == (n, n, n) and got.dtype == np.float32
         assert np.abs(got - want).max() < 2e-6 * scale
+
+
+def test_band_to_map_has_the_same_bits_for_any_blas_thread_count():
+    """The same job gives the same maps on workers with different core counts: the matrix
+    products of the band inverse (box 128, the M-step's band at 8 A) must not depend on how
+    many threads BLAS splits them over."""
+    from threadpoolctl import threadpool_limits
+
+    from hetero_dask.core import reconstruction as rec
+
+    n, pad, he = 128, 2, 28
+    rng = np.random.default_rng(7)
+    shape = (pad * n, 2 * he + 1, he + 1)
+    spec = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    maps = []
+    for threads in (1, 2, 3, 4):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            maps.append(rec._band_inverse(spec.copy(), n, pad))
+    assert np.abs(maps[0]).max() > 0
+    for other in maps[1:]:
+        np.testing.assert_array_equal(other, maps[0])
