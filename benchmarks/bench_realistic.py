@@ -187,7 +187,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         return "-" if not v else f"{np.mean(v):.{digits}f}"
 
     lines = ["| scenario | variant | seeds | oracle | ours | RELION | ours - oracle | junk recall ours / oracle "
-             "| ECE ours | map corr. 8 A ours / RELION | time ours / RELION (s) | ours' code |",
+             "| ECE ours / oracle | map corr. 8 A ours / RELION | time ours / RELION (s) | ours' code |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, variant), rs in sorted(groups.items()):
         o = [r.get("oracle", {}).get("accuracy") for r in rs]
@@ -197,6 +197,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         jo = [r.get("oracle", {}).get("junk_recall") for r in rs]
         ju = [r.get("ours", {}).get("junk_recall") for r in rs]
         ece = [r.get("ours", {}).get("calibration", {}).get("ece") for r in rs]
+        ece_o = [r.get("oracle", {}).get("calibration", {}).get("ece") for r in rs]
         mc = [np.mean([m["correlation_8A"] for m in r["ours"]["maps"]]) for r in rs if "ours" in r]
         mr = [np.mean([m["correlation_8A"] for m in r["relion"]["maps"]]) for r in rs
               if "maps" in r.get("relion", {})]
@@ -205,7 +206,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         seeds = ",".join(str(r["seed"]) for r in rs)
         code = ",".join(sorted({str(r["ours"].get("code")) for r in rs if "ours" in r} - {"None"})) or "-"
         lines.append(f"| {name} | {variant} | {seeds} | {fmt(o)} | {fmt(u)} | {fmt(rel)} | "
-                     f"{fmt([100 * d for d in diff], 1)} | {fmt(ju)} / {fmt(jo)} | {fmt(ece)} | {fmt(mc)} / {fmt(mr)} "
+                     f"{fmt([100 * d for d in diff], 1)} | {fmt(ju)} / {fmt(jo)} | {fmt(ece)} / {fmt(ece_o)} | {fmt(mc)} / {fmt(mr)} "
                      f"| {fmt(tu, 0)} / {fmt(tr, 0)} | {code} |")
     path.write_text("\n".join(lines) + "\n")
 
