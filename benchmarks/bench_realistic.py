@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def run_ours(data: S.Dataset, work: Path, params: dict, workers: int) -> dict:
 
 def _commit() -> str | None:
     """The checkout's commit (``+`` when it has changes), or None outside a git checkout."""
-    import subprocess
-
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -87,17 +86,21 @@ def _commit() -> str | None:
     return head + ("+" if dirty else "")
 
 
-def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int) -> dict:
-    """RELION Class3D from the same references; ``measured`` < ``iterations``: extrapolated."""
+def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int, executable: str = "relion_refine",
+               extra_args: tuple[str, ...] = ()) -> dict:
+    """RELION Class3D from the same references; ``measured`` < ``iterations``: extrapolated.
+    ``executable``/``extra_args``: e.g. a build with RELION's vectorised CPU code and ``--cpu``."""
 
     from hetero_dask.testing.relion import relion_class3d
 
     sc = data.scenario
+    build = subprocess.run([executable, "--version"], capture_output=True, text=True).stdout.split()
     rel = relion_class3d(work, data.particles_star, data.references_star, sc.n_classes, measured,
                          sc.particle_diameter_A, seed=data.seed, offset_range_px=math.ceil(sc.shift_range_px),
-                         extra_args=[] if sc.symmetry == "C1" else ["--sym", sc.symmetry])
+                         extra_args=([] if sc.symmetry == "C1" else ["--sym", sc.symmetry]) + list(extra_args),
+                         executable=executable)
     per_it = np.asarray(rel["per_iteration"])
-    out = dict(cmd=rel["cmd"], measured_iterations=measured, iterations=iterations, setup_s=rel["setup"],
+    out = dict(cmd=rel["cmd"], build=" ".join(build), measured_iterations=measured, iterations=iterations, setup_s=rel["setup"],
                per_iteration_s=per_it.tolist(), per_iteration_cpu_s=rel["per_iteration_cpu"],
                wall_s=rel["wall"] + (iterations - measured) * float(per_it.mean()),
                cpu_s=rel["cpu"] + (iterations - measured) * float(np.mean(rel["per_iteration_cpu"])),
@@ -167,7 +170,8 @@ def run_case(name: str, seed: int, args) -> dict:
               f"{o['iterations']} it {o['wall_s']:.0f} s", flush=True)
     if args.relion:
         measured = min(2, args.relion_iter) if name in LARGE else args.relion_iter
-        row["relion"] = run_relion(data, args.work / name / f"seed{seed}", args.relion_iter, measured)
+        row["relion"] = run_relion(data, args.work / name / f"seed{seed}", args.relion_iter, measured,
+                                   args.relion_refine, tuple(args.relion_args.split()))
         r = row["relion"]
         print(f"  RELION {r.get('accuracy', float('nan')):.3f} {r['wall_s']:.0f} s"
               f"{' (extrapolated)' if r['extrapolated'] else ''}", flush=True)
@@ -270,6 +274,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="0: the in-process scheduler")
     ap.add_argument("--relion", action="store_true", help="run RELION Class3D too")
     ap.add_argument("--relion-iter", type=int, default=25)
+    ap.add_argument("--relion-refine", default="relion_refine",
+                    help="the relion_refine to run (e.g. one built with -DALTCPU=ON for its vectorised CPU code)")
+    ap.add_argument("--relion-args", default="", help="more relion_refine arguments, e.g. '--cpu'")
     ap.add_argument("--skip-oracle", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "hetero_dask_realistic",

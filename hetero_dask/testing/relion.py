@@ -162,8 +162,9 @@ def relion_class3d(
     threads: int = 2,
     extra_args: list[str] | None = None,
     offset_range_px: float = 5.0,
+    executable: str = "relion_refine",
 ) -> dict:
-    """Run ``relion_refine`` 3D classification (``--K``) in ``workdir`` and time each iteration.
+    """Run ``relion_refine`` (or ``executable``, e.g. a build with the vectorised CPU code) 3D classification (``--K``) in ``workdir`` and time each iteration.
 
     HEALPix order 2 (15 deg; 7.5 deg after oversampling 1), offsets up to ``offset_range_px``
     (RELION's default 5) by 1 px, tau2_fudge 4 (RELION's Class3D habit), CTF, references taken
@@ -180,7 +181,7 @@ def relion_class3d(
     # directory: run it where they lie, writing into workdir.
     cwd = Path(particles_star).resolve().parent
     cmd = [
-        "relion_refine", "--i", Path(particles_star).name, "--ref", str(Path(references_star).resolve()),
+        executable, "--i", Path(particles_star).name, "--ref", str(Path(references_star).resolve()),
         "--o", str(out / "run"),
         "--K", str(n_classes), "--iter", str(iterations), "--healpix_order", "2", "--oversampling", "1",
         "--offset_range", f"{offset_range_px:g}", "--offset_step", "1", "--tau2_fudge", "4", "--ctf", "--ctf_corrected_ref",
