@@ -38,8 +38,9 @@ from hetero_dask.simulate import simulate, write_references, write_simulation
 
 BOX, PSIZE, SNR, N_PER_CLASS = 32, 4.0, 0.5, 150
 # Any tau2_fudge serves (these tests compare runs with each other); 1 keeps the runs as first measured.
+# Two final full passes, so that a run can be killed between them.
 PARAMS = dict(refine_box=32, batch_size_per_class=100, max_iterations=4, num_random_iterations=1,
-              initial_sigma_scale=1.0, tau2_fudge=1.0)
+              initial_sigma_scale=1.0, tau2_fudge=1.0, final_full_passes=2)
 N_ITERATIONS = 4  # 0 random, 1 batch, then 2 final full passes (converged at 2 by max_iterations)
 
 

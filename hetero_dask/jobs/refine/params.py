@@ -74,7 +74,12 @@ class RefineParams:
     filter_max_fsc: bool = True
     convergence_class_change: float = 0.05
     convergence_res_shells: float = 1.0
-    final_full_passes: int = 2
+    # Full passes over every particle once the EM has converged (at least one follows
+    # convergence). Each pass rebuilds the maps from the particles classified against the
+    # other half's: the halves' maps take up each other's errors and the posteriors harden
+    # without getting more right (benchmarks/results/realistic/TUNING.md), so one pass, which
+    # scores every particle against the converged maps, is where the posteriors mean most.
+    final_full_passes: int = 1
     # CryoSPARC anneals the noise model from a sigma scale of 3 to 1. The likelihood here
     # already carries the temperature of the image mask (core.scoring.mask_temperature),
     # the one way a masked image's Fourier coefficients are not independent; on top of it
