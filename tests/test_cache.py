@@ -189,7 +189,7 @@ def test_refine_regroup_reconstruct_import_once(data, tmp_path, reads):
     refs = write_references(tmp_path / "refs", np.stack([vols[0], vols[1], vols.mean(0)]), PSIZE)
     refine(data / "particles.cs", refs, tmp_path / "refine", progress=False, cache_dir=str(cache),
            refine_box=BOX, batch_size_per_class=100, max_iterations=3, num_random_iterations=0,
-           max_order=2)
+           max_order=2, final_full_passes=2)  # two passes keep all three classes populated for regroup
     assert reads["images"] == 400
     regroup(tmp_path / "refine" / "particles.cs", tmp_path / "refine" / "volumes.zip",
             tmp_path / "regroup", num_superclasses=2)

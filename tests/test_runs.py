@@ -97,7 +97,7 @@ def test_bad_inputs_are_refused_before_any_cluster_or_write(data, tmp_path, caps
         ({"search_poses": "0"}, r"--search-poses \(search_max_poses\) = 0: expected a whole number >= 1"),
         ({"mask_diameter": "500"}, r"--mask-diameter \(mask_diameter_A\) = 500.0: expected a diameter"),
         ({"iterations": "3", "random_iterations": "5"},
-         r"--iterations \(max_iterations\) = 3: expected >= 8: the 5 random-assignment"),
+         r"--iterations \(max_iterations\) = 3: expected >= 7: the 5 random-assignment"),
         ({"particles": str(tmp_path / "none.star")}, r"--particles: .*none\.star: not found"),
     ]
     for change, message in cases:
