@@ -100,7 +100,8 @@ def run_relion(data: S.Dataset, work: Path, iterations: int, measured: int, exec
                          extra_args=([] if sc.symmetry == "C1" else ["--sym", sc.symmetry]) + list(extra_args),
                          executable=executable)
     per_it = np.asarray(rel["per_iteration"])
-    out = dict(cmd=rel["cmd"], build=" ".join(build), measured_iterations=measured, iterations=iterations, setup_s=rel["setup"],
+    out = dict(cmd=rel["cmd"], build=" ".join(build), measured_iterations=measured, iterations=iterations,
+               setup_s=rel["setup"],
                per_iteration_s=per_it.tolist(), per_iteration_cpu_s=rel["per_iteration_cpu"],
                wall_s=rel["wall"] + (iterations - measured) * float(per_it.mean()),
                cpu_s=rel["cpu"] + (iterations - measured) * float(np.mean(rel["per_iteration_cpu"])),

@@ -164,7 +164,8 @@ def relion_class3d(
     offset_range_px: float = 5.0,
     executable: str = "relion_refine",
 ) -> dict:
-    """Run ``relion_refine`` (or ``executable``, e.g. a build with the vectorised CPU code) 3D classification (``--K``) in ``workdir`` and time each iteration.
+    """Run ``relion_refine`` 3D classification (``--K``) in ``workdir`` and time each iteration;
+    ``executable``: another ``relion_refine``, e.g. a build with RELION's vectorised CPU code.
 
     HEALPix order 2 (15 deg; 7.5 deg after oversampling 1), offsets up to ``offset_range_px``
     (RELION's default 5) by 1 px, tau2_fudge 4 (RELION's Class3D habit), CTF, references taken
