@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_TEMPERATURES = np.geomspace(0.5, 8.0, 97)  # the range searched, 1/32 of an octave apart
+_TEMPERATURES = np.geomspace(0.5, 8.0, 97)  # the range searched, 1/24 of an octave apart
 
 
 def tempered(posterior: np.ndarray, temperature: float) -> np.ndarray:
