@@ -117,6 +117,30 @@ def test_project_band_blocks_equal_one_pass(monkeypatch):
     )
 
 
+def test_projection_cache_rows_are_the_projections_of_their_ids():
+    """The local stages' projection cache, looked up with overlapping id sets that make its
+    tables grow (and with -1 entries), returns for each id the row holding that rotation's
+    projection: the same values as projecting it directly."""
+    from hetero_dask.core.search import _ProjectionCache
+
+    fmaps = [prepare_fourier_map(_blobs(24, s), r_max=8) for s in (0, 1)]
+    band = alignment_band(24, 8)
+    m = band.size_at(6)
+    cache = _ProjectionCache(fmaps, 3, band, m, np)
+    rng = np.random.default_rng(0)
+    n_rot = grids.n_rotations(3)
+    for size in (3, 40, 7, 300, 300):
+        for k in (0, 1):
+            ids = rng.integers(0, n_rot, size=(size // 3 + 1, 3))
+            ids[0, 0] = -1
+            p_ri, p_pow, pos = cache.lookup(k, ids)
+            rows = pos[ids >= 0]
+            want = class_projections(fmaps[k], grids.matrices_for(3, ids[ids >= 0]), band, m)
+            np.testing.assert_array_equal(p_ri[rows], want.p_ri)
+            np.testing.assert_array_equal(p_pow[rows], want.p_pow)
+            assert len(np.unique(cache.ids[k])) == cache.ids[k].size == p_ri.shape[0]
+
+
 def _brute_force(prep, projs_c, shifts, sigma2, prior):
     """Explicit loops in float64 over classes, rotations and shifts; returns posteriors (B, K, R, T)."""
     band = prep.band

@@ -52,7 +52,6 @@ from .scoring import (
     project_band,
     score_dense,
     score_local,
-    stack_ri,
     weighted_terms,
 )
 
@@ -200,13 +199,18 @@ class _ProjectionCache:
     """Projections of grid rotations (one order, one band prefix) per class, grown on demand.
 
     Children and the climb's neighbour sets overlap heavily; each rotation is
-    projected once per class and stage.
+    projected once per class and stage. New projections are written straight into
+    tables whose capacity doubles when full, in the layout the products read (real
+    parts, imaginary parts; and the power): rebuilding the tables on every lookup
+    copied them once per call, and stacking each new block through temporaries
+    cost as much again as projecting it.
     """
 
     def __init__(self, fmaps, order: int, band, m: int, xp):
         self.fmaps, self.order, self.band, self.m, self.xp = fmaps, order, band, m, xp
         self.ids = [np.empty(0, dtype=np.int64) for _ in fmaps]
-        self.table = [None for _ in fmaps]
+        self.ri = [xp.empty((0, 2 * m), dtype=xp.float32) for _ in fmaps]
+        self.pow = [xp.empty((0, m), dtype=xp.float32) for _ in fmaps]
 
     def lookup(self, k: int, ids):
         """Class ``k``'s tables ``(U, 2M)`` stacked real/imag and ``(U, M)`` power, and the row
@@ -215,20 +219,29 @@ class _ProjectionCache:
         ids_h = to_host(ids)
         ids_h = np.where(ids_h >= 0, ids_h, ids_h.max(initial=0))
         new = np.setdiff1d(np.unique(ids_h), self.ids[k], assume_unique=True)
+        n0 = self.ids[k].size
         if new.size:
+            n1 = n0 + new.size
+            if n1 > self.ri[k].shape[0]:
+                self._grow(k, max(n1, 2 * self.ri[k].shape[0]))
             rots = xp.asarray(pose_grids.matrices_for(self.order, new))
             P = project_band(self.fmaps[k], rots, self.band.kx[: self.m], self.band.ky[: self.m])
-            add = (stack_ri(P), (P.real**2 + P.imag**2).astype(xp.float32))
-            old = self.table[k]
-            self.table[k] = (
-                add
-                if old is None
-                else tuple(xp.concatenate([a, b]) for a, b in zip(old, add, strict=True))
-            )
+            self.ri[k][n0:n1, : self.m] = P.real
+            self.ri[k][n0:n1, self.m :] = P.imag
+            self.pow[k][n0:n1] = P.real**2 + P.imag**2
             self.ids[k] = np.concatenate([self.ids[k], new])
+        n = self.ids[k].size
         srt = np.argsort(self.ids[k], kind="stable")
         pos = srt[np.searchsorted(self.ids[k], ids_h, sorter=srt)]
-        return self.table[k][0], self.table[k][1], xp.asarray(pos)
+        # Views of the filled rows: later lookups only write rows past them, or into new tables.
+        return self.ri[k][:n], self.pow[k][:n], xp.asarray(pos)
+
+    def _grow(self, k: int, capacity: int) -> None:
+        xp, n = self.xp, self.ids[k].size
+        for tables in (self.ri, self.pow):
+            bigger = xp.empty((capacity, tables[k].shape[1]), dtype=xp.float32)
+            bigger[:n] = tables[k][:n]
+            tables[k] = bigger
 
 
 @lru_cache(maxsize=4)
