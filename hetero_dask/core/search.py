@@ -202,8 +202,8 @@ class _ProjectionCache:
     projected once per class and stage. New projections are written straight into
     tables whose capacity doubles when full, in the layout the products read (real
     parts, imaginary parts; and the power): rebuilding the tables on every lookup
-    copied them once per call, and stacking each new block through temporaries
-    cost as much again as projecting it.
+    copied them once per call, and stacking each new block went through two
+    temporaries.
     """
 
     def __init__(self, fmaps, order: int, band, m: int, xp):
