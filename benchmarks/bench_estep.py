@@ -126,29 +126,21 @@ def late_stage(B: int, K: int, repeat: int) -> None:
     """Print section (3): one E-step at the refine job's late-iteration sampling."""
     from hetero_dask.jobs.refine.images import image_mask_radius_px, likelihood_temperature
     from hetero_dask.jobs.refine.params import RefineParams
-    from hetero_dask.jobs.refine.schedule import radii, search_params
+    from hetero_dask.jobs.refine.schedule import default_shift_range_px, radii, search_params
 
     n, psize = 64, 1.5
     r = radii(np.full(K, 8.3), n, psize, RefineParams().backproject_factor)
-    shift_range = max(2.0, round(n / 16))  # the job's default
     mask_px = image_mask_radius_px(None, n, psize)
-    params = search_params(r, 50, RefineParams(), shift_range, likelihood_temperature(n, mask_px), converged=True)
+    params = search_params(r, 50, RefineParams(), default_shift_range_px(n), likelihood_temperature(n, mask_px), converged=True)
     volumes = moving_domain_phantoms(n, psize, K)
     sim = simulate(volumes, psize, -(-B // K), 0.05, seed=0, shift_range_px=3)
-    band = alignment_band(n, r.align)
-    fmaps = [prepare_fourier_map(v, r_max=r.align + 1) for v in volumes]
-    prep = prepare_particles(sim.images, sim.ctf, psize, band, mask_radius_px=mask_px, normalize=False)
-    sigma2 = sigma2_from_residuals(prep.y, band.shell, int(r.align) + 2)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        res = estep(prep, fmaps, sigma2, params)
-        times.append(time.perf_counter() - t0)
+    runs = [run_ours(sim, volumes, psize, r.align, mask_px, params=params) for _ in range(repeat)]
+    times, res = [t for t, _ in runs], runs[-1][1]
     dt = float(np.median(times))
     print(
         f"(3) late-iteration E-step, K={K}, box {n}, alignment radius {r.align:.1f}, HEALPix order "
         f"{params.order_coarse} dense -> {params.order_final} local, {params.max_poses} poses per class: "
-        f"{prep.y.shape[0]} particles, median of {repeat} passes {dt:.2f} s ({prep.y.shape[0] / dt:.1f} "
+        f"{sim.images.shape[0]} particles, median of {repeat} passes {dt:.2f} s ({sim.images.shape[0] / dt:.1f} "
         f"particles/s; passes {', '.join(f'{t:.2f}' for t in times)} s), "
         f"{int(np.median(res.n_poses_evaluated))} poses evaluated per particle"
     )
@@ -177,12 +169,14 @@ def relion_coarse_radius(n: int, psize_A: float, diameter_A: float, radius: floa
     return float(min(radius, round(1.2 * n * psize_A / rotated_distance)))
 
 
-def run_ours(sim, volumes, psize_A: float, radius: float, mask_radius_px: float, r_coarse=None):
-    """Image preparation + E-step on the simulated images; returns (seconds, EStepResult)."""
+def run_ours(sim, volumes, psize_A: float, radius: float, mask_radius_px: float, r_coarse=None,
+             params: SearchParams | None = None):
+    """Image preparation + E-step on the simulated images; returns (seconds, EStepResult).
+    ``params``: the search (default: RELION's sampling of section (2))."""
     n = sim.box
     band = alignment_band(n, radius)
     fmaps = [prepare_fourier_map(v, r_max=radius + 1) for v in volumes]
-    params = SearchParams(
+    params = params or SearchParams(
         radius_final=radius,
         radius_coarse=r_coarse,
         order_coarse=2,

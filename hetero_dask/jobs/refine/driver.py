@@ -38,6 +38,7 @@ from .results import batch_rows, init_results, partitions
 from .schedule import (
     Step,
     class_change,
+    default_shift_range_px,
     em_converged,
     next_step,
     radii,
@@ -165,7 +166,7 @@ def _open_run(plan: RefinePlan, client, progress: bool | None, cache_dir, image_
         params=p, client=client, store=store, run_dir=run_dir, box=box, psize_A=psize, n_classes=K,
         mask=mask_for(p, box, psize), mask_radius_px=mask_radius_px,
         mask_T=likelihood_temperature(box, mask_radius_px), symmetry_ops=None if len(ops) == 1 else ops,
-        shift_range_px=p.shift_range_px if p.shift_range_px is not None else max(2.0, round(box / 16)),
+        shift_range_px=p.shift_range_px if p.shift_range_px is not None else default_shift_range_px(box),
         split_file=split_file,
         results_path=init_results(run_dir / "results.zarr", store.n, K, plan.output.action == "resume"),
         assignment_file=run_dir / "assignment.npy",

@@ -62,6 +62,11 @@ def radii(resolution_A: np.ndarray, box: int, psize_A: float, backproject_factor
     return Radii(r_align, r_bp, max(r_align, r_bp))
 
 
+def default_shift_range_px(box: int) -> float:
+    """The translation search's range (pixels at the refinement box) when none is given."""
+    return max(2.0, round(box / 16))
+
+
 def search_params(r: Radii, it: int, p: RefineParams, shift_range_px: float, mask_T: float,
                   converged: bool) -> SearchParams:
     """The coarse-to-fine pose search of iteration ``it`` at radii ``r``; the likelihood's
