@@ -133,11 +133,10 @@ def test_projection_cache_rows_are_the_projections_of_their_ids():
         for k in (0, 1):
             ids = rng.integers(0, n_rot, size=(size // 3 + 1, 3))
             ids[0, 0] = -1
-            p_ri, p_pow, pos = cache.lookup(k, ids)
+            p_ri, pos = cache.lookup(k, ids)
             rows = pos[ids >= 0]
             want = class_projections(fmaps[k], grids.matrices_for(3, ids[ids >= 0]), band, m)
             np.testing.assert_array_equal(p_ri[rows], want.p_ri)
-            np.testing.assert_array_equal(p_pow[rows], want.p_pow)
             assert len(np.unique(cache.ids[k])) == cache.ids[k].size == p_ri.shape[0]
 
 

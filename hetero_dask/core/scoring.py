@@ -464,12 +464,12 @@ def _reduce_tile(S, L, r0: int, sums, top, keep: int, xp):
 
 
 def score_local(
-    xc, cc, band: Band, cand_proj_ri, cand_pow, valid, centers_px, offsets_px, precision="float32"
+    xc, cc, band: Band, cand_proj_ri, valid, centers_px, offsets_px, precision="float32"
 ) -> tuple:
     """Scores of per-particle candidate groups, each group with its own trial shifts.
 
-    ``cand_proj_ri`` (B, G, J, 2M) and ``cand_pow`` (B, G, J, M): projections of each
-    particle's G groups of J candidate rotations (one class); ``valid`` (B, G, J) bool;
+    ``cand_proj_ri`` (B, G, J, 2M): projections (stacked real/imag) of each particle's G
+    groups of J candidate rotations (one class); ``valid`` (B, G, J) bool;
     group g tries the shifts ``centers_px[b, g] + offsets_px`` (centres (B, G, 2),
     offsets (T, 2)): the phase ramp factorises, ``ramp(c + o) = ramp(c) ramp(o)``, so
     only (B, G) + (T) ramps are evaluated. One batched product ``(T, 2M) @ (2M, J)`` per
@@ -488,7 +488,8 @@ def score_local(
     x_ri[..., :m] = x.real
     x_ri[..., m:] = x.imag
     S = scoring_matmul(x_ri, cand_proj_ri.swapaxes(-1, -2), precision)  # (B, G, T, J)
-    S -= xp.einsum("bm,bgjm->bgj", cc, cand_pow)[:, :, None, :]
+    power = cand_proj_ri[..., :m] ** 2 + cand_proj_ri[..., m:] ** 2  # |P|^2 (B, G, J, M)
+    S -= xp.einsum("bm,bgjm->bgj", cc, power)[:, :, None, :]
     L, best_t = _reduce_shifts(S.reshape(B * G, T, J), xp)
     L = xp.where(valid, L.reshape(B, G, J), -np.inf).astype(xp.float32)
     return L, best_t.reshape(B, G, J)

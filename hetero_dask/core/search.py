@@ -201,20 +201,20 @@ class _ProjectionCache:
     Children and the climb's neighbour sets overlap heavily; each rotation is
     projected once per class and stage. New projections are written straight into
     tables whose capacity doubles when full, in the layout the products read (real
-    parts, imaginary parts; and the power): rebuilding the tables on every lookup
-    copied them once per call, and stacking each new block went through two
-    temporaries.
+    parts, imaginary parts): rebuilding the tables on every lookup copied them once
+    per call, and stacking each new block went through two temporaries. The power
+    ``|P|^2`` is not kept: the scoring squares the rows it gathers, and a table of it
+    would be a third more memory, the largest part of a late E-step's.
     """
 
     def __init__(self, fmaps, order: int, band, m: int, xp):
         self.fmaps, self.order, self.band, self.m, self.xp = fmaps, order, band, m, xp
         self.ids = [np.empty(0, dtype=np.int64) for _ in fmaps]
         self.ri = [xp.empty((0, 2 * m), dtype=xp.float32) for _ in fmaps]
-        self.pow = [xp.empty((0, m), dtype=xp.float32) for _ in fmaps]
 
     def lookup(self, k: int, ids):
-        """Class ``k``'s tables ``(U, 2M)`` stacked real/imag and ``(U, M)`` power, and the row
-        (ids' shape) of each id (-1: any row)."""
+        """Class ``k``'s table ``(U, 2M)`` of projections stacked real/imag, and the row (ids'
+        shape) of each id (-1: any row)."""
         xp = self.xp
         ids_h = to_host(ids)
         ids_h = np.where(ids_h >= 0, ids_h, ids_h.max(initial=0))
@@ -228,20 +228,18 @@ class _ProjectionCache:
             P = project_band(self.fmaps[k], rots, self.band.kx[: self.m], self.band.ky[: self.m])
             self.ri[k][n0:n1, : self.m] = P.real
             self.ri[k][n0:n1, self.m :] = P.imag
-            self.pow[k][n0:n1] = P.real**2 + P.imag**2
             self.ids[k] = np.concatenate([self.ids[k], new])
         n = self.ids[k].size
         srt = np.argsort(self.ids[k], kind="stable")
         pos = srt[np.searchsorted(self.ids[k], ids_h, sorter=srt)]
         # Views of the filled rows: later lookups only write rows past them, or into new tables.
-        return self.ri[k][:n], self.pow[k][:n], xp.asarray(pos)
+        return self.ri[k][:n], xp.asarray(pos)
 
     def _grow(self, k: int, capacity: int) -> None:
-        xp, n = self.xp, self.ids[k].size
-        for tables in (self.ri, self.pow):
-            bigger = xp.empty((capacity, tables[k].shape[1]), dtype=xp.float32)
-            bigger[:n] = tables[k][:n]
-            tables[k] = bigger
+        n = self.ids[k].size
+        bigger = self.xp.empty((capacity, self.ri[k].shape[1]), dtype=self.xp.float32)
+        bigger[:n] = self.ri[k][:n]
+        self.ri[k] = bigger
 
 
 @lru_cache(maxsize=4)
@@ -283,7 +281,7 @@ def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, centers, offsets, 
         rows = xp.flatnonzero((ids[:, k] >= 0).any(axis=(1, 2)))  # particles with candidates
         if rows.size == 0:
             continue
-        p_ri, p_pow, index = cache.lookup(k, ids[rows, k])
+        p_ri, index = cache.lookup(k, ids[rows, k])
         chunk = _local_chunk(params.particle_chunk, G, max(J, offsets.shape[0]), p_ri.shape[1], xp)
         for c0 in range(0, rows.size, chunk):
             r = rows[c0 : c0 + chunk]
@@ -293,7 +291,6 @@ def _score_groups(cache: _ProjectionCache, band, xc, cc, ids, centers, offsets, 
                 cc[r],
                 band,
                 p_ri[i],
-                p_pow[i],
                 ids[r, k] >= 0,
                 centers[r, k],
                 offsets,
