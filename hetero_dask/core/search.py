@@ -204,7 +204,7 @@ class _ProjectionCache:
     parts, imaginary parts): rebuilding the tables on every lookup copied them once
     per call, and stacking each new block went through two temporaries. The power
     ``|P|^2`` is not kept: the scoring squares the rows it gathers, and a table of it
-    would be a third more memory, the largest part of a late E-step's.
+    would make the cache, a late E-step's largest allocation, half as large again.
     """
 
     def __init__(self, fmaps, order: int, band, m: int, xp):
