@@ -200,9 +200,12 @@ class _ProjectionCache:
 
     Children and the climb's neighbour sets overlap heavily; each rotation is
     projected once per class and stage. New projections are written straight into
-    tables whose capacity doubles when full, in the layout the products read (real
-    parts, imaginary parts): rebuilding the tables on every lookup copied them once
-    per call, and stacking each new block went through two temporaries. The power
+    tables in the layout the products read (real parts, imaginary parts): rebuilding
+    the tables on every lookup copied them once per call, and stacking each new block
+    went through two temporaries. A stage's first lookup (the children of every
+    particle's poses) brings nearly all its rotations and the climb's later ones a few
+    percent more, so a table is made a quarter larger than it must hold: doubling it
+    for those few would copy it and have the kernel zero twice its size. The power
     ``|P|^2`` is not kept: the scoring squares the rows it gathers, and a table of it
     would make the cache, a late E-step's largest allocation, half as large again.
     """
@@ -223,7 +226,7 @@ class _ProjectionCache:
         if new.size:
             n1 = n0 + new.size
             if n1 > self.ri[k].shape[0]:
-                self._grow(k, max(n1, 2 * self.ri[k].shape[0]))
+                self._grow(k, max(n1 + n1 // 4, (3 * self.ri[k].shape[0]) // 2))
             rots = xp.asarray(pose_grids.matrices_for(self.order, new))
             P = project_band(self.fmaps[k], rots, self.band.kx[: self.m], self.band.ky[: self.m])
             self.ri[k][n0:n1, : self.m] = P.real
