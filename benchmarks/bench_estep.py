@@ -128,10 +128,10 @@ def late_stage(B: int, K: int, repeat: int) -> None:
     from hetero_dask.jobs.refine.params import RefineParams
     from hetero_dask.jobs.refine.schedule import default_shift_range_px, radii, search_params
 
-    n, psize = 64, 1.5
-    r = radii(np.full(K, 8.3), n, psize, RefineParams().backproject_factor)
+    n, psize, defaults = 64, 1.5, RefineParams()
+    r = radii(np.full(K, 8.3), n, psize, defaults.backproject_factor)
     mask_px = image_mask_radius_px(None, n, psize)
-    params = search_params(r, 50, RefineParams(), default_shift_range_px(n), likelihood_temperature(n, mask_px), converged=True)
+    params = search_params(r, 50, defaults, default_shift_range_px(n), likelihood_temperature(n, mask_px), converged=True)
     volumes = moving_domain_phantoms(n, psize, K)
     sim = simulate(volumes, psize, -(-B // K), 0.05, seed=0, shift_range_px=3)
     runs = [run_ours(sim, volumes, psize, r.align, mask_px, params=params) for _ in range(repeat)]
