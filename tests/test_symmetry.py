@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from hetero_dask.core import pose_grids
+from hetero_dask.core.fourier import ifft2c
+from hetero_dask.core.noise import sigma2_from_residuals
 from hetero_dask.core.projector import prepare_fourier_map, project_images
 from hetero_dask.core.rotations import euler_to_matrix
+from hetero_dask.core.scoring import alignment_band, prepare_particles
+from hetero_dask.core.search import SearchParams, coarse_rotation_ids, estep
 from hetero_dask.core.symmetry import (
+    asymmetric_unit,
     close_group,
     expand_poses,
     pose_error_modulo_symmetry,
@@ -147,6 +153,67 @@ def test_symmetric_volume_projects_equal_at_g_times_R():
     for g in range(1, len(ops)):
         assert _corr(ref, left[g]) > 0.999
     assert max(_corr(ref, right[g]) for g in range(1, len(ops))) < 0.9
+
+
+@pytest.mark.parametrize("name", ["C2", "C3", "D7", "O", "I"])
+def test_asymmetric_unit_holds_one_pose_of_each_set_of_mates(name):
+    """Of the |G| poses g @ R that give one image, exactly one is in the unit; the unit
+    holds about 1/|G| of a uniform grid."""
+    ops = symmetry_group(name)
+    R = Rotation.random(400, random_state=1).as_matrix()
+    inside = np.stack([asymmetric_unit(expand_poses(R, ops)[:, g], ops) for g in range(len(ops))], axis=1)
+    assert np.all(inside.sum(axis=1) == 1)
+    grid = pose_grids.so3_grid(3).matrices
+    share = asymmetric_unit(grid, ops).mean() * len(ops)
+    assert abs(share - 1) < 0.1  # the cell's edge cuts the grid: 0.98-1.06 at order 3
+    assert coarse_rotation_ids(3, name, "cryosparc").size == asymmetric_unit(grid, ops).sum()
+    assert coarse_rotation_ids(3, "C1", "cryosparc") is None
+
+
+def _mates_among(rotations, ops, within_deg):
+    """Number of (ordered) pairs of ``rotations`` (P, 3, 3) that are symmetry mates of each
+    other (not the same pose) to ``within_deg``."""
+    R = np.asarray(rotations, np.float64)
+    n = 0
+    for i in range(len(R)):
+        same = np.degrees(pose_error_modulo_symmetry(R, np.repeat(R[i : i + 1], len(R), 0), ops[:1]))
+        mate = np.degrees(pose_error_modulo_symmetry(R, np.repeat(R[i : i + 1], len(R), 0), ops[1:]))
+        n += int(np.sum((mate < within_deg) & (same > within_deg)))
+    return n
+
+
+def test_symmetric_search_keeps_distinct_poses_and_finds_the_pose():
+    """With the maps' symmetry the E-step's dense stage scores one asymmetric unit: the poses it
+    keeps are not mates of each other (over the whole grid many are), it scores fewer poses, and
+    it finds each particle's pose (modulo the symmetry) as well as the whole-grid search."""
+    ops = symmetry_group("C3")
+    vol = _symmetric_volume(ops, n=32, sigma=1.5, seed=3)
+    fmap = prepare_fourier_map(vol)
+    R_true = Rotation.random(12, random_state=5).as_matrix().astype(np.float32)
+    clean = ifft2c(project_images(fmap, R_true)).real.astype(np.float32)
+    rng = np.random.default_rng(0)
+    sd = 0.5 * clean.std()
+    imgs = clean + rng.normal(0, sd, clean.shape).astype(np.float32)
+    band = alignment_band(32, 12)
+    prep = prepare_particles(imgs, None, 4.0, band, normalize=False)
+    noise = prepare_particles(rng.normal(0, sd, clean.shape).astype(np.float32), None, 4.0, band, normalize=False)
+    sigma2 = sigma2_from_residuals(noise.y, band.shell, 14)
+    fmaps = [prepare_fourier_map(vol, r_max=13)]
+    found = {}
+    for sym in ("C1", "C3"):
+        params = SearchParams(radius_final=12, order_coarse=2, order_final=3, max_poses=12, n_out_poses=12,
+                              shift_range_px=0, symmetry=sym)
+        res = estep(prep, fmaps, sigma2, params)
+        err = np.degrees(pose_error_modulo_symmetry(res.rotation[:, 0], R_true, ops))
+        mates = sum(_mates_among(pose_grids.matrices_for(3, ids[ids >= 0]), ops, 3.0)
+                    for ids in res.pose_ids[:, 0])
+        found[sym] = (np.median(err), mates, res.n_poses_evaluated.mean())
+    assert found["C3"][0] < pose_grids.angular_step_deg(3)
+    assert found["C3"][0] <= found["C1"][0] + 1.0
+    # A few mates remain where the unit's two edges meet one particle's poses (C3 is not closed on
+    # the grid); over the whole grid most poses a particle keeps come with a mate.
+    assert found["C3"][1] <= found["C1"][1] / 4
+    assert found["C3"][2] < 0.6 * found["C1"][2]
 
 
 def _relion_ops(name):

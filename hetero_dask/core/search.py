@@ -54,6 +54,7 @@ from .scoring import (
     score_local,
     weighted_terms,
 )
+from .symmetry import asymmetric_unit, symmetry_group
 
 
 @dataclass
@@ -72,6 +73,10 @@ class SearchParams:
     blocks scored concurrently, each with single-threaded BLAS (None:
     :func:`.scoring.cpu_threads`); numpy's element-wise passes (the log-sum-exps,
     a third of the dense stage) are single-threaded, so this beats threaded BLAS alone.
+    ``symmetry`` / ``symmetry_convention``: the maps' point group
+    (:func:`.symmetry.symmetry_group`); the dense stage then scores one asymmetric unit of its
+    grid, so the ``max_poses`` it keeps are distinct poses, not mates of each other (the finer
+    stages may step out of the unit: any mate is the same pose).
     """
 
     radius_final: float
@@ -93,6 +98,8 @@ class SearchParams:
     climb_neighbours: int = 64
     precision: str = "float32"
     threads: int | None = None
+    symmetry: str = "C1"
+    symmetry_convention: str = "cryosparc"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -165,10 +172,23 @@ def _logsumexp(a, xp, axis):
     return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
+@lru_cache(maxsize=8)
+def coarse_rotation_ids(order: int, symmetry: str, convention: str):
+    """The grid ids the dense stage scores: one asymmetric unit of the grid at ``order`` under
+    ``symmetry`` (:func:`.symmetry.asymmetric_unit`), or None for the whole grid (C1)."""
+    ops = symmetry_group(symmetry, convention)
+    if len(ops) == 1:
+        return None
+    return np.flatnonzero(asymmetric_unit(pose_grids.so3_grid(order).matrices, ops))
+
+
 def _dense_projections(band, fmaps, params: SearchParams, xp):
-    """Every class's projections for the coarse grid, shared by all particles of a task."""
+    """Every class's projections for the coarse grid (one asymmetric unit of it), shared by all
+    particles of a task."""
     m = band.size_at(params.radius_at(0))
-    rots = xp.asarray(pose_grids.so3_grid(params.order_coarse).matrices)
+    rots = pose_grids.so3_grid(params.order_coarse).matrices
+    ids = coarse_rotation_ids(params.order_coarse, params.symmetry, params.symmetry_convention)
+    rots = xp.asarray(rots if ids is None else rots[ids])
     return [class_projections(f, rots, band, m) for f in fmaps]
 
 
@@ -184,8 +204,12 @@ def _dense_stage(prep, sigma2, params: SearchParams, xp, projs) -> tuple[_Stage,
     top: TopPoses = score_dense(
         xc, cc, band, projs, shifts, params.max_poses, params.max_tile_bytes, params.precision
     )
+    ids = coarse_rotation_ids(params.order_coarse, params.symmetry, params.symmetry_convention)
+    rot = top.rot
+    if ids is not None:  # rows of the asymmetric unit -> grid ids
+        rot = xp.where(rot >= 0, xp.asarray(ids)[xp.maximum(rot, 0)], -1)
     stage = _Stage(
-        ids=top.rot,
+        ids=rot,
         logw=top.logw,
         shift=shifts[top.shift_idx],
         class_lse=top.class_lse,

@@ -141,6 +141,32 @@ def pose_error_modulo_symmetry(R_est, R_true, ops):
     return xp.arccos(xp.clip((best - 1.0) / 2.0, -1.0, 1.0))
 
 
+# A direction on no symmetry axis of any group above (and of no convention's), so that only the
+# grid directions that lie on an axis tie with their own images in :func:`asymmetric_unit`.
+_UNIT_CENTRE = np.array([0.1234, 0.3456, 0.9301]) / np.linalg.norm([0.1234, 0.3456, 0.9301])
+
+
+def asymmetric_unit(R, ops):
+    """Which of the poses ``R`` ``(P, 3, 3)`` (CryoSPARC matrices) lie in one asymmetric unit of
+    SO(3) under ``ops`` ``(G, 3, 3)``: a bool ``(P,)``.
+
+    For a map with the symmetry, ``R`` and every ``g @ R`` give the same image, and ``g`` turns
+    the viewing direction ``R[:, 2]`` by ``g``. A pose is kept when its viewing direction is at
+    least as close to a fixed generic direction as any of its images (the Dirichlet cell of that
+    direction on the sphere, every in-plane angle): one pose of each set of mates, both where a
+    direction lies on a symmetry axis and so ties with its own image. A pose search over a whole
+    grid instead finds every pose |G| times, so that the poses it keeps per class are mostly
+    mates of each other.
+    """
+    xp = xp_of(R, ops)
+    R = xp.asarray(R, dtype=xp.float64)
+    g = xp.asarray(ops, dtype=xp.float64)
+    # c . (g d) = (g^T c) . d for every pose's direction d and every op g.
+    c = xp.asarray(_UNIT_CENTRE)
+    images = xp.einsum("gji,j->gi", g, c)
+    return R[:, :, 2] @ c >= (R[:, :, 2] @ images.T).max(axis=1) - 1e-9
+
+
 def expand_poses(R, ops):
     """Symmetry expansion: ``(P, 3, 3)`` poses -> ``(P, G, 3, 3)`` poses ``g @ R``.
 

@@ -77,7 +77,7 @@ def search_params(r: Radii, it: int, p: RefineParams, shift_range_px: float, mas
         order_coarse=order_c, order_final=order_f, max_poses=p.search_max_poses,
         n_out_poses=p.backproject_poses, out_mass=p.backproject_mass, shift_range_px=shift_range_px, shift_step_px=max(1.0, shift_range_px / 2.5),
         sigma2_scale=mask_T * sigma_scale(it, p, converged) ** 2,
-        hard=p.force_hard_classification,
+        hard=p.force_hard_classification, symmetry=p.symmetry, symmetry_convention=p.symmetry_convention,
     )
 
 
