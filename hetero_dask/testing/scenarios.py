@@ -439,8 +439,9 @@ def half_sets(data: Dataset) -> np.ndarray:
 
 
 def oracle_maps(data: Dataset, workdir: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """Half maps of every state from the TRUE states and poses, by ``relion_reconstruct --ctf``:
-    ``(maps (S, 2, n, n, n), fsc (S, n // 2 + 1))`` (pure-noise images left out)."""
+    """Half maps of every state from the TRUE states and poses, by ``relion_reconstruct --ctf``
+    with the scenario's symmetry (RELION's axes, ours for C_n): ``(maps (S, 2, n, n, n), fsc
+    (S, n // 2 + 1))`` (pure-noise images left out)."""
     import starfile  # noqa: PLC0415
 
     from hetero_dask.core.fsc import fsc  # noqa: PLC0415
@@ -459,7 +460,7 @@ def oracle_maps(data: Dataset, workdir: Path | str) -> tuple[np.ndarray, np.ndar
                            overwrite=True)
             out = workdir / f"state{s}_half{h}.mrc"
             run(["relion_reconstruct", "--i", str(star), "--o", str(out), "--angpix",
-                 str(data.scenario.psize_A), "--ctf"], cwd=data.folder)
+                 str(data.scenario.psize_A), "--ctf", "--sym", data.scenario.symmetry], cwd=data.folder)
             pair.append(read_mrc(out))
         maps.append(pair)
         curves.append(np.asarray(fsc(pair[0], pair[1])))
@@ -553,7 +554,7 @@ def _estep_against_other_half(data: Dataset, parts, images: np.ndarray, idx: np.
     frac = np.array([s.fraction for s in sc.states])
     prior = frac / frac.sum()
     search = SearchParams(radius_final=r, radius_coarse=min(r, 12.0), order_coarse=2, order_final=order_final,
-                          shift_range_px=sc.shift_range_px + 1, shift_step_px=1.0)
+                          shift_range_px=sc.shift_range_px + 1, shift_step_px=1.0, symmetry=sc.symmetry)
     pred = np.full(len(images), -1)
     post = np.zeros((len(images), sc.n_classes), np.float32)
     for h in (0, 1):
