@@ -166,8 +166,21 @@ def test_asymmetric_unit_holds_one_pose_of_each_set_of_mates(name):
     grid = pose_grids.so3_grid(3).matrices
     share = asymmetric_unit(grid, ops).mean() * len(ops)
     assert abs(share - 1) < 0.1  # the cell's edge cuts the grid: 0.98-1.06 at order 3
-    assert coarse_rotation_ids(3, name, "cryosparc").size == asymmetric_unit(grid, ops).sum()
-    assert coarse_rotation_ids(3, "C1", "cryosparc") is None
+
+
+@pytest.mark.parametrize("convention", ["cryosparc", "relion"])
+def test_dense_stage_keeps_one_unit_only_where_the_grid_holds_every_mate(convention):
+    """C2, C4, D2, D4 map the HEALPix grid onto itself (each grid pose's mates are grid poses):
+    the dense stage scores one unit. Under C3, D3, T, O, I the mates fall between grid poses and
+    the whole grid is kept, as without symmetry."""
+    grid = pose_grids.so3_grid(2).matrices
+    for name in ("C2", "C4", "D2", "D4"):
+        ops = symmetry_group(name, convention)
+        ids = coarse_rotation_ids(2, name, convention)
+        assert np.array_equal(ids, np.flatnonzero(asymmetric_unit(grid, ops)))
+        assert ids.size == len(grid) // len(ops)
+    for name in ("C1", "C3", "D3", "T", "O", "I"):
+        assert coarse_rotation_ids(2, name, convention) is None
 
 
 def _mates_among(rotations, ops, within_deg):
@@ -186,7 +199,7 @@ def test_symmetric_search_keeps_distinct_poses_and_finds_the_pose():
     """With the maps' symmetry the E-step's dense stage scores one asymmetric unit: the poses it
     keeps are not mates of each other (over the whole grid many are), it scores fewer poses, and
     it finds each particle's pose (modulo the symmetry) as well as the whole-grid search."""
-    ops = symmetry_group("C3")
+    ops = symmetry_group("C4")
     vol = _symmetric_volume(ops, n=32, sigma=1.5, seed=3)
     fmap = prepare_fourier_map(vol)
     R_true = Rotation.random(12, random_state=5).as_matrix().astype(np.float32)
@@ -200,7 +213,7 @@ def test_symmetric_search_keeps_distinct_poses_and_finds_the_pose():
     sigma2 = sigma2_from_residuals(noise.y, band.shell, 14)
     fmaps = [prepare_fourier_map(vol, r_max=13)]
     found = {}
-    for sym in ("C1", "C3"):
+    for sym in ("C1", "C4"):
         params = SearchParams(radius_final=12, order_coarse=2, order_final=3, max_poses=12, n_out_poses=12,
                               shift_range_px=0, symmetry=sym)
         res = estep(prep, fmaps, sigma2, params)
@@ -208,12 +221,12 @@ def test_symmetric_search_keeps_distinct_poses_and_finds_the_pose():
         mates = sum(_mates_among(pose_grids.matrices_for(3, ids[ids >= 0]), ops, 3.0)
                     for ids in res.pose_ids[:, 0])
         found[sym] = (np.median(err), mates, res.n_poses_evaluated.mean())
-    assert found["C3"][0] < pose_grids.angular_step_deg(3)
-    assert found["C3"][0] <= found["C1"][0] + 1.0
-    # A few mates remain where the unit's two edges meet one particle's poses (C3 is not closed on
-    # the grid); over the whole grid most poses a particle keeps come with a mate.
-    assert found["C3"][1] <= found["C1"][1] / 4
-    assert found["C3"][2] < 0.6 * found["C1"][2]
+    assert found["C4"][0] < pose_grids.angular_step_deg(3)
+    assert found["C4"][0] <= found["C1"][0] + 1.0
+    # Over the whole grid most poses a particle keeps come with a mate; the finer stage can step
+    # out of the unit, so a mate may still reach the list where a particle's poses meet its edge.
+    assert found["C4"][1] <= found["C1"][1] / 4
+    assert found["C4"][2] < 0.6 * found["C1"][2]
 
 
 def _relion_ops(name):

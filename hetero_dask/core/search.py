@@ -74,9 +74,10 @@ class SearchParams:
     :func:`.scoring.cpu_threads`); numpy's element-wise passes (the log-sum-exps,
     a third of the dense stage) are single-threaded, so this beats threaded BLAS alone.
     ``symmetry`` / ``symmetry_convention``: the maps' point group
-    (:func:`.symmetry.symmetry_group`); the dense stage then scores one asymmetric unit of its
-    grid, so the ``max_poses`` it keeps are distinct poses, not mates of each other (the finer
-    stages may step out of the unit: any mate is the same pose).
+    (:func:`.symmetry.symmetry_group`); where the group maps the grid onto itself the dense
+    stage scores one asymmetric unit of it (:func:`coarse_rotation_ids`), so the ``max_poses``
+    it keeps are distinct poses, not exact mates of each other (the finer stages may step out
+    of the unit: any mate is the same pose).
     """
 
     radius_final: float
@@ -175,11 +176,19 @@ def _logsumexp(a, xp, axis):
 @lru_cache(maxsize=8)
 def coarse_rotation_ids(order: int, symmetry: str, convention: str):
     """The grid ids the dense stage scores: one asymmetric unit of the grid at ``order`` under
-    ``symmetry`` (:func:`.symmetry.asymmetric_unit`), or None for the whole grid (C1)."""
+    ``symmetry`` (:func:`.symmetry.asymmetric_unit`) where the group maps the grid onto itself
+    (C2, C4, D2, D4: every mate of a grid pose is a grid pose that scores the same, so the whole
+    grid holds each pose |G| times), else None: the whole grid. Under the other groups (C3, D3,
+    T, O, I, ...) a pose's mates fall between grid poses and sample its neighbourhood more finely;
+    one unit would lose that (a test map with O symmetry aligned to 12.5 degrees instead of 8.8)."""
     ops = symmetry_group(symmetry, convention)
     if len(ops) == 1:
         return None
-    return np.flatnonzero(asymmetric_unit(pose_grids.so3_grid(order).matrices, ops))
+    grid = pose_grids.so3_grid(order).matrices.astype(np.float64)
+    mates = Rotation.from_matrix(np.einsum("gij,njk->gnik", ops[1:], grid).reshape(-1, 3, 3)).as_quat()
+    if _quaternion_tree(order).query(mates)[0].max() > 1e-6:
+        return None
+    return np.flatnonzero(asymmetric_unit(grid, ops))
 
 
 def _dense_projections(band, fmaps, params: SearchParams, xp):
