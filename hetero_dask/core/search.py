@@ -192,8 +192,8 @@ def coarse_rotation_ids(order: int, symmetry: str, convention: str):
 
 
 def _dense_projections(band, fmaps, params: SearchParams, xp):
-    """Every class's projections for the coarse grid (one asymmetric unit of it), shared by all
-    particles of a task."""
+    """Every class's projections for the coarse grid (one asymmetric unit of it where
+    :func:`coarse_rotation_ids` gives one), shared by all particles of a task."""
     m = band.size_at(params.radius_at(0))
     rots = pose_grids.so3_grid(params.order_coarse).matrices
     ids = coarse_rotation_ids(params.order_coarse, params.symmetry, params.symmetry_convention)
