@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box", type=int, default=d.refine_box,
                         help="refinement box (even, >= 16): the particles are Fourier-cropped or padded to it "
                              "(default: the particles' box, at most 128)")
-    parser.add_argument("--symmetry", default=d.symmetry, help="point group: C<n>, D<n>, T, O, I (default C1)")
+    parser.add_argument("--symmetry", default=d.symmetry,
+                        help="point group: C<n>, D<n>, T, O, I (default C1); under C2, C4, D2, D4 the pose search "
+                             "starts from one asymmetric unit of its grid")
     parser.add_argument("--symmetry-convention", choices=("cryosparc", "relion"), default=d.symmetry_convention,
                         help="D<n> 2-fold along y (cryosparc) or x (relion)")
     parser.add_argument("--hard", action="store_true", help="force hard classification")
