@@ -99,12 +99,15 @@ def run_relion(data: S.Dataset, work: Path, iterations: int, executable: str = "
     build = subprocess.run([executable, "--version"], capture_output=True, text=True).stdout.split()
     rel = relion_class3d(work, data.particles_star, data.references_star, sc.n_classes, iterations,
                          sc.particle_diameter_A, seed=data.seed, offset_range_px=math.ceil(sc.shift_range_px),
-                         extra_args=([] if sc.symmetry == "C1" else ["--sym", sc.symmetry]) + list(extra_args),
-                         executable=executable)
+                         extra_args=_relion_args(sc, extra_args), executable=executable)
     return dict(cmd=rel["cmd"], build=" ".join(build), measured_iterations=iterations, iterations=iterations,
                 setup_s=rel["setup"], per_iteration_s=rel["per_iteration"],
                 per_iteration_cpu_s=rel["per_iteration_cpu"], wall_s=rel["wall"], cpu_s=rel["cpu"],
                 extrapolated=False, **score_relion_iteration(data, Path(rel["data_star"])))
+
+
+def _relion_args(sc: S.Scenario, extra_args: tuple[str, ...]) -> list[str]:
+    return ([] if sc.symmetry == "C1" else ["--sym", sc.symmetry]) + list(extra_args)
 
 
 def run_relion_subsets(data: S.Dataset, work: Path, iterations: int, sizes: tuple[int, ...],
@@ -141,8 +144,7 @@ def run_relion_subsets(data: S.Dataset, work: Path, iterations: int, sizes: tupl
         starfile.write({block: ref_table}, run_dir / "references.star", overwrite=True)
         rel = relion_class3d(run_dir, run_dir / "particles.star", run_dir / "references.star", sc.n_classes, 1,
                              sc.particle_diameter_A, seed=data.seed, offset_range_px=math.ceil(sc.shift_range_px),
-                             extra_args=([] if sc.symmetry == "C1" else ["--sym", sc.symmetry]) + list(extra_args),
-                             executable=executable)
+                             extra_args=_relion_args(sc, extra_args), executable=executable)
         runs.append(dict(particles=len(take), cmd=rel["cmd"], setup_s=rel["setup"],
                          first_iteration_s=rel["per_iteration"][0], first_iteration_cpu_s=rel["per_iteration_cpu"][0]))
         print(f"  RELION subset of {len(take)}: set-up {rel['setup']:.0f} s, first iteration "
@@ -231,6 +233,7 @@ def run_case(name: str, seed: int, args) -> dict:
     elif args.relion:
         row["relion"] = run_relion(data, args.work / name / f"seed{seed}", args.relion_iter, args.relion_refine,
                                    tuple(args.relion_args.split()))
+    if args.relion:
         r = row["relion"]
         print(f"  RELION {r.get('accuracy', float('nan')):.3f} {r['wall_s']:.0f} s"
               f"{' (extrapolated)' if r['extrapolated'] else ''}", flush=True)
