@@ -10,7 +10,11 @@ which ships coordinates of public PDB entries and an adenylate kinase (AdK) traj
 * ``pr_1a28``: progesterone receptor ligand-binding domain, chain A of PDB 1A28
   (``1a28.pdb.gz``), an unrelated protein of about AdK's size (junk particles);
 * ``hiv_pr``: HIV-1 protease homodimer, PDB 1HVR (``1hvr.pdb``), a C2-symmetric particle,
-  turned so that its 2-fold axis is z.
+  turned so that its 2-fold axis is z;
+* ``hiv_pr_c3``: an ARTIFICIAL C3 trimer for a symmetry whose mates fall between the pose
+  grid's points: three copies of 1HVR's chain A, 120 degrees apart about z, each moved out
+  along x until the copies are 3.5 A apart (no such trimer exists in nature; the models the
+  package ships hold no real 3-fold).
 
 Only protein heavy atoms are kept. The AdK models are superposed on the CORE domain's
 C-alpha atoms (residues 1-29, 60-121, 160-214) and share one centre, as a consensus
@@ -144,6 +148,35 @@ def main() -> None:
     xyz = _xyz(pr)
     _set_xyz(pr, (xyz - xyz.mean(axis=0)) @ R.T)
     _write(pr, "hiv_pr", "HIV-1 protease dimer (PDB 1HVR), 2-fold axis along z, from MDAnalysisTests 1hvr.pdb")
+
+    _write(c3_trimer(_protein_heavy(gemmi.read_structure(str(Path(df.PSF).with_name("1hvr.pdb"))), chains={"A"})),
+           "hiv_pr_c3", "ARTIFICIAL C3 trimer of chain A of PDB 1HVR (HIV-1 protease), 3-fold axis along z, "
+           "from MDAnalysisTests 1hvr.pdb")
+
+
+def c3_trimer(monomer: gemmi.Structure, min_distance_A: float = 3.5) -> gemmi.Structure:
+    """Three copies of the one-chain ``monomer`` (chains A, B, C), 120 degrees apart about z, each
+    centred on x = r with the smallest r (0.5 A steps) that keeps copies ``min_distance_A`` apart."""
+    xyz = _xyz(monomer)
+    xyz = xyz - xyz.mean(axis=0)
+
+    def about_z(k: int) -> np.ndarray:
+        t = 2 * np.pi * k / 3
+        return np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+
+    for r in np.arange(0.0, 60.0, 0.5):
+        a = xyz + [r, 0.0, 0.0]
+        b = a @ about_z(1).T
+        if np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min() >= min_distance_A:
+            break
+    out = gemmi.Structure()
+    out.add_model(gemmi.Model("1"))
+    for name in "ABC":
+        chain = monomer[0][0].clone()
+        chain.name = name
+        out[0].add_chain(chain)
+    _set_xyz(out, np.concatenate([a @ about_z(k).T for k in range(3)]))
+    return out
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("symmetric", "HIV-1 protease dimer (C2) with and without its flaps (residues 43-58), "
              "refined with C2 symmetry",
              (State("hiv_pr", 0.5), State("hiv_pr", 0.5, drop_residues=(43, 58))), 800, symmetry="C2"),
+    Scenario("symmetric_c3", "an ARTIFICIAL C3 trimer of the HIV-1 protease monomer with and without its "
+             "flaps (residues 43-58), refined with C3 symmetry (its mates fall between the pose grid's points)",
+             (State("hiv_pr_c3", 0.5), State("hiv_pr_c3", 0.5, drop_residues=(43, 58))), 800, symmetry="C3"),
 ]}
 
 
