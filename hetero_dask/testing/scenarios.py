@@ -443,8 +443,8 @@ def half_sets(data: Dataset) -> np.ndarray:
 
 def oracle_maps(data: Dataset, workdir: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """Half maps of every state from the TRUE states and poses, by ``relion_reconstruct --ctf``
-    with the scenario's symmetry (RELION's axes, ours for C_n): ``(maps (S, 2, n, n, n), fsc
-    (S, n // 2 + 1))`` (pure-noise images left out)."""
+    with the scenario's symmetry (RELION's axes; the same as ours for C_n, D_n's 2-fold on x):
+    ``(maps (S, 2, n, n, n), fsc (S, n // 2 + 1))`` (pure-noise images left out)."""
     import starfile  # noqa: PLC0415
 
     from hetero_dask.core.fsc import fsc  # noqa: PLC0415
@@ -557,7 +557,8 @@ def _estep_against_other_half(data: Dataset, parts, images: np.ndarray, idx: np.
     frac = np.array([s.fraction for s in sc.states])
     prior = frac / frac.sum()
     search = SearchParams(radius_final=r, radius_coarse=min(r, 12.0), order_coarse=2, order_final=order_final,
-                          shift_range_px=sc.shift_range_px + 1, shift_step_px=1.0, symmetry=sc.symmetry)
+                          shift_range_px=sc.shift_range_px + 1, shift_step_px=1.0, symmetry=sc.symmetry,
+                          symmetry_convention="relion")  # the maps' axes: relion_reconstruct --sym
     pred = np.full(len(images), -1)
     post = np.zeros((len(images), sc.n_classes), np.float32)
     for h in (0, 1):
