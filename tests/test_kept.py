@@ -112,7 +112,8 @@ def test_recall_needs_a_worker_and_a_rebuild_per_key():
 def test_refine_sends_the_references_once_and_keeps_the_rest_on_the_workers(two_workers, tmp_path):
     """Refine's engine contract for the references: the driver's copy reaches the cluster for
     the first iteration only; every later one takes the maps its M-steps left on the workers
-    (one recall task per class), and the driver receives no map until the last iteration."""
+    (one recall task per class), and the driver receives no map until the last iteration. (One
+    round: a restart from alike references sends them again.)"""
     from distributed import get_task_stream
 
     from hetero_dask.jobs.refine import driver, refine
@@ -134,7 +135,7 @@ def test_refine_sends_the_references_once_and_keeps_the_rest_on_the_workers(two_
         m.setattr(driver, "update_state", recording)
         report = refine(str(tmp_path / "sim" / "particles.cs"), refs, tmp_path / "out", client=two_workers,
                         progress=False, max_iterations=its, final_full_passes=0, max_order=1, search_max_poses=8,
-                        backproject_poses=8, cache_dir="off")
+                        backproject_poses=8, cache_dir="off", similar_references_correlation=None)
     ran = len(report["iterations"])
     assert ran >= 3 and len(received) == ran
     keys = [str(t["key"]) for t in ts.data]

@@ -21,7 +21,10 @@ less than 5% (total variation, averaged over particles), the class fractions by 
 than 1 point and the resolution by at most one shell, then ``final_full_passes`` passes
 over every particle. Identical starting maps are split first (``split``); that run,
 once converged, starts again from its own classes as from given references
-(``split_restart``), its schedule counted from the restart.
+(``split_restart``), its schedule counted from the restart. Distinct starting maps of which
+some are alike at the initial resolution (``similar_references_correlation``) start again
+once converged, from the same maps with the classes' fractions as the priors within each
+group of alike maps.
 
 The modules, in the order a run uses them:
 

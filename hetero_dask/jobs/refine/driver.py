@@ -33,7 +33,7 @@ from .images import image_mask_radius_px, likelihood_temperature
 from .noise import extend_shells, initial_sigma2
 from .outputs import SPLIT_SUMMARY, load_report, write_outputs
 from .params import RefineParams
-from .references import estimate_scales, mask_for, prepare_references
+from .references import estimate_scales, mask_for, prepare_references, similar_groups
 from .results import batch_rows, init_results, partitions
 from .schedule import (
     Step,
@@ -130,7 +130,7 @@ def _refine(plan: RefinePlan, client, progress: bool | None, cache_dir, image_dt
     ckpt.write_status(run.run_dir, iteration=state.iteration, n_iterations=p.max_iterations)
     writer = CheckpointWriter(run.run_dir)
     try:
-        state, results = _iterate(run, state, bar, writer)
+        state, results = _iterate(run, state, bar, writer, (plan.volumes, plan.volumes_psize_A))
     except BaseException:
         writer.wait(raise_error=False)  # the run's own error is the one to report
         raise
@@ -214,6 +214,27 @@ def _restart(run: _Run, state: State, results: list, bar: IterationProgress) -> 
     return dataclasses.replace(new, iteration=state.iteration, round_start=state.iteration, history=state.history)
 
 
+def _similar_restart(run: _Run, state: State, pass_fraction: np.ndarray, references, bar: IterationProgress):
+    """The next round after ``state``'s converged one when some ``references`` (the job's input
+    volumes and their pixel size) are alike (``similar_references_correlation``): the same start
+    as the first round's but for the priors, which share each group's 1/K per class in the
+    proportions of the round's last pass (``pass_fraction``). None when no two are alike."""
+    new = _references_state(run, *references, bar)
+    groups = similar_groups(new.volumes[:, 0], run.params.similar_references_correlation)
+    if np.bincount(groups).max() < 2:
+        return None
+    prior = np.empty(run.n_classes)
+    for g in np.unique(groups):
+        members = groups == g
+        share = np.maximum(pass_fraction[members], 1e-4)
+        prior[members] = members.sum() / run.n_classes * share / share.sum()
+    bar.note(f"iteration {state.iteration}: EM starts again from the references, alike at "
+             f"{run.params.initial_lowpass_A:g} A in groups {groups.tolist()}, with priors {np.round(prior, 3).tolist()} "
+             "from the classes it found")
+    return dataclasses.replace(new, class_prior=prior, iteration=state.iteration, round_start=state.iteration,
+                               history=state.history)
+
+
 def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationProgress):
     """K starting maps from one consensus map; the particles' groups saved to hold them
     (``run.assignment_file``) for ``split_iterations`` iterations."""
@@ -236,12 +257,15 @@ def _split(run: _Run, consensus: np.ndarray, sigma2: np.ndarray, bar: IterationP
     return split.refs
 
 
-def _iterate(run: _Run, state: State, bar: IterationProgress, writer: CheckpointWriter) -> tuple[State, list]:
+def _iterate(run: _Run, state: State, bar: IterationProgress, writer: CheckpointWriter,
+             references) -> tuple[State, list]:
     """EM iterations from ``state`` until the final full passes after convergence are done, or
     ``max_iterations``; returns the final state and the last iteration's M-step results (one
     per class). Each iteration but the last is checkpointed by ``writer`` while the next one
     runs. A run started from a split (identical references) converges once, then starts again
-    from its classes (:func:`_restart`, ``split_restart``).
+    from its classes (:func:`_restart`, ``split_restart``); one started from ``references``
+    (volumes, pixel size) of which some are alike starts again from them with the classes'
+    fractions as priors (:func:`_similar_restart`).
 
     Convergence bookkeeping continues from a resumed checkpoint as if uninterrupted.
     """
@@ -270,9 +294,16 @@ def _iterate(run: _Run, state: State, bar: IterationProgress, writer: Checkpoint
             if em_converged(p, changed, moved, state.history) or it >= p.max_iterations - p.final_full_passes:
                 state.converged_at = it
         if last:
-            if not (held and p.split_restart and state.round_start == 0 and it < p.max_iterations):
+            again = state.round_start == 0 and it < p.max_iterations
+            if held and p.split_restart and again:
+                state = _restart(run, state, results, bar)  # once: the first round began from the split
+            elif not held and p.similar_references_correlation is not None and again and run.n_classes > 1:
+                fraction = stats["posterior_sum"] / max(float(stats["posterior_sum"].sum()), 1e-12)
+                state = _similar_restart(run, state, fraction, references, bar) or state
+                if state.round_start == 0:
+                    return state, results
+            else:
                 return state, results
-            state = _restart(run, state, results, bar)  # once: the first round began from the split
         # The checkpoint comes after the convergence decision, so --resume repeats it.
         writer.write(state)
 

@@ -117,6 +117,14 @@ class RefineParams:
     # estimated afresh): the split's groups leave errors that the EM keeps, and a second
     # start from the classes it found climbs further (benchmarks/results/realistic/TUNING.md).
     split_restart: bool = True
+    # References that agree at least this much at initial_lowpass_A (Pearson correlation, linked
+    # in chains; None: never) cannot tell their classes apart in the first E-steps: the equal
+    # priors then set the partition (four states of 60 / 25 / 10 / 5 % start as four quarters),
+    # and the EM keeps it. Once the first round has converged, the EM starts again from the
+    # references with the round's class fractions as the priors within each such group (each
+    # group keeping its equal share; a reference unlike the others keeps 1/K, which is what lets
+    # a junk class hold its particles). Measured in benchmarks/results/realistic/TUNING.md.
+    similar_references_correlation: float | None = 0.95
     max_iterations: int = 100
     shift_range_px: float | None = None
     max_order: int = 4
@@ -155,6 +163,9 @@ class RefineParams:
                      "backproject_mass"):
             if not 0 < getattr(self, name) <= 1:
                 raise bad_value(name, getattr(self, name), "a value in (0, 1]")
+        if self.similar_references_correlation is not None and not -1 <= self.similar_references_correlation <= 1:
+            raise bad_value("similar_references_correlation", self.similar_references_correlation,
+                            "None or a correlation in [-1, 1]")
         if self.full_pass_prior_rate is not None and not 0 < self.full_pass_prior_rate <= 1:
             raise bad_value("full_pass_prior_rate", self.full_pass_prior_rate, "None or a value in (0, 1]")
         if self.posterior_temperature is not None and not self.posterior_temperature > 0:

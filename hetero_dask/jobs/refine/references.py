@@ -35,6 +35,22 @@ def prepare_references(volumes, psize_vol: float, box: int, psize_A: float, para
     return np.stack(out).astype(np.float32)
 
 
+def similar_groups(refs, min_correlation: float) -> np.ndarray:
+    """Groups of references ``(K, n, n, n)`` (prepared: low-passed and masked) that agree at
+    least ``min_correlation`` (Pearson correlation of the maps), linked in chains (single
+    linkage); returns each reference's group, numbered from 0 in order of first appearance."""
+    flat = np.asarray(refs, np.float64).reshape(len(refs), -1)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(flat, axis=1)
+    corr = (flat @ flat.T) / np.maximum(np.outer(norm, norm), np.finfo(np.float64).tiny)
+    group = np.arange(len(refs))
+    for k in range(len(refs)):  # each pair that agrees merges its two groups
+        for j in range(k + 1, len(refs)):
+            if corr[k, j] >= min_correlation and group[j] != group[k]:
+                group[group == group[j]] = group[k]
+    return np.unique(group, return_inverse=True)[1].reshape(-1)  # numbered in order of first appearance
+
+
 def _center_crop_pad(v, box: int):
     n = v.shape[-1]
     if n == box:
