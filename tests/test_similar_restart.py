@@ -43,16 +43,20 @@ def test_restart_priors_share_each_group_equally_in_the_rounds_proportions(monke
     fresh = State(volumes=np.repeat(maps[:, None], 2, axis=1), sigma2=np.ones(4), class_prior=np.full(3, 1 / 3),
                   resolution_A=np.full(3, 20.0))
     monkeypatch.setattr(driver, "_references_state", lambda run, volumes, psize, bar: fresh)
-    run = types.SimpleNamespace(params=RefineParams(similar_references_correlation=0.95), n_classes=3)
+    # 10 A pixels: the initial 20 A low-pass keeps every shell of the 8-voxel maps
+    run = types.SimpleNamespace(params=RefineParams(similar_references_correlation=0.95), n_classes=3, box=8,
+                                psize_A=10.0, mask=np.ones((8, 8, 8), np.float32))
     bar = types.SimpleNamespace(note=lambda message: None)
     before = State(iteration=7, history=[{"iteration": 6}], class_prior=np.array([0.5, 0.3, 0.2]))
-    after = driver._similar_restart(run, before, np.array([0.6, 0.2, 0.2]), (maps, 1.0), bar)
+    after = driver._similar_restart(run, before, np.array([0.6, 0.2, 0.2]), (maps, 10.0), bar)
     # the group {0, 1} keeps its 2/3 in the proportions 3 : 1; class 2, unlike them, keeps 1/3
     np.testing.assert_allclose(after.class_prior, [0.5, 1 / 6, 1 / 3])
     assert after.iteration == after.round_start == 7 and after.history is before.history
     assert after.volumes is fresh.volumes and after.converged_at is None
+    # the group's classes about equal: the round would start as the first did, so none
+    assert driver._similar_restart(run, before, np.array([0.35, 0.31, 0.34]), (maps, 10.0), bar) is None
     run.params = RefineParams(similar_references_correlation=0.9999)  # nothing alike: no restart
-    assert driver._similar_restart(run, before, np.array([0.6, 0.2, 0.2]), (maps, 1.0), bar) is None
+    assert driver._similar_restart(run, before, np.array([0.6, 0.2, 0.2]), (maps, 10.0), bar) is None
 
 
 @pytest.fixture(scope="module")

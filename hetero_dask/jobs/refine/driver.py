@@ -61,6 +61,10 @@ from .tasks import (
     write_rows,
 )
 
+# A second round from alike references whose priors all stay within this factor of 1/K would
+# retrace the first (two equal states end near 1/2 each, and a restart there only costs time).
+_RESTART_PRIOR_RATIO = 1.25
+
 
 def refine(particles, volumes, out, client=None, stack_dir=None, resume: bool = False,
            progress: bool | None = None, cache_dir=None, image_dtype: str = "float32",
@@ -218,19 +222,27 @@ def _similar_restart(run: _Run, state: State, pass_fraction: np.ndarray, referen
     """The next round after ``state``'s converged one when some ``references`` (the job's input
     volumes and their pixel size) are alike (``similar_references_correlation``): the same start
     as the first round's but for the priors, which share each group's 1/K per class in the
-    proportions of the round's last pass (``pass_fraction``). None when no two are alike."""
-    new = _references_state(run, *references, bar)
-    groups = similar_groups(new.volumes[:, 0], run.params.similar_references_correlation)
+    proportions of the round's last pass (``pass_fraction``). None when no two are alike, or
+    when no prior would move by a factor of ``_RESTART_PRIOR_RATIO`` from 1/K: the round would
+    retrace the first."""
+    p, K = run.params, run.n_classes
+    groups = similar_groups(prepare_references(*references, run.box, run.psize_A, p, run.mask),
+                            p.similar_references_correlation)
     if np.bincount(groups).max() < 2:
         return None
-    prior = np.empty(run.n_classes)
+    prior = np.empty(K)
     for g in np.unique(groups):
         members = groups == g
         share = np.maximum(pass_fraction[members], 1e-4)
-        prior[members] = members.sum() / run.n_classes * share / share.sum()
+        prior[members] = members.sum() / K * share / share.sum()
+    if np.max(np.abs(np.log(prior * K))) < np.log(_RESTART_PRIOR_RATIO):
+        bar.note(f"iteration {state.iteration}: references alike at {p.initial_lowpass_A:g} A, but the classes' "
+                 f"fractions {np.round(prior, 3).tolist()} are near the equal start: no second round")
+        return None
     bar.note(f"iteration {state.iteration}: EM starts again from the references, alike at "
-             f"{run.params.initial_lowpass_A:g} A in groups {groups.tolist()}, with priors {np.round(prior, 3).tolist()} "
+             f"{p.initial_lowpass_A:g} A in groups {groups.tolist()}, with priors {np.round(prior, 3).tolist()} "
              "from the classes it found")
+    new = _references_state(run, *references, bar)
     return dataclasses.replace(new, class_prior=prior, iteration=state.iteration, round_start=state.iteration,
                                history=state.history)
 
