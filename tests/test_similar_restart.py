@@ -35,6 +35,9 @@ def test_similar_groups_link_chains_and_keep_unlike_maps_apart():
     assert similar_groups(maps, 1.0).tolist() == [0, 1, 2, 3]
     assert similar_groups(10 * maps + 3, threshold).tolist() == [0, 0, 0, 1]  # a correlation: scale and offset free
     assert similar_groups(maps[[3, 0, 1]], threshold).tolist() == [0, 1, 1]
+    # a chain found late (c links the a-b group and then d's copy) still numbers by first appearance
+    chained = np.stack([maps[0], maps[3], maps[2], maps[1]])  # a, d, c, b: a-b and b-c link a and c through b
+    assert similar_groups(chained, threshold).tolist() == [0, 1, 0, 0]
 
 
 def test_restart_priors_share_each_group_equally_in_the_rounds_proportions(monkeypatch):
@@ -55,6 +58,9 @@ def test_restart_priors_share_each_group_equally_in_the_rounds_proportions(monke
     assert after.volumes is fresh.volumes and after.converged_at is None
     # the group's classes about equal: the round would start as the first did, so none
     assert driver._similar_restart(run, before, np.array([0.35, 0.31, 0.34]), (maps, 10.0), bar) is None
+    # identical references (initial_split random): a round from them would hold identical classes
+    same = np.repeat(maps[:1], 3, axis=0)
+    assert driver._similar_restart(run, before, np.array([0.6, 0.2, 0.2]), (same, 10.0), bar) is None
     run.params = RefineParams(similar_references_correlation=0.9999)  # nothing alike: no restart
     assert driver._similar_restart(run, before, np.array([0.6, 0.2, 0.2]), (maps, 10.0), bar) is None
 

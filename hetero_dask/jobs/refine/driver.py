@@ -222,12 +222,14 @@ def _similar_restart(run: _Run, state: State, pass_fraction: np.ndarray, referen
     """The next round after ``state``'s converged one when some ``references`` (the job's input
     volumes and their pixel size) are alike (``similar_references_correlation``): the same start
     as the first round's but for the priors, which share each group's 1/K per class in the
-    proportions of the round's last pass (``pass_fraction``). None when no two are alike, or
-    when no prior would move by a factor of ``_RESTART_PRIOR_RATIO`` from 1/K: the round would
-    retrace the first."""
+    proportions of the round's last pass (``pass_fraction``). None when no two are alike, when
+    all are identical (``initial_split`` random), or when no prior would move by a factor of
+    ``_RESTART_PRIOR_RATIO`` from 1/K: the round would retrace the first."""
     p, K = run.params, run.n_classes
-    groups = similar_groups(prepare_references(*references, run.box, run.psize_A, p, run.mask),
-                            p.similar_references_correlation)
+    refs = prepare_references(*references, run.box, run.psize_A, p, run.mask)
+    if identical_references(refs):  # only the random phase made their classes differ: no round from them
+        return None
+    groups = similar_groups(refs, p.similar_references_correlation)
     if np.bincount(groups).max() < 2:
         return None
     prior = np.empty(K)

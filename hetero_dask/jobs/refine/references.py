@@ -44,11 +44,13 @@ def similar_groups(refs, min_correlation: float) -> np.ndarray:
     norm = np.linalg.norm(flat, axis=1)
     corr = (flat @ flat.T) / np.maximum(np.outer(norm, norm), np.finfo(np.float64).tiny)
     group = np.arange(len(refs))
-    for k in range(len(refs)):  # each pair that agrees merges its two groups
+    for k in range(len(refs)):  # each pair that agrees merges its two groups under the lower label
         for j in range(k + 1, len(refs)):
             if corr[k, j] >= min_correlation and group[j] != group[k]:
-                group[group == group[j]] = group[k]
-    return np.unique(group, return_inverse=True)[1].reshape(-1)  # numbered in order of first appearance
+                low, high = sorted((group[k], group[j]))
+                group[group == high] = low
+    # every label is its group's first member, so ranking them numbers groups by first appearance
+    return np.unique(group, return_inverse=True)[1].reshape(-1)
 
 
 def _center_crop_pad(v, box: int):
