@@ -35,8 +35,8 @@ def test_similar_groups_link_chains_and_keep_unlike_maps_apart():
     assert similar_groups(maps, 1.0).tolist() == [0, 1, 2, 3]
     assert similar_groups(10 * maps + 3, threshold).tolist() == [0, 0, 0, 1]  # a correlation: scale and offset free
     assert similar_groups(maps[[3, 0, 1]], threshold).tolist() == [0, 1, 1]
-    # a chain found late (c links the a-b group and then d's copy) still numbers by first appearance
-    chained = np.stack([maps[0], maps[3], maps[2], maps[1]])  # a, d, c, b: a-b and b-c link a and c through b
+    # a, d, c, b: a and c join only through b, which comes last; groups still numbered by first appearance
+    chained = np.stack([maps[0], maps[3], maps[2], maps[1]])
     assert similar_groups(chained, threshold).tolist() == [0, 1, 0, 0]
 
 
