@@ -313,9 +313,10 @@ def _iterate(run: _Run, state: State, bar: IterationProgress, writer: Checkpoint
                 state = _restart(run, state, results, bar)  # once: the first round began from the split
             elif not held and p.similar_references_correlation is not None and again and run.n_classes > 1:
                 fraction = stats["posterior_sum"] / max(float(stats["posterior_sum"].sum()), 1e-12)
-                state = _similar_restart(run, state, fraction, references, bar) or state
-                if state.round_start == 0:
+                restarted = _similar_restart(run, state, fraction, references, bar)
+                if restarted is None:
                     return state, results
+                state = restarted
             else:
                 return state, results
         # The checkpoint comes after the convergence decision, so --resume repeats it.
