@@ -119,6 +119,27 @@ def test_plot_writes_a_nonblank_png(plots, name):
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("plot", [plot_class_fractions, plot_resolution_history, plot_class_changes])
+def test_history_marks_are_drawn_where_their_iteration_is(plot, tmp_path):
+    """A mark (e.g. where EM starts a new round) is a vertical line across the plot whose place
+    follows the marked iteration: later iteration, further right (the legend may move aside)."""
+    values = np.geomspace(0.5, 0.05, 10)
+    if plot is not plot_class_changes:
+        values = np.stack([values, 1 - values], axis=1)
+    plain = matplotlib.image.imread(plot(values, tmp_path / "plain.png"))
+
+    def line_columns(marks, name):
+        marked = matplotlib.image.imread(plot(values, tmp_path / name, marks=marks))
+        rows_changed = np.sum(np.any(np.abs(marked - plain) > 0.05, axis=2), axis=0)
+        # a column changed over half the figure's height is the line (the legend is shorter)
+        line = np.flatnonzero(rows_changed > plain.shape[0] / 2)
+        assert 0 < line.size <= 4
+        return line
+
+    early, late = line_columns({3: "round 2 starts"}, "early.png"), line_columns({7: "round 2 starts"}, "late.png")
+    assert late.min() > early.max()
+
+
 def test_fsc_legend_resolution_from_known_crossing():
     # Linear FSC reaching 0 at shell 20 crosses 0.143 at radius 17.14: 64 * 1.5 / 17.14 A.
     curve = _linear_fsc(BOX // 2 + 1, 20.0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hetero_dask.jobs.refine import RefineParams, driver, refine
+from hetero_dask.jobs.refine.outputs import round_marks
 from hetero_dask.jobs.refine.references import similar_groups
 from hetero_dask.jobs.refine.state import State
 from hetero_dask.phantoms import moving_domain_phantoms
@@ -98,8 +99,11 @@ def test_alike_references_start_again_with_the_rounds_fractions(alike, tmp_path)
     # the round's fractions, to the pass's; from equal priors they would land nearer to 1/2
     restarted = second[0]["class_fraction"][0]
     assert abs(restarted - last_fraction[0]) < abs(restarted - 0.5)
+    # the history plots mark where the second round starts
+    assert round_marks(report["iterations"]) == {starts[1]: "round 2 starts"}
     off = refine(cs, refs, tmp_path / "off", similar_references_correlation=None, **kw)
     assert _rounds(off) == [0]
+    assert round_marks(off["iterations"]) == {}
 
 
 @pytest.mark.parametrize("value", [1.5, -2.0])

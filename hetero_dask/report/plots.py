@@ -352,7 +352,7 @@ def _orientation_figure(views, weights, title: str, n_az, n_el) -> Figure:
 # ---------------------------------------------------------------- per-iteration histories
 
 
-def _plot_history(values, out, labels, iterations, ylabel: str, title: str, ax_setup=None):
+def _plot_history(values, out, labels, iterations, ylabel: str, title: str, ax_setup=None, marks=None):
     a = _history(values, ylabel)
     it = _iterations(iterations, a.shape[0])
     names = _class_labels(labels, a.shape[1])
@@ -366,9 +366,20 @@ def _plot_history(values, out, labels, iterations, ylabel: str, title: str, ax_s
     ax.grid(alpha=0.3)
     if ax_setup is not None:
         ax_setup(ax)
+    _draw_marks(ax, marks)
     if a.shape[1] <= 20:
         ax.legend(fontsize=8, ncols=1 + a.shape[1] // 8)
     return _save(fig, out)
+
+
+def _draw_marks(ax, marks: Mapping[float, str] | None) -> None:
+    """A thin grey vertical line just before each iteration of ``marks``, labelled with its text
+    along the line (where a history changes course, e.g. where EM starts a new round)."""
+    for iteration, text in (marks or {}).items():
+        x = float(iteration) - 0.5
+        ax.axvline(x, color="0.45", lw=1.0)
+        ax.annotate(text, xy=(x, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(-3, -4),
+                    textcoords="offset points", rotation=90, ha="right", va="top", fontsize=7, color="0.3")
 
 
 def plot_class_fractions(
@@ -377,8 +388,10 @@ def plot_class_fractions(
     labels: Sequence[str] | None = None,
     iterations=None,
     title: str = "Class fractions",
+    marks: Mapping[float, str] | None = None,
 ) -> Path:
-    """Fraction of particles in each class per iteration; history ``(iters, K)`` in [0, 1]."""
+    """Fraction of particles in each class per iteration; history ``(iters, K)`` in [0, 1].
+    ``marks`` (iteration: text) draws a labelled line just before each of those iterations."""
     return _plot_history(
         history,
         out,
@@ -387,6 +400,7 @@ def plot_class_fractions(
         "fraction of particles",
         title,
         lambda ax: ax.set_ylim(0, max(1e-3, ax.get_ylim()[1])),
+        marks,
     )
 
 
@@ -396,9 +410,11 @@ def plot_resolution_history(
     labels: Sequence[str] | None = None,
     iterations=None,
     title: str = "Resolution per iteration (FSC = 0.143)",
+    marks: Mapping[float, str] | None = None,
 ) -> Path:
-    """Resolution (A) of each class per iteration; ``(iters, K)``, NaN where unknown."""
-    return _plot_history(resolution_A, out, labels, iterations, "resolution (Å)", title)
+    """Resolution (A) of each class per iteration; ``(iters, K)``, NaN where unknown;
+    ``marks`` as in :func:`plot_class_fractions`."""
+    return _plot_history(resolution_A, out, labels, iterations, "resolution (Å)", title, marks=marks)
 
 
 def plot_class_changes(
@@ -407,11 +423,12 @@ def plot_class_changes(
     iterations=None,
     threshold: float | None = 0.05,
     title: str = "Particles changing class",
+    marks: Mapping[float, str] | None = None,
 ) -> Path:
     """Fraction of particles whose best class changed, per iteration ``(iters,)``.
 
     ``threshold`` (a fraction, e.g. CryoSPARC's 5% convergence criterion) is drawn
-    as a dashed line unless None.
+    as a dashed line unless None; ``marks`` as in :func:`plot_class_fractions`.
     """
     a = np.asarray(fraction_changed, dtype=np.float64)
     if a.ndim != 1:
@@ -429,7 +446,7 @@ def plot_class_changes(
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
 
     return _plot_history(
-        100 * a, out, ["changed class"], iterations, "particles changing class (%)", title, setup
+        100 * a, out, ["changed class"], iterations, "particles changing class (%)", title, setup, marks
     )
 
 

@@ -118,12 +118,23 @@ def _plots(out: Path, state: State, results, pose, best, box, psize, K) -> dict:
     out_plots["orientations_plot"] = plots.plot_orientation_distribution(
         {f"class {k}": views[k] for k in range(K)}, out / "orientations.png",
         title="Viewing directions of each class's particles (best class)")
+    marks = round_marks(hist)
     out_plots["class_fractions_plot"] = plots.plot_class_fractions(
         frac, out / "class_fractions.png", iterations=iters,
-        title="Class fractions per iteration (soft: the class priors, mean posteriors)")
-    out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters)
-    out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters)
+        title="Class fractions per iteration (soft: the class priors, mean posteriors)", marks=marks)
+    out_plots["resolution_plot"] = plots.plot_resolution_history(resA, out / "resolution.png", iterations=iters,
+                                                                 marks=marks)
+    out_plots["class_changes_plot"] = plots.plot_class_changes(changes, out / "class_changes.png", iterations=iters,
+                                                               marks=marks)
     return out_plots
+
+
+def round_marks(history) -> dict[int, str]:
+    """The first iteration of each EM round after the first (``round_start`` in ``history``'s
+    records; checkpoints written before rounds existed have none) with its label, for the
+    history plots: where a restart makes the fractions and resolutions jump."""
+    starts = sorted({h["round_start"] for h in history if h.get("round_start", 0) > 0})
+    return {s: f"round {n} starts" for n, s in enumerate(starts, start=2)}
 
 
 def load_report(out) -> dict:
