@@ -9,9 +9,9 @@ give), and its maps closer to the true maps than the starting maps are. A refine
 that does not learn stays where it starts.
 
 The full-size scenarios are slow tests here (``pytest -m slow tests/test_refine_realistic.py``,
-about an hour on 2 cores, 20 minutes of it the transition's two rounds): on a report seed (13, never used for tuning), the defaults must come within
-3 points of the oracle ceiling with calibrated posteriors (ECE <= 0.05), the goals the
-defaults are held to. Scenarios where they do not yet are expected failures, with the gap
+about an hour on 2 cores, 20 minutes of it the transition's two rounds): on a report seed (13,
+never used for tuning), the defaults must come within 3 points of the oracle ceiling with
+calibrated posteriors (ECE <= 0.05), the goals the defaults are held to. Scenarios where they do not yet are expected failures, with the gap
 measured by ``benchmarks/bench_realistic.py`` (tables and plots in
 ``benchmarks/results/realistic``), which also runs RELION on the same data.
 """
