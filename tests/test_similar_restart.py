@@ -46,7 +46,7 @@ def test_restart_priors_share_each_group_equally_in_the_rounds_proportions(monke
     maps[1] = maps[0] + 0.1 * maps[1]  # a and b well above the threshold
     fresh = State(volumes=np.repeat(maps[:, None], 2, axis=1), sigma2=np.ones(4), class_prior=np.full(3, 1 / 3),
                   resolution_A=np.full(3, 20.0))
-    monkeypatch.setattr(driver, "_references_state", lambda run, volumes, psize, bar: fresh)
+    monkeypatch.setattr(driver, "_prepared_state", lambda run, refs, bar: fresh)
     # 10 A pixels: the initial 20 A low-pass keeps every shell of the 8-voxel maps
     run = types.SimpleNamespace(params=RefineParams(similar_references_correlation=0.95), n_classes=3, box=8,
                                 psize_A=10.0, mask=np.ones((8, 8, 8), np.float32))

@@ -195,8 +195,13 @@ def _references_state(run: _Run, volumes: np.ndarray, volumes_psize_A: float, ba
     """A round's state before its first iteration: the references on the refinement grid,
     low-passed and masked, at the particles' grey scale, the first noise estimate, equal class
     priors (``source``: the particles' input file, for the grey scale's messages)."""
+    refs = prepare_references(volumes, volumes_psize_A, run.box, run.psize_A, run.params, run.mask)
+    return _prepared_state(run, refs, bar, source)
+
+
+def _prepared_state(run: _Run, refs: np.ndarray, bar: IterationProgress, source="particles") -> State:
+    """:func:`_references_state` from references already prepared (:func:`prepare_references`)."""
     p, store, box, psize, K = run.params, run.store, run.box, run.psize_A, run.n_classes
-    refs = prepare_references(volumes, volumes_psize_A, box, psize, p, run.mask)
     sigma2 = initial_sigma2(store, box, psize, box / 2, run.mask_radius_px, 0, min(run.n_particles, 500))
     r0 = min(resolution_to_radius(p.initial_lowpass_A, box, psize), box / 2 - 1)
     if p.estimate_scale:
@@ -244,7 +249,7 @@ def _similar_restart(run: _Run, state: State, pass_fraction: np.ndarray, referen
     bar.note(f"iteration {state.iteration}: EM starts again from the references, alike at "
              f"{p.initial_lowpass_A:g} A in groups {groups.tolist()}, with priors {np.round(prior, 3).tolist()} "
              "from the classes it found")
-    new = _references_state(run, *references, bar)
+    new = _prepared_state(run, refs, bar)
     return dataclasses.replace(new, class_prior=prior, iteration=state.iteration, round_start=state.iteration,
                                history=state.history)
 
