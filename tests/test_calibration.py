@@ -39,6 +39,31 @@ def test_the_mixture_finds_the_overconfidence_it_was_given(T):
         np.testing.assert_allclose(tempered(post, t), calibrated, atol=0.05)
 
 
+def _chain(T: float, seed: int, n: int = 2000, gap: float = 1.3, weights=(0.6, 0.25, 0.1, 0.05)):
+    """Labels and posteriors ``T`` times too confident of four states in a row, each next to the
+    last (a transition's: neighbours overlap), of unequal populations."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros((4, 2))
+    means[:, 0] = gap * np.arange(4)
+    labels = rng.choice(4, size=n, p=weights)
+    x = means[labels] + rng.standard_normal((n, 2))
+    log_post = np.log(weights) - 0.5 * ((x[:, None, :] - means[None]) ** 2).sum(axis=2)
+    calibrated = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+    return labels, tempered(calibrated / calibrated.sum(axis=1, keepdims=True), 1.0 / T)
+
+
+def test_overlapping_states_overshoot_less_than_a_converged_mixture():
+    """Where neighbouring states overlap, a mixture run to convergence sorts the particles into
+    clouds of its own and its temperature overshoots; the estimate stops the mixture early."""
+    T = 1.5
+    ours, converged = [], []
+    for seed in range(3):
+        _, post = _chain(T, seed)
+        ours.append(abs(np.log(mixture_temperature(post) / T)))
+        converged.append(abs(np.log(mixture_temperature(post, iterations=300) / T)))
+    assert np.mean(ours) < 0.75 * np.mean(converged)
+
+
 def test_no_estimate_below_three_populated_classes():
     _, _, post = _overconfident(2.0)
     assert mixture_temperature(post[:, :2] / post[:, :2].sum(axis=1, keepdims=True)) is None

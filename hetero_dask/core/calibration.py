@@ -11,6 +11,12 @@ shapes, not by the likelihood's scale. T is the temperature whose tempered poste
 ``p^(1/T)`` (normalised) come closest to the mixture's responsibilities (mean
 Kullback-Leibler divergence).
 
+The mixture takes a few EM steps from the posteriors, not EM to convergence: it is to describe
+the clouds the posteriors form. Where states overlap (a transition's neighbours), the converged
+mixture sorts many particles into other clouds than their posteriors' and its temperature then
+overshoots; stopped after 20 steps it stays on the posteriors' clouds. On clouds apart (a junk
+class) 20 steps reach the converged answer (``benchmarks/results/realistic/TUNING.md``).
+
 That needs three or more classes: two classes' log-ratios are one number per particle whose
 two clouds are skewed and of unequal spread, which one Gaussian each reads as overlap (the
 measurements behind both statements: ``benchmarks/results/realistic/TUNING.md``). With fewer
@@ -44,7 +50,7 @@ def tempered(posterior: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def mixture_temperature(posterior: np.ndarray, max_particles: int = 20_000, min_class_particles: float = 20.0,
-                        iterations: int = 300) -> float | None:
+                        iterations: int = 20) -> float | None:
     """The temperature of ``posterior`` ``(N, K)`` (see the module docstring); None when fewer
     than three classes hold ``min_class_particles`` each (summed posterior), or when a class's
     cloud is too flat to fit.
