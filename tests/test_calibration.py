@@ -8,11 +8,12 @@ from hetero_dask.jobs.refine import RefineParams
 from hetero_dask.jobs.refine.outputs import posterior_calibration
 
 
-def _overconfident(T: float, n: int = 6000, seed: int = 0, weights=(0.5, 0.3, 0.2)):
-    """Labels and the Bayes posteriors of a three-class Gaussian mixture (shared covariance, so its
+def _overconfident(T: float, n: int = 6000, seed: int = 0, weights=(0.5, 0.3, 0.2),
+                   means=((0.0, 0.0), (2.2, 0.0), (0.8, 2.0))):
+    """Labels and the Bayes posteriors of a Gaussian mixture in the plane (unit covariance, so its
     log-ratios are Gaussian clouds again), then made ``T`` times too confident."""
     rng = np.random.default_rng(seed)
-    means = np.array([[0.0, 0.0], [2.2, 0.0], [0.8, 2.0]])
+    means = np.asarray(means)
     labels = rng.choice(len(weights), size=n, p=weights)
     x = means[labels] + rng.standard_normal((n, 2))
     log_post = np.log(weights) - 0.5 * ((x[:, None, :] - means[None]) ** 2).sum(axis=2)
@@ -39,26 +40,14 @@ def test_the_mixture_finds_the_overconfidence_it_was_given(T):
         np.testing.assert_allclose(tempered(post, t), calibrated, atol=0.05)
 
 
-def _chain(T: float, seed: int, n: int = 2000, gap: float = 1.3, weights=(0.6, 0.25, 0.1, 0.05)):
-    """Labels and posteriors ``T`` times too confident of four states in a row, each next to the
-    last (a transition's: neighbours overlap), of unequal populations."""
-    rng = np.random.default_rng(seed)
-    means = np.zeros((4, 2))
-    means[:, 0] = gap * np.arange(4)
-    labels = rng.choice(4, size=n, p=weights)
-    x = means[labels] + rng.standard_normal((n, 2))
-    log_post = np.log(weights) - 0.5 * ((x[:, None, :] - means[None]) ** 2).sum(axis=2)
-    calibrated = np.exp(log_post - log_post.max(axis=1, keepdims=True))
-    return labels, tempered(calibrated / calibrated.sum(axis=1, keepdims=True), 1.0 / T)
-
-
 def test_overlapping_states_overshoot_less_than_a_converged_mixture():
     """Where neighbouring states overlap, a mixture run to convergence sorts the particles into
     clouds of its own and its temperature overshoots; the estimate stops the mixture early."""
     T = 1.5
+    in_a_row = [(1.3 * k, 0.0) for k in range(4)]  # each state next to the last, as a transition's
     ours, converged = [], []
     for seed in range(3):
-        _, post = _chain(T, seed)
+        _, _, post = _overconfident(T, n=2000, seed=seed, weights=(0.6, 0.25, 0.1, 0.05), means=in_a_row)
         ours.append(abs(np.log(mixture_temperature(post) / T)))
         converged.append(abs(np.log(mixture_temperature(post, iterations=300) / T)))
     assert np.mean(ours) < 0.75 * np.mean(converged)
