@@ -15,11 +15,11 @@ The mixture takes a few EM steps from the posteriors, not EM to convergence: it 
 the clouds the posteriors form. Where states overlap (a transition's neighbours), the converged
 mixture sorts many particles into other clouds than their posteriors' and its temperature then
 overshoots; stopped after 20 steps it stays on the posteriors' clouds. On clouds apart (a junk
-class) 20 steps reach the converged answer (``benchmarks/results/realistic/TUNING.md``).
+class) 20 steps reach the converged answer.
 
 That needs three or more classes: two classes' log-ratios are one number per particle whose
 two clouds are skewed and of unequal spread, which one Gaussian each reads as overlap (the
-measurements behind both statements: ``benchmarks/results/realistic/TUNING.md``). With fewer
+measurements behind these statements: ``benchmarks/results/realistic/TUNING.md``). With fewer
 than three populated classes the function gives no estimate.
 
 Plain numpy (the fit runs once, on the driver, on a subsample).
