@@ -24,7 +24,8 @@ Results go to ``--out`` (default ``benchmarks/results/realistic``): ``results.js
     python benchmarks/bench_realistic.py --scenarios two_conformations --seeds 0 1 2 --relion
     python benchmarks/bench_realistic.py --params '{"initial_sigma_scale": 1}'   # a variant
     python benchmarks/bench_realistic.py --relion-progress --scenarios two_conformations --seeds 10
-        # each finished iteration of RELION runs (also of runs still going, or stopped)
+        # each finished iteration of RELION runs (also of runs still going, or stopped);
+        # with --record, the last one goes into the results, marked unfinished where it is
 
 Seeds 0-2 are for choosing defaults, 10-14 for reporting (never used for tuning).
 """
@@ -189,14 +190,18 @@ def score_relion_iteration(data: S.Dataset, data_star: Path) -> dict:
                 class_sizes=np.bincount(pred[pred >= 0], minlength=sc.n_classes).tolist())
 
 
-def relion_progress(args) -> None:
+def relion_progress(args) -> list[dict]:
     """Print every finished iteration of the RELION runs under ``--work`` (finished or not):
-    accuracy, class sizes, class maps against the truth, and when its files were written."""
+    accuracy, class sizes, class maps against the truth, and when its files were written.
+    Returns a row per run with its last finished iteration as RELION's entry: ``iterations``
+    the run was given, ``measured_iterations`` it finished, and no total time (a run stopped,
+    resumed or sharing the machine has none that means anything)."""
+    rows = []
     for name in args.scenarios:
         for seed in args.seeds:
             run = args.work / name / f"seed{seed}" / "relion"
             stars = sorted(run.glob("run_it[0-9][0-9][0-9]_data.star"))
-            if not stars:
+            if len(stars) < 2:
                 continue
             data = S.load(args.data / name / f"seed{seed}")
             start = stars[0].stat().st_mtime
@@ -206,6 +211,44 @@ def relion_progress(args) -> None:
                       f"{r['class_sizes']}, maps' correlation at 8 A "
                       f"{[round(m['correlation_8A'], 3) for m in r['maps']]}, "
                       f"written {star.stat().st_mtime - start:.0f} s after iteration 0", flush=True)
+            done = int(stars[-1].name[6:9])
+            rows.append(dict(scenario=name, seed=seed, variant=args.params, relion=dict(
+                run=str(run.resolve()), cmd=_read_if_there(run / "command.txt"),
+                iterations=_planned_iterations(run), measured_iterations=done,
+                written_s=[s.stat().st_mtime - start for s in stars[1:]], wall_s=None, cpu_s=None,
+                extrapolated=False, **r)))
+    return rows
+
+
+def _read_if_there(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
+
+
+def _planned_iterations(run: Path) -> int | None:
+    """The iterations a RELION run was given (``rlnNumberOfIterations`` of its optimiser file)."""
+    import starfile
+
+    optimiser = run / "run_it000_optimiser.star"
+    if not optimiser.exists():
+        return None
+    (table,) = starfile.read(optimiser, always_dict=True).values()
+    return int(table["rlnNumberOfIterations"])
+
+
+def _relion_label(r: dict) -> str:
+    """RELION's entry in the table: its accuracy, and how far it got where it did not finish."""
+    acc = r.get("accuracy")
+    if acc is None:
+        return "-"
+    if _unfinished(r):
+        return f"{acc:.3f} after {r['measured_iterations']} of its {r['iterations']} iterations"
+    return f"{acc:.3f}"
+
+
+def _unfinished(r: dict) -> bool:
+    """A RELION entry from a run that stopped before the iterations it was given."""
+    planned, done = r.get("iterations"), r.get("measured_iterations")
+    return not r.get("extrapolated") and planned is not None and done is not None and done < planned
 
 
 def run_case(name: str, seed: int, args) -> dict:
@@ -258,7 +301,7 @@ def write_table(rows: list[dict], path: Path) -> None:
     for (name, variant), rs in sorted(groups.items()):
         o = [r.get("oracle", {}).get("accuracy") for r in rs]
         u = [r.get("ours", {}).get("accuracy") for r in rs]
-        rel = [r.get("relion", {}).get("accuracy") for r in rs]
+        rel = [r["relion"] for r in rs if "accuracy" in r.get("relion", {})]
         diff = [a - b for a, b in zip(u, o, strict=True) if a is not None and b is not None]
         jo = [r.get("oracle", {}).get("junk_recall") for r in rs]
         ju = [r.get("ours", {}).get("junk_recall") for r in rs]
@@ -271,7 +314,9 @@ def write_table(rows: list[dict], path: Path) -> None:
         tr = [r.get("relion", {}).get("wall_s") for r in rs]
         seeds = ",".join(str(r["seed"]) for r in rs)
         code = ",".join(sorted({str(r["ours"].get("code")) for r in rs if "ours" in r} - {"None"})) or "-"
-        lines.append(f"| {name} | {variant} | {seeds} | {fmt(o)} | {fmt(u)} | {fmt(rel)} | "
+        rel_label = (_relion_label(rel[0]) if len(rel) == 1 else fmt([r["accuracy"] for r in rel])
+                     + (" (unfinished runs among them)" if any(_unfinished(r) for r in rel) else ""))
+        lines.append(f"| {name} | {variant} | {seeds} | {fmt(o)} | {fmt(u)} | {rel_label} | "
                      f"{fmt([100 * d for d in diff], 1)} | {fmt(ju)} / {fmt(jo)} | {fmt(ece)} / {fmt(ece_o)} | {fmt(mc)} / {fmt(mr)} "
                      f"| {fmt(tu, 0)} / {fmt(tr, 0)} | {code} |")
     path.write_text("\n".join(lines) + "\n")
@@ -292,13 +337,19 @@ def write_plots(rows: list[dict], folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
     for j, (who, colour) in enumerate((("oracle", "0.6"), ("ours", "C0"), ("relion", "C3"))):
         for i, name in enumerate(names):
-            acc = [r[who]["accuracy"] for r in rows if r["scenario"] == name and "accuracy" in r.get(who, {})]
-            if acc:
+            entries = [r[who] for r in rows if r["scenario"] == name and "accuracy" in r.get(who, {})]
+            if entries:
+                acc = [e["accuracy"] for e in entries]
                 x = i + (j - 1) * 0.25
-                ax.bar(x, np.mean(acc), 0.25, color=colour)
+                # A run that stopped short is drawn open: its accuracy is not RELION's answer.
+                unfinished = any(_unfinished(e) for e in entries)
+                ax.bar(x, np.mean(acc), 0.25, color="none" if unfinished else colour, edgecolor=colour,
+                       hatch="//" if unfinished else None)
                 ax.plot([x] * len(acc), acc, "k.", ms=3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("0.6", "C0", "C3")]
-    ax.legend(handles, ["oracle ceiling", "hetero_dask (defaults)", "RELION Class3D"], loc="lower left", fontsize=8)
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="C3", hatch="//"))
+    ax.legend(handles, ["oracle ceiling", "hetero_dask (defaults)", "RELION Class3D",
+                        "RELION, unfinished run (its last iteration)"], loc="lower left", fontsize=8)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("class accuracy")
@@ -350,17 +401,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "realistic")
     ap.add_argument("--relion-progress", action="store_true",
                     help="run nothing: score every finished iteration of the RELION runs in --work")
+    ap.add_argument("--record", action="store_true",
+                    help="with --relion-progress: put each run's last finished iteration into --out's "
+                         "results as RELION's entry (marked unfinished where it stopped short)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                     help="run nothing: merge DIR/results.json (runs written elsewhere with --out, e.g. "
                          "side by side) into --out's, each run replacing what it measured")
     args = ap.parse_args()
     args.work = args.work or args.data / "runs"
-    if args.relion_progress:
+    if args.relion_progress and not args.record:
         relion_progress(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "results.json"
     rows = json.loads(log.read_text()) if log.exists() else []
+    if args.relion_progress:
+        for row in relion_progress(args):
+            _put(rows, row)
+        _write(rows, args.out)
+        return
     if args.merge:
         for folder in args.merge:
             for row in json.loads((folder / "results.json").read_text()):
