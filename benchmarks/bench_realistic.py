@@ -349,12 +349,13 @@ def write_plots(rows: list[dict], folder: Path) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("0.6", "C0", "C3")]
     handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="C3", hatch="//"))
     ax.legend(handles, ["oracle ceiling", "hetero_dask (defaults)", "RELION Class3D",
-                        "RELION, unfinished run (its last iteration)"], loc="lower left", fontsize=8)
+                        "RELION, unfinished run (its last iteration)"], loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=4, fontsize=8, frameon=False)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("class accuracy")
     fig.tight_layout()
-    fig.savefig(folder / "accuracy.png", dpi=120)
+    fig.savefig(folder / "accuracy.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 2.6), squeeze=False)
