@@ -212,27 +212,24 @@ def relion_progress(args) -> list[dict]:
                       f"{[round(m['correlation_8A'], 3) for m in r['maps']]}, "
                       f"written {star.stat().st_mtime - start:.0f} s after iteration 0", flush=True)
             done = int(stars[-1].name[6:9])
+            cmd, planned = relion_run_settings(run / "run_it000_optimiser.star")
             rows.append(dict(scenario=name, seed=seed, variant=args.params, relion=dict(
-                run=str(run.resolve()), cmd=_read_if_there(run / "command.txt"),
-                iterations=_planned_iterations(run), measured_iterations=done,
+                run=str(run.resolve()), cmd=cmd, iterations=planned, measured_iterations=done,
                 written_s=[s.stat().st_mtime - start for s in stars[1:]], wall_s=None, cpu_s=None,
                 extrapolated=False, **r)))
     return rows
 
 
-def _read_if_there(path: Path) -> str | None:
-    return path.read_text().strip() if path.exists() else None
-
-
-def _planned_iterations(run: Path) -> int | None:
-    """The iterations a RELION run was given (``rlnNumberOfIterations`` of its optimiser file)."""
+def relion_run_settings(optimiser: Path) -> tuple[str, int]:
+    """The command line and the iterations a RELION run was given, from its optimiser file
+    (RELION writes its arguments in the file's second line, a comment)."""
     import starfile
 
-    optimiser = run / "run_it000_optimiser.star"
-    if not optimiser.exists():
-        return None
+    with open(optimiser) as f:
+        f.readline()
+        args = f.readline().lstrip("#").strip()
     (table,) = starfile.read(optimiser, always_dict=True).values()
-    return int(table["rlnNumberOfIterations"])
+    return f"relion_refine {args}", int(table["rlnNumberOfIterations"])
 
 
 def _relion_label(r: dict) -> str:
@@ -409,6 +406,8 @@ def main() -> None:
                     help="run nothing: merge DIR/results.json (runs written elsewhere with --out, e.g. "
                          "side by side) into --out's, each run replacing what it measured")
     args = ap.parse_args()
+    if args.record and not args.relion_progress:
+        ap.error("--record goes with --relion-progress (it records the runs that option scores)")
     args.work = args.work or args.data / "runs"
     if args.relion_progress and not args.record:
         relion_progress(args)

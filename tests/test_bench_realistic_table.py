@@ -50,3 +50,11 @@ def test_an_unfinished_run_is_labelled_with_the_iterations_it_reached(bench, tmp
     assert table["extrapolated"] == "-"
     bench.write_plots(rows, tmp_path)
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_a_stopped_runs_settings_come_from_relions_optimiser_file(bench):
+    # Written by RELION 3.1.0 (the starfile project's tutorial run, tests/data/NOTICE.md).
+    cmd, planned = bench.relion_run_settings(
+        Path(__file__).parent / "data" / "relion" / "run_it025_optimiser_3D.star")
+    assert planned == 25
+    assert cmd.startswith("relion_refine --o Class3D/job020/run --i Extract/job016/particles.star ")

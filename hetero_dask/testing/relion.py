@@ -189,8 +189,6 @@ def relion_class3d(
         "--particle_diameter", str(particle_diameter_A), "--ini_high", "30", "--j", str(threads), "--pool", "3",
         "--pad", "2", "--dont_combine_weights_via_disc", "--random_seed", str(seed),
     ] + list(extra_args or [])  # fmt: skip
-    # Kept beside the run: a run stopped and scored later says what it was.
-    (out / "command.txt").write_text(f"cd {cwd} && {' '.join(cmd)}\n")
     t0 = time.time()
     wall, cpu_marks, cpu = [0.0], [0.0], 0.0  # index i + 1: iteration i's data.star written
     with open(out / "relion.log", "w") as log:
