@@ -401,7 +401,8 @@ def main() -> None:
                     help="run nothing: score every finished iteration of the RELION runs in --work")
     ap.add_argument("--record", action="store_true",
                     help="with --relion-progress: put each run's last finished iteration into --out's "
-                         "results as RELION's entry (marked unfinished where it stopped short)")
+                         "results as RELION's entry (marked unfinished where it stopped short); never "
+                         "in place of a finished run's entry or of a stopped run's that got further")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                     help="run nothing: merge DIR/results.json (runs written elsewhere with --out, e.g. "
                          "side by side) into --out's, each run replacing what it measured")
@@ -417,7 +418,11 @@ def main() -> None:
     rows = json.loads(log.read_text()) if log.exists() else []
     if args.relion_progress:
         for row in relion_progress(args):
-            _put(rows, row)
+            reason = _recorded_further(rows, row)
+            if reason:
+                print(f"--record: {row['scenario']} seed {row['seed']} not recorded: {reason}", flush=True)
+            else:
+                _put(rows, row)
         _write(rows, args.out)
         return
     if args.merge:
@@ -444,6 +449,24 @@ def _put(rows: list[dict], row: dict) -> None:
         same[0].update(row)
     else:
         rows.append(row)
+
+
+def _recorded_further(rows: list[dict], row: dict) -> str | None:
+    """Why ``row``'s RELION entry (a run scored by --relion-progress) must not replace the one
+    ``rows`` already hold for its scenario, seed and variant: that one is a finished run, or a
+    stopped run that got further (e.g. an earlier run of the same case, its folder reused).
+    None when it may."""
+    key = (row["scenario"], row["seed"], row.get("variant", "{}"))
+    for r in rows:
+        old = r.get("relion") if (r["scenario"], r["seed"], r.get("variant", "{}")) == key else None
+        if not old or old.get("accuracy") is None or old.get("extrapolated"):
+            continue
+        if not _unfinished(old):
+            return "the results hold a finished run of it"
+        if old["measured_iterations"] > row["relion"]["measured_iterations"]:
+            return (f"the results hold a run stopped after {old['measured_iterations']} iterations, "
+                    f"this one after {row['relion']['measured_iterations']}")
+    return None
 
 
 def _write(rows: list[dict], out: Path) -> None:

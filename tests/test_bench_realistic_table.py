@@ -58,3 +58,18 @@ def test_a_stopped_runs_settings_come_from_relions_optimiser_file(bench):
         Path(__file__).parent / "data" / "relion" / "run_it025_optimiser_3D.star")
     assert planned == 25
     assert cmd.startswith("relion_refine --o Class3D/job020/run --i Extract/job016/particles.star ")
+
+
+def test_record_never_replaces_a_finished_run_or_one_that_got_further(bench):
+    finished = _row("a", 10, {"accuracy": 0.684, "iterations": 8, "measured_iterations": 8})
+    stopped = _row("b", 10, {"accuracy": 0.51, "iterations": 8, "measured_iterations": 3})
+    rows = [finished, stopped]
+    assert "finished" in bench._recorded_further(
+        rows, _row("a", 10, {"accuracy": 0.5, "iterations": 8, "measured_iterations": 2}))
+    assert "after 3" in bench._recorded_further(
+        rows, _row("b", 10, {"accuracy": 0.5, "iterations": 8, "measured_iterations": 1}))
+    # A run that got further, or a case with no RELION entry yet, is recorded.
+    assert bench._recorded_further(
+        rows, _row("b", 10, {"accuracy": 0.55, "iterations": 8, "measured_iterations": 4})) is None
+    assert bench._recorded_further(
+        rows, _row("b", 11, {"accuracy": 0.5, "iterations": 8, "measured_iterations": 1})) is None
