@@ -441,6 +441,14 @@ def half_sets(data: Dataset) -> np.ndarray:
     return np.random.default_rng([data.seed, 7]).integers(0, 2, len(data.labels))
 
 
+# Poses the oracle's E-step keeps per class between its search stages: 16 times the refine job's
+# default (64). A ceiling must not be held down by its search: at low SNR a particle's pose
+# posterior is broad, and a class whose evidence is summed over too few poses loses some of it.
+# With SearchParams' default of 8 the oracle classified 1-2 points worse than with 64 and went on
+# rising to 1024 on coloured noise (benchmarks/results/realistic/TUNING.md, "The oracle's search").
+ORACLE_MAX_POSES = 1024
+
+
 def oracle_maps(data: Dataset, workdir: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """Half maps of every state from the TRUE states and poses, by ``relion_reconstruct --ctf``
     with the scenario's symmetry (RELION's axes; the same as ours for C_n, D_n's 2-fold on x):
@@ -486,14 +494,16 @@ def score_refine_run(out: Path | str, data: Dataset) -> dict:
                 calibration=calibration(post, data, mapping), maps=map_scores(maps, psize, data, mapping))
 
 
-def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, max_particles: int | None = None) -> dict:
+def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, max_particles: int | None = None,
+                    max_poses: int = ORACLE_MAX_POSES) -> dict:
     """The oracle ceiling: accuracy of one E-step (our coarse-to-fine search over poses
-    and shifts) of every particle against the maps of the OTHER half set, reconstructed
-    from the true states and poses (:func:`oracle_maps`), each Wiener-filtered by its
-    FSC and scored to where the FSC falls below 0.143, with the exact noise power and
-    the true state fractions as priors. Not a bound: a refinement could in principle
-    beat it (its maps hold only half the particles), but a refinement that learns its maps
-    from unknown poses rarely does. ``max_particles``: score a random subset."""
+    and shifts, keeping ``max_poses`` per class between its stages) of every particle against
+    the maps of the OTHER half set, reconstructed from the true states and poses
+    (:func:`oracle_maps`), each Wiener-filtered by its FSC and scored to where the FSC falls
+    below 0.143, with the exact noise power and the true state fractions as priors. Not a
+    bound: a refinement could in principle beat it (its maps hold only half the particles),
+    but a refinement that learns its maps from unknown poses rarely does. ``max_particles``:
+    score a random subset."""
     from hetero_dask.core.fsc import resolution_radius  # noqa: PLC0415
 
     sc, n = data.scenario, data.scenario.box
@@ -506,7 +516,7 @@ def oracle_accuracy(data: Dataset, workdir: Path | str, order_final: int = 3, ma
     idx = np.arange(len(images))
     if max_particles is not None and max_particles < len(idx):
         idx = np.sort(np.random.default_rng([data.seed, 11]).choice(idx, max_particles, replace=False))
-    pred, post = _estep_against_other_half(data, parts, images, idx, filtered, r, order_final)
+    pred, post = _estep_against_other_half(data, parts, images, idx, filtered, r, order_final, max_poses)
     truth = data.labels[idx]
     mapping = np.arange(sc.n_classes)
     sub = Dataset(**{**data.__dict__, "labels": truth, "noise_image": data.noise_image[idx]})
@@ -542,7 +552,7 @@ def _truth_particles(data: Dataset):
 
 def _estep_against_other_half(data: Dataset, parts, images: np.ndarray, idx: np.ndarray,
                               filtered: list[list[np.ndarray]], r: float,
-                              order_final: int) -> tuple[np.ndarray, np.ndarray]:
+                              order_final: int, max_poses: int) -> tuple[np.ndarray, np.ndarray]:
     """Best class ``(N,)`` (-1 where not scored) and class posteriors ``(N, K)`` of the particles
     ``idx``, each half set's from one E-step against the other half's ``filtered`` maps."""
     from hetero_dask.core.projector import prepare_fourier_map  # noqa: PLC0415
@@ -557,7 +567,8 @@ def _estep_against_other_half(data: Dataset, parts, images: np.ndarray, idx: np.
     frac = np.array([s.fraction for s in sc.states])
     prior = frac / frac.sum()
     search = SearchParams(radius_final=r, radius_coarse=min(r, 12.0), order_coarse=2, order_final=order_final,
-                          shift_range_px=sc.shift_range_px + 1, shift_step_px=1.0, symmetry=sc.symmetry,
+                          shift_range_px=sc.shift_range_px + 1, shift_step_px=1.0, max_poses=max_poses,
+                          symmetry=sc.symmetry,
                           symmetry_convention="relion")  # the maps' axes: relion_reconstruct --sym
     pred = np.full(len(images), -1)
     post = np.zeros((len(images), sc.n_classes), np.float32)
