@@ -444,7 +444,7 @@ def half_sets(data: Dataset) -> np.ndarray:
 # Poses the oracle's E-step keeps per class between its search stages: 16 times the refine job's
 # default (64). A ceiling must not be held down by its search: at low SNR a particle's pose
 # posterior is broad, and a class whose evidence is summed over too few poses loses some of it.
-# With SearchParams' default of 8 the oracle classified 1-2 points worse than with 64 and went on
+# With SearchParams' default of 8 the oracle classified 0.4-2 points worse than with 64 and went on
 # rising to 1024 on coloured noise (benchmarks/results/realistic/TUNING.md, "The oracle's search").
 ORACLE_MAX_POSES = 1024
 
