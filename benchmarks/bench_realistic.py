@@ -443,12 +443,17 @@ def main() -> None:
 def _put(rows: list[dict], row: dict) -> None:
     """Add ``row``; a rerun of the same scenario, seed and variant replaces what it measured
     again and keeps the rest (e.g. RELION's figures, or the oracle's under --skip-oracle)."""
-    key = (row["scenario"], row["seed"], row.get("variant", "{}"))
-    same = [r for r in rows if (r["scenario"], r["seed"], r.get("variant", "{}")) == key]
+    same = _same_case(rows, row)
     if same:
         same[0].update(row)
     else:
         rows.append(row)
+
+
+def _same_case(rows: list[dict], row: dict) -> list[dict]:
+    """The rows of ``row``'s scenario, seed and variant."""
+    key = (row["scenario"], row["seed"], row.get("variant", "{}"))
+    return [r for r in rows if (r["scenario"], r["seed"], r.get("variant", "{}")) == key]
 
 
 def _recorded_further(rows: list[dict], row: dict) -> str | None:
@@ -456,10 +461,9 @@ def _recorded_further(rows: list[dict], row: dict) -> str | None:
     ``rows`` already hold for its scenario, seed and variant: that one is a finished run, or a
     stopped run that got further (e.g. an earlier run of the same case, its folder reused).
     None when it may."""
-    key = (row["scenario"], row["seed"], row.get("variant", "{}"))
-    for r in rows:
-        old = r.get("relion") if (r["scenario"], r["seed"], r.get("variant", "{}")) == key else None
-        if not old or old.get("accuracy") is None or old.get("extrapolated"):
+    for r in _same_case(rows, row):
+        old = r.get("relion", {})
+        if old.get("accuracy") is None or old.get("extrapolated"):
             continue
         if not _unfinished(old):
             return "the results hold a finished run of it"
