@@ -122,23 +122,33 @@ def dense_stage(B: int, n: int, K: int, r: float) -> None:
     )
 
 
-def late_stage(B: int, K: int, repeat: int) -> None:
-    """Print section (3): one E-step at the refine job's late-iteration sampling."""
+def late_stage(B: int, K: int, repeat: int, max_poses: list[int] | None = None) -> None:
+    """Print section (3): one E-step at the refine job's late-iteration sampling, once per
+    number of poses kept per class between stages (``max_poses``; default the job's)."""
     from hetero_dask.jobs.refine.images import image_mask_radius_px, likelihood_temperature
     from hetero_dask.jobs.refine.params import RefineParams
     from hetero_dask.jobs.refine.schedule import default_shift_range_px, radii, search_params
 
-    n, psize, defaults = 64, 1.5, RefineParams()
-    r = radii(np.full(K, 8.3), n, psize, defaults.backproject_factor)
-    mask_px = image_mask_radius_px(None, n, psize)
-    params = search_params(r, 50, defaults, default_shift_range_px(n), likelihood_temperature(n, mask_px), converged=True)
+    n, psize = 64, 1.5
     volumes = moving_domain_phantoms(n, psize, K)
     sim = simulate(volumes, psize, -(-B // K), 0.05, seed=0, shift_range_px=3)
-    runs = [run_ours(sim, volumes, psize, r.align, mask_px, params=params) for _ in range(repeat)]
+    for poses in max_poses or [RefineParams().search_max_poses]:
+        defaults = RefineParams(search_max_poses=poses)
+        r = radii(np.full(K, 8.3), n, psize, defaults.backproject_factor)
+        mask_px = image_mask_radius_px(None, n, psize)
+        params = search_params(
+            r, 50, defaults, default_shift_range_px(n), likelihood_temperature(n, mask_px), converged=True
+        )
+        _late_passes(sim, volumes, psize, r.align, mask_px, params, repeat)
+
+
+def _late_passes(sim, volumes, psize, radius, mask_px, params, repeat: int) -> None:
+    """``repeat`` timed E-step passes with ``params``; prints their median and poses scored."""
+    runs = [run_ours(sim, volumes, psize, radius, mask_px, params=params) for _ in range(repeat)]
     times, res = [t for t, _ in runs], runs[-1][1]
     dt = float(np.median(times))
     print(
-        f"(3) late-iteration E-step, K={K}, box {n}, alignment radius {r.align:.1f}, HEALPix order "
+        f"(3) late-iteration E-step, K={len(volumes)}, box {sim.box}, alignment radius {radius:.1f}, HEALPix order "
         f"{params.order_coarse} dense -> {params.order_final} local, {params.max_poses} poses per class: "
         f"{sim.images.shape[0]} particles, median of {repeat} passes {dt:.2f} s ({sim.images.shape[0] / dt:.1f} "
         f"particles/s; passes {', '.join(f'{t:.2f}' for t in times)} s), "
@@ -353,6 +363,9 @@ def main() -> None:
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--late-particles", type=int, default=1000, help="section (3); 0 skips it")
     ap.add_argument("--late-repeat", type=int, default=3)
+    ap.add_argument("--late-poses", type=int, nargs="+", default=None,
+                    help="section (3) once per value of poses kept per class between stages "
+                         "(default: the job's search_max_poses)")
     args = ap.parse_args()
     args.run_relion = not args.skip_relion and shutil.which("relion_refine") is not None
     n, K = args.box, args.classes
@@ -360,7 +373,7 @@ def main() -> None:
     radius = float(round(n * args.psize / args.ini_high))
     dense_stage(args.dense_particles, n, K, radius)
     if args.late_particles:
-        late_stage(args.late_particles, K, args.late_repeat)
+        late_stage(args.late_particles, K, args.late_repeat, args.late_poses)
 
     volumes = moving_domain_phantoms(n, args.psize, K)
     mask_px = args.particle_diameter / (2 * args.psize)
