@@ -71,7 +71,7 @@ def test_refinement_ends_above_where_it_starts(small_set, tmp_path):
 # Measured gaps on seed 13 (benchmarks/results/realistic/results.json; the README's table has
 # seeds 10-14): an expected failure here turns into a pass when the gap closes.
 _SHORT_OF_THE_GOALS = {
-    "coloured_noise": "3.4 points below the oracle (3.4 over seeds 10-14; the job's maps, TUNING.md); ECE met (0.024)",
+    "coloured_noise": "5.8 points below the oracle (5.8 over seeds 10-14; the job's maps, TUNING.md); ECE met (0.027)",
 }
 FULL_SIZE = [n for n in S.SCENARIOS if n != "two_conformations_large"]
 

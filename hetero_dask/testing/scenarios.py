@@ -441,8 +441,8 @@ def half_sets(data: Dataset) -> np.ndarray:
     return np.random.default_rng([data.seed, 7]).integers(0, 2, len(data.labels))
 
 
-# Poses the oracle's E-step keeps per class between its search stages: 4 times the refine job's
-# default (256). A ceiling must not be held down by its search: at low SNR a particle's pose
+# Poses the oracle's E-step keeps per class between its search stages: 16 times the refine job's
+# default (64). A ceiling must not be held down by its search: at low SNR a particle's pose
 # posterior is broad, and a class whose evidence is summed over too few poses loses some of it.
 # With SearchParams' default of 8 the oracle classified 0.4-2 points worse than with 64 and went on
 # rising to 1024 on coloured noise (benchmarks/results/realistic/TUNING.md, "The oracle's search").

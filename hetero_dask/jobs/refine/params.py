@@ -134,7 +134,7 @@ class RefineParams:
     # is broad, and a search that keeps few poses loses some classes' mass more than others'
     # (the choice and its cost: benchmarks/results/realistic/TUNING.md).
     coarse_radius_fraction: float = 1.0
-    search_max_poses: int = 256
+    search_max_poses: int = 64
     # Each particle is backprojected into a class (and its noise residual averaged) at that
     # class's most probable poses, at most backproject_poses of them and no more than hold
     # backproject_mass of the class's pose posterior, their weights renormalised. Fewer make a
