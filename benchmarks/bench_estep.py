@@ -57,6 +57,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -129,16 +130,14 @@ def late_stage(B: int, K: int, repeat: int, max_poses: list[int] | None = None) 
     from hetero_dask.jobs.refine.params import RefineParams
     from hetero_dask.jobs.refine.schedule import default_shift_range_px, radii, search_params
 
-    n, psize = 64, 1.5
+    n, psize, defaults = 64, 1.5, RefineParams()
+    r = radii(np.full(K, 8.3), n, psize, defaults.backproject_factor)
+    mask_px = image_mask_radius_px(None, n, psize)
     volumes = moving_domain_phantoms(n, psize, K)
     sim = simulate(volumes, psize, -(-B // K), 0.05, seed=0, shift_range_px=3)
-    for poses in max_poses or [RefineParams().search_max_poses]:
-        defaults = RefineParams(search_max_poses=poses)
-        r = radii(np.full(K, 8.3), n, psize, defaults.backproject_factor)
-        mask_px = image_mask_radius_px(None, n, psize)
-        params = search_params(
-            r, 50, defaults, default_shift_range_px(n), likelihood_temperature(n, mask_px), converged=True
-        )
+    for poses in max_poses or [defaults.search_max_poses]:
+        params = search_params(r, 50, replace(defaults, search_max_poses=poses), default_shift_range_px(n),
+                               likelihood_temperature(n, mask_px), converged=True)
         _late_passes(sim, volumes, psize, r.align, mask_px, params, repeat)
 
 
@@ -347,6 +346,17 @@ def summarise(sets: list[dict], run_relion: bool) -> None:
     )
 
 
+def _whole_number(text: str) -> int:
+    """An argument that must be a whole number >= 1 (poses kept per class)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--particles", type=int, default=400, help="simulated particles per set")
@@ -363,7 +373,7 @@ def main() -> None:
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--late-particles", type=int, default=1000, help="section (3); 0 skips it")
     ap.add_argument("--late-repeat", type=int, default=3)
-    ap.add_argument("--late-poses", type=int, nargs="+", default=None,
+    ap.add_argument("--late-poses", type=_whole_number, nargs="+", default=None,
                     help="section (3) once per value of poses kept per class between stages "
                          "(default: the job's search_max_poses)")
     args = ap.parse_args()

@@ -13,6 +13,22 @@ RELION_TOOLS = ("relion_project", "relion_reconstruct", "relion_refine")
 
 
 @pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("bench_x")``: the script ``benchmarks/bench_x.py`` as a module (the
+    benchmarks are scripts, not a package)."""
+    import importlib.util  # noqa: PLC0415
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Folder of real .cs/.star/.mrcs/maps written by other programs (sources: data/NOTICE.md)."""
     return DATA
